@@ -1,0 +1,142 @@
+"""Finding and loading checkpoints: bundled names, GGUF files, HF and Muse directories.
+
+`load_checkpoint(name_or_path, precision)` is the one entry point. A GGUF is
+converted once into Muse's format under `MUSE_HOME/cache/` (keyed by the file's
+path, size and mtime, and the precision) so later loads only memory-map safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from muse.checkpoints.native import is_muse_dir, load_muse, save_muse
+from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, find_bundled, muse_home, verify
+from muse.checkpoints.weights import PRECISIONS, build_model
+from muse.config import ModelConfig
+from muse.errors import CheckpointError, ModelNotFoundError
+
+
+@dataclass
+class Source:
+    kind: str  # "gguf" | "hf" | "muse"
+    path: Path
+    name: str  # what the user called it
+    bundled: Any = None
+
+
+@dataclass
+class Checkpoint:
+    model: Any  # muse.model.Transformer
+    tokenizer: Any  # muse.tokenizer.Tokenizer | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve(name_or_path: str | Path | None = None) -> Source:
+    """Turn a bundled model name or a local path into a `Source`."""
+    name = str(name_or_path) if name_or_path is not None else os.environ.get("MUSE_MODEL") or DEFAULT_MODEL
+    bundled = find_bundled(name)
+    if bundled is not None:
+        path = bundled.installed_file()
+        if path is None:
+            raise ModelNotFoundError(f"The bundled model {bundled.name!r} is not installed: {bundled.install_hint()}.")
+        return Source("gguf", path, bundled.name, bundled)
+    path = Path(name).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CheckpointError(f"{path} is not a GGUF file (bad magic); pass a .gguf file or a model directory.")
+        return Source("gguf", path.resolve(), name)
+    if path.is_dir():
+        if is_muse_dir(path):
+            return Source("muse", path.resolve(), name)
+        if (path / "config.json").is_file():
+            return Source("hf", path.resolve(), name)
+        raise CheckpointError(f"{path} is a directory without config.json; it is not a model checkpoint.")
+    raise ModelNotFoundError(
+        f"No model found at {name!r}. Use a bundled name ({', '.join(BUNDLED)}), a .gguf file, "
+        "or a Hugging Face / Muse model directory; `muse models` lists what is available."
+    )
+
+
+def _cache_dir(src: Source, precision: str) -> Path:
+    st = src.path.stat()
+    key = hashlib.sha256(f"{src.path}|{st.st_size}|{st.st_mtime_ns}|{precision}".encode()).hexdigest()[:16]
+    stem = src.bundled.name if src.bundled else src.path.stem
+    return muse_home() / "cache" / f"{stem}-{precision}-{key}"
+
+
+def _convert_gguf(src: Source, precision: str):
+    from muse.checkpoints.gguf_file import open_reader, read_gguf_config, read_gguf_weights
+    from muse.tokenizer import Tokenizer
+
+    reader = open_reader(src.path)
+    config = read_gguf_config(reader, src.path)
+    weights = read_gguf_weights(reader, config, keep_packed=precision != "fp32")
+    model, quant = build_model(config, weights, precision)
+    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return model, tokenizer, quant
+
+
+def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "auto") -> Checkpoint:
+    """Load any supported checkpoint as (model, tokenizer, info)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    t0 = time.perf_counter()
+    src = resolve(name_or_path)
+    info: dict[str, Any] = {"name": src.name, "path": str(src.path), "format": src.kind, "precision": precision}
+    if src.bundled is not None:
+        verify(src.bundled, src.path)  # cheap (≈0.05 s for the default) and catches tampering
+    if src.kind == "muse":
+        model, tokenizer, meta = load_muse(src.path)
+        info.update(quantization=meta.get("quantization", {}), source=meta.get("source", {}))
+    elif src.kind == "hf":
+        from muse.checkpoints.hf import hf_to_muse, read_hf_config, read_hf_tensors
+        from muse.tokenizer import Tokenizer
+
+        config = read_hf_config(src.path)
+        model, quant = build_model(config, hf_to_muse(read_hf_tensors(src.path), config), precision)
+        has_tok = (src.path / "tokenizer.json").is_file()
+        tokenizer = Tokenizer.from_dir(src.path) if has_tok else None
+        info["quantization"] = quant
+    else:
+        cache = _cache_dir(src, precision)
+        if is_muse_dir(cache):
+            model, tokenizer, meta = load_muse(cache)
+            info["quantization"] = meta.get("quantization", {})
+            info["cached"] = True
+        else:
+            model, tokenizer, quant = _convert_gguf(src, precision)
+            save_muse(cache, model, tokenizer, quant, source={"gguf": str(src.path), "precision": precision})
+            info["quantization"] = quant
+            info["cached"] = False
+        info["cache"] = str(cache)
+    info["load_seconds"] = time.perf_counter() - t0
+    return Checkpoint(model, tokenizer, info)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint without loading its weights."""
+    src = resolve(path)
+    if src.kind == "muse":
+        return ModelConfig.from_dict(json.loads((src.path / "config.json").read_text())["model"])
+    if src.kind == "hf":
+        from muse.checkpoints.hf import read_hf_config
+
+        return read_hf_config(src.path)
+    from muse.checkpoints.gguf_file import open_reader, read_gguf_config
+
+    return read_gguf_config(open_reader(src.path), src.path)
+
+
+def save_checkpoint(path: str | Path, model, tokenizer=None, quant: dict | None = None, **source) -> Path:
+    """Save a model in Muse's format (atomically)."""
+    return save_muse(path, model, tokenizer, quant, source=source)
+
+
+__all__ = ["Checkpoint", "Source", "load_checkpoint", "read_config", "resolve", "save_checkpoint"]

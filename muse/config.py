@@ -1,0 +1,174 @@
+"""Model configuration: one dataclass for every architecture Muse runs.
+
+The GPT-2 family and the Llama/Qwen2 family differ only in a handful of switches
+(norm, position encoding, MLP kind, attention heads, biases, tied embeddings), so a
+single `ModelConfig` describes both and `muse.model.Transformer` reads the switches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("gpt2", "llama", "qwen2")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and switches of a decoder-only Transformer.
+
+    `arch` names the family a checkpoint came from (and is exported to); the other
+    switches default to that family's choices, so `ModelConfig(arch="llama", ...)`
+    only needs the sizes.
+    """
+
+    arch: str = "llama"
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    n_embd: int = 768
+    intermediate_size: int | None = None  # MLP hidden width; None = 4 * n_embd
+    head_dim: int | None = None  # None = n_embd // n_head
+    block_size: int = 2048  # context window in tokens
+    norm: str | None = None  # "layernorm" | "rmsnorm"
+    norm_eps: float | None = None
+    pos: str | None = None  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    mlp: str | None = None  # "gelu" | "swiglu"
+    bias: bool | None = None  # biases on every linear and norm (GPT-2)
+    qkv_bias: bool | None = None  # biases on q, k, v only (Qwen2)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        gpt2 = self.arch == "gpt2"
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        # Family defaults fill only what the caller left as None, so an explicit
+        # False or 0 is never swallowed.
+        defaults = {
+            "norm": "layernorm" if gpt2 else "rmsnorm",
+            "norm_eps": 1e-5 if gpt2 else 1e-6,
+            "pos": "learned" if gpt2 else "rope",
+            "mlp": "gelu" if gpt2 else "swiglu",
+            "bias": gpt2,
+            "qkv_bias": gpt2 or self.arch == "qwen2",
+            "n_kv_head": self.n_head,
+            "intermediate_size": 4 * self.n_embd,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.head_dim is None:
+            if self.n_head <= 0 or self.n_embd % self.n_head:
+                raise ValueError(
+                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), "
+                    "or set head_dim explicitly"
+                )
+            self.head_dim = self.n_embd // self.n_head
+        self._validate()
+
+    def _validate(self) -> None:
+        positive = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                    "intermediate_size", "head_dim", "block_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+            )
+        for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rope, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset (see `PRESETS`), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        """Read a Muse `config.json` (the `model` section, or the whole file)."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls.from_dict(data.get("model", data))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "ModelConfig":
+        """The config of any checkpoint Muse can load (Muse dir, HF dir or GGUF file)."""
+        from muse.checkpoints import read_config
+
+        return read_config(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- derived ------------------------------------------------------------------
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count computed from shapes (matches `Transformer.num_params`)."""
+        d, hd, L = self.n_embd, self.head_dim, self.n_layer
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * hd
+        attn = d * qkv_out + self.n_head * hd * d
+        attn += qkv_out if self.qkv_bias else 0
+        attn += d if self.bias else 0
+        width = 2 if self.mlp == "swiglu" else 1
+        mlp = d * self.intermediate_size * width + self.intermediate_size * d
+        mlp += (self.intermediate_size * width + d) if self.bias else 0
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        total = L * (attn + mlp + 2 * norm) + norm
+        emb = self.vocab_size * d + (self.block_size * d if self.pos == "learned" else 0)
+        if not self.tie_embeddings:
+            emb += self.vocab_size * d
+        return total + (emb if include_embeddings else 0)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT's shakespeare_char shapes (GPU config and its CPU variant).
+    "shakespeare-char": dict(arch="gpt2", vocab_size=65, n_layer=6, n_head=6, n_embd=384,
+                             block_size=256, dropout=0.2, bias=False, qkv_bias=False),
+    "shakespeare-char-cpu": dict(arch="gpt2", vocab_size=65, n_layer=4, n_head=4, n_embd=128,
+                                 block_size=64, bias=False, qkv_bias=False),
+    "gpt2": dict(arch="gpt2", vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(arch="gpt2", vocab_size=50257, n_layer=24, n_head=16, n_embd=1024,
+                        block_size=1024),
+    "llama-100m": dict(arch="llama", vocab_size=32000, n_layer=12, n_head=12, n_kv_head=4,
+                       n_embd=768, intermediate_size=2048, block_size=1024),
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3,
+                         n_embd=576, intermediate_size=1536, block_size=8192, rope_theta=100000.0,
+                         norm_eps=1e-5),
+    "qwen2.5-0.5b": dict(arch="qwen2", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
+                         n_embd=896, intermediate_size=4864, block_size=32768,
+                         rope_theta=1000000.0),
+    # A few-hundred-kilobyte model for tests and smoke runs.
+    "tiny": dict(arch="llama", vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                 intermediate_size=128, block_size=128),
+}

@@ -1,0 +1,300 @@
+"""Text generation: sampling, streaming, stop strings and beam search.
+
+`stream_generate()` is the primitive: it prefills the prompt into a `KVCache`,
+then decodes one token at a time, yielding a `GenerationChunk` (text delta, token,
+finish reason, speeds) per step. `generate()` is a loop over it. Samplers are built
+once from `SamplingParams`; `temperature == 0` means greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from muse.errors import ContextLengthError
+from muse.model import KVCache, Transformer
+
+TRUNCATE_POLICIES = (None, "left")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Every range is checked here, naming the bad parameter."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.2  # 0 → greedy (argmax)
+    top_k: int = 0  # 0 → off
+    top_p: float = 0.9  # 1 → off
+    min_p: float = 0.0  # 0 → off
+    repetition_penalty: float = 1.0  # 1 → off (HF/CTRL-style, on prompt + output)
+    presence_penalty: float = 0.0  # OpenAI-style, on output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # same seed → same text
+    stop: list[str] = field(default_factory=list)  # never emitted
+    num_beams: int = 1  # > 1 → beam search (deterministic)
+    length_penalty: float = 1.0  # beam score = logprob sum / generated_len ** length_penalty
+    truncate: str | None = None  # None: a too-long prompt is an error; "left": drop its oldest tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer ≥ 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer ≥ 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("num_beams", isinstance(self.num_beams, int) and 1 <= self.num_beams <= 64, "an integer in [1, 64]"),
+            ("length_penalty", -10.0 <= self.length_penalty <= 10.0, "in [-10, 10]"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "None or an integer ≥ 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("truncate", self.truncate in TRUNCATE_POLICIES, f"one of {TRUNCATE_POLICIES}"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class GenerationChunk:
+    """One step of a stream: newly completed text and where generation stands."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+
+
+# -- sampling ---------------------------------------------------------------------
+
+def apply_penalties(logits: torch.Tensor, context: torch.Tensor, generated: torch.Tensor,
+                    p: SamplingParams) -> torch.Tensor:
+    """logits (B, V); context (B, T) all ids so far; generated (B, G) the output ids."""
+    if p.repetition_penalty != 1.0 and context.numel():
+        seen = logits.gather(1, context)
+        seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        logits = logits.scatter(1, context, seen)
+    if (p.presence_penalty or p.frequency_penalty) and generated.numel():
+        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build once: logits (B, V) float → next ids (B,)."""
+    if p.temperature == 0:
+        return lambda logits: logits.argmax(dim=-1)
+    generator = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # drop a token when the mass before it already reaches top_p (keeps ≥ 1)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
+            probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
+        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+
+    return sample
+
+
+# -- prompts ----------------------------------------------------------------------
+
+def fit_prompt(ids: list[int], block_size: int, p: SamplingParams) -> tuple[list[int], int]:
+    """Check the prompt against the context window; return (ids, max_new_tokens)."""
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    room = block_size - len(ids)
+    if room < 1:
+        if p.truncate != "left":
+            raise ContextLengthError(len(ids), block_size)
+        keep = max(1, block_size - p.max_new_tokens)
+        ids, room = ids[-keep:], block_size - keep
+    return ids, min(p.max_new_tokens, room)
+
+
+class StopMatcher:
+    """Holds back text that might start a stop string, so stop strings are never emitted."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0  # longest tail of pending that is a prefix of some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+# -- the generation loop ----------------------------------------------------------
+
+def _cache_dtype(model: Transformer) -> torch.dtype:
+    return torch.bfloat16 if model.norm_f.weight.dtype == torch.bfloat16 else torch.float32
+
+
+@torch.inference_mode()
+def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
+                    params: SamplingParams | None = None, **kwargs) -> Iterator[GenerationChunk]:
+    """Generate from `prompt` (text, or token ids), yielding chunks as tokens arrive."""
+    p = (params or SamplingParams()).replace(**kwargs) if kwargs else (params or SamplingParams())
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+    ids, max_new = fit_prompt(ids, model.config.block_size, p)
+    if p.num_beams > 1:
+        yield from _stream_beams(model, tokenizer, ids, p, max_new)
+        return
+    eos = tokenizer.eos_ids if tokenizer is not None else set()
+    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    stops = StopMatcher(p.stop)
+    sampler = make_sampler(p)
+    use_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    cache = KVCache(model.config, 1, len(ids) + max_new, _cache_dtype(model), model.device)
+    history = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
+
+    t0 = time.perf_counter()
+    logits, _ = model(history, cache=cache, last_only=True)  # (1, 1, V)
+    t_prefill = time.perf_counter() - t0
+    stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(t_prefill, 1e-9))
+    t1 = time.perf_counter()
+    for n in range(1, max_new + 1):
+        next_logits = logits[:, -1, :]
+        if use_history:
+            next_logits = apply_penalties(next_logits, history, history[:, len(ids):], p)
+        token = sampler(next_logits)  # (1,)
+        tok = int(token)
+        tps = n / max(time.perf_counter() - t1, 1e-9)
+        step = dict(stats, generation_tokens=n, generation_tps=tps)
+        if tok in eos:
+            tail = stops.push(decoder.flush())[0] if decoder else ""
+            yield GenerationChunk(tail + stops.flush(), tok, "stop", **step)
+            return
+        text = decoder.push(tok) if decoder else ""
+        safe, hit = stops.push(text)
+        if hit:
+            yield GenerationChunk(safe, tok, "stop", **step)
+            return
+        if n == max_new:
+            tail, hit = stops.push(decoder.flush() if decoder else "")
+            yield GenerationChunk(safe + tail + ("" if hit else stops.flush()), tok, "stop" if hit else "length", **step)
+            return
+        yield GenerationChunk(safe, tok, None, **step)
+        if use_history:
+            history = torch.cat([history, token[:, None]], dim=1)
+        logits, _ = model(token[:, None], cache=cache, last_only=True)
+
+
+def generate(model: Transformer, tokenizer, prompt: "str | list[int]",
+             params: SamplingParams | None = None, **kwargs) -> str:
+    """The whole completion as one string (a loop over `stream_generate`)."""
+    return "".join(c.text for c in stream_generate(model, tokenizer, prompt, params, **kwargs))
+
+
+# -- beam search ------------------------------------------------------------------
+
+def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: int,
+                eos: set[int]) -> list[int]:
+    """Best continuation of `ids` by beam search; returns generated ids (EOS included if hit).
+
+    Follows transformers' `num_beams` search: keep the best `num_beams` open beams
+    among the top 2·num_beams candidates; a candidate that hits EOS (or the length
+    limit) joins the finished set with score logprob_sum / len ** length_penalty;
+    stop once no open beam can beat the worst finished one.
+    """
+    nb, lp = p.num_beams, p.length_penalty
+    keep = max(2, 1 + len(eos)) * nb
+    cache = KVCache(model.config, 1, len(ids) + max_new, _cache_dtype(model), model.device)
+    logits, _ = model(torch.tensor([ids], device=model.device), cache=cache, last_only=True)
+    cache.reorder(torch.zeros(nb, dtype=torch.long))  # every beam starts from the prompt
+    logits = logits.expand(nb, -1, -1)
+    scores = torch.full((nb,), -1e9)
+    scores[0] = 0.0  # identical beams: only the first may expand at step one
+    seqs = torch.empty((nb, 0), dtype=torch.long)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    finished: list[tuple[float, list[int]]] = []
+    improvable = True
+    for n in range(1, max_new + 1):
+        logp = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (nb, V)
+        if p.repetition_penalty != 1.0:
+            ctx = torch.cat([torch.tensor([ids] * nb), seqs], dim=1)
+            logp = apply_penalties(logp, ctx, seqs, p)
+        V = logp.size(-1)
+        top, idx = torch.topk((logp + scores[:, None]).view(-1), keep)  # (keep,)
+        beam, tok = idx // V, idx % V
+        cand = torch.cat([seqs[beam], tok[:, None]], dim=1)  # (keep, n)
+        hits = torch.isin(tok, eos_t) | (n == max_new)
+        if improvable:
+            for j in range(nb):  # only the top num_beams candidates may finish
+                if hits[j]:
+                    finished.append((float(top[j]) / n ** lp, cand[j].tolist()))
+            finished = sorted(finished, key=lambda f: -f[0])[:nb]
+        if bool(hits.all()):
+            break
+        open_scores = top.masked_fill(hits, -1e9)
+        sel = torch.topk(open_scores, nb).indices
+        seqs, scores = cand[sel], open_scores[sel]
+        if len(finished) == nb and not float(scores[0]) / n ** lp > finished[-1][0]:
+            improvable = False
+        if not improvable:
+            break
+        cache.reorder(beam[sel])
+        logits, _ = model(seqs[:, -1:], cache=cache, last_only=True)
+    return finished[0][1] if finished else seqs[0].tolist()
+
+
+def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Iterator[GenerationChunk]:
+    """Beam search decides the text only at the end, so it streams as one chunk."""
+    eos = tokenizer.eos_ids if tokenizer is not None else set()
+    t0 = time.perf_counter()
+    out = beam_search(model, ids, p, max_new, eos)
+    dt = max(time.perf_counter() - t0, 1e-9)
+    hit_eos = bool(out) and out[-1] in eos
+    body = out[:-1] if hit_eos else out
+    text = tokenizer.decode(body) if tokenizer is not None else ""
+    stops = StopMatcher(p.stop)
+    safe, hit = stops.push(text)
+    reason = "stop" if hit_eos or hit else "length"
+    yield GenerationChunk(safe + ("" if hit else stops.flush()), out[-1] if out else None, reason,
+                          prompt_tokens=len(ids), generation_tokens=len(out), generation_tps=len(out) / dt)
