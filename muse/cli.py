@@ -183,7 +183,7 @@ def models_list(ctx: typer.Context):
     """Show bundled models (installed or not) and converted models in the cache."""
     if ctx.invoked_subcommand:
         return
-    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, muse_home
+    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home
 
     table = Table(title="Bundled models")
     for col in ("name", "model", "languages", "license", "status"):
@@ -194,7 +194,7 @@ def models_list(ctx: typer.Context):
         name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
         table.add_row(name, m.title, m.languages, m.license, status)
     console.print(table)
-    cache = muse_home() / "cache"
+    cache = cache_home()
     entries = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
     if entries:
         ct = Table(title=f"Converted (cached) in {cache}")

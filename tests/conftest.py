@@ -11,10 +11,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Converted models are shared by the whole session (a temp dir, never ~/.muse).
+
+    Set for the session before any session/module fixture loads a model; each test
+    then gets its own MUSE_HOME below.
+    """
+    cache = tmp_path_factory.mktemp("muse_cache")
+    os.environ["MUSE_CACHE"] = str(cache)
+    os.environ["MUSE_HOME"] = str(tmp_path_factory.mktemp("muse_home_session"))
+    return cache
+
+
 @pytest.fixture(autouse=True)
-def muse_home(tmp_path_factory, monkeypatch):
+def muse_home(tmp_path_factory, monkeypatch, model_cache):
     home = tmp_path_factory.mktemp("muse_home")
     monkeypatch.setenv("MUSE_HOME", str(home))
+    monkeypatch.setenv("MUSE_CACHE", str(model_cache))
     monkeypatch.delenv("MUSE_MODEL", raising=False)
     return home
 
@@ -30,17 +44,8 @@ def default_gguf():
 
 
 @pytest.fixture(scope="session")
-def default_model(tmp_path_factory):
+def default_model(model_cache):
     """The embedded default model at its default precision, loaded once per session."""
     import muse
 
-    home = tmp_path_factory.mktemp("muse_home_session")
-    old = os.environ.get("MUSE_HOME")
-    os.environ["MUSE_HOME"] = str(home)
-    try:
-        return muse.load()
-    finally:
-        if old is None:
-            os.environ.pop("MUSE_HOME", None)
-        else:
-            os.environ["MUSE_HOME"] = old
+    return muse.load()

@@ -25,10 +25,7 @@ def reference(default_gguf):
 
 
 @pytest.fixture(scope="module")
-def fp32_model(tmp_path_factory, default_gguf):
-    import os
-
-    os.environ["MUSE_HOME"] = str(tmp_path_factory.mktemp("home_fp32"))
+def fp32_model(model_cache, default_gguf):
     return muse.load(precision="fp32")
 
 
@@ -83,7 +80,7 @@ def test_beam_search_equals_transformers(reference, default_model):
 
 
 def test_cached_load_is_fast_and_verified(tmp_path, monkeypatch, default_gguf):
-    monkeypatch.setenv("MUSE_HOME", str(tmp_path))
+    monkeypatch.setenv("MUSE_CACHE", str(tmp_path))  # an empty cache: the first load converts
     first = muse.load()
     assert first.info["cached"] is False
     t0 = time.perf_counter()

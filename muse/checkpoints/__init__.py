@@ -1,7 +1,7 @@
 """Finding and loading checkpoints: bundled names, GGUF files, HF and Muse directories.
 
 `load_checkpoint(name_or_path, precision)` is the one entry point. A GGUF is
-converted once into Muse's format under `MUSE_HOME/cache/` (keyed by the file's
+converted once into Muse's format under `MUSE_HOME/cache/` (or `MUSE_CACHE`) (keyed by the file's
 path, size and mtime, and the precision) so later loads only memory-map safetensors.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from muse.checkpoints.native import is_muse_dir, load_muse, save_muse
-from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, find_bundled, muse_home, verify
+from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home, find_bundled, verify
 from muse.checkpoints.weights import PRECISIONS, build_model
 from muse.config import ModelConfig
 from muse.errors import CheckpointError, ModelNotFoundError
@@ -68,7 +68,7 @@ def _cache_dir(src: Source, precision: str) -> Path:
     st = src.path.stat()
     key = hashlib.sha256(f"{src.path}|{st.st_size}|{st.st_mtime_ns}|{precision}".encode()).hexdigest()[:16]
     stem = src.bundled.name if src.bundled else src.path.stem
-    return muse_home() / "cache" / f"{stem}-{precision}-{key}"
+    return cache_home() / f"{stem}-{precision}-{key}"
 
 
 def _convert_gguf(src: Source, precision: str):

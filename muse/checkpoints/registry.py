@@ -28,6 +28,11 @@ def muse_home() -> Path:
     return Path(os.environ.get("MUSE_HOME") or Path.home() / ".muse").expanduser()
 
 
+def cache_home() -> Path:
+    """Where converted models are cached (`MUSE_CACHE`, default MUSE_HOME/cache)."""
+    return Path(os.environ.get("MUSE_CACHE") or muse_home() / "cache").expanduser()
+
+
 def package_dir(module: str) -> Path | None:
     """The directory of an installed package, found without importing it."""
     try:

@@ -1,0 +1,86 @@
+"""The `muse` command as a user runs it (typer's runner, the real default model)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from muse.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, input=None):
+    return runner.invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("generate", "chat", "models", "info"):
+        assert cmd in r.output
+
+
+def test_generate_greedy_matches_python_api(default_model):
+    r = run("generate", "The capital of France is", "-n", "12", "-t", "0")
+    assert r.exit_code == 0
+    assert r.output.rstrip("\n") == default_model.generate("The capital of France is", max_new_tokens=12,
+                                                             temperature=0)
+
+
+def test_generate_reads_stdin_and_reports_speed():
+    r = run("generate", "-", "-n", "4", "-t", "0", "-v", input="Once upon a time")
+    assert r.exit_code == 0 and "generated at" in r.output
+
+
+def test_chat_interactive_commands(default_model):
+    script = "/system Answer in one word.\nWhat colour is the sky?\n/reset\n/bogus\n/exit\n"
+    r = run("chat", "-t", "0", "-n", "8", input=script)
+    assert r.exit_code == 0
+    assert "system prompt set" in r.output and "conversation cleared" in r.output
+    assert "Unknown command /bogus" in r.output
+    expected = default_model.chat([{"role": "system", "content": "Answer in one word."},
+                                   {"role": "user", "content": "What colour is the sky?"}],
+                                  temperature=0, max_new_tokens=8)
+    assert expected.strip() and expected.strip() in r.output
+
+
+def test_chat_scripted_messages_keep_history(monkeypatch):
+    from muse.api import Model
+
+    seen = []
+    real = Model.stream_chat
+
+    def spy(self, messages, *a, **k):
+        seen.append([dict(m) for m in messages])
+        return real(self, messages, *a, **k)
+
+    monkeypatch.setattr(Model, "stream_chat", spy)
+    r = run("chat", "-t", "0", "-n", "6", "--message", "My name is Ada.", "--message", "What is my name?")
+    assert r.exit_code == 0 and r.output.count("you>") == 2
+    first, second = seen
+    assert first == [{"role": "user", "content": "My name is Ada."}]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[1]["content"].strip() and second[1]["content"].strip() in r.output
+
+
+def test_info_and_models():
+    r = run("info")
+    assert r.exit_code == 0
+    for text in ("llama", "30", "8192", "int4 g32", "134,515,008"):
+        assert text in r.output
+    r = run("models")
+    assert r.exit_code == 0 and "smollm2-135m" in r.output and "qwen2.5-0.5b" in r.output
+
+
+@pytest.mark.parametrize("args,message,code", [
+    (("generate", "hi", "--model", "/no/such/model.gguf"), "No model found", 1),
+    (("generate", "hi", "--temperature", "-1"), "temperature must be", 2),
+    (("generate", "hi", "--top-p", "0"), "top_p must be", 2),
+    (("info", "--precision", "int3"), "precision must be", 2),
+    (("models", "install", "gpt-9"), "No bundled model", 1),
+])
+def test_user_errors_are_one_clear_line(args, message, code):
+    r = run(*args)
+    assert r.exit_code == code
+    assert message in r.output and "Traceback" not in r.output
