@@ -217,3 +217,64 @@ def test_read_config_without_weights(tiny_gguf):
     path, _ = tiny_gguf
     cfg = ModelConfig.from_checkpoint(path)
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd) == (2, 4, 2, 64)
+
+
+def _hf_to_gguf(hf, path, arch: str) -> None:
+    """Write a transformers model as an F32 GGUF the way llama.cpp's converter names it."""
+    c = hf.config
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "gpt2":
+        w.add_block_count(c.n_layer), w.add_context_length(c.n_positions), w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(4 * c.n_embd), w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+        top = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+               "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+        per = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        for k, name in top.items():
+            w.add_tensor(name, sd[k])
+        for i in range(c.n_layer):
+            for src, dst in per.items():
+                for kind in ("weight", "bias"):
+                    t = sd[f"transformer.h.{i}.{src}.{kind}"]
+                    w.add_tensor(f"blk.{i}.{dst}.{kind}", np.ascontiguousarray(t.T) if t.ndim == 2 else t)
+    else:
+        w.add_block_count(c.num_hidden_layers), w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size), w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads), w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"]), w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+        w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+        if not c.tie_word_embeddings:
+            w.add_tensor("output.weight", sd["lm_head.weight"])
+        names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+        for i in range(c.num_hidden_layers):
+            for src, dst in names.items():
+                for kind in ("weight", "bias"):
+                    t = sd.get(f"model.layers.{i}.{src}.{kind}")
+                    if t is None:
+                        continue
+                    if arch == "llama" and dst in ("attn_q", "attn_k"):
+                        heads = c.num_attention_heads if dst == "attn_q" else c.num_key_value_heads
+                        t = _permute(t, heads)
+                    w.add_tensor(f"blk.{i}.{dst}.{kind}", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_gguf_logits_match_transformers(tmp_path, arch):
+    """A transformers model written as GGUF (llama.cpp's names and q/k permutation) loads exactly."""
+    from tests.test_model_parity import _tiny_hf
+
+    hf = _tiny_hf(arch, tie=arch != "llama").eval()
+    _hf_to_gguf(hf, tmp_path / "m.gguf", arch)
+    m = muse.load(tmp_path / "m.gguf")
+    ids = torch.randint(0, 101, (1, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(m.model(ids)[0], hf(ids).logits, rtol=1e-4, atol=1e-4)

@@ -52,8 +52,11 @@ def read_gguf_config(reader, path: str | Path = "") -> ModelConfig:
     get = lambda k, d=None: field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_head = int(get("attention.head_count"))
     n_embd = int(get("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    tensors = {t.name: t for t in reader.tensors}
+    names = set(tensors)
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: the GGUF has no token_embd.weight tensor; it is not a language model.")
+    vocab = get("vocab_size") or int(tensors["token_embd.weight"].shape[-1])
     eps = get("attention.layer_norm_rms_epsilon") or get("attention.layer_norm_epsilon")
     kw = dict(
         arch=arch,
