@@ -197,12 +197,18 @@ def models_list(ctx: typer.Context):
     cache = cache_home()
     entries = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
     if entries:
-        ct = Table(title=f"Converted (cached) in {cache}")
-        ct.add_column("cache entry")
-        ct.add_column("size", justify="right")
+        import json
+
+        ct = Table(title=f"Converted models (cache: {cache})")
+        for col in ("source", "precision", "size"):
+            ct.add_column(col, justify="right" if col == "size" else "left")
         for p in entries:
+            try:
+                source = json.loads((p / "config.json").read_text()).get("source", {})
+            except (OSError, ValueError):
+                continue  # an unfinished or foreign entry
             size = sum(f.stat().st_size for f in p.iterdir())
-            ct.add_row(p.name, f"{size / 1e6:.1f} MB")
+            ct.add_row(source.get("gguf", p.name), source.get("precision", "?"), f"{size / 1e6:.1f} MB")
         console.print(ct)
     console.print("[dim]Any .gguf file or Hugging Face model directory also works: --model PATH[/]")
 

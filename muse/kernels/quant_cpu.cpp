@@ -1,0 +1,348 @@
+// Weight-only quantized linear layers for CPU: int8 (symmetric) and int4 (asymmetric).
+//
+// Built at first use by muse/quant.py through torch.utils.cpp_extension.load with
+// -O3 -march=native -fopenmp. One source serves three instruction sets, picked at
+// compile time: AVX-512 (16 lanes), AVX2+FMA+F16C (8 lanes), or plain C++ (1 lane).
+//
+// Layouts (see QuantLinear's docstring, which is the reference):
+//   bits=8: q int8 (N, K), row-major; w[n,k] = scale[n, k/G] * q[n,k]
+//   bits=4: q uint8 (N, K/2); each run of 32 codes along k is 16 bytes, byte j holding
+//           code j in its low nibble and code j+16 in its high nibble;
+//           w[n,k] = scale[n, k/G] * code + min[n, k/G]
+//   scale, min: fp16 (N, K/G).  The kernels need G % 32 == 0; quant.py checks.
+//
+// Fused path (decode, and prefill unless told otherwise): threads take tasks of W rows,
+// stream them from DRAM once, turn codes into the exact fp32 weights in registers (int8:
+// cvt * scale; int4: AVX-512 looks the 16 values of a group up with one vpermps, AVX2
+// does cvt + fma) and FMA them with 4 rows of x at a time, all rows of x passing over a
+// task's rows of W while they sit in L1/L2: a register-blocked GEMM for any M.
+// Tile path (M >= prefill_min_m): dequantize tile_n rows of W into an fp32 scratch
+// (parallel over rows) and hand each tile to at::mm (MKL / oneDNN). quant.py picks it
+// only where it measured faster (long rows, many rows of x).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// A minimal vector type: VF holds L floats. Everything below is written against it.
+// ---------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int L = 16;
+using VF = __m512;
+inline VF vzero() { return _mm512_setzero_ps(); }
+inline VF vset1(float a) { return _mm512_set1_ps(a); }
+inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VF a) { _mm512_storeu_ps(p, a); }
+inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline float vsum(VF a) { return _mm512_reduce_add_ps(a); }
+inline VF vload_i8(const int8_t* p) {  // 16 int8 -> 16 floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+// int4 group dequantizer: the 16 possible values scale * c + min live in one register, and
+// vpermps picks them by the low 4 bits of each lane, so no masking or int->float needed.
+struct Deq4 {
+  VF table;
+  Deq4(float s, float m)
+      : table(_mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_ps(s), _mm512_set1_ps(m))) {}
+  void operator()(const uint8_t* p, VF* w) const {  // 16 bytes -> codes 0..15, 16..31
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    w[0] = _mm512_permutexvar_ps(b, table);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int L = 8;
+using VF = __m256;
+inline VF vzero() { return _mm256_setzero_ps(); }
+inline VF vset1(float a) { return _mm256_set1_ps(a); }
+inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VF a) { _mm256_storeu_ps(p, a); }
+inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline float vsum(VF a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline VF vload_i8(const int8_t* p) {  // 8 int8 -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline void vunpack4(const uint8_t* p, VF* w) {  // 16 bytes -> codes 0..7, 8..15, 16..23, 24..31
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, m);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+}
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+#define MUSE_GENERIC_DEQ4
+#else
+constexpr int L = 1;
+using VF = float;
+inline VF vzero() { return 0.f; }
+inline VF vset1(float a) { return a; }
+inline VF vload(const float* p) { return *p; }
+inline void vstore(float* p, VF a) { *p = a; }
+inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
+inline VF vadd(VF a, VF b) { return a + b; }
+inline VF vmul(VF a, VF b) { return a * b; }
+inline float vsum(VF a) { return a; }
+inline VF vload_i8(const int8_t* p) { return (float)*p; }
+inline void vunpack4(const uint8_t* p, VF* w) {
+  for (int j = 0; j < 16; ++j) {
+    w[j] = (float)(p[j] & 15);
+    w[j + 16] = (float)(p[j] >> 4);
+  }
+}
+inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+#define MUSE_GENERIC_DEQ4
+#endif
+
+constexpr int kChunk = 32;          // codes per inner step (and per int4 packing run)
+constexpr int kVecs = kChunk / L;   // vectors per chunk
+
+#ifdef MUSE_GENERIC_DEQ4
+struct Deq4 {  // int4 group dequantizer: codes -> float -> scale * c + min
+  VF s, m;
+  Deq4(float s_, float m_) : s(vset1(s_)), m(vset1(m_)) {}
+  void operator()(const uint8_t* p, VF* w) const {
+    vunpack4(p, w);
+    for (int j = 0; j < kVecs; ++j) w[j] = vfma(w[j], s, m);
+  }
+};
+#endif
+
+struct Problem {
+  const float* x;      // (M, K) contiguous
+  const void* q;       // packed codes, see layout above
+  const uint16_t* s;   // (N, ng) fp16 bits
+  const uint16_t* mn;  // (N, ng) fp16 bits, int4 only
+  const float* bias;   // (N,) or nullptr
+  float* y;            // (M, N) contiguous
+  int64_t M, N, K, G, ng;
+};
+
+// Group g of row n dequantized chunk by chunk: 32 fp32 weights per call, in w[kVecs].
+template <bool Q4>
+struct RowGroup {
+  const Problem& p;
+  const int64_t n;
+  const float s, m;
+  const Deq4 d4;
+  const VF vs;
+  RowGroup(const Problem& p_, int64_t n_, int64_t g)
+      : p(p_), n(n_), s(h2f(p_.s[n_ * p_.ng + g])), m(Q4 ? h2f(p_.mn[n_ * p_.ng + g]) : 0.f),
+        d4(s, m), vs(vset1(s)) {}
+  void chunk(int64_t k, VF* w) const {  // weights k .. k+31 of row n
+    if constexpr (Q4) {
+      d4((const uint8_t*)p.q + n * (p.K / 2) + k / 2, w);
+    } else {
+      const int8_t* c = (const int8_t*)p.q + n * p.K + k;
+      for (int j = 0; j < kVecs; ++j) w[j] = vmul(vload_i8(c + j * L), vs);
+    }
+  }
+};
+
+// y[m0:m0+MT, n0:n1] for MT rows of x. Weights are dequantized exactly as
+// QuantLinear.dequantize does (scale * c + min is exact or singly rounded either way) and
+// FMA'd with x; R rows of W go together so that there are enough independent FMA chains.
+template <int MT, bool Q4>
+void matvec_rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int R = (kVecs < 4 && MT <= 2) ? 2 : 1;
+  const float* x = p.x + m0 * p.K;
+  const int64_t K = p.K, G = p.G, ng = p.ng;
+  auto block = [&](int64_t n, auto rows) {
+    constexpr int RR = decltype(rows)::value;
+    VF acc[MT][RR][kVecs];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < RR; ++r)
+        for (int j = 0; j < kVecs; ++j) acc[m][r][j] = vzero();
+    for (int64_t g = 0; g < ng; ++g) {
+      const RowGroup<Q4> grp0(p, n, g);
+      const RowGroup<Q4> grp1(p, RR > 1 ? n + 1 : n, g);
+      for (int64_t k = g * G; k < (g + 1) * G; k += kChunk) {
+        VF w[RR][kVecs];
+        grp0.chunk(k, w[0]);
+        if constexpr (RR > 1) grp1.chunk(k, w[RR - 1]);
+        for (int m = 0; m < MT; ++m)
+          for (int j = 0; j < kVecs; ++j) {
+            const VF xv = vload(x + m * K + k + j * L);
+            for (int r = 0; r < RR; ++r) acc[m][r][j] = vfma(w[r][j], xv, acc[m][r][j]);
+          }
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float b = p.bias ? p.bias[n + r] : 0.f;
+      for (int m = 0; m < MT; ++m) {
+        VF a = acc[m][r][0];
+        for (int j = 1; j < kVecs; ++j) a = vadd(a, acc[m][r][j]);
+        p.y[(m0 + m) * p.N + n + r] = vsum(a) + b;
+      }
+    }
+  };
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block(n, std::integral_constant<int, R>{});
+  for (; n < n1; ++n) block(n, std::integral_constant<int, 1>{});
+}
+
+// Rows of W are handed out in tasks from an atomic counter to torch's intra-op threads
+// (at::parallel_for, so torch.set_num_threads holds): a thread that starts late, or
+// shares its core with another process, just takes fewer tasks. Within a task, x rows
+// go 4 at a time past the task's rows of W, which are read from DRAM once.
+template <bool Q4>
+void matvec(const Problem& p) {
+  constexpr int64_t kMinWeightsPerThread = 1 << 15;
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), p.N * p.K / kMinWeightsPerThread));
+  // tasks of at most ~64 KB of codes when M > 1, so that they stay in L2 across x rows
+  int64_t rows = std::max<int64_t>(16, p.N / (16 * threads));
+  if (p.M > 1) rows = std::min<int64_t>(rows, std::max<int64_t>(2, 65536 / p.K));
+  rows += rows & 1;  // even, for the 2-row blocks of matvec_rows
+  const int64_t tasks = (p.N + rows - 1) / rows;
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t n0 = t * rows, n1 = std::min(p.N, n0 + rows);
+      // this task's rows of W stay in L1/L2 while all rows of x go past them
+      for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+        switch (std::min<int64_t>(4, p.M - m0)) {
+          case 1: matvec_rows<1, Q4>(p, m0, n0, n1); break;
+          case 2: matvec_rows<2, Q4>(p, m0, n0, n1); break;
+          case 3: matvec_rows<3, Q4>(p, m0, n0, n1); break;
+          default: matvec_rows<4, Q4>(p, m0, n0, n1); break;
+        }
+      }
+    }
+  };
+  if (threads == 1) work(0, 1);
+  else at::parallel_for(0, threads, 1, work);
+}
+
+// Row n of W in fp32 into out (K floats); same values as QuantLinear.dequantize.
+template <bool Q4>
+void dequant_row(const Problem& p, int64_t n, float* out) {
+  for (int64_t g = 0; g < p.ng; ++g) {
+    const RowGroup<Q4> grp(p, n, g);
+    for (int64_t k = g * p.G; k < (g + 1) * p.G; k += kChunk) {
+      VF w[kVecs];
+      grp.chunk(k, w);
+      for (int j = 0; j < kVecs; ++j) vstore(out + k + j * L, w[j]);
+    }
+  }
+}
+
+template <bool Q4>
+void dequant_rows(const Problem& p, int64_t n0, int64_t n1, float* out) {
+  at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) dequant_row<Q4>(p, n, out + (n - n0) * p.K);
+  });
+}
+
+Problem make_problem(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& bias,
+                     int64_t bits, int64_t group_size, at::Tensor& y) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 (M, K) tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = group_size;
+  TORCH_CHECK(G > 0 && G % kChunk == 0 && K % G == 0, "group_size must be a multiple of 32 dividing K");
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 2, "qweight must be a contiguous 2-D tensor");
+  if (bits == 8) {
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.size(1) == K, "int8 qweight must be int8 (N, K)");
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.size(1) == K / 2, "int4 qweight must be uint8 (N, K/2)");
+    TORCH_CHECK(mins.has_value(), "int4 needs mins");
+  }
+  const int64_t ng = K / G;
+  auto check_half = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.size(0) == N && t.size(1) == ng,
+                name, " must be a contiguous float16 (N, K/G) tensor");
+  };
+  check_half(scales, "scales");
+  Problem p{};
+  p.x = x.data_ptr<float>();
+  p.q = q.data_ptr();
+  p.s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  if (bits == 4) {
+    check_half(*mins, "mins");
+    p.mn = reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bias must be a contiguous float32 (N,) tensor");
+    p.bias = bias->data_ptr<float>();
+  }
+  y = at::empty({M, N}, x.options());
+  p.y = y.data_ptr<float>();
+  p.M = M; p.N = N; p.K = K; p.G = G; p.ng = ng;
+  return p;
+}
+
+// y = x @ W.T + bias. M < prefill_min_m: fused kernel; otherwise W is dequantized
+// tile_n rows at a time (tile_n <= 0: all at once) and multiplied with at::mm.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& bias,
+                  int64_t bits, int64_t group_size, int64_t prefill_min_m, int64_t tile_n) {
+  at::Tensor y;
+  const bool q4 = bits == 4;
+  Problem p = make_problem(x, q, scales, mins, bias, bits, group_size, y);
+  if (p.M < prefill_min_m) {
+    if (q4) matvec<true>(p); else matvec<false>(p);
+    return y;
+  }
+  const int64_t tn = tile_n <= 0 ? p.N : std::min(tile_n, p.N);
+  at::Tensor w = at::empty({tn, p.K}, x.options());
+  for (int64_t n0 = 0; n0 < p.N; n0 += tn) {
+    const int64_t nt = std::min(tn, p.N - n0);
+    if (q4) dequant_rows<true>(p, n0, n0 + nt, w.data_ptr<float>());
+    else dequant_rows<false>(p, n0, n0 + nt, w.data_ptr<float>());
+    at::Tensor yt = y.narrow(1, n0, nt);  // (M, nt), row stride N: BLAS writes it in place
+    at::mm_out(yt, x, w.narrow(0, 0, nt).t());
+  }
+  if (bias.has_value()) y.add_(*bias);
+  return y;
+}
+
+// Rows [n0, n1) of W in fp32 (used by tests and for dequantize()).
+at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                      int64_t bits, int64_t group_size, int64_t K) {
+  at::Tensor y;
+  at::Tensor x = at::empty({0, K}, scales.options().dtype(at::kFloat));
+  Problem p = make_problem(x, q, scales, mins, c10::nullopt, bits, group_size, y);
+  at::Tensor out = at::empty({p.N, K}, x.options());
+  if (bits == 4) dequant_rows<true>(p, 0, p.N, out.data_ptr<float>());
+  else dequant_rows<false>(p, 0, p.N, out.data_ptr<float>());
+  return out;
+}
+
+int64_t vector_lanes() { return L; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "quantized linear: y = x @ W.T + bias",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "dequantize all rows of W to float32",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("vector_lanes", &vector_lanes, "float lanes of the compiled SIMD path (16, 8 or 1)");
+}

@@ -1,0 +1,354 @@
+"""QuantLinear: lossless packing, quantization error bounds, kernels vs the PyTorch path."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from muse import quant
+from muse.quant import QuantLinear, kernels_available, quantize_model
+
+GROUPS = [32, 64, 128, None]  # None: per-channel (group_size == in_features)
+
+
+class Spy:
+    """Wraps the compiled extension and counts calls, to prove which path ran."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, 0
+
+    def linear(self, *args):
+        self.calls += 1
+        return self.ext.linear(*args)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The compiled kernels, spied on; skipped only where no C++ compiler exists."""
+    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
+    assert kernels_available(), "a compiler exists but the quantized CPU kernels failed to build"
+    spy = Spy(quant._ext)
+    monkeypatch.setattr(quant, "_ext", spy)
+    return spy
+
+
+def fallback(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), layer.dequantize(), layer.bias).to(x.dtype)
+
+
+def assert_close_scaled(y, ref, tol=1e-4):
+    # fp32 tolerance relative to the output's scale: sums are reordered, not changed
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def random_codes(out_f, in_f, bits, G, gen):
+    ng = in_f // G
+    scales = (torch.rand(out_f, ng, generator=gen) * 0.1 + 1e-3).half()
+    if bits == 8:
+        codes = torch.randint(-128, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
+        return codes, scales, None
+    codes = torch.randint(0, 16, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    mins = (torch.randn(out_f, ng, generator=gen) * 0.5).half()
+    return codes, scales, mins
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("in_f", [96, 100, 64])  # 100: int4 packs a short last run of 4 codes
+def test_from_codes_is_lossless(bits, in_f):
+    gen = torch.Generator().manual_seed(0)
+    codes, scales, mins = random_codes(7, in_f, bits, in_f // 2 if in_f != 96 else 32, gen)
+    layer = QuantLinear.from_codes(codes, scales, mins, bits)
+    G = layer.group_size
+    expect = codes.float() * scales.float().repeat_interleave(G, 1)
+    if mins is not None:
+        expect += mins.float().repeat_interleave(G, 1)
+    assert torch.equal(layer.dequantize(), expect)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    if bits == 8:
+        assert layer.qweight.dtype == torch.int8 and layer.qweight.shape == (7, in_f)
+        assert layer.mins is None
+    else:
+        assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (7, in_f // 2)
+        assert torch.equal(layer.mins, mins)
+
+
+def test_gguf_q4_0_blocks_are_exact():
+    # Q4_0: w = d * (q - 8)  ->  codes q, scale d, min -8 d (exact in fp16 and fp32)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (5, 64), generator=gen, dtype=torch.uint8)
+    d = (torch.rand(5, 2, generator=gen) * 0.05).half()
+    layer = QuantLinear.from_codes(q, d, -8 * d, bits=4)
+    ggml = (q.float() - 8) * d.float().repeat_interleave(32, 1)
+    assert torch.equal(layer.dequantize(), ggml)
+
+
+def test_int4_layout_is_documented_nibble_order():
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)
+    codes[0, 16:] = 15 - codes[0, 16:]
+    layer = QuantLinear.from_codes(codes, torch.ones(1, 1, dtype=torch.float16),
+                                   torch.zeros(1, 1, dtype=torch.float16), bits=4)  # fmt: skip
+    q = layer.qweight[0]
+    assert torch.equal(q & 15, codes[0, :16]) and torch.equal(q >> 4, codes[0, 16:])
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def test_from_float_int8_per_channel_error_bound():
+    w = torch.randn(64, 256) * torch.logspace(-3, 1, 64).unsqueeze(1)
+    layer = QuantLinear.from_float(w, bits=8, group_size=256)
+    err = (layer.dequantize() - w).abs()
+    half_step = layer.scales.float() / 2  # (64, 1)
+    assert (err <= half_step * (1 + 1e-5)).all()
+    assert (layer.qweight.abs() <= 127).all()
+
+
+@pytest.mark.parametrize("G", [32, 128])
+def test_from_float_int4_groupwise_error_bound(G):
+    w = torch.randn(48, 256) * 0.05 + torch.linspace(-1, 1, 48).unsqueeze(1)  # offset rows: asymmetric
+    w[0, :G] = 0.3  # a constant group
+    layer = QuantLinear.from_float(w, bits=4, group_size=G)
+    err = (layer.dequantize() - w).abs().view(48, -1, G)
+    half_step = layer.scales.float().unsqueeze(-1) / 2
+    assert (err <= half_step * (1 + 1e-5) + 1e-7).all()
+    codes = quant._unpack4(layer.qweight)
+    assert codes.max() <= 15
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("G", GROUPS)
+@pytest.mark.parametrize("M", [1, 37])
+def test_kernel_matches_fallback(kernels, bits, G, M):
+    gen = torch.Generator().manual_seed(bits * 1000 + (G or 0) + M)
+    out_f, in_f = 83, 256  # odd number of output rows
+    layer = QuantLinear.from_float(torch.randn(out_f, in_f, generator=gen), bits, G or in_f,
+                                   bias=torch.randn(out_f, generator=gen))  # fmt: skip
+    x = torch.randn(M, in_f, generator=gen)
+    assert_close_scaled(layer(x), fallback(layer, x))
+    layer.bias = None
+    assert_close_scaled(layer(x), fallback(layer, x))
+    assert kernels.calls == 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_fallback_on_gguf_style_codes(kernels, bits):
+    # full code range (int8 -128 included), fp16 scales and mins as GGUF blocks give them
+    gen = torch.Generator().manual_seed(bits)
+    codes, scales, mins = random_codes(70, 320, bits, 32, gen)
+    codes[0, 0] = -128 if bits == 8 else 15
+    layer = QuantLinear.from_codes(codes, scales, mins, bits)
+    x = torch.randn(2, 320, generator=gen)
+    assert_close_scaled(layer(x), fallback(layer, x))
+    assert kernels.calls == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_input_shapes_and_dtypes(kernels, bits):
+    gen = torch.Generator().manual_seed(3)
+    layer = QuantLinear.from_float(torch.randn(40, 128, generator=gen), bits, 32, bias=torch.randn(40, generator=gen))
+    x3 = torch.randn(3, 5, 128, generator=gen)  # (B, T, in)
+    y = layer(x3)
+    assert y.shape == (3, 5, 40)
+    assert_close_scaled(y, fallback(layer, x3))
+    xt = torch.randn(128, 6, generator=gen).t()  # non-contiguous (6, 128)
+    assert not xt.is_contiguous()
+    assert_close_scaled(layer(xt), fallback(layer, xt))
+    xb = x3.bfloat16()
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, fallback(layer, xb.float()).bfloat16())
+    assert kernels.calls == 3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_tiles_match_fallback(kernels, monkeypatch, bits):
+    # the dequantize-a-tile + at::mm path, with a tile that does not divide out_features
+    monkeypatch.setattr(quant, "PREFILL_MIN_M", 2)
+    monkeypatch.setattr(quant, "PREFILL_MIN_K", 0)
+    monkeypatch.setattr(quant, "PREFILL_TILE_N", 16)
+    gen = torch.Generator().manual_seed(4)
+    layer = QuantLinear.from_float(torch.randn(50, 192, generator=gen), bits, 64, bias=torch.randn(50, generator=gen))
+    x = torch.randn(9, 192, generator=gen)
+    assert_close_scaled(layer(x), fallback(layer, x))
+    assert kernels.calls == 1
+
+
+def test_no_kernels_env_uses_pytorch_path_with_same_numbers(kernels, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    layer = QuantLinear.from_float(torch.randn(64, 96, generator=gen), 4, 32, bias=torch.randn(64, generator=gen))
+    x = torch.randn(4, 96, generator=gen)
+    y_kernel = layer(x)
+    monkeypatch.setenv("MUSE_NO_KERNELS", "1")
+    assert not kernels_available()
+    y_torch = layer(x)
+    assert kernels.calls == 1  # the second call did not reach the extension
+    assert_close_scaled(y_kernel, y_torch)
+
+
+def test_group_size_not_multiple_of_32_uses_pytorch_path(kernels):
+    layer = QuantLinear.from_float(torch.randn(8, 48), 8, 16)
+    x = torch.randn(2, 48)
+    assert_close_scaled(layer(x), fallback(layer, x))
+    assert kernels.calls == 0
+
+
+def test_autograd_flows_through_pytorch_path(kernels):
+    layer = QuantLinear.from_float(torch.randn(8, 64), 8, 32)
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and kernels.calls == 0
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
+    monkeypatch.setattr(quant, "_build_extension", broken)
+    monkeypatch.setattr(quant, "_ext", None)
+    monkeypatch.setattr(quant, "_ext_tried", False)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert not kernels_available()
+    layer = QuantLinear.from_float(torch.randn(8, 64), 8, 32)
+    x = torch.randn(1, 64)
+    assert_close_scaled(layer(x), fallback(layer, x))  # and no second warning or crash
+
+
+def test_build_runs_once_across_threads(monkeypatch):
+    builds = []
+    started = threading.Event()
+
+    def slow_build():
+        started.wait(1)
+        builds.append(1)
+        return object()
+
+    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
+    monkeypatch.setattr(quant, "_build_extension", slow_build)
+    monkeypatch.setattr(quant, "_ext", None)
+    monkeypatch.setattr(quant, "_ext_tried", False)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(kernels_available())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.set()
+    for t in threads:
+        t.join()
+    assert builds == [1] and results == [True] * 4
+
+
+# ----------------------------------------------------------------------------- module API
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_rows_equal_dequantized_rows(bits):
+    layer = QuantLinear.from_float(torch.randn(50, 64), bits, 32)
+    idx = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    emb = layer.embedding(idx)
+    assert emb.shape == (2, 3, 64) and emb.dtype == torch.float32
+    assert torch.equal(emb, layer.dequantize()[idx])
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64, bias=False)
+        self.head = nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.head(self.down(F.gelu(self.up(x))))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_dict_round_trips_through_safetensors_into_meta_model(tmp_path, bits):
+    torch.manual_seed(0)
+    model = TwoLayer()
+    config = quantize_model(model, bits, 32, skip={"head"})
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(path))
+
+    with torch.device("meta"):
+        fresh = TwoLayer()
+        for name, opts in config.items():
+            lin = fresh.get_submodule(name)
+            setattr(fresh, name, QuantLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, **opts))
+    assert fresh.up.qweight.is_meta
+    fresh.load_state_dict(load_file(str(path)), assign=True)
+
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), model(x))
+    assert fresh.up.scales.dtype == torch.float16 and fresh.up.bias.dtype == torch.float32
+    assert set(model.up.state_dict()) == ({"qweight", "scales", "bias"} | ({"mins"} if bits == 4 else set()))
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.01), (4, 0.15)])
+def test_quantize_model_replaces_linears_and_stays_close(bits, tol):
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x = torch.randn(5, 64)
+    ref = model(x)
+    config = quantize_model(model, bits, 32, skip={"head"})
+    assert config == {"up": {"bits": bits, "group_size": 32}, "down": {"bits": bits, "group_size": 32}}
+    assert isinstance(model.up, QuantLinear) and isinstance(model.down, QuantLinear)
+    assert type(model.head) is nn.Linear
+    rel = (model(x) - ref).norm() / ref.norm()
+    assert rel < tol
+    assert "bits=%d" % bits in repr(model.up) and "group_size=32" in repr(model.up)
+
+
+def test_quant_linear_builds_under_meta_device():
+    with torch.device("meta"):
+        layer = QuantLinear(64, 16, bits=4, group_size=32, bias=True)
+    assert layer.qweight.shape == (16, 32) and layer.qweight.dtype == torch.uint8
+    assert layer.scales.shape == (16, 2) and layer.mins.shape == (16, 2) and layer.bias.shape == (16,)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(in_features=64, out_features=8, bits=3, group_size=32), "bits"),
+        (dict(in_features=64, out_features=8, bits=8, group_size=24), "group_size"),
+        (dict(in_features=64, out_features=8, bits=8, group_size=0), "group_size"),
+        (dict(in_features=63, out_features=8, bits=4, group_size=63), "in_features"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_it(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        QuantLinear(**kwargs)
+
+
+def test_bad_arguments_to_constructors_raise_value_error():
+    with pytest.raises(ValueError, match="bits"):
+        QuantLinear.from_float(torch.randn(8, 64), bits=2, group_size=32)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantLinear.from_float(torch.randn(8, 64), bits=8, group_size=48)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        QuantLinear.from_codes(torch.full((2, 32), 16, dtype=torch.uint8), torch.ones(2, 1),
+                               torch.zeros(2, 1), bits=4)  # fmt: skip
+    with pytest.raises(ValueError, match="mins"):
+        QuantLinear.from_codes(torch.zeros(2, 32, dtype=torch.uint8), torch.ones(2, 1), None, bits=4)
+    model = TwoLayer()
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_model(model, 8, 48)
+    assert type(model.up) is nn.Linear  # left intact
+    layer = QuantLinear.from_float(torch.randn(8, 64), 8, 32)
+    with pytest.raises(ValueError, match="64"):
+        layer(torch.randn(2, 63))
