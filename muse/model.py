@@ -49,7 +49,7 @@ def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hd) by position; cos/sin are (T, hd). "rotate_half" convention."""
+    """Rotate x (..., hd) by position; cos/sin broadcast against it. "rotate_half" convention."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -106,15 +106,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # heads: [q..., k..., v...]
+        qk, v = qkv[:, :, : nh + nkv], qkv[:, :, nh + nkv:]
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # q and k heads rotated in one pass
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, start+T, hd)
         if T == 1:
@@ -261,7 +260,8 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hd)
+            # (T, 1, hd): broadcast over the heads of (B, T, heads, hd)
+            rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache, i, start)
         if cache is not None:
