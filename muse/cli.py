@@ -99,7 +99,12 @@ def generate(
     import muse
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
+                             "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
     m = muse.load(model, precision=precision)
     chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)

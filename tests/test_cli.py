@@ -84,3 +84,8 @@ def test_user_errors_are_one_clear_line(args, message, code):
     r = run(*args)
     assert r.exit_code == code
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_non_utf8_stdin_is_a_clear_error():
+    r = run("generate", "-", "-n", "2", input=b"caf\xe9 au lait")
+    assert r.exit_code == 2 and "not UTF-8" in r.output and "Traceback" not in r.output
