@@ -194,14 +194,14 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     logits, _ = model(history, cache=cache, last_only=True)  # (1, 1, V)
     t_prefill = time.perf_counter() - t0
     stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(t_prefill, 1e-9))
-    t1 = time.perf_counter()
+    t1 = time.perf_counter()  # the first token comes from the prefill logits: time the rest
     for n in range(1, max_new + 1):
         next_logits = logits[:, -1, :]
         if use_history:
             next_logits = apply_penalties(next_logits, history, history[:, len(ids):], p)
         token = sampler(next_logits)  # (1,)
         tok = int(token)
-        tps = n / max(time.perf_counter() - t1, 1e-9)
+        tps = (n - 1) / (time.perf_counter() - t1) if n > 1 else 0.0
         step = dict(stats, generation_tokens=n, generation_tps=tps)
         if tok in eos:
             tail = stops.push(decoder.flush())[0] if decoder else ""

@@ -146,9 +146,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _load(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Load `state` into a meta-device model, naming any missing/unexpected key."""
-    expected = {k for k, v in model.state_dict().items() if v.is_meta}
-    missing = sorted(k for k in expected if k not in state)
-    extra = sorted(k for k in state if k not in model.state_dict())
+    current = model.state_dict()
+    missing = sorted(k for k, v in current.items() if v.is_meta and k not in state)
+    extra = sorted(k for k in state if k not in current)
     if missing or extra:
         from muse.errors import CheckpointError
 
