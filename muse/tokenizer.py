@@ -1,9 +1,10 @@
 """The tokenizer layer: a thin wrapper over Hugging Face `tokenizers` (the Rust library).
 
 One `Tokenizer` class, loaded from a Hugging Face directory (`from_dir`) or from a GGUF file's
-metadata (`from_gguf`), saved as `tokenizer.json` + `tokenizer_config.json` (`save`). Chat
-templates are rendered with jinja2 the way transformers renders them, and `StreamDecoder` turns
-a stream of token ids into text without ever emitting half a UTF-8 character.
+metadata (`from_gguf`), or trained on your own corpus as byte-level BPE (`train`), saved as
+`tokenizer.json` + `tokenizer_config.json` (`save`). Chat templates are rendered with jinja2
+the way transformers renders them, and `StreamDecoder` turns a stream of token ids into text
+without ever emitting half a UTF-8 character.
 
     tok = Tokenizer.from_dir("path/to/hf_model")
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]))
@@ -28,6 +29,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
 import tokenizers
+import tokenizers.trainers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
@@ -221,6 +223,82 @@ class Tokenizer:
             pad_token=tok("tokenizer.ggml.padding_token_id"),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos_token is not None,
             chat_template=meta.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def train(
+        cls,
+        files_or_texts,
+        vocab_size: int,
+        *,
+        special_tokens: Iterable[str] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"),
+        min_frequency: int = 2,
+    ) -> Tokenizer:
+        """Train a byte-level BPE tokenizer on your own corpus.
+
+        `files_or_texts`: paths (`pathlib.Path` objects, read as UTF-8 with invalid bytes
+        replaced) and/or strings (the text itself), or a single one of either. The alphabet
+        starts with all 256 byte symbols, so any input — emoji, rare CJK, binary junk decoded as
+        text — encodes without an unknown token and decodes back exactly. English is split like
+        GPT-2/Qwen2 (words, single digits, punctuation, whitespace); runs of Chinese characters
+        are split off on their own in chunks of at most 8 (see `_TRAIN_SPLIT`).
+
+        `vocab_size` counts everything: special tokens, the 256 byte symbols and the merges (a
+        small corpus may run out of merges first, so the result can be smaller).
+        `special_tokens` become single, never-split ids 0, 1, ...: the first is the document
+        separator (EOS, and BOS for models that want one; it is never prepended by `encode`),
+        `<|im_end|>` also ends a turn (EOS), `<|pad|>` is the PAD token, and with `<|im_start|>`
+        and `<|im_end|>` present the ChatML chat template is set. `min_frequency`: a pair must
+        occur this often to be merged.
+
+            tok = Tokenizer.train([Path("corpus.txt"), "more text"], vocab_size=4096)
+            tok.save("my_tokenizer")
+        """
+        specials = list(dict.fromkeys(special_tokens))
+        if any(not isinstance(t, str) or not t for t in specials):
+            raise ValueError(f"special_tokens must be non-empty strings, got {special_tokens!r}")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+        minimum = 256 + len(specials)
+        if vocab_size < minimum:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: it must be at least {minimum} "
+                f"(256 byte symbols + {len(specials)} special tokens), and a few thousand is typical."
+            )
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        if isinstance(files_or_texts, (str, Path)):
+            files_or_texts = [files_or_texts]
+        for item in files_or_texts:  # check every path up front, before a long training run
+            if isinstance(item, Path) and not item.is_file():
+                raise ValueError(f"files_or_texts: {item} is not a file")
+            if not isinstance(item, (str, Path)):
+                raise ValueError(f"files_or_texts must hold str (text) or pathlib.Path (file) items, got {item!r}")
+
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_TRAIN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> alphabet only
+        ])
+        backend.decoder = decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no unknown tokens, ever
+            show_progress=False,
+        )
+        backend.train_from_iterator(_training_texts(files_or_texts), trainer=trainer)
+
+        eos_tokens = specials[:1] + [t for t in ("<|im_end|>",) if t in specials]
+        chatml = "<|im_start|>" in specials and "<|im_end|>" in specials
+        return cls(
+            backend,
+            bos_token=specials[0] if specials else None,
+            eos_tokens=eos_tokens,
+            pad_token="<|pad|>" if "<|pad|>" in specials else None,
+            add_bos=False,
+            chat_template=DEFAULT_CHAT_TEMPLATE if chatml else None,
         )
 
     def save(self, path) -> None:
@@ -446,6 +524,37 @@ def _as_int_list(ids) -> list[int]:
     if hasattr(ids, "tolist"):  # torch / numpy
         ids = ids.tolist()
     return [int(i) for i in ids]
+
+
+# --------------------------------------------------------------------------------- training
+
+# Pre-tokenizer for `Tokenizer.train`: Qwen2's split (English contractions, letters with one
+# leading space or symbol, single digits, punctuation runs, whitespace) plus one rule for Chinese.
+# Chinese has no spaces, so in the Qwen2 split a whole clause — or, in text without punctuation,
+# a whole paragraph — would be one "word", and Latin letters glued to Han characters would ride
+# along ("我用Python写代码" as one piece). Here Han characters form pieces of their own, at most 8
+# characters long: long enough for BPE to learn multi-character words, idioms and whole 5- or
+# 7-character poem lines, short enough that the trainer's word counts see repeats instead of
+# millions of unique paragraphs. (A word cut by a chunk boundary is still encodable; it is just
+# spelled with more tokens that time.)
+_TRAIN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{Han}{1,8}|[^\r\n\p{L}\p{N}]?[\p{L}&&[^\p{Han}]]+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _training_texts(files_or_texts) -> Iterable[str]:
+    """Strings as they are; files read in ~1 MB pieces of whole lines (never all at once)."""
+    for item in files_or_texts:
+        if isinstance(item, str):
+            yield item
+            continue
+        with open(item, encoding="utf-8", errors="replace", newline="") as f:
+            while True:
+                piece = f.read(1 << 20)
+                if not piece:
+                    break
+                yield piece + f.readline()  # finish the line so no word is cut in two
 
 
 # --------------------------------------------------------------------------------- GGUF

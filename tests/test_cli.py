@@ -89,3 +89,23 @@ def test_user_errors_are_one_clear_line(args, message, code):
 def test_non_utf8_stdin_is_a_clear_error():
     r = run("generate", "-", "-n", "2", input=b"caf\xe9 au lait")
     assert r.exit_code == 2 and "not UTF-8" in r.output and "Traceback" not in r.output
+
+
+def test_data_prepare_and_tokenizer_train(tmp_path):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 200 + "生存还是毁灭，这是一个问题。\n" * 50)
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9 au lait\n" * 20)
+    r = run("data", "prepare", str(corpus), str(tmp_path / "b.txt"), "--out", str(tmp_path / "d"), "--char-level")
+    assert r.exit_code == 0 and "Prepared" in r.output and "not valid UTF-8" in r.output
+    from muse.training.data import load_prepared
+
+    data = load_prepared(tmp_path / "d")
+    assert data.tokenizer.decode(data.train[:43].tolist()) == "To be, or not to be, that is the question.\n"
+    r = run("tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok"))
+    assert r.exit_code == 0
+    from muse.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tmp_path / "tok")
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("生存还是毁灭 🙂")) == "生存还是毁灭 🙂"
+    r = run("data", "prepare", str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "e"))
+    assert r.exit_code == 1 and "No files matched" in r.output
