@@ -358,6 +358,160 @@ def tokenizer_train(
     console.print(f"[green]Saved[/] a {tok.vocab_size:,}-token tokenizer to {out}")
 
 
+# -- training -----------------------------------------------------------------------
+
+lora_app = typer.Typer(help="LoRA adapters.")
+app.add_typer(lora_app, name="lora")
+
+
+def _parse_sets(items: Optional[list[str]]) -> dict:
+    """`--set n_layer=4 --set dropout=0.1` → {"n_layer": 4, "dropout": 0.1} (JSON values, else strings)."""
+    import json
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _train_config(defaults: Optional[dict] = None, **options):
+    """A TrainConfig from the options the user gave; the rest keep TrainConfig's own defaults."""
+    from muse.training.loop import TrainConfig
+
+    given = {k: v for k, v in options.items() if v is not None}
+    return TrainConfig(**{**(defaults or {}), **given})
+
+
+# Options shared by `train` and `finetune`; None means "TrainConfig's default".
+MaxIters = typer.Option(None, "--max-iters", help="Optimizer steps.")
+BatchSize = typer.Option(None, "--batch-size", help="Sequences per micro-batch (per process).")
+GradAccum = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.")
+LearningRate = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine decay).")
+MinLr = typer.Option(None, "--min-lr", help="Learning rate at the end of the decay.")
+Warmup = typer.Option(None, "--warmup-iters", help="Linear warmup steps.")
+EvalInterval = typer.Option(None, "--eval-interval", help="Evaluate (and keep the best checkpoint) every N steps.")
+EvalIters = typer.Option(None, "--eval-iters", help="Batches per evaluation (0 = no evaluation).")
+LogInterval = typer.Option(None, "--log-interval", help="Log the training loss every N steps.")
+SaveInterval = typer.Option(None, "--save-interval", help="Write out/last every N steps (for --resume).")
+DType = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16 autocast.")
+Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (eager if it fails).")
+TrainSeed = typer.Option(None, "--seed", help="Seed for initialisation and batches.")
+TensorBoard = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events.")
+Distributed = typer.Option(None, "--distributed", help="Under torchrun: ddp (default) or fsdp.")
+Device = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
+Resume = typer.Option(False, "--resume", help="Continue exactly where out/last stopped.")
+
+
+def _report(result) -> None:
+    best = getattr(result, "best_val_loss", float("inf"))
+    if best != float("inf"):
+        console.print(f"[green]Done.[/] best val loss {best:.4f}")
+
+
+@app.command()
+@friendly
+def train(
+    data: str = typer.Option(..., "--data", help="A directory made by `muse data prepare` or `muse data recipe`."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory: best/, last/, metrics.jsonl, loss.png."),
+    preset: str = typer.Option("shakespeare-char-cpu", help="Model shape: shakespeare-char-cpu, shakespeare-char, "
+                                                             "gpt2, gpt2-medium, llama-100m, tiny."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a model field, e.g. --set n_layer=4."),
+    max_iters: Optional[int] = MaxIters, batch_size: Optional[int] = BatchSize, grad_accum: Optional[int] = GradAccum,
+    lr: Optional[float] = LearningRate, min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
+    eval_interval: Optional[int] = EvalInterval, eval_iters: Optional[int] = EvalIters,
+    log_interval: Optional[int] = LogInterval, save_interval: Optional[int] = SaveInterval,
+    dtype: Optional[str] = DType, compile: Optional[bool] = Compile, seed: Optional[int] = TrainSeed,
+    tensorboard: Optional[bool] = TensorBoard, distributed: Optional[str] = Distributed,
+    device: Optional[str] = Device, resume: bool = Resume,
+):
+    """Train a GPT from scratch on your own corpus. Runs unchanged under
+    `torchrun --nproc-per-node N .venv/bin/muse train ...` (DDP, or --distributed fsdp)."""
+    from muse.training.loop import pretrain
+
+    cfg = _train_config(max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum, learning_rate=lr,
+                        min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
+                        eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval,
+                        dtype=dtype, compile=compile, seed=seed, tensorboard=tensorboard,
+                        distributed=distributed, device=device)
+    _report(pretrain(data, out, preset, _parse_sets(set_), cfg, resume=resume))
+
+
+@app.command()
+@friendly
+def finetune(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    data: str = typer.Option(..., "--data", help="Chats JSONL: one {\"messages\": [...]} per line."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory (adapter/ for LoRA, last/ for full)."),
+    method: str = typer.Option("lora", help="lora (small adapter) or full (every weight)."),
+    rank: int = typer.Option(8, help="LoRA rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha (scale = alpha / rank)."),
+    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
+    target: Optional[list[str]] = typer.Option(None, "--target", help="LoRA target modules (repeatable), e.g. "
+                                                                         "qkv, proj, gate_up, down."),
+    val_data: Optional[str] = typer.Option(None, help="Validation chats JSONL (default: a slice of --data)."),
+    block_size: int = typer.Option(512, help="Longest conversation in tokens."),
+    max_iters: Optional[int] = MaxIters, batch_size: Optional[int] = BatchSize, grad_accum: Optional[int] = GradAccum,
+    lr: Optional[float] = LearningRate, min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
+    eval_interval: Optional[int] = EvalInterval, eval_iters: Optional[int] = EvalIters,
+    log_interval: Optional[int] = LogInterval, save_interval: Optional[int] = SaveInterval,
+    dtype: Optional[str] = DType, seed: Optional[int] = TrainSeed, device: Optional[str] = Device,
+    resume: bool = Resume,
+):
+    """Fine-tune a model on your own chats; the loss is on the assistant's replies only."""
+    from muse.training.finetune import default_config
+    from muse.training.finetune import finetune as run_finetune
+
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    cfg = _train_config(default_config(method).to_dict(), max_iters=max_iters, batch_size=batch_size,
+                        grad_accum=grad_accum, learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters,
+                        eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
+                        save_interval=save_interval, dtype=dtype, seed=seed, device=device)
+    path = run_finetune(model, data, out, method=method, rank=rank, alpha=alpha, dropout=lora_dropout,
+                        targets=target or None, cfg=cfg, val_data=val_data, block_size=block_size, resume=resume)
+    console.print(f"[green]Fine-tuned model:[/] {path}  (use it with --model {path})")
+
+
+@lora_app.command("merge")
+@friendly
+def lora_merge(
+    adapter: str = typer.Argument(..., help="An adapter directory written by `muse finetune --method lora`."),
+    out: str = typer.Option(..., "--out", "-o", help="Where to write the merged Muse checkpoint."),
+    base: Optional[str] = typer.Option(None, help="The base model, if not the one the adapter names."),
+):
+    """Fold a LoRA adapter into its base model's weights (a standalone checkpoint)."""
+    from muse.training.lora import merge
+
+    path = merge(adapter, out, base=base)
+    console.print(f"[green]Merged[/] into {path}")
+
+
+@app.command()
+@friendly
+def export(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory (hf) or .gguf file (gguf)."),
+    format: str = typer.Option("hf", "--format", "-f", help="hf (a transformers directory) or gguf (llama.cpp)."),
+    dtype: str = typer.Option("f16", help="GGUF tensor type: f32, f16 or q8_0."),
+):
+    """Export a model for other tools: a Hugging Face directory or a GGUF file."""
+    from muse.export import export_gguf, export_hf
+
+    if format not in ("hf", "gguf"):
+        raise ValueError(f"format must be 'hf' or 'gguf', got {format!r}")
+    from muse.checkpoints.registry import DEFAULT_MODEL
+
+    source = model or DEFAULT_MODEL
+    path = export_hf(source, out) if format == "hf" else export_gguf(source, out, dtype=dtype)
+    console.print(f"[green]Exported[/] {path}")
+
+
 def main() -> None:
     app()
 
