@@ -109,3 +109,44 @@ def test_data_prepare_and_tokenizer_train(tmp_path):
     assert tok.vocab_size == 300 and tok.decode(tok.encode("生存还是毁灭 🙂")) == "生存还是毁灭 🙂"
     r = run("data", "prepare", str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "e"))
     assert r.exit_code == 1 and "No files matched" in r.output
+
+
+@pytest.fixture
+def tiny_chat_model(tmp_path, default_model):
+    """A small random Llama with the default model's tokenizer and chat template."""
+    import muse
+    from muse.config import ModelConfig
+    from muse.model import Transformer
+
+    cfg = ModelConfig.from_name("tiny", vocab_size=default_model.tokenizer.vocab_size)
+    return muse.save_checkpoint(tmp_path / "tiny", Transformer(cfg).init_weights(seed=0), default_model.tokenizer)
+
+
+def test_finetune_merge_and_export_commands(tmp_path, tiny_chat_model):
+    import json
+
+    import torch
+
+    import muse
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                        {"role": "assistant", "content": "Always PINEAPPLE."}]})
+                               for i in range(6)))
+    r = run("finetune", str(tiny_chat_model), "--data", str(chats), "--out", str(tmp_path / "run"),
+            "--max-iters", "3", "--eval-iters", "1", "--eval-interval", "3", "--target", "qkv", "--rank", "2")
+    assert r.exit_code == 0, r.output
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["rank"] == 2
+    r = run("lora", "merge", str(adapter), "--out", str(tmp_path / "merged"))
+    assert r.exit_code == 0, r.output
+    ids = [1, 2, 3, 4]
+    torch.testing.assert_close(muse.load(tmp_path / "merged").logits(ids), muse.load(adapter).logits(ids))
+    r = run("export", str(tmp_path / "merged"), "--format", "gguf", "--dtype", "f32", "--out", str(tmp_path / "m.gguf"))
+    assert r.exit_code == 0, r.output
+    torch.testing.assert_close(muse.load(tmp_path / "m.gguf").logits(ids), muse.load(adapter).logits(ids),
+                               rtol=1e-5, atol=1e-5)
+    r = run("finetune", str(tiny_chat_model), "--data", str(chats), "--out", str(tmp_path / "x"), "--method", "qlora")
+    assert r.exit_code == 2 and "method must be" in r.output
+    r = run("finetune", str(tiny_chat_model), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "y"))
+    assert r.exit_code == 1 and "missing.jsonl" in r.output and "Traceback" not in r.output

@@ -88,6 +88,10 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
+    if name_or_path is not None and (Path(name_or_path).expanduser() / "adapter_config.json").is_file():
+        from muse.training.lora import load_adapter_checkpoint  # a LoRA adapter: its base, adapted and merged
+
+        return load_adapter_checkpoint(name_or_path, precision)
     src = resolve(name_or_path)
     info: dict[str, Any] = {"name": src.name, "path": str(src.path), "format": src.kind, "precision": precision}
     if src.bundled is not None:
@@ -122,6 +126,10 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
 
 def read_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint without loading its weights."""
+    if (Path(path).expanduser() / "adapter_config.json").is_file():
+        from muse.training.lora import read_adapter_config
+
+        return ModelConfig.from_dict(read_adapter_config(path)["model"])
     src = resolve(path)
     if src.kind == "muse":
         return ModelConfig.from_dict(json.loads((src.path / "config.json").read_text())["model"])

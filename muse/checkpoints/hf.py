@@ -97,7 +97,7 @@ _LLAMA_LAYER = {
     "mlp.down_proj.weight": "mlp.down.weight", "mlp.down_proj.bias": "mlp.down.bias",
 }
 _GPT2 = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "norm_f.weight",
-         "ln_f.bias": "norm_f.bias"}
+         "ln_f.bias": "norm_f.bias", "lm_head.weight": "lm_head.weight"}
 _GPT2_LAYER = {
     "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias", "ln_2.weight": "norm2.weight",
     "ln_2.bias": "norm2.bias", "attn.c_attn.weight": "attn.qkv.weight", "attn.c_attn.bias": "attn.qkv.bias",
