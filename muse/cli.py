@@ -409,9 +409,13 @@ Resume = typer.Option(False, "--resume", help="Continue exactly where out/last s
 
 
 def _report(result) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 speaks
     best = getattr(result, "best_val_loss", float("inf"))
-    if best != float("inf"):
-        console.print(f"[green]Done.[/] best val loss {best:.4f}")
+    tail = f", best val loss {best:.4f} in {result.best}" if best != float("inf") else ""
+    console.print(f"[green]Done:[/] {result.iter} iterations{tail}; metrics in {result.metrics_file}")
 
 
 @app.command()
@@ -426,9 +430,15 @@ def train(
     lr: Optional[float] = LearningRate, min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
     eval_interval: Optional[int] = EvalInterval, eval_iters: Optional[int] = EvalIters,
     log_interval: Optional[int] = LogInterval, save_interval: Optional[int] = SaveInterval,
+    lr_decay_iters: Optional[int] = typer.Option(None, "--lr-decay-iters", help="Cosine decay length (default "
+                                                                                  "max-iters)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (≥2-D weights)."),
+    beta2: Optional[float] = typer.Option(None, "--beta2", help="AdamW beta2."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient norm (0 = off)."),
     dtype: Optional[str] = DType, compile: Optional[bool] = Compile, seed: Optional[int] = TrainSeed,
     tensorboard: Optional[bool] = TensorBoard, distributed: Optional[str] = Distributed,
     device: Optional[str] = Device, resume: bool = Resume,
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Train a GPT from scratch on your own corpus. Runs unchanged under
     `torchrun --nproc-per-node N .venv/bin/muse train ...` (DDP, or --distributed fsdp)."""
@@ -437,8 +447,9 @@ def train(
     cfg = _train_config(max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum, learning_rate=lr,
                         min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
                         eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval,
+                        lr_decay_iters=lr_decay_iters, weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip,
                         dtype=dtype, compile=compile, seed=seed, tensorboard=tensorboard,
-                        distributed=distributed, device=device)
+                        distributed=distributed, device=device, progress=progress)
     _report(pretrain(data, out, preset, _parse_sets(set_), cfg, resume=resume))
 
 

@@ -150,3 +150,27 @@ def test_finetune_merge_and_export_commands(tmp_path, tiny_chat_model):
     assert r.exit_code == 2 and "method must be" in r.output
     r = run("finetune", str(tiny_chat_model), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "y"))
     assert r.exit_code == 1 and "missing.jsonl" in r.output and "Traceback" not in r.output
+
+
+def test_train_command_trains_resumes_and_generates(tmp_path):
+    import json
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(open("../shared/data/tinyshakespeare/input.txt", encoding="utf-8").read()[:60_000])
+    assert run("data", "prepare", str(corpus), "--char-level", "--out", str(tmp_path / "d")).exit_code == 0
+    common = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--preset", "tiny",
+              "--set", "block_size=32", "--batch-size", "4", "--eval-interval", "5", "--eval-iters", "2",
+              "--log-interval", "1", "--no-progress"]
+    r = run(*common, "--max-iters", "10")
+    assert r.exit_code == 0 and "Done: 10 iterations" in r.output, r.output
+    r = run(*common, "--max-iters", "10")
+    assert r.exit_code == 1 and "--resume" in r.output  # an existing run is never overwritten
+    r = run(*common, "--max-iters", "15", "--resume")
+    assert r.exit_code == 0 and "Done: 15 iterations" in r.output, r.output
+    iters = [m["iter"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in m or "train_loss" in m]
+    assert max(iters) == 15
+    r = run("generate", "ROMEO:", "--model", str(tmp_path / "run" / "best"), "-n", "20", "-t", "0")
+    assert r.exit_code == 0 and r.output.strip()
+    r = run(*common[:-1], "--max-iters", "5", "--lr", "-1")
+    assert r.exit_code == 2 and "learning_rate" in r.output

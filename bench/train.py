@@ -1,0 +1,199 @@
+"""Training speed: tokens/s, MFU, peak memory and wall time of Muse's training loop.
+
+    python bench/train.py --anchor        # nanoGPT's CPU shakespeare_char run, compared with nanoGPT
+    python bench/train.py                 # a short run of each preset (tokens/s, MFU, memory)
+    python bench/train.py --presets shakespeare-char-cpu tiny --iters 30 --compile
+
+The anchor is nanoGPT's own train.py with its CPU shakespeare_char settings (4 layers, 4 heads,
+128 wide, block 64, batch 12, 2000 iters, lr 1e-3 → 1e-4, warmup 100, beta2 0.99, dropout 0,
+eval_iters 20, log_interval 1, no compile) on the same character-level Tiny Shakespeare split:
+it reaches val loss 1.886 in 136 s of wall time on the reference 2-core machine. Muse runs
+the identical recipe (same model, optimizer, schedule, number of steps) and reports its val
+loss, wall time and the ratio. MFU is against this machine's measured fp32 matmul peak.
+
+Each configuration runs in its own process, so peak memory (max RSS) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+NANOGPT_WALL_S, NANOGPT_VAL = 136.0, 1.886
+
+PRESETS = {  # preset name -> (model overrides, batch size); block sizes are the presets'
+    "shakespeare-char-cpu": ({"dropout": 0.0}, 12),
+    "shakespeare-char": ({}, 12),  # nanoGPT's GPU shakespeare_char shapes (10.7M params, block 256)
+    "tiny": ({"vocab_size": 65}, 12),  # a small Llama (RMSNorm, RoPE, SwiGLU, GQA)
+    "llama-small": ({"vocab_size": 65}, 8),  # llama-100m's shapes cut to 4 layers x 256 wide
+}
+LLAMA_SMALL = dict(arch="llama", vocab_size=65, n_layer=4, n_head=8, n_kv_head=4, n_embd=256,
+                   intermediate_size=688, block_size=256)
+
+
+def char_data() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """nanoGPT's shakespeare_char prepare.py: sorted characters as the vocabulary, 90/10 split."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
+    lut[[ord(c) for c in chars]] = np.arange(len(chars))
+    ids = lut[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+    n = int(0.9 * len(ids))
+    return ids[:n], ids[n:], chars
+
+
+def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of square matmuls on this machine (all threads torch uses). Another
+    process on the machine lowers it, so MFU figures are only as good as a quiet machine."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def flops_per_token(config) -> float:
+    """Training FLOPs per token (forward + backward): 6 x params + attention (nanoGPT's estimate)."""
+    n = config.num_params() - (config.block_size * config.n_embd if config.pos == "learned" else 0)
+    return 6 * n + 12 * config.n_layer * config.n_head * config.head_dim * config.block_size
+
+
+@torch.no_grad()
+def full_val_loss(model, val_ids: np.ndarray, block: int, batch: int = 64) -> float:
+    """Mean loss over every non-overlapping window of the val split (a far less noisy figure than
+    the 20 random batches nanoGPT's eval_iters=20 averages)."""
+    model.eval()
+    n = (len(val_ids) - 1) // block
+    starts = np.arange(n) * block
+    total = 0.0
+    for i in range(0, n, batch):
+        idx = starts[i:i + batch, None] + np.arange(block + 1)
+        chunk = torch.from_numpy(val_ids[idx].astype(np.int64))
+        _, loss = model(chunk[:, :-1], chunk[:, 1:])
+        total += loss.item() * len(idx)
+    return total / n
+
+
+def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed: int = 1337) -> dict:
+    """Train one configuration in this process and return its figures."""
+    from muse.config import ModelConfig
+    from muse.model import Transformer
+    from muse.training import TokenBatches, TrainConfig, train
+
+    start = time.perf_counter()  # data preparation + model build + train()
+    train_ids, val_ids, chars = char_data()
+    if anchor:
+        config = ModelConfig.from_name("shakespeare-char-cpu", dropout=0.0)
+        cfg = TrainConfig(max_iters=2000, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                          lr_decay_iters=2000, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
+                          eval_iters=20, log_interval=1, dtype="fp32", compile=compile_, seed=seed, progress=False)
+        batch = 12
+    else:
+        overrides, batch = PRESETS[name]
+        config = (ModelConfig(**LLAMA_SMALL) if name == "llama-small"
+                  else ModelConfig.from_name(name, **overrides))
+        cfg = TrainConfig(max_iters=iters, batch_size=batch, warmup_iters=min(100, iters), eval_interval=iters,
+                          eval_iters=5, log_interval=max(1, iters // 5), compile=compile_, progress=False)
+    data = TokenBatches(train_ids, val_ids, config.block_size, seed=seed)
+    model = Transformer(config).init_weights(seed)
+    t = time.perf_counter()
+    result = train(model, data, cfg, out)
+    train_wall = time.perf_counter() - t
+    logs = [r for r in result.metrics if "tokens_per_s" in r]
+    # Steady-state speed: skip the first fifth (allocator warm-up, compilation).
+    steady = logs[len(logs) // 5:] or logs
+    tok_s = float(np.median([r["tokens_per_s"] for r in steady]))
+    return {
+        "name": "anchor" if anchor else name, "params": config.num_params(), "block": config.block_size,
+        "batch": batch, "iters": cfg.max_iters, "compile": compile_, "val_loss": result.best_val_loss,
+        "final_val_loss": [r["val_loss"] for r in result.metrics if "val_loss" in r][-1],
+        "train_wall_s": train_wall, "run_wall_s": time.perf_counter() - start,
+        "ms_per_iter": 1000 * config.block_size * batch / tok_s, "tokens_per_s": tok_s,
+        "avg_tokens_per_s": result.tokens_per_s, "flops_per_token": flops_per_token(config),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "plot": str(result.plot_file),
+        "full_val_loss": full_val_loss(model, val_ids, config.block_size),  # the final weights
+    }
+
+
+def child(args) -> None:
+    out = Path(args.out)
+    print(json.dumps(run_one(args.child, args.iters, args.compile, args.child == "anchor", out, args.seed)))
+
+
+def spawn(name: str, iters: int, compile_: bool, out: Path, seed: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--iters", str(iters), "--out", str(out), "--seed", str(seed)]
+    if compile_:
+        cmd.append("--compile")
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": wall}  # python start to exit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--anchor", action="store_true", help="nanoGPT's CPU shakespeare_char run (2000 iters)")
+    p.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--iters", type=int, default=40, help="iterations per preset (not for --anchor)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=1337, help="model init and batch sampling seed")
+    p.add_argument("--out", default=None, help="directory for the runs (default: a temp dir)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="muse-bench-train-"))
+    load = os.getloadavg()
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:,.1f} GFLOP/s, "
+          f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    names = ["anchor"] if args.anchor else args.presets
+    rows = []
+    for name in names:
+        r = spawn(name, args.iters, args.compile, out / name, args.seed)
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+        rows.append(r)
+
+    head = (f"{'run':<22}{'params':>10}{'block':>6}{'batch':>6}{'iters':>6}{'tok/s':>10}{'ms/iter':>9}"
+            f"{'MFU':>7}{'peak MB':>9}{'train s':>9}{'val loss':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<22}{r['params'] / 1e6:>9.2f}M{r['block']:>6}{r['batch']:>6}{r['iters']:>6}"
+              f"{r['tokens_per_s']:>10,.0f}{r['ms_per_iter']:>9.1f}{100 * r['mfu']:>6.1f}%{r['peak_rss_mb']:>9.0f}"
+              f"{r['train_wall_s']:>9.1f}{r['final_val_loss']:>9.4f}")
+    if args.anchor:
+        r = rows[0]
+        ratio = r["process_wall_s"] / NANOGPT_WALL_S
+        print(f"\nanchor: val loss {r['final_val_loss']:.4f} (nanoGPT {NANOGPT_VAL}) in {r['process_wall_s']:.1f} s "
+              f"wall for the whole process, {r['train_wall_s']:.1f} s in train() (nanoGPT {NANOGPT_WALL_S:.0f} s): "
+              f"ratio {ratio:.2f} (target <= 0.80); {r['ms_per_iter']:.1f} ms/iter, "
+              f"{r['avg_tokens_per_s']:,.0f} tokens/s averaged over the run incl. evals and checkpoints; "
+              f"loss over the whole val split {r['full_val_loss']:.4f}")
+    load = os.getloadavg()
+    print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"loss curves: {', '.join(r['plot'] for r in rows)}")
+
+
+if __name__ == "__main__":
+    main()

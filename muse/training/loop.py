@@ -1,0 +1,601 @@
+"""The one training loop, for pretraining from scratch and for fine-tuning (full or LoRA).
+
+    cfg = TrainConfig(max_iters=2000, batch_size=12, learning_rate=1e-3)
+    result = train(model, TokenBatches(train_ids, val_ids, 64), cfg, "runs/shakespeare")
+    muse.load("runs/shakespeare/best")      # a normal Muse checkpoint, tokenizer included
+
+What differs between pretraining and fine-tuning is plugged in, not copied: the `BatchSource`
+(where x, y come from), `params` (which parameters train) and `save_fn` (what a checkpoint
+stores). Everything else lives here once: AdamW with decoupled weight decay on matrices only,
+linear warmup + cosine decay, gradient accumulation, clipping, autocast/GradScaler, optional
+torch.compile, periodic eval, best/last checkpoints with exact resume, metrics.jsonl, a loss
+plot, TensorBoard, a progress bar and torchrun scale-out (`muse.training.distributed`).
+
+Iterations count optimizer steps: iter i (0-based) uses the lr of `lr_at(i, cfg)` and the
+batches of step i; after it completes, `iter = i + 1` is what metrics, evals and checkpoints
+report. Eval runs when iter is a multiple of eval_interval and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from muse.errors import CheckpointError, MuseError
+from muse.training import distributed as dist_
+from muse.training.batches import BatchSource
+from muse.training.state import (find_checkpoint, load_training_state, save_training_checkpoint,
+                                 write_checkpoint, capture_rng, restore_rng)
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings for `train()`. Every field is checked on creation.
+
+    Defaults follow nanoGPT's shakespeare_char recipe. `min_lr` defaults to learning_rate / 10,
+    `lr_decay_iters` to max_iters and `save_interval` to eval_interval. Per optimizer step the
+    loop consumes batch_size * grad_accum * world_size sequences.
+    """
+
+    max_iters: int = 2000
+    batch_size: int = 12
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float | None = None
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 200  # 0 disables evaluation (and so the best checkpoint)
+    log_interval: int = 10
+    save_interval: int | None = None  # 0 disables out_dir/last (a final one is still written)
+    dtype: str = "auto"  # "auto": bf16 autocast on GPUs that support it, else fp32
+    compile: bool = False
+    seed: int = 1337
+    tensorboard: bool = False
+    progress: bool = True
+    distributed: str = "ddp"  # "ddp" | "fsdp" under torchrun
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+
+    def __post_init__(self) -> None:
+        if self.min_lr is None:
+            self.min_lr = self.learning_rate / 10
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        if self.save_interval is None:
+            self.save_interval = self.eval_interval
+        self._validate()
+
+    def _validate(self) -> None:
+        def integer(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+        def number(name: str, ok: Callable[[float], bool], what: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+
+        for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+            integer(name, 1)
+        for name in ("warmup_iters", "lr_decay_iters", "eval_iters", "save_interval", "seed"):
+            integer(name, 0)
+        number("learning_rate", lambda v: v > 0, "> 0")
+        number("min_lr", lambda v: 0 <= v <= self.learning_rate, f"in [0, learning_rate={self.learning_rate}]")
+        number("weight_decay", lambda v: v >= 0, ">= 0")
+        number("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.distributed not in dist_.STRATEGIES:
+            raise ValueError(f"distributed must be one of {dist_.STRATEGIES}, got {self.distributed!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                   or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("compile", "tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown training config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    best_val_loss: float  # inf when no eval ran
+    iter: int  # optimizer steps completed
+    out_dir: Path
+    last: Path | None  # out_dir/last (resumable)
+    best: Path | None  # out_dir/best (lowest val loss)
+    metrics_file: Path
+    plot_file: Path | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    tokens_per_s: float = 0.0  # training tokens (all ranks) per second of training time this run
+    elapsed: float = 0.0  # seconds of training, resumed runs included
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Learning rate of step `it`: linear warmup, cosine decay to min_lr, then min_lr (nanoGPT's schedule)."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters or cfg.lr_decay_iters <= cfg.warmup_iters:
+        return cfg.min_lr  # after decay (or no room to decay: a run shorter than its warmup)
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 → 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (≥2-D: linears, embeddings) only, not on norms and biases."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)  # one kernel for all parameters
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: "auto" is bf16 on GPUs with fast bf16, fp32 elsewhere (CPU bf16 is slow on most CPUs)."""
+    if name == "auto":
+        good_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if good_bf16 else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("dtype='fp16' needs a GPU; use dtype='bf16' or 'fp32' on the CPU")
+    return dtype
+
+
+class _CompiledOrEager:
+    """torch.compile(module), falling back to eager (with one warning) if compiling fails."""
+
+    def __init__(self, module: nn.Module):
+        self.eager = module
+        self.compiled = torch.compile(module)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # compile errors surface on the first call
+                self.failed = True
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training continues in eager mode.",
+                              stacklevel=2)
+        return self.eager(*args, **kwargs)
+
+
+class _Metrics:
+    """metrics.jsonl (one JSON object per log or eval line), TensorBoard and the loss plot. Rank 0 only."""
+
+    def __init__(self, out_dir: Path, resume_iter: int | None, tensorboard: bool):
+        self.file = out_dir / METRICS_FILE
+        self.plot_file = out_dir / PLOT_FILE
+        self.rows: list[dict[str, Any]] = []
+        if resume_iter is not None and self.file.exists():
+            # Drop what the interrupted run logged after its checkpoint: those steps run again.
+            rows = [json.loads(line) for line in self.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            self.rows = [r for r in rows if r["iter"] <= resume_iter]
+        tmp = self.file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+        os.replace(tmp, self.file)
+        self.fh = open(self.file, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # checked importable by train()
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_iter)
+        self._plot_warned = False
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "iter" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
+                                       value, row["iter"])
+            self.tb.flush()
+
+    def plot(self) -> Path | None:
+        """Write the train/val loss curves as a PNG (atomically). Skipped with a warning without matplotlib."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure  # no pyplot: never touches the user's backend
+        except ImportError:
+            if not self._plot_warned:
+                warnings.warn("matplotlib is not installed, so no loss plot: pip install matplotlib==3.11.2")
+                self._plot_warned = True
+            return None
+        fig = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for key, label in (("train_loss", "train"), ("val_loss", "val")):
+            pts = [(r["iter"], r[key]) for r in self.rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        tmp = self.plot_file.with_name(".loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, self.plot_file)
+        return self.plot_file
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar with loss, tokens/s and ETA (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, it: int, info: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=it, **({"info": info} if info is not None else {}))
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _default_save_fn(path: Path, model: nn.Module, tokenizer) -> None:
+    from muse.checkpoints import save_checkpoint
+
+    save_checkpoint(path, model, tokenizer, trained_by="muse.training")
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
+    except ImportError:
+        raise MuseError("TensorBoard logging needs the tensorboard package: pip install tensorboard==2.21.0 "
+                        "(or run without tensorboard=True / --tensorboard).") from None
+
+
+def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, out_dir: str | Path, *, tokenizer=None,
+          resume: bool = False, params: list[nn.Parameter] | None = None,
+          save_fn: Callable[[Path, nn.Module, Any], None] | None = None) -> TrainResult:
+    """Train `model` on batches from `data`; write checkpoints and metrics under `out_dir`.
+
+    model: a `muse.Transformer` (or any module with forward(x, targets) -> (logits, loss)); it is
+        moved to the training device and trained in place (fp32 weights, autocast per cfg.dtype).
+    data: a `BatchSource`; train batches come from split "train", eval batches from "val".
+    params: the parameters to train (e.g. LoRA's); default every parameter that requires grad.
+        Freeze the others (requires_grad=False) so no gradient is computed for them.
+    save_fn(path, model, tokenizer): writes the model part of a checkpoint into the new directory
+        `path`; default `muse.save_checkpoint`, so `muse.load(out_dir / "best")` works.
+    resume: continue from out_dir/last exactly where it stopped (same losses as an uninterrupted
+        run); `cfg` may extend max_iters. Without resume, an out_dir holding a checkpoint is refused.
+
+    Writes out_dir/metrics.jsonl, out_dir/loss.png, out_dir/best (when val loss improves),
+    out_dir/last (every save_interval iters and at the end) and out_dir/tensorboard (if asked).
+    Under torchrun every rank calls train(); only rank 0 writes.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if not callable(getattr(data, "batch", None)):
+        raise ValueError(f"data must be a BatchSource (with a batch() method), got {type(data).__name__}")
+    out_dir = Path(out_dir)
+    save_fn = save_fn or _default_save_fn
+    if cfg.tensorboard:
+        _check_tensorboard()
+
+    # Resume state is read before anything is written, so a bad out_dir changes nothing.
+    state = None
+    if resume:
+        ckpt = find_checkpoint(out_dir)
+        if ckpt is None:
+            raise CheckpointError(f"Nothing to resume in {out_dir}: no {out_dir / 'last'} checkpoint. "
+                                  "Start a fresh run without --resume.")
+        state = load_training_state(ckpt)
+    elif find_checkpoint(out_dir) is not None or (out_dir / "best").exists():
+        raise CheckpointError(f"{out_dir} already holds a training run; pass resume=True (--resume) to continue "
+                              "it, or choose another output directory.")
+
+    env = dist_.setup(cfg.device)
+    finished = False
+    try:
+        result = _run(model, data, cfg, out_dir, tokenizer, state, params, save_fn, env)
+        finished = True
+        return result
+    finally:
+        dist_.teardown(env, synchronize=finished)
+
+
+def _run(model, data, cfg, out_dir, tokenizer, state, params, save_fn, env) -> TrainResult:
+    device = env.device
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    model.to(device)
+    named = dict(model.named_parameters())
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("params is empty: nothing to train (every parameter has requires_grad=False)")
+    ids = {id(p) for p in params}
+    trainable = {n: p for n, p in named.items() if id(p) in ids}
+    if len(trainable) != len(ids):
+        raise ValueError("params must be parameters of model")
+
+    _seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data does not depend on it
+    start_iter, best_val, elapsed_before = 0, math.inf, 0.0
+    if state is not None:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                saved = state["params"].get(name)
+                if saved is None or saved.shape != p.shape:
+                    raise CheckpointError(f"The checkpoint's parameter {name} is missing or has another shape: "
+                                          "it was trained with a different model configuration.")
+                p.copy_(saved)
+        start_iter, best_val, elapsed_before = state["iter"], state["best_val_loss"], state["elapsed"]
+        _warn_if_changed(state, cfg, env)
+
+    module = dist_.wrap(model, env, cfg.distributed)
+    # FSDP replaces parameters with sharded ones: look the trainable ones up again by name.
+    named = dict(model.named_parameters())
+    trainable = {n: named[n] for n in trainable}
+    params = list(trainable.values())
+    # FSDP shards parameters and optimizer state across ranks: checkpoints gather them whole.
+    sharded = env.distributed and cfg.distributed == "fsdp"
+    optimizer = make_optimizer(params, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if state is not None:
+        if state.get("sharded", False) != sharded:
+            raise CheckpointError("This checkpoint was written by a run with another sharding (FSDP vs not): resume "
+                                  f"it with the same distributed strategy it was trained with.")
+        if sharded:
+            dist_.load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
+    forward = _CompiledOrEager(module) if cfg.compile else module
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32
+                else contextlib.nullcontext())
+
+    main = env.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out_dir, start_iter if state is not None else None, cfg.tensorboard) if main else None
+    bar = _Progress(main and cfg.progress, cfg.max_iters, start_iter)
+    last_dir = None
+    best_dir = out_dir / "best" if (out_dir / "best").is_dir() else None  # from before a resume
+
+    def model_to_save() -> nn.Module | None:
+        """The model as save_fn sees it: itself, or under FSDP an unsharded copy on rank 0 (collective)."""
+        if not sharded:
+            return model
+        full = dist_.full_model_state(model)
+        if not main:
+            return None
+        plain = type(model)(model.config)  # FSDP checkpoints need a model rebuildable from its config
+        plain.load_state_dict(full)
+        return plain
+
+    def checkpoint(it: int) -> None:
+        nonlocal last_dir
+        rngs = _all_rng_states(env)  # collectives: every rank takes part
+        to_save = model_to_save()
+        optim_state = dist_.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+        if main:
+            named_now = dict(to_save.named_parameters())
+            training_state = {
+                "iter": it, "best_val_loss": best_val, "elapsed": elapsed_before + (time.perf_counter() - t0),
+                "params": {n: named_now[n].detach().cpu() for n in trainable},
+                "optimizer": optim_state, "scaler": scaler.state_dict(), "sharded": sharded,
+                "config": cfg.to_dict(), "world": env.world, "rng": rngs,
+            }
+            last_dir = save_training_checkpoint(out_dir / "last", training_state,
+                                                lambda tmp: save_fn(tmp, to_save, tokenizer))
+        dist_.barrier(env)
+
+    tokens_per_iter = cfg.batch_size * cfg.grad_accum * env.world * _seq_len(data, cfg)
+    t0 = time.perf_counter()
+    t_log, it_log = t0, start_iter
+    tokens_this_run = 0
+    model.train()
+    done = start_iter
+    if start_iter >= cfg.max_iters:
+        last_dir = find_checkpoint(out_dir)  # nothing left to do: max_iters already reached
+    try:
+        for it in range(start_iter, cfg.max_iters):
+            lr = lr_at(it, cfg)
+            loss = _step(it, lr, forward, module, data, cfg, env, optimizer, scaler, params, autocast)
+            done = it + 1
+            tokens_this_run += tokens_per_iter
+
+            if done % cfg.log_interval == 0 or done == cfg.max_iters:
+                train_loss = float(dist_.mean_over_ranks(loss, env))
+                now = time.perf_counter()
+                tok_s = tokens_per_iter * (done - it_log) / max(now - t_log, 1e-9)
+                t_log, it_log = now, done
+                if main:
+                    metrics.log({"iter": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
+                                 "elapsed": elapsed_before + now - t0})
+                    bar.update(done, f"loss {train_loss:.4f}  {tok_s:,.0f} tok/s")
+            else:
+                bar.update(done)
+
+            last_step = done == cfg.max_iters
+            if cfg.eval_iters > 0 and (done % cfg.eval_interval == 0 or last_step):
+                val = _evaluate(model, data, cfg, env, autocast)
+                improved = val < best_val
+                if improved:
+                    best_val = val
+                to_save = model_to_save() if improved else None  # every rank computes the same `improved`
+                if main:
+                    metrics.log({"iter": done, "val_loss": val, "val_ppl": math.exp(min(val, 700.0)),
+                                 "elapsed": elapsed_before + time.perf_counter() - t0})
+                    bar.print(f"iter {done}: val loss {val:.4f}" + ("  (best)" if improved else ""))
+                    metrics.plot()
+                    if improved:
+                        best_dir = write_checkpoint(out_dir / "best", lambda tmp: save_fn(tmp, to_save, tokenizer))
+                dist_.barrier(env)
+            if (cfg.save_interval and done % cfg.save_interval == 0) or last_step:
+                checkpoint(done)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+
+    train_time = time.perf_counter() - t0
+    plot = metrics.plot() if main else None
+    return TrainResult(
+        best_val_loss=best_val, iter=done, out_dir=out_dir, last=last_dir, best=best_dir,
+        metrics_file=out_dir / METRICS_FILE, plot_file=plot, metrics=list(metrics.rows) if main else [],
+        tokens_per_s=tokens_this_run / train_time if train_time > 0 else 0.0,
+        elapsed=elapsed_before + train_time,
+    )
+
+
+def _step(it, lr, forward, module, data, cfg, env, optimizer, scaler, params, autocast) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns this rank's mean train loss (a tensor)."""
+    device = env.device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        x, y = data.batch("train", it, micro, cfg.batch_size, env.rank, env.world)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
+        with dist_.no_sync(module, micro < cfg.grad_accum - 1):
+            with autocast:
+                _, loss = forward(x, y)
+            scaler.scale(loss / cfg.grad_accum).backward()  # the mean over micro-batches
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / cfg.grad_accum
+
+
+def _evaluate(model, data, cfg, env, autocast) -> float:
+    """Mean val loss over eval_iters batches (the same batches at every eval), averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=env.device)
+    with torch.no_grad(), autocast:
+        for k in range(cfg.eval_iters):
+            x, y = data.batch("val", k, 0, cfg.batch_size, env.rank, env.world)
+            _, loss = model(x.to(env.device), y.to(env.device))  # not through DDP: no gradients to sync
+            total += loss.double()
+    model.train()
+    return float(dist_.mean_over_ranks(total / cfg.eval_iters, env))
+
+
+def _all_rng_states(env: dist_.DistEnv) -> list[dict[str, Any]]:
+    """Every rank's RNG states (rank order), so dropout resumes exactly on each. Collective."""
+    mine = capture_rng()
+    if not env.distributed:
+        return [mine]
+    gathered = [None] * env.world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+# Settings that change which batches or updates a step sees: the run then continues, but not exactly.
+_EXACTNESS_FIELDS = ("batch_size", "grad_accum", "seed", "dtype", "learning_rate", "min_lr", "warmup_iters",
+                     "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
+def _warn_if_changed(state: dict[str, Any], cfg: TrainConfig, env: dist_.DistEnv) -> None:
+    saved = state.get("config", {})
+    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in _EXACTNESS_FIELDS
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if state.get("world", 1) != env.world:
+        changed.append(f"world size {state.get('world', 1)} -> {env.world}")
+    if changed and env.is_main:
+        warnings.warn("Resuming with changed settings (" + "; ".join(changed) + "): training continues, but not "
+                      "exactly as the interrupted run would have.", stacklevel=4)
+
+
+def _seq_len(data: BatchSource, cfg: TrainConfig) -> int:
+    """Tokens per sequence (for tokens/s): the block size of token batches, else measured once."""
+    block = getattr(data, "block_size", None)
+    if block is None:
+        block = data.batch("train", 0, 0, 1)[0].shape[1]
+    return int(block)
+
+
+def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str, overrides: dict[str, Any] | None = None,
+             cfg: TrainConfig | None = None, resume: bool = False) -> TrainResult:
+    """Train a model from scratch on a directory prepared by `muse.training.data`.
+
+    The model is `ModelConfig.from_name(preset, vocab_size=<the data's tokenizer>, **overrides)`,
+    initialised with cfg.seed; batches are windows of block_size + 1 tokens of train.bin / val.bin.
+    Checkpoints carry the data's tokenizer, so `muse.load(out_dir / "best")` generates text.
+    """
+    from muse.config import ModelConfig
+    from muse.model import Transformer
+    from muse.training.batches import TokenBatches
+
+    cfg = cfg or TrainConfig()
+    overrides = dict(overrides or {})
+    probe = ModelConfig.from_name(preset, **{k: v for k, v in overrides.items() if k != "vocab_size"})
+    data = TokenBatches.from_dir(data_dir, probe.block_size, seed=cfg.seed)
+    tokenizer = data.tokenizer
+    vocab = overrides.pop("vocab_size", None) or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(f"vocab_size ({vocab}) is smaller than the data's tokenizer ({tokenizer.vocab_size} tokens)")
+    config = ModelConfig.from_name(preset, vocab_size=vocab, **overrides)
+    model = Transformer(config).init_weights(cfg.seed)
+    return train(model, data, cfg, out_dir, tokenizer=tokenizer, resume=resume)
