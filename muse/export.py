@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch.nn as nn
 
 from muse.config import ModelConfig
 from muse.errors import MuseError
+from muse.fileio import atomic_dir
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
@@ -89,28 +89,6 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         state[key] = t.detach().float()
     return {k: v.contiguous() for k, v in state.items()}
-
-
-def _atomic_dir(out_dir: Path, write) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -215,7 +193,7 @@ def export_hf(model_or_path, out_dir: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save(tmp)
 
-    return _atomic_dir(Path(out_dir), write)
+    return atomic_dir(out_dir, write)
 
 
 # ----------------------------------------------------------------------------- GGUF

@@ -13,8 +13,6 @@ into place, so a crash or full disk leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from muse.checkpoints.hf import read_json
 from muse.checkpoints.weights import assemble
 from muse.config import ModelConfig
 from muse.errors import CheckpointError
+from muse.fileio import atomic_dir
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,12 +43,7 @@ def save_muse(path: str | Path, model, tokenizer=None, quant: dict | None = None
     """Write a model (and tokenizer) atomically as a Muse checkpoint directory."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         dtype = next((v.dtype for v in state.values() if v.is_floating_point() and v.dim() == 1), torch.float32)
         meta = {
@@ -64,18 +58,8 @@ def save_muse(path: str | Path, model, tokenizer=None, quant: dict | None = None
         (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return atomic_dir(path, write)
 
 
 def read_muse_meta(path: Path) -> dict:

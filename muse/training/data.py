@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from muse.errors import MuseError
+from muse.fileio import replace_dir
 from muse.tokenizer import Tokenizer
 
 MANIFEST_FORMAT = "muse-data"
@@ -221,7 +222,7 @@ def prepare(
             text_field, encoding_errors, _sha256(tmp / "tokenizer.json"), meta or {},
         )
         (tmp / "manifest.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -694,18 +695,6 @@ def _manifest(reports, tok, tok_source, char_level, dtype, n_train, n_val, val_f
         "meta": meta,
         "files": {"train": "train.bin", "val": "val.bin", "tokenizer": "tokenizer.json"},
     }
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Put the finished `tmp` at `target`; an existing `target` is kept until the rename succeeded."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():  # checked by prepare(): an empty dir or an earlier prepared one
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

