@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path` to disk (before a rename makes it visible)."""
     for f in path.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -24,7 +25,7 @@ def _fsync_tree(path: Path) -> None:
 def replace_dir(tmp: Path, target: Path) -> Path:
     """Flush the finished directory `tmp` and put it at `target` (replacing any old one)."""
     tmp, target = Path(tmp), Path(target)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

@@ -301,7 +301,7 @@ def test_unknown_recipe_and_install_failures_are_clear(monkeypatch):
     class Failed:
         returncode, stdout, stderr = 1, "", "ERROR: Could not find a version (network unreachable)"
 
-    monkeypatch.setattr(recipes.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: Failed())
     with pytest.raises(DataError, match=r"(?s)Could not install no-such-dist==1\.0.*PyPI reachable.*network unreachable"):
         recipes.ensure_pip("no-such-dist", "1.0")
     with pytest.raises(DataError, match=r"Could not install no-such-pkg@1\.0\.0 from npm"):

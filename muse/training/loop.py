@@ -399,7 +399,7 @@ def _run(model, data, cfg, out_dir, tokenizer, state, params, save_fn, env) -> T
     if state is not None:
         if state.get("sharded", False) != sharded:
             raise CheckpointError("This checkpoint was written by a run with another sharding (FSDP vs not): resume "
-                                  f"it with the same distributed strategy it was trained with.")
+                                  "it with the same distributed strategy it was trained with.")
         if sharded:
             dist_.load_full_optimizer_state(model, optimizer, state["optimizer"])
         else:

