@@ -1,0 +1,130 @@
+"""Text handling every app shares, for Chinese and English alike.
+
+Sentences end at 。！？；… as well as at . ! ? followed by a space; paragraphs end at blank lines.
+`pack` groups sentences into pieces that fit a token budget (knowledge-base chunks, the writer's
+pieces of a long input) and never drops or cuts text silently: an over-long sentence is split
+at the budget and the pieces still cover every character.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from muse.errors import MuseError
+
+# CJK Unified Ideographs (+ extension A, compatibility), the Chinese punctuation block, full-width forms.
+_HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+HAN_RE = re.compile(f"[{_HAN}]")
+# A sentence ends after Chinese end punctuation (plus closing quotes/brackets), after . ! ? followed by
+# whitespace, or at a blank line. The lookbehind keeps the punctuation with its sentence.
+_END = re.compile(
+    r"(?<=[。！？；…!?])[”’」』）)\"']*\s*"      # Chinese / any ! ? ends, optional closing quotes
+    r"|(?<=[.])[”’\"')\]]*\s+(?=\S)"           # English full stop followed by whitespace
+    r"|\n\s*\n"                                # paragraph break
+)
+
+
+class LanguageError(MuseError):
+    """A request in a language the loaded model cannot handle."""
+
+
+def han_count(text: str) -> int:
+    return len(HAN_RE.findall(text))
+
+
+def language(text: str) -> str:
+    """'zh' when Chinese characters make up at least a fifth of the letters, else 'en'."""
+    han = han_count(text)
+    letters = han + sum(1 for c in text if c.isascii() and c.isalpha())
+    return "zh" if letters and han / letters >= 0.2 else "en"
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences in `text`; together they cover all of it."""
+    spans, start = [], 0
+    for m in _END.finditer(text):
+        end = m.end()
+        if end > start and text[start:end].strip():
+            spans.append((start, end))
+            start = end
+    if start < len(text) and text[start:].strip():
+        spans.append((start, len(text)))
+    elif spans and start < len(text):
+        spans[-1] = (spans[-1][0], len(text))  # trailing whitespace joins the last sentence
+    return spans
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text`, stripped."""
+    return [text[a:b].strip() for a, b in sentence_spans(text)]
+
+
+def pack_spans(text: str, budget: int, count: Callable[[str], int],
+               overlap: int = 0) -> list[tuple[int, int]]:
+    """Group consecutive sentences of `text` into spans of at most `budget` (by `count`, e.g. tokens).
+
+    A sentence longer than the budget is cut at character boundaries into budget-sized parts.
+    Whitespace around a span does not count against the budget. `overlap` > 0 repeats that many trailing sentences at the start of the next span (retrieval
+    chunks keep their context). The spans cover every character of the text.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be at least 1, got {budget}")
+    units: list[tuple[int, int]] = []
+    for a, b in sentence_spans(text):
+        units.extend(_cut(text, a, b, budget, count))
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(units):
+        j = i + 1
+        while j < len(units) and count(text[units[i][0]:units[j][1]].strip()) <= budget:
+            j += 1
+        out.append((units[i][0], units[j - 1][1]))
+        i = max(j - overlap, i + 1) if j < len(units) else j
+    return out
+
+
+def pack(text: str, budget: int, count: Callable[[str], int], overlap: int = 0) -> list[str]:
+    """`pack_spans` as strings."""
+    return [text[a:b] for a, b in pack_spans(text, budget, count, overlap)]
+
+
+def _cut(text: str, a: int, b: int, budget: int, count: Callable[[str], int]) -> list[tuple[int, int]]:
+    if count(text[a:b].strip()) <= budget:
+        return [(a, b)]
+    # Binary search the longest prefix that fits; always advance at least one character.
+    lo, hi = a + 1, b
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(text[a:mid].strip()) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [(a, lo)] + _cut(text, lo, b, budget, count)
+
+
+def supports_chinese(model) -> bool:
+    """Whether `model` was trained for Chinese.
+
+    Bundled models say so in the registry; for any other model the tokenizer tells: a vocabulary
+    built for Chinese spends about one token per character or less, an English-only byte-level BPE
+    two or more (each character is 3 UTF-8 bytes).
+    """
+    from muse.checkpoints.registry import BUNDLED
+
+    bundled = BUNDLED.get(model.info.get("name", ""))
+    if bundled is not None:
+        return "zh" in bundled.languages
+    sample = "我们今天在北京学习中文，天气很好。"
+    ids = model.tokenizer.encode(sample, add_special_tokens=False)
+    return len(ids) / len(sample) <= 1.5
+
+
+def check_language(model, text: str) -> str:
+    """The language of `text`; raises LanguageError when it is Chinese and the model is not."""
+    lang = language(text)
+    if lang == "zh" and not supports_chinese(model):
+        raise LanguageError(
+            f"This looks like Chinese, but {model.name} is an English-only model. Use the bilingual "
+            "model: `muse models install qwen2.5-0.5b`, then pass `--model qwen2.5-0.5b`.")
+    return lang

