@@ -3,7 +3,9 @@
 Each module registers its commands on the one `app` in `muse.cli.common`.
 """
 
-from muse.cli import assistant, core, training  # noqa: F401  (registers the commands)
+from muse.cli import (  # noqa: F401  (importing a module registers its commands)
+    assistant, compress, core, create, eval, explain, kb, safety, serve, training, write,
+)
 from muse.cli.common import app
 
 
