@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
 # Set up Muse in ./.venv: PyTorch (CPU), Muse itself and the embedded default model.
 #   ./install.sh         what a user needs
-#   ./install.sh --dev   also the test tools (pytest, transformers as the reference)
+#   ./install.sh --dev   also the test tools (pytest, transformers as the reference, Chromium for web tests)
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# Debian/Ubuntu packages: a CJK font (Chinese text in charts); with --dev also Chromium and its driver (web-app
+# tests). Installed only when missing, as root or through passwordless sudo; otherwise say what to run.
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && { sudo -n true 2>/dev/null && sudo="sudo -n" || sudo="none"; }
+  if ! command -v apt-get >/dev/null || [ "$sudo" = "none" ]; then
+    echo "Please install these system packages: ${missing[*]} (e.g. sudo apt-get install ${missing[*]})" >&2
+    return 0
+  fi
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+if command -v dpkg >/dev/null; then
+  apt_install fonts-noto-cjk
+  [ "${1:-}" = "--dev" ] && apt_install chromium chromium-driver
+fi
 
 PY="${PYTHON:-python3}"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
