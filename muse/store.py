@@ -253,3 +253,25 @@ def m003_writing_feedback_runs(db: sqlite3.Connection) -> None:
             created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
         );
     """)
+
+
+@migration
+def m004_message_search(db: sqlite3.Connection) -> None:
+    # Full-text index over message content for `Assistant.search`. The trigram tokenizer finds any
+    # substring of 3+ characters, so Chinese (no spaces between words) is searchable like English;
+    # triggers keep it in step with `messages`, including rows removed by ON DELETE CASCADE.
+    _script(db, """
+        CREATE VIRTUAL TABLE messages_fts USING fts5(
+            content, content='messages', content_rowid='id', tokenize='trigram');
+        CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+        END;
+        CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+        END;
+        CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN
+            INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+            INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+        END;
+        INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
+    """)

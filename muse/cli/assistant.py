@@ -1,80 +1,516 @@
-"""`muse chat`: talk with a model, turn by turn."""
+"""The personal assistant on the command line: `muse chat`, and `muse conversations|persona|memory|feedback`.
+
+Every command is a thin layer over `muse.apps.assistant.Assistant` and `muse.apps.feedback`.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
-from muse.cli.common import MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP, _params, _stats, _stream_to_stdout, app, console, err, friendly
+from muse.errors import MuseError
+from muse.cli.common import (MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP,
+                             _params, _stats, _stream_to_stdout, app, console, err, friendly)
+
+CHAT_COMMANDS = {
+    "/system TEXT": "set this conversation's system prompt (no text: back to the persona's)",
+    "/remember TEXT": "remember a fact for every later conversation",
+    "/memories": "list the remembered facts",
+    "/forget N": "forget remembered fact N",
+    "/title [TEXT]": "show or set the conversation's title",
+    "/good [COMMENT]": "rate the last answer as good (liked answers can be exported for fine-tuning)",
+    "/bad [COMMENT]": "rate the last answer as bad",
+    "/reset": "start a new conversation (this one stays saved)",
+    "/help": "show these commands",
+    "/exit": "quit (Ctrl-D works too; Ctrl-C while a reply streams stops just the reply)",
+}
+CHAT_HELP = "Commands: " + ", ".join(c.split()[0] for c in CHAT_COMMANDS) + " (/help explains them)."
+CONTEXT_HELP = ("When the conversation outgrows the context window: 'summarize' the oldest turns with the model "
+                "(kept as the conversation's summary) or 'drop' them from the prompt. Messages always stay saved.")
 
 
-CHAT_HELP = "Commands: /system TEXT sets the system prompt, /reset starts over, /exit quits."
+def _assistant(model=None, policy: str = "summarize"):
+    from muse.apps.assistant import Assistant
+
+    return Assistant(model, policy=policy)
 
 
-@app.command("chat", help="Talk with a model, turn by turn, with its chat template. Replies stream as they are generated. In the chat: /system TEXT sets the system prompt, /reset starts over, /exit quits.")
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+# -- muse chat --------------------------------------------------------------------------
+
+
+class ChatSession:
+    """One `muse chat` run: the conversation (created at the first message), the in-chat commands."""
+
+    def __init__(self, assistant, cid: Optional[str], persona: Optional[str], system: Optional[str], params,
+                 verbose: bool):
+        self.a, self.cid, self.persona, self.system = assistant, cid, persona, system
+        self.params, self.verbose = params, verbose
+        self.warned_language = False
+
+    def conversation(self) -> str:
+        if self.cid is None:
+            self.cid = self.a.new_conversation(persona=self.persona)
+            if self.system:
+                self.a.set_system(self.cid, self.system)
+        return self.cid
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False when the user asked to quit."""
+        line = line.strip()
+        if not line:
+            return True
+        if line in ("/exit", "/quit"):
+            return False
+        if line.startswith("/"):
+            name, _, arg = line.partition(" ")
+            handler = getattr(self, "cmd_" + name[1:], None) if name[1:].isidentifier() else None
+            if handler is None:
+                err.print(f"[yellow]Unknown command {escape(name)}.[/] {CHAT_HELP}", highlight=False)
+            else:
+                handler(arg.strip())
+            return True
+        self.send(line)
+        return True
+
+    def send(self, text: str) -> None:
+        from muse.apps.text import LanguageError, check_language
+        from muse.errors import ContextLengthError
+
+        if not self.warned_language:
+            try:
+                check_language(self.a.model, text)
+            except LanguageError as e:
+                err.print(f"[yellow]{escape(str(e))}[/]", highlight=False)
+                self.warned_language = True
+        try:
+            stream = self.a.stream_reply(self.conversation(), text, self.params)
+        except ContextLengthError as e:
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)
+            return
+        except KeyboardInterrupt:  # while summarizing earlier turns
+            err.print("[dim]stopped before the reply began[/]")
+            return
+        if stream.context.notice:
+            err.print(f"[yellow]{escape(stream.context.notice)}[/]", highlight=False)
+        console.print("[bold green]muse>[/] ", end="")
+        try:
+            _stats(_stream_to_stdout(stream), self.verbose)
+        except KeyboardInterrupt:
+            stream.close()  # stores the partial reply, marked stopped
+            sys.stdout.write("\n")
+            err.print("[dim]stopped — the reply so far is saved[/]")
+
+    # in-chat commands: cmd_NAME(arg) for /NAME
+
+    def cmd_help(self, arg: str) -> None:
+        for usage, what in CHAT_COMMANDS.items():
+            err.print(f"  [bold]{usage:<16}[/] {what}", highlight=False)
+
+    def cmd_system(self, arg: str) -> None:
+        self.system = arg or None
+        if self.cid is not None:
+            self.a.set_system(self.cid, arg)
+        err.print(f"[dim]system prompt {'set' if arg else 'cleared'}[/]")
+
+    def cmd_reset(self, arg: str) -> None:
+        old, self.cid = self.cid, None
+        kept = f" (the old one is saved: muse chat --resume {old})" if old else ""
+        err.print(f"[dim]conversation cleared — a new one starts{kept}[/]", highlight=False)
+
+    def cmd_remember(self, arg: str) -> None:
+        mid = self.a.remember(arg, self.cid)
+        err.print(f"[dim]remembered (#{mid}); /forget {mid} undoes it[/]")
+
+    def cmd_memories(self, arg: str) -> None:
+        facts = self.a.memories()
+        for f in facts:
+            err.print(f"  #{f['id']}  {f['content']}", highlight=False, markup=False)
+        if not facts:
+            err.print("[dim]nothing remembered yet: /remember TEXT[/]")
+
+    def cmd_forget(self, arg: str) -> None:
+        if not arg.lstrip("#").isdigit():
+            raise ValueError("usage: /forget N, with N from /memories")
+        self.a.forget(int(arg.lstrip("#")))
+        err.print(f"[dim]forgot #{arg.lstrip('#')}[/]")
+
+    def cmd_title(self, arg: str) -> None:
+        if arg:
+            self.a.rename(self.conversation(), arg)
+        title = self.a.get_conversation(self.cid)["title"] if self.cid else ""
+        err.print(f"[dim]title: {escape(title or '(none yet)')}[/]", highlight=False)
+
+    def cmd_good(self, arg: str) -> None:
+        self._rate(+1, arg)
+
+    def cmd_bad(self, arg: str) -> None:
+        self._rate(-1, arg)
+
+    def _rate(self, rating: int, comment: str) -> None:
+        if self.cid is None:
+            raise MuseError("There is no answer to rate yet.")
+        fid = self.a.rate(self.cid, rating, comment or None)
+        err.print(f"[dim]thanks — feedback #{fid} saved[/]")
+
+
+def _chat_lines(messages: Optional[list[str]]):
+    """The user's lines: the --message values (echoed), else what they type until EOF or Ctrl-C."""
+    if messages is not None:
+        for line in messages:
+            console.print(Text.assemble(("you> ", "bold cyan"), line))
+            yield line
+        return
+    while True:
+        try:
+            yield console.input("[bold cyan]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            return
+
+
+def _open_conversation(a, resume: Optional[str], last: bool) -> Optional[str]:
+    if resume and last:
+        raise ValueError("give --resume ID or --continue, not both")
+    if resume:
+        return a.resolve(resume)
+    if last:
+        cid = a.last_conversation()
+        if cid is None:
+            raise MuseError("There is no conversation to continue yet; start one with `muse chat`.")
+        return cid
+    return None
+
+
+def _load_for(conv: Optional[dict], model: Optional[str], precision: str):
+    """The model asked for, else the one the resumed conversation used (the default if it is gone)."""
+    import muse
+    from muse.errors import ModelNotFoundError
+
+    if model is None and conv is not None and conv["model"]:
+        try:
+            return muse.load(conv["model"], precision=precision)
+        except ModelNotFoundError:
+            err.print(f"[yellow]{escape(conv['model'])} (this conversation's model) is not available; "
+                      "using the default model.[/]", highlight=False)
+    return muse.load(model, precision=precision)
+
+
+def _show_resumed(conv: dict) -> None:
+    err.print(f"[bold]Resuming {escape(conv['title'] or 'an untitled conversation')}[/] ({conv['id']}, "
+              f"{len(conv['messages'])} messages)", highlight=False)
+    for m in [m for m in conv["messages"] if m["role"] != "system"][-2:]:
+        text = " ".join(m["content"].split())
+        err.print(f"[dim]{m['role']}: {escape(text[:200] + ('…' if len(text) > 200 else ''))}[/]", highlight=False)
+
+
+@app.command("chat", help="Talk with a model, turn by turn; conversations are saved and can be resumed "
+                          "(--resume ID, --continue). Replies stream as they are generated. In the chat: /system "
+                          "TEXT sets the system prompt, /reset starts over, /remember TEXT keeps a fact, /good and "
+                          "/bad rate the last answer, /exit quits; /help lists every command.")
 @friendly
 def chat_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Resuming: the conversation's."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt for this conversation."),
     message: Optional[list[str]] = typer.Option(
-        None, "--message", help="Send this message instead of asking interactively (repeatable)."),
+        None, "--message", help="Send this message instead of asking interactively (repeatable; /commands work)."),
+    resume: Optional[str] = typer.Option(None, "--resume", "-r", help="Continue the conversation with this id "
+                                                                      "(see `muse conversations list`)."),
+    last: bool = typer.Option(False, "--continue", "-c", help="Continue the most recent conversation."),
+    persona: Optional[str] = typer.Option(None, "--persona", "-p", help="Use this persona's system prompt "
+                                                                        "(see `muse persona list`)."),
+    context: str = typer.Option("summarize", "--context", help=CONTEXT_HELP),
     max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
     min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
 ):
-    import muse
-
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None, 1)
-    m = muse.load(model, precision=precision)
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    scripted = list(message) if message else None
-    if scripted is None:
-        err.print(f"[bold]Chatting with {m.name}.[/] [dim]{CHAT_HELP}[/]")
-    while True:
-        if scripted is not None:
-            if not scripted:
-                return
-            line = scripted.pop(0)
-            console.print(f"[bold cyan]you>[/] {line}", highlight=False)
-        else:
-            try:
-                line = console.input("[bold cyan]you>[/] ")
-            except EOFError:
-                return
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return
-        if line == "/reset":
-            history = [h for h in history if h["role"] == "system"]
-            err.print("[dim]conversation cleared[/]")
-            continue
-        if line.startswith("/system"):
-            text = line[len("/system"):].strip()
-            history = [h for h in history if h["role"] != "system"]
-            if text:
-                history.insert(0, {"role": "system", "content": text})
-            err.print(f"[dim]system prompt {'set' if text else 'cleared'}[/]")
-            continue
-        if line.startswith("/"):
-            err.print(f"[yellow]Unknown command {line.split()[0]}.[/] {CHAT_HELP}")
-            continue
-        history.append({"role": "user", "content": line})
-        console.print("[bold green]muse>[/] ", end="")
-        reply = []
-
-        def collect(chunks):
-            for c in chunks:
-                reply.append(c.text)
-                yield c
-
+    a = _assistant(policy=context)
+    cid = _open_conversation(a, resume, last)
+    conv = a.get_conversation(cid) if cid else None
+    if persona:
+        a.get_persona(persona)  # fail before loading the model
+    a.model = _load_for(conv, model, precision)
+    session = ChatSession(a, cid, persona, system, params, verbose)
+    if conv is not None:
+        _show_resumed(conv)
+        if persona:
+            a.set_persona(cid, persona)
+        if system:
+            a.set_system(cid, system)
+    if message is None:
+        err.print(f"[bold]Chatting with {a.model.name}.[/] [dim]{CHAT_HELP}[/]", highlight=False)
+    for line in _chat_lines(message):
         try:
-            _stats(_stream_to_stdout(collect(m.stream_chat(history, params))), verbose)
-        except muse.ContextLengthError as e:
-            history.pop()
-            err.print(f"[bold red]Error:[/] {e} Use /reset to start a new conversation.")
-            continue
-        history.append({"role": "assistant", "content": "".join(reply)})
+            if not session.handle(line):
+                break
+        except (MuseError, ValueError) as e:  # e.g. a bad /command argument: say so, keep chatting
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)
+    if session.cid:
+        err.print(f"[dim]Saved as conversation {session.cid}: `muse chat --resume {session.cid}` continues it.[/]",
+                  highlight=False)
+
+
+# -- muse conversations -----------------------------------------------------------------
+
+conversations_app = typer.Typer(help="Saved conversations: list, show, search, rename, delete, export, import.",
+                                no_args_is_help=True)
+app.add_typer(conversations_app, name="conversations")
+
+
+@conversations_app.command("list")
+@friendly
+def conversations_list(limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many.")):
+    """The most recently active conversations first."""
+    rows = _assistant().list_conversations(limit)
+    if not rows:
+        console.print("No conversations yet; start one with `muse chat`.")
+        return
+    table = Table()
+    for col in ("id", "title", "messages", "persona", "model", "last active"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], escape(r["title"]), str(r["messages"]), escape(r["persona"] or ""),
+                      escape(r["model"] or ""), _when(r["updated_at"]))
+    console.print(table)
+
+
+@conversations_app.command("show")
+@friendly
+def conversations_show(cid: str = typer.Argument(..., help="Conversation id (or a unique prefix).")):
+    """Every message of a conversation, numbered (the numbers `muse feedback add --message` takes)."""
+    conv = _assistant().get_conversation(cid)
+    about = [conv["id"], conv["model"] or "", f"persona {conv['persona']}" if conv["persona"] else "",
+             _when(conv["created_at"])]
+    title = escape(conv["title"] or "(untitled)")
+    console.print(f"[bold]{title}[/]  [dim]{escape(' · '.join(filter(None, about)))}[/]", highlight=False)
+    if conv["summary"]:
+        console.print(f"[dim]summary of earlier turns: {escape(conv['summary'])}[/]", highlight=False)
+    for m in conv["messages"]:
+        stopped = " (stopped)" if (m["meta"] or {}).get("finish_reason") == "stopped" else ""
+        console.print(f"\n[bold]{m['n']}. {m['role']}[/]{stopped}", highlight=False)
+        console.print(m["content"], markup=False, highlight=False)
+
+
+@conversations_app.command("search")
+@friendly
+def conversations_search(query: list[str] = typer.Argument(..., help="Words to find (all of them; Chinese too).")):
+    """Find conversations whose title or a message contains every word."""
+    hits = _assistant().search(" ".join(query))
+    if not hits:
+        console.print("No conversation matches.")
+        return
+    table = Table()
+    for col in ("id", "title", "matches", "where"):
+        table.add_column(col)
+    for h in hits:
+        table.add_row(h["id"], escape(h["title"]), str(h["matches"]), escape(h["snippet"]))
+    console.print(table)
+
+
+@conversations_app.command("rename")
+@friendly
+def conversations_rename(cid: str = typer.Argument(..., help="Conversation id."),
+                         title: str = typer.Argument(..., help="The new title.")):
+    """Give a conversation a new title."""
+    a = _assistant()
+    a.rename(cid, title)
+    console.print(f"Renamed {a.resolve(cid)}.")
+
+
+@conversations_app.command("delete")
+@friendly
+def conversations_delete(cid: str = typer.Argument(..., help="Conversation id."),
+                         yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")):
+    """Delete a conversation and its messages (feedback given on them is kept)."""
+    a = _assistant()
+    conv = a.get_conversation(cid)
+    if not yes and not typer.confirm(f"Delete {conv['id']} ({conv['title'] or 'untitled'}, "
+                                     f"{len(conv['messages'])} messages)?"):
+        raise typer.Exit(1)
+    a.delete(conv["id"])
+    console.print(f"Deleted {conv['id']}.")
+
+
+@conversations_app.command("export")
+@friendly
+def conversations_export(
+    cid: str = typer.Argument(..., help="Conversation id."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="json or markdown (default: from the file's "
+                                                                    "suffix, else json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file (default: print it)."),
+):
+    """Write a conversation as JSON or Markdown; `muse conversations import` reads either back."""
+    from muse.apps.feedback import write_text_atomic
+
+    fmt = fmt or ("markdown" if out is not None and out.suffix.lower() in (".md", ".markdown") else "json")
+    text = _assistant().export_conversation(cid, fmt)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    write_text_atomic(out, text)
+    err.print(f"Wrote {out}", highlight=False)
+
+
+@conversations_app.command("import")
+@friendly
+def conversations_import(path: str = typer.Argument(..., help="A file from `muse conversations export` "
+                                                               "('-' reads standard input).")):
+    """Add a conversation from an exported JSON or Markdown file (as a new conversation)."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n inside messages
+                text = f.read()
+    except FileNotFoundError:
+        raise MuseError(f"{path}: no such file.") from None
+    except UnicodeDecodeError as e:
+        raise MuseError(f"{path} is not UTF-8 text ({e.reason}); export it again with Muse.") from None
+    except OSError as e:
+        raise MuseError(f"{path} cannot be read ({e.strerror}).") from None
+    cid = _assistant().import_conversation(text)
+    console.print(f"Imported as {cid}; `muse chat --resume {cid}` continues it.")
+
+
+# -- muse persona -----------------------------------------------------------------------
+
+persona_app = typer.Typer(help="Personas: named system prompts for `muse chat --persona NAME`.",
+                          no_args_is_help=True)
+app.add_typer(persona_app, name="persona")
+
+
+@persona_app.command("add")
+@friendly
+def persona_add(name: str = typer.Argument(..., help="One word, e.g. tutor."),
+                system_prompt: str = typer.Argument(..., help="The system prompt, e.g. 'You are a patient tutor.'")):
+    """Add a persona (or replace the system prompt of an existing one)."""
+    p = _assistant().add_persona(name, system_prompt)
+    console.print(f"Persona {p['name']} saved; use it with `muse chat --persona {p['name']}`.", highlight=False)
+
+
+@persona_app.command("list")
+@friendly
+def persona_list():
+    """Every persona and its system prompt."""
+    rows = _assistant().list_personas()
+    if not rows:
+        console.print('No personas yet; add one with `muse persona add tutor "You are a patient tutor."`')
+        return
+    table = Table()
+    table.add_column("name")
+    table.add_column("system prompt")
+    for r in rows:
+        table.add_row(escape(r["name"]), escape(r["system_prompt"]))
+    console.print(table)
+
+
+@persona_app.command("delete")
+@friendly
+def persona_delete(name: str = typer.Argument(..., help="The persona's name.")):
+    """Delete a persona (its conversations are kept)."""
+    _assistant().delete_persona(name)
+    console.print(f"Deleted persona {name}.", highlight=False)
+
+
+# -- muse memory ------------------------------------------------------------------------
+
+memory_app = typer.Typer(help="Facts the assistant remembers (/remember in `muse chat`); the relevant ones join "
+                              "every conversation's system prompt.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+
+
+@memory_app.command("list")
+@friendly
+def memory_list():
+    """Every remembered fact with its number."""
+    facts = _assistant().memories()
+    if not facts:
+        console.print("Nothing remembered yet; say /remember TEXT in `muse chat`, or `muse memory add TEXT`.")
+        return
+    table = Table()
+    for col in ("#", "fact", "conversation", "added"):
+        table.add_column(col)
+    for f in facts:
+        table.add_row(str(f["id"]), escape(f["content"]), f["conversation_id"] or "", _when(f["created_at"]))
+    console.print(table)
+
+
+@memory_app.command("add")
+@friendly
+def memory_add(fact: list[str] = typer.Argument(..., help="The fact, e.g. I live in Lyon.")):
+    """Remember a fact."""
+    console.print(f"Remembered (#{_assistant().remember(' '.join(fact))}).")
+
+
+@memory_app.command("delete")
+@friendly
+def memory_delete(memory_id: int = typer.Argument(..., help="The fact's number (see `muse memory list`).")):
+    """Forget a fact."""
+    _assistant().forget(memory_id)
+    console.print(f"Forgot #{memory_id}.")
+
+
+# -- muse feedback ----------------------------------------------------------------------
+
+feedback_app = typer.Typer(help="Ratings of answers; the liked ones export as fine-tuning data.",
+                           no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("add")
+@friendly
+def feedback_add(
+    conversation: str = typer.Option(..., "--conversation", "-c", help="Conversation id."),
+    message: Optional[int] = typer.Option(None, "--message", help="The answer's number in `muse conversations "
+                                                                  "show` (default: the last answer)."),
+    up: bool = typer.Option(False, "--up", help="A good answer."),
+    down: bool = typer.Option(False, "--down", help="A bad answer."),
+    comment: Optional[str] = typer.Option(None, "--comment", help="What was good or bad about it."),
+):
+    """Rate an answer: --up or --down, with an optional comment."""
+    if up == down:
+        raise ValueError("give exactly one of --up or --down")
+    fid = _assistant().rate(conversation, 1 if up else -1, comment, message)
+    console.print(f"Saved feedback #{fid}.")
+
+
+@feedback_app.command("list")
+@friendly
+def feedback_list():
+    """Every rating, oldest first."""
+    from muse.apps.feedback import list_feedback
+
+    rows = list_feedback(_assistant().store)
+    if not rows:
+        console.print("No feedback yet; rate answers with /good or /bad in `muse chat`.")
+        return
+    table = Table()
+    for col in ("#", "rating", "answer", "comment"):
+        table.add_column(col)
+    for r in rows:
+        answer = " ".join(r["response"].split())
+        short = answer[:80] + ("…" if len(answer) > 80 else "")
+        table.add_row(str(r["id"]), "👍" if r["rating"] > 0 else "👎", escape(short), escape(r["comment"] or ""))
+    console.print(table)
+
+
+@feedback_app.command("export")
+@friendly
+def feedback_export(out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write, e.g. liked.jsonl.")):
+    """Write the liked exchanges as chats JSONL for `muse finetune --data FILE`."""
+    from muse.apps.feedback import export_feedback
+
+    n = export_feedback(_assistant().store, out)
+    console.print(f"Wrote {n} liked exchange{'s' if n != 1 else ''} to {out}; fine-tune with "
+                  f"`muse finetune --data {out}`.", highlight=False)
