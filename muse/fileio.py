@@ -1,4 +1,4 @@
-"""Atomic directory writes: a checkpoint, cache entry or prepared corpus is whole or absent.
+"""Atomic writes: a checkpoint, cache entry, prepared corpus or exported file is whole or absent.
 
 Everything is written into a temporary sibling directory, flushed to disk, then swapped in
 with two renames. If the process dies (or the disk fills) before the swap, the previous
@@ -8,10 +8,13 @@ directory is untouched; between the two renames only `.NAME.old-PID` exists, and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from muse.errors import MuseError
 
 
 def fsync_tree(path: Path) -> None:
@@ -48,3 +51,23 @@ def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: "str | Path", text: str) -> Path:
+    """Write a UTF-8 text file whole or not at all: a temp sibling, flushed, then renamed over `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise MuseError(f"{path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise MuseError(f"Cannot write {path}: {e.strerror}. Choose another path.") from None
+    return path

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from muse.apps.feedback import add_feedback
-from muse.apps.text import _HAN, language, pack
+from muse.apps.text import language, pack, terms
 from muse.errors import ContextLengthError, MuseError
 from muse.generation import GenerationChunk, SamplingParams
 from muse.store import Store, now
@@ -452,10 +452,10 @@ class Assistant:
         """The remembered facts most relevant to `text` (BM25 score > 0), best first, at most k (memory_k)."""
         k = self.memory_k if k is None else k
         facts = self.memories()
-        query = _terms(text)
+        query = terms(text)[0]
         if not facts or not query or k == 0:
             return []
-        scores = _bm25([_terms(f["content"]) for f in facts], query)
+        scores = _bm25([terms(f["content"])[0] for f in facts], query)
         ranked = sorted(((s, i) for i, s in enumerate(scores) if s > 0), key=lambda si: (-si[0], -si[1]))
         return [dict(facts[i], score=float(s)) for s, i in ranked[:k]]
 
@@ -603,26 +603,6 @@ def _exchange_start(turns: list[dict], k: int) -> int:
 
 
 # -- helpers: memory relevance ------------------------------------------------------------
-
-_WORD_RE = re.compile(f"[{_HAN}]+|[^\\W_{_HAN}]+")
-EN_STOP = frozenset(
-    "a an the and or but if of in on at to for from by with about as into than then so is are was were be been am "
-    "do does did have has had i me my mine you your yours we our us he him his she her it its they them their "
-    "this that these those what which who whom whose when where why how s t can could will would shall should "
-    "may might must not no yes please tell know remember".split())
-ZH_STOP = frozenset("的了是我你他她它们在吗呢吧啊和与也就都很还又么什怎哪谁这那个有没不请")
-
-
-def _terms(text: str) -> list[str]:
-    """Index terms: lower-cased words without stop words; for Chinese runs, characters and character pairs."""
-    out = []
-    for run in _WORD_RE.findall(text.lower()):
-        if re.match(f"[{_HAN}]", run):
-            out += [c for c in run if c not in ZH_STOP] + [run[i:i + 2] for i in range(len(run) - 1)]
-        elif run not in EN_STOP:
-            out.append(run)
-    return out
-
 
 def _bm25(docs: list[list[str]], query: list[str]) -> list[float]:
     import bm25s

@@ -12,12 +12,11 @@ the conversation being deleted. When one message is rated more than once, the la
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 from muse.errors import MuseError
+from muse.fileio import write_text_atomic
 from muse.store import Store
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -87,23 +86,3 @@ def export_feedback(store: Store, path: "str | Path") -> int:
     lines = "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in chats)
     write_text_atomic(path, lines)
     return len(chats)
-
-
-def write_text_atomic(path: "str | Path", text: str) -> Path:
-    """Write a UTF-8 text file whole or not at all: a temp sibling, flushed, then renamed over `path`."""
-    path = Path(path)
-    if path.is_dir():
-        raise MuseError(f"{path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise MuseError(f"Cannot write {path}: {e.strerror}. Choose another path.") from None
-    return path

@@ -103,6 +103,58 @@ def _cut(text: str, a: int, b: int, budget: int, count: Callable[[str], int]) ->
     return [(a, lo)] + _cut(text, lo, b, budget, count)
 
 
+# -- search terms (BM25 for the knowledge base and the assistant's memory) -----------------
+
+def _stopwords() -> frozenset:
+    from bm25s.stopwords import STOPWORDS_EN_PLUS
+
+    return frozenset(STOPWORDS_EN_PLUS)
+
+
+_STOP_EN = _stopwords()
+# Chinese function characters: a bigram containing one is a phrase boundary, not a word.
+_STOP_ZH = frozenset("的了是在吗呢吧啊么和与及或也就这那我你他她它们什哪谁怎很")
+_WORD = re.compile(r"[^\W_]+")
+_HAN_RUNS = re.compile(f"({HAN_RE.pattern}+)")
+
+
+def _normalise(word: str) -> str:
+    """A light English plural fold (festivals → festival), applied to documents and queries alike."""
+    return word[:-1] if len(word) > 4 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _han_terms(run: str) -> tuple[list[str], list[str]]:
+    """(index terms, content terms) of a run of Chinese characters: unigrams + bigrams between
+    function characters; the bigrams (or a lone character) are the content terms."""
+    index, content = [], []
+    for seg in re.split(f"[{''.join(_STOP_ZH)}]+", run):
+        if len(seg) == 1:
+            index.append(seg)
+            content.append(seg)
+        elif seg:
+            bigrams = [seg[i:i + 2] for i in range(len(seg) - 1)]
+            index.extend(list(seg) + bigrams)
+            content.extend(bigrams)
+    return index, content
+
+
+def terms(text: str) -> tuple[list[str], list[str]]:
+    """(index terms, content terms) of `text`; BM25 indexes the first, the relevance gate uses the second."""
+    index, content = [], []
+    for word in _WORD.findall(text.lower()):
+        for part in _HAN_RUNS.split(word):
+            if not part:
+                continue
+            if HAN_RE.match(part):
+                i, c = _han_terms(part)
+                index += i
+                content += c
+            elif part not in _STOP_EN and (len(part) > 1 or part.isdigit()):
+                index.append(_normalise(part))
+                content.append(_normalise(part))
+    return index, content
+
+
 def supports_chinese(model) -> bool:
     """Whether `model` was trained for Chinese.
 

@@ -351,7 +351,7 @@ def conversations_export(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file (default: print it)."),
 ):
     """Write a conversation as JSON or Markdown; `muse conversations import` reads either back."""
-    from muse.apps.feedback import write_text_atomic
+    from muse.fileio import write_text_atomic
 
     fmt = fmt or ("markdown" if out is not None and out.suffix.lower() in (".md", ".markdown") else "json")
     text = _assistant().export_conversation(cid, fmt)
