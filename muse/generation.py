@@ -49,7 +49,7 @@ class SamplingParams:
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer ≥ 0"),
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("repetition_penalty", 0.01 <= self.repetition_penalty <= 10.0, "in [0.01, 10]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("num_beams", isinstance(self.num_beams, int) and 1 <= self.num_beams <= 64, "an integer in [1, 64]"),
@@ -94,23 +94,44 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, generated: torc
     return logits
 
 
+def is_greedy(p: SamplingParams) -> bool:
+    """temperature 0 → argmax. Below 1e-5 too: sampling that cold is argmax anyway, and 1/T would overflow fp32."""
+    return p.temperature < 1e-5
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs (B, V) → the nucleus: the most likely tokens until their mass reaches top_p
+    (at least one), the rest zeroed. Sorting the whole vocabulary is the slow part of
+    sampling, so it looks at the top 64 candidates first and widens only when they hold
+    less than top_p of the mass; a token past them can never be in the nucleus."""
+    V = probs.size(-1)
+    k = min(64, V)
+    while True:
+        top, order = probs.topk(k, dim=-1)  # (B, k), descending
+        mass = top.cumsum(-1)
+        if k == V or bool((mass[:, -1] >= top_p).all()):
+            break
+        k = min(V, 16 * k)
+    drop = (mass - top) >= top_p  # the mass before this token already reaches top_p
+    drop[:, 0] = False  # the top token always stays (a top_p below fp32's range would drop it)
+    return torch.zeros_like(probs).scatter(1, order, top.masked_fill(drop, 0.0))
+
+
 def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor]:
     """Build once: logits (B, V) float → next ids (B,)."""
-    if p.temperature == 0:
+    if is_greedy(p):
         return lambda logits: logits.argmax(dim=-1)
     generator = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits / p.temperature
+        # shift the top logit to 0 first: a tiny temperature then gives -inf for the rest, never inf - inf
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = F.softmax(logits, dim=-1)
         if p.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            # drop a token when the mass before it already reaches top_p (keeps ≥ 1)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
-            probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+            probs = top_p_filter(probs, p.top_p)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
@@ -165,6 +186,37 @@ class StopMatcher:
         return out
 
 
+class TokenText:
+    """Turns sampled tokens, one at a time, into the text a stream emits and its finish reason.
+
+    UTF-8-safe incremental decoding, stop strings held back and never emitted, EOS and the
+    `max_new` limit: the per-token rules shared by `stream_generate` and the server's
+    batching scheduler, so both emit exactly the same text.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], max_new: int):
+        self.eos = tokenizer.eos_ids if tokenizer is not None else set()
+        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self.stops = StopMatcher(stop)
+        self.max_new = max_new
+        self.n = 0  # tokens pushed so far
+
+    def push(self, tok: int) -> tuple[str, str | None]:
+        """(text to emit, finish reason: None | "stop" (EOS or stop string) | "length")."""
+        self.n += 1
+        decoder, stops = self.decoder, self.stops
+        if tok in self.eos:
+            tail = stops.push(decoder.flush())[0] if decoder else ""
+            return tail + stops.flush(), "stop"
+        safe, hit = stops.push(decoder.push(tok) if decoder else "")
+        if hit:
+            return safe, "stop"
+        if self.n >= self.max_new:
+            tail, hit = stops.push(decoder.flush() if decoder else "")
+            return safe + tail + ("" if hit else stops.flush()), "stop" if hit else "length"
+        return safe, None
+
+
 # -- the generation loop ----------------------------------------------------------
 
 @torch.inference_mode()
@@ -182,9 +234,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     if p.num_beams > 1:
         yield from _stream_beams(model, tokenizer, ids, p, max_new)
         return
-    eos = tokenizer.eos_ids if tokenizer is not None else set()
-    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-    stops = StopMatcher(p.stop)
+    text_of = TokenText(tokenizer, p.stop, max_new)
     sampler = make_sampler(p)
     use_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
@@ -202,21 +252,10 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         token = sampler(next_logits)  # (1,)
         tok = int(token)
         tps = (n - 1) / (time.perf_counter() - t1) if n > 1 else 0.0
-        step = dict(stats, generation_tokens=n, generation_tps=tps)
-        if tok in eos:
-            tail = stops.push(decoder.flush())[0] if decoder else ""
-            yield GenerationChunk(tail + stops.flush(), tok, "stop", **step)
+        text, reason = text_of.push(tok)
+        yield GenerationChunk(text, tok, reason, **stats, generation_tokens=n, generation_tps=tps)
+        if reason:
             return
-        text = decoder.push(tok) if decoder else ""
-        safe, hit = stops.push(text)
-        if hit:
-            yield GenerationChunk(safe, tok, "stop", **step)
-            return
-        if n == max_new:
-            tail, hit = stops.push(decoder.flush() if decoder else "")
-            yield GenerationChunk(safe + tail + ("" if hit else stops.flush()), tok, "stop" if hit else "length", **step)
-            return
-        yield GenerationChunk(safe, tok, None, **step)
         if use_history:
             history = torch.cat([history, token[:, None]], dim=1)
         logits, _ = model(token[:, None], cache=cache, last_only=True)

