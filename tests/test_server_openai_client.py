@@ -82,6 +82,9 @@ def test_embeddings(client):
     got = client.embeddings.create(model=name, input=texts)  # the client asks for base64 and decodes it
     vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
     np.testing.assert_allclose(vectors, embed(texts, kind="passage"), rtol=1e-6, atol=1e-6)
+    from muse.apps.embed import count_tokens
+
+    assert got.usage.prompt_tokens == count_tokens(texts) > 2 * len(texts)  # "passage: " prefix + specials
     floats = client.embeddings.create(model=name, input=texts[0], encoding_format="float")
     np.testing.assert_allclose(floats.data[0].embedding, vectors[0], rtol=1e-6, atol=1e-6)
 

