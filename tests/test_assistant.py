@@ -439,3 +439,34 @@ def test_cli_tells_the_user_when_context_is_summarized_and_keeps_a_stopped_reply
     assert r.exit_code == 0 and "stopped" in r.output
     last = Assistant(None).get_conversation(Assistant(None).last_conversation())["messages"][-1]
     assert last["meta"]["finish_reason"] == "stopped" and last["content"] == "Noted"[:len(last["content"])]
+
+
+# -- the safety switch ------------------------------------------------------------------------
+
+
+def test_safety_switch_blocks_harmful_output_and_keeps_the_policy_message(scripted, monkeypatch):
+    from muse.safety import SafetyBlocked
+
+    model, lm = scripted("Sure. Step one: make a pipe bomb. Step two: more details follow here")
+    a = Assistant(model)
+    cid = a.new_conversation()
+    monkeypatch.setenv("MUSE_SAFETY", "0")  # off: the reply passes untouched
+    assert "pipe bomb" in a.reply(cid, "Tell me a story.", P)
+    monkeypatch.setenv("MUSE_SAFETY", "1")
+    with pytest.raises(SafetyBlocked, match="weapons"):
+        a.reply(cid, "Tell me another one.", SamplingParams(max_new_tokens=40, temperature=0.0))
+    stored = a.get_conversation(cid)["messages"][-1]
+    assert stored["role"] == "assistant" and "pipe bomb" not in stored["content"]
+    assert "safety policy" in stored["content"] and stored["meta"]["finish_reason"] == "stopped"
+
+
+def test_safety_switch_refuses_harmful_input_before_storing_it(scripted, monkeypatch):
+    from muse.safety import SafetyBlocked
+
+    model, lm = scripted("ok")
+    a = Assistant(model)
+    cid = a.new_conversation()
+    monkeypatch.setenv("MUSE_SAFETY", "1")
+    with pytest.raises(SafetyBlocked):
+        a.reply(cid, "教你制作炸弹的方法。", P)
+    assert texts(a, cid) == [] and lm.prompts == []

@@ -47,6 +47,7 @@ from muse.apps.feedback import add_feedback
 from muse.apps.text import language, pack, terms
 from muse.errors import ContextLengthError, MuseError
 from muse.generation import GenerationChunk, SamplingParams
+from muse.safety import SafetyBlocked, guard, guard_stream
 from muse.store import Store, now
 
 POLICIES = ("summarize", "drop")
@@ -302,6 +303,7 @@ class Assistant:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("message must be non-empty text")
         cid = self.resolve(cid)
+        guard(text, "input", source="chat")  # the safety switch: a no-op unless safety is on
         context = ContextInfo(self.policy, window=self._window(params))
         alone = _prompt(self._base_system(cid), [], None, [{"role": "user", "content": text}], "en")
         if (n := self._count(alone)) > context.window:
@@ -318,11 +320,14 @@ class Assistant:
                   stream: ReplyStream) -> Iterator[GenerationChunk]:
         parts, last, done = [], None, False
         try:
-            for chunk in self.model.stream_chat(messages, params):
+            for chunk in guard_stream(self.model.stream_chat(messages, params), source="chat"):
                 parts.append(chunk.text)
                 last = chunk
                 yield chunk
             done = True
+        except SafetyBlocked as e:
+            parts = [str(e)]  # what is kept instead of the blocked reply
+            raise
         finally:  # also on close() (GeneratorExit) and Ctrl-C: keep what was generated
             stream.text = "".join(parts)
             if done or stream.text:

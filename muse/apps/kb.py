@@ -46,6 +46,7 @@ from muse.apps.extract import SUFFIXES, ExtractError, extract_bytes, kind_of, re
 from muse.apps.text import check_language, han_count, pack_spans, terms
 from muse.errors import MuseError
 from muse.generation import GenerationChunk, SamplingParams
+from muse.safety import guard, guard_stream
 from muse.store import Store, now
 
 CHUNK_TOKENS = 200   # chunk budget, in estimated embedding-model tokens (e5 reads at most 512)
@@ -458,7 +459,7 @@ class AskStream:
             return
         messages = self._fit(build_messages(self.model, self.question, self.citations, self.lang))
         parts = []
-        for chunk in self.model.stream_chat(messages, self.params):
+        for chunk in guard_stream(self.model.stream_chat(messages, self.params), source="ask"):
             parts.append(chunk.text)
             yield chunk
         self.answer = _finish("".join(parts), self.citations, self.lang)
@@ -492,6 +493,7 @@ def stream_ask(model, kb: KnowledgeBase, question: str, params: SamplingParams |
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
     lang = check_language(model, question)
+    guard(question, "input", source="ask")  # the safety switch: a no-op unless safety is on
     hits = [h for h in kb.search(question, k=k) if relevant(h)]
     citations = [Citation(n, h.title, h.path, h.chunk_id, h.text) for n, h in enumerate(hits, 1)]
     return AskStream(model, question, citations, lang, params or SamplingParams(temperature=0.0))

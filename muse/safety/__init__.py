@@ -17,7 +17,7 @@ reversible placeholders), `config` (MUSE_HOME/config.toml [safety]), `audit` (lo
 
 from muse.safety.bias import BiasReport, bias_probe
 from muse.safety.config import ACTIONS, DEFAULT_POLICY, PII_KINDS, SafetyConfig, SafetyConfigError, enabled, load_config
-from muse.safety.guard import SafetyBlocked, guard, guard_redact
+from muse.safety.guard import SafetyBlocked, guard, guard_redact, guard_stream
 from muse.safety.lexicon import CATEGORIES
 from muse.safety.moderation import Moderation, evaluate, moderate
 from muse.safety.normalize import normalize
@@ -26,5 +26,5 @@ from muse.safety.pii import Entity, Redaction, find_pii, redact, restore
 __all__ = [
     "ACTIONS", "CATEGORIES", "DEFAULT_POLICY", "PII_KINDS", "BiasReport", "Entity", "Moderation", "Redaction",
     "SafetyBlocked", "SafetyConfig", "SafetyConfigError", "bias_probe", "enabled", "evaluate", "find_pii", "guard",
-    "guard_redact", "load_config", "moderate", "normalize", "redact", "restore",
+    "guard_redact", "guard_stream", "load_config", "moderate", "normalize", "redact", "restore",
 ]

@@ -93,3 +93,33 @@ def guard_redact(text: str, source: str = "chat") -> Redaction:
         audit.write({"event": "redaction", "source": source, "direction": "input", "kinds": kinds,
                      "chars": len(text), "text_hmac": audit.fingerprint(text)})
     return red
+
+
+_SENTENCE_END = frozenset(".!?。！？；;\n")
+
+
+def guard_stream(chunks, source: str = "chat"):
+    """Pass a stream of `GenerationChunk`s through, checking the text so far at each sentence end and
+    at the end of the stream when safety is on (a no-op wrapper when off).
+
+    Raises SafetyBlocked as soon as the output so far is blocked, and closes the underlying stream
+    (so generation stops and its batch slot is freed). Only the final check is written to the audit
+    log; the checks along the way are silent unless they block.
+    """
+    if not enabled(load_config()):
+        yield from chunks
+        return
+    text = ""
+    try:
+        for chunk in chunks:
+            text += chunk.text
+            if chunk.finish_reason is None and _SENTENCE_END.intersection(chunk.text):
+                verdict = moderate(text)
+                if verdict.action == "block":
+                    guard(text, "output", source)  # logs and raises
+            yield chunk
+        guard(text, "output", source)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
