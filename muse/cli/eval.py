@@ -1,1 +1,85 @@
-"""(being written)"""
+"""`muse eval`: perplexity, task suites and side-by-side comparison, with a saved report."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from muse.cli.common import app, console, err, friendly
+
+EVAL_HELP = """Evaluate one model, or compare several side by side (the first is the baseline).
+
+\b
+Task suites (see --list):  muse eval -s sentiment-en -s kbqa-en
+zh↔en translation:         muse eval -m qwen2.5-0.5b -s translate --limit 10
+Perplexity, bits per byte: muse eval -p book.txt
+A quantized model against the float one, with KL divergence:
+  muse eval -m smollm2-135m -m smollm2-135m@int8 -p book.txt
+
+Prints a table and writes report.md, report.json (with every example) and report.png to --out \
+(default MUSE_HOME/runs/eval-TIME); the run is also recorded in the Muse database.
+"""
+
+
+@app.command("eval", help=EVAL_HELP)
+@friendly
+def eval_command(
+    model: Optional[list[str]] = typer.Option(
+        None, "--model", "-m", help="NAME or NAME@PRECISION, repeatable: a bundled name, .gguf file or model directory, "
+                                    "optionally @fp32/@bf16/@int8/@int4. The first is the baseline."),
+    suite: Optional[list[str]] = typer.Option(
+        None, "--suite", "-s", help="A suite or task (summarize, translate, sentiment, classify, kbqa, all); repeatable."),
+    perplexity: Optional[list[str]] = typer.Option(
+        None, "--perplexity", "-p", help="A text file, folder or prepared data directory to score; repeatable."),
+    limit: int = typer.Option(20, "--limit", help="Items per suite (a fixed-seed sample)."),
+    window: Optional[int] = typer.Option(None, help="Perplexity window in tokens (default min(1024, context))."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity stride in tokens (default window / 2)."),
+    kl: bool = typer.Option(True, "--kl/--no-kl", help="KL divergence from the baseline on the perplexity text."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                             help="Most tokens per generated answer; replaces the apps' own settings with plain greedy decoding."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Report directory."),
+    list_suites: bool = typer.Option(False, "--list", help="List the suites and exit."),
+):
+    from muse.eval import compare, report, suites
+
+    if list_suites:
+        return _print_suites(suites)
+    params = None
+    if max_tokens is not None:
+        from muse.generation import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens)
+    with err.status("evaluating…") as status:
+        result = compare.evaluate(model or [None], suite or [], perplexity or [], limit=limit, window=window,
+                                  stride=stride, kl=kl, params=params,
+                                  on_event=lambda message: status.update(message))
+    _print_report(result, report)
+    out_dir, run_id = report.save(result, out)
+    err.print(f"[dim]Report: {out_dir}/report.md (+ report.json, report.png) · run #{run_id}[/]")
+
+
+def _print_suites(suites) -> None:
+    from rich.table import Table
+
+    t = Table(title="Evaluation suites")
+    for col in ("suite", "task", "language", "what"):
+        t.add_column(col)
+    for s in suites.SUITES.values():
+        t.add_row(s.name, s.task, s.language, s.description)
+    console.print(t)
+    console.print("[dim]Task names (" + ", ".join(suites.GROUPS) + ") pick all suites of that task.[/]")
+
+
+def _print_report(result, report) -> None:
+    from rich.markdown import Markdown
+
+    if not result.rows:
+        console.print(Markdown("_No results: every suite was skipped._"))
+    else:
+        short = len(result.models) > 1  # model names are long: the terminal table uses A, B, … and a legend
+        if short:
+            console.print(report.legend(result), highlight=False)
+        console.print(Markdown(report.table(result, short=short)))
+    for note in result.notes:
+        console.print(f"[dim]• {note}[/]", highlight=False)

