@@ -1,1 +1,185 @@
-"""(being written)"""
+"""Creative writing and text analysis: create, classify, sentiment."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from muse.cli.common import MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, app, console, err, friendly
+
+FORM_HELP = ("Poem form: wujue (五言绝句), qijue (七言绝句), wulv (五言律诗), qilv (七言律诗) — Chinese, need "
+             "--model qwen2.5-0.5b — or haiku (5-7-5), free (default).")
+
+
+def _read_arg(text: str) -> str:
+    """'-' reads standard input (UTF-8)."""
+    if text != "-":
+        return text
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
+                         "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+
+
+@app.command()
+@friendly
+def create(
+    kind: str = typer.Argument(..., help="poem, story, slogan or product (ad copy)."),
+    topic: str = typer.Argument(..., help="What to write about; for product, the product's description. "
+                                          "Chinese topics get Chinese text. '-' reads standard input."),
+    form: Optional[str] = typer.Option(None, "--form", "-f", help=FORM_HELP),
+    attempts: int = typer.Option(4, "--attempts", help="Tries (new seed each) before giving up on a form."),
+    guided: bool = typer.Option(True, "--guided/--no-guided",
+                                help="Build fixed forms line by line so each line has the right length "
+                                     "(--no-guided: sample the whole poem, then repair and check)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                             help="Most tokens to generate (default: enough for the kind)."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy; higher = more varied."),
+    top_k: int = TopK,
+    top_p: float = typer.Option(0.95, help="Nucleus sampling: smallest set with this probability mass (1 = off)."),
+    min_p: float = MinP, repetition_penalty: float = RepPenalty,
+    presence_penalty: float = typer.Option(1.0, "--presence-penalty",
+                                           help="> 0 discourages reusing words already written (-2..2)."),
+    seed: Optional[int] = Seed,
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print {text, form, ok, problems, tries} as JSON."),
+):
+    """Write a poem, story, slogan or product ad copy, checking poem forms.
+
+    Examples: muse create poem "autumn rain" --form haiku;
+    muse create poem 春天 --form wujue --model qwen2.5-0.5b;
+    muse create product "a steel water bottle that keeps drinks cold for 24 hours".
+    """
+    import muse
+    from muse.apps.creative import DEFAULT_TOKENS, KINDS, create as make
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    params = muse.SamplingParams(
+        max_new_tokens=max_tokens if max_tokens is not None else DEFAULT_TOKENS[kind], temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, seed=seed)
+    m = muse.load(model, precision=precision)
+    with err.status(f"Writing a {kind}…"):
+        c = make(m, kind, _read_arg(topic), form=form, params=params, attempts=attempts, guided=guided)
+    if as_json:
+        print(json.dumps({"text": c.text, "form": c.form, "ok": c.ok, "problems": c.problems, "tries": c.tries},
+                         ensure_ascii=False, indent=2))
+    else:
+        print(c.text)
+    if not c.ok:
+        err.print(f"[yellow]Warning: after {c.tries} tries this still does not conform:[/]", highlight=False)
+        for problem in c.problems:
+            err.print(f"[yellow]  - {problem}[/]", highlight=False)
+        err.print("[dim]Try again (another --seed), allow more --attempts, or use the bilingual model.[/]")
+    elif c.form not in (None, "free"):
+        err.print(f"[dim]{c.form}: form checked ({c.tries} {'try' if c.tries == 1 else 'tries'})[/]")
+
+
+# -- analysis ---------------------------------------------------------------------
+
+def _run_file(m, path_in: Path, path_out: Optional[Path], **kwargs) -> None:
+    from muse.apps.analysis import classify_file
+
+    if path_out is None:
+        raise ValueError("--input needs --output (a .csv or .jsonl file for the results)")
+    with err.status(f"Scoring {path_in}…"):
+        n = classify_file(m, path_in, path_out, **kwargs)
+    err.print(f"[green]{n} records[/] → {path_out}", highlight=False)
+
+
+def _check_source(text: Optional[str], path_in: Optional[Path], path_out: Optional[Path]) -> None:
+    if text is not None and path_in is not None:
+        raise ValueError("give either TEXT or --input FILE, not both")
+    if text is None and path_in is None:
+        raise ValueError("give the TEXT to score, or --input FILE (.csv/.jsonl) with --output FILE")
+    if path_out is not None and path_in is None:
+        raise ValueError("--output goes with --input; for a single TEXT the result is printed")
+
+
+def _show(probs: dict[str, float], as_json: bool) -> None:
+    ranked = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+    best = next(iter(ranked))
+    if as_json:
+        print(json.dumps({"label": best, "score": ranked[best], "scores": ranked},
+                         ensure_ascii=False, indent=2))
+        return
+    table = Table(show_header=True, box=None)
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    table.add_column("")
+    for label, p in ranked.items():
+        style = "bold green" if label == best else ""
+        table.add_row(f"[{style}]{label}[/]" if style else label, f"{p:.3f}", "█" * round(p * 30))
+    console.print(table)
+
+
+InputOpt = typer.Option(None, "--input", "-i", help="A .csv (with a header row) or .jsonl file to score row by row.")
+OutputOpt = typer.Option(None, "--output", "-o",
+                         help="Where to write the rows with label, score and p_<label> added (.csv or .jsonl).")
+ColumnOpt = typer.Option("text", "--column", help="The field holding the text in --input.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+@app.command()
+@friendly
+def classify(
+    text: Optional[str] = typer.Argument(None, help="The text to classify ('-' reads standard input)."),
+    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, e.g. sports,business,health."),
+    path_in: Optional[Path] = InputOpt, path_out: Optional[Path] = OutputOpt, column: str = ColumnOpt,
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                   help="Correct the model's bias towards some labels (contextual calibration)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    as_json: bool = JsonOpt,
+):
+    """Classify text into your labels by how likely the model finds each label as the answer.
+
+    Examples: muse classify "The striker scored twice" --labels sports,business,health;
+    muse classify -i news.csv -o labelled.csv --labels sports,business --column headline.
+    """
+    import muse
+    from muse.apps.analysis import check_labels, classify as score
+
+    _check_source(text, path_in, path_out)
+    names = check_labels(labels)  # bad labels fail before the model loads
+    m = muse.load(model, precision=precision)
+    if path_in is not None:
+        _run_file(m, path_in, path_out, labels=names, task="classify", column=column, calibrate=calibrate)
+        return
+    _show(score(m, _read_arg(text), names, calibrate=calibrate), as_json)
+
+
+@app.command()
+@friendly
+def sentiment(
+    text: Optional[str] = typer.Argument(None, help="The text to score ('-' reads standard input)."),
+    path_in: Optional[Path] = InputOpt, path_out: Optional[Path] = OutputOpt, column: str = ColumnOpt,
+    calibrate: bool = typer.Option(False, "--calibrate/--no-calibrate",
+                                   help="Apply contextual calibration (off by default: it scored lower here)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    as_json: bool = JsonOpt,
+):
+    """Positive, negative or neutral, with a probability; Chinese text needs --model qwen2.5-0.5b.
+
+    Examples: muse sentiment "Terrible service, never again."; muse sentiment -i reviews.jsonl -o scored.jsonl.
+    """
+    import muse
+    from muse.apps.analysis import sentiment as score
+
+    _check_source(text, path_in, path_out)
+    m = muse.load(model, precision=precision)
+    if path_in is not None:
+        _run_file(m, path_in, path_out, task="sentiment", column=column, calibrate=calibrate)
+        return
+    result = score(m, _read_arg(text), calibrate=calibrate)
+    _show(result["scores"], as_json)

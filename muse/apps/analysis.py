@@ -1,0 +1,373 @@
+"""Classification and sentiment by likelihood: the model scores each label, it does not write an answer.
+
+The prompt ends where the answer goes ("...Category:"); each label is scored as the continuation by the
+mean log-probability of its tokens (the mean, so a label of four tokens does not lose to one of a single
+token), and a softmax turns the scores into probabilities. The prompt runs through the model once; its
+KV cache is then copied to every label and all labels go through in one batched forward.
+
+Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): a model prefers some labels whatever
+the text says. The probabilities it gives when the text is content-free ("N/A", "", "[MASK]") measure
+that bias; dividing by them and renormalising removes it.
+
+>>> classify(model, "The striker scored twice.", ["sports", "business", "health"])
+{'sports': 0.91, 'business': 0.05, 'health': 0.04}
+>>> sentiment(model, "Terrible product, it broke after two days.")
+{'label': 'negative', 'score': 0.87, 'scores': {'positive': 0.05, 'negative': 0.87, 'neutral': 0.08}}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import weakref
+from pathlib import Path
+
+import torch
+
+from muse.apps.text import check_language
+from muse.errors import ContextLengthError, MuseError
+from muse.model import KVCache
+
+TASKS = ("classify", "sentiment")
+STYLES = ("chat", "plain")
+# Measured on muse/eval/data: the plain prompt scores best with both bundled models (topics, calibrated:
+# 0.94 and 0.94, against 0.59 and 0.91 through the chat template; default-model sentiment: 0.83 vs 0.33).
+DEFAULT_STYLE = "plain"
+CONTENT_FREE = ("N/A", "", "[MASK]")
+SENTIMENTS = ("positive", "negative", "neutral")
+SENTIMENT_LABELS = {"en": SENTIMENTS, "zh": ("积极", "消极", "中性")}  # same order as SENTIMENTS
+
+# (instruction, field the answer fills) per task and language; {labels} is the comma-separated list.
+_TEMPLATES = {
+    ("classify", "en"): ("Classify the text into one of these categories: {labels}.", "Category"),
+    ("sentiment", "en"): ("Is the sentiment of this text positive, negative or neutral?", "Sentiment"),
+    ("classify", "zh"): ("把下面的文本归入以下类别之一：{labels}。", "类别"),
+    ("sentiment", "zh"): ("下面这段文本的情感是积极、消极还是中性？", "情感"),
+}
+
+
+class AnalysisInputError(MuseError):
+    """A batch file that cannot be classified as given (format, column, malformed line)."""
+
+
+# -- prompts ----------------------------------------------------------------------
+
+# One worked example per sentiment: a 135M model knows the words but not what "neutral" means here
+# (measured: 0.60 → 0.83 accuracy on sentiment_en with them). Topic labels are the user's, so
+# classification stays zero-shot.
+_SHOTS = {
+    ("sentiment", "en"): [("The service was quick and the staff were lovely.", "positive"),
+                          ("The parcel was damaged and nobody answered my complaint.", "negative"),
+                          ("The museum is open from nine to five on weekdays.", "neutral")],
+    ("sentiment", "zh"): [("服务很快，店员也很亲切。", "积极"), ("包裹破损了，投诉也没人理。", "消极"),
+                          ("博物馆工作日上午九点到下午五点开放。", "中性")],
+}
+
+
+def render(model, text: str, labels: list[str], task: str = "classify", lang: str = "en",
+           style: str = DEFAULT_STYLE) -> tuple[str, list[str]]:
+    """The prompt up to where the answer goes, and each label's continuation text.
+
+    plain: "<instruction>\n\n[examples]Text: <text>\nCategory:" continued by " <label>";
+    chat:  the instruction and text as a user message (examples as earlier turns), the assistant's
+    reply being "<label>".
+    """
+    instruction, field = _TEMPLATES[(task, lang)]
+    instruction = instruction.format(labels=(", " if lang == "en" else "、").join(labels))
+    colon, space = (":", " ") if lang == "en" else ("：", "")
+    shots = _SHOTS.get((task, lang), [])
+
+    def body(t: str) -> str:
+        return f"Text: {t}" if lang == "en" else f"文本：{t}"
+
+    if style == "plain":
+        examples = "".join(f"{body(t)}\n{field}{colon}{space}{label}\n\n" for t, label in shots)
+        return f"{instruction}\n\n{examples}{body(text)}\n{field}{colon}", [space + label for label in labels]
+    messages = []
+    for t, label in shots + [(text, None)]:
+        messages.append({"role": "user", "content": f"{instruction}\n\n{body(t)}"})
+        if label is not None:
+            messages.append({"role": "assistant", "content": label})
+    return model.chat_prompt(messages), list(labels)
+
+
+def _encode(model, text: str, style: str) -> list[int]:
+    # A chat prompt carries its own special tokens; a plain prompt gets BOS the way Model.stream adds it.
+    return model.tokenizer.encode(text, add_special_tokens=style == "plain")
+
+
+def _label_ids(model, prompt: str, conts: list[str], style: str) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids, and each continuation's ids as the tokenizer splits the full text."""
+    prefix = _encode(model, prompt, style)
+    out = []
+    for cont in conts:
+        full = _encode(model, prompt + cont, style)
+        # BPE may merge across the boundary; then the label's own tokens are the fair fallback.
+        ids = full[len(prefix):] if full[:len(prefix)] == prefix else model.tokenizer.encode(
+            cont, add_special_tokens=False)
+        out.append(ids)
+    return prefix, out
+
+
+# -- scoring ----------------------------------------------------------------------
+
+@torch.inference_mode()
+def _mean_logprobs(net, prefix: list[int], labels: list[list[int]]) -> torch.Tensor:
+    """Mean log-probability of each label's ids after `prefix`: (N,) float32.
+
+    One forward of the prefix fills a KV cache; it is copied to N rows and the labels (right-padded
+    to the longest, M tokens) go through together. Padding sits after each label's real tokens, so the
+    causal mask keeps it from touching the positions that are scored.
+    """
+    n, m = len(labels), max(len(ids) for ids in labels)
+    if len(prefix) + m > net.config.block_size:
+        raise ContextLengthError(len(prefix) + m, net.config.block_size)
+    cache = KVCache(net.config, 1, len(prefix) + m - 1 if m > 1 else len(prefix), net.dtype, net.device)
+    first, _ = net(torch.tensor([prefix], device=net.device), cache=cache, last_only=True)  # (1, 1, V)
+    logits = first.expand(n, 1, -1)
+    targets = torch.zeros(n, m, dtype=torch.long, device=net.device)
+    for i, ids in enumerate(labels):
+        targets[i, :len(ids)] = torch.tensor(ids)
+    if m > 1:
+        cache.reorder(torch.zeros(n, dtype=torch.long, device=net.device))
+        rest, _ = net(targets[:, :-1], cache=cache)  # (N, M-1, V)
+        logits = torch.cat([logits, rest], dim=1)  # (N, M, V): logits[:, j] predicts targets[:, j]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets[:, :, None])[:, :, 0]  # (N, M)
+    lengths = torch.tensor([len(ids) for ids in labels], device=net.device)
+    mask = torch.arange(m, device=net.device)[None, :] < lengths[:, None]
+    return ((logp * mask).sum(1) / lengths).cpu()
+
+
+def label_logprobs(model, text: str, labels: list[str], task: str = "classify",
+                   style: str = DEFAULT_STYLE) -> dict[str, float]:
+    """Mean log-probability per token of each label as the answer for `text` (uncalibrated scores)."""
+    labels = check_labels(labels)
+    lang = check_language(model, text + " " + " ".join(labels))
+    return _scores(model, text, tuple(labels), task, lang, style)
+
+
+def _scores(model, text: str, labels: tuple[str, ...], task: str, lang: str, style: str) -> dict[str, float]:
+    prompt, conts = render(model, text, list(labels), task, lang, style)
+    prefix, ids = _label_ids(model, prompt, conts, style)
+    if any(not x for x in ids):
+        raise ValueError("labels must not be empty strings")
+    return dict(zip(labels, _mean_logprobs(model.model, prefix, ids).tolist()))
+
+
+def _softmax(scores: dict[str, float]) -> dict[str, float]:
+    top = max(scores.values())
+    exp = {k: math.exp(v - top) for k, v in scores.items()}
+    total = sum(exp.values())
+    return {k: v / total for k, v in exp.items()}
+
+
+# Content-free probabilities depend on the model, labels, task, language and style, not on the text:
+# computed once per combination (a batch file pays for them once). Weak keys let models be freed.
+_PRIORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def content_free_probs(model, labels: tuple[str, ...], task: str, lang: str, style: str) -> dict[str, float]:
+    """The average probabilities the model gives each label for the content-free inputs."""
+    key = (labels, task, lang, style)
+    per_model = _PRIORS.setdefault(model, {})
+    if key not in per_model:
+        runs = [_softmax(_scores(model, cf, labels, task, lang, style)) for cf in CONTENT_FREE]
+        per_model[key] = {k: sum(r[k] for r in runs) / len(runs) for k in labels}
+    return per_model[key]
+
+
+def _calibrated(probs: dict[str, float], prior: dict[str, float]) -> dict[str, float]:
+    ratio = {k: p / max(prior[k], 1e-12) for k, p in probs.items()}
+    total = sum(ratio.values())
+    return {k: v / total for k, v in ratio.items()}
+
+
+# -- public API -------------------------------------------------------------------
+
+def check_labels(labels) -> list[str]:
+    """Labels as a stripped list: a list, or one string "a,b,c" (full-width ， too). At least two, no
+    blank ones, no two alike ignoring case — ValueError saying which otherwise."""
+    if isinstance(labels, str):
+        labels = re.split(r"[,，]", labels)
+    labels = [str(label).strip() for label in labels or []]
+    if any(not label for label in labels):
+        raise ValueError("labels must not be empty: give them as a,b,c without blank entries")
+    if len(labels) < 2:
+        raise ValueError(f"labels: give at least 2 labels to choose between, got {len(labels)} "
+                         f"({', '.join(labels) or 'none'}); e.g. --labels sports,business,health")
+    seen: dict[str, str] = {}
+    for label in labels:
+        if label.casefold() in seen:
+            raise ValueError(f"labels: '{label}' is given twice (as '{seen[label.casefold()]}' too); "
+                             "each label must differ")
+        seen[label.casefold()] = label
+    return labels
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def classify(model, text: str, labels: list[str], calibrate: bool = True, *, task: str = "classify",
+             style: str = DEFAULT_STYLE) -> dict[str, float]:
+    """Probabilities (summing to 1) that `text` belongs to each label, from the model's likelihood of
+    each label as the answer. `calibrate` applies contextual calibration (see the module docstring).
+    Chinese text needs a bilingual model (LanguageError otherwise)."""
+    _check_choice("task", task, TASKS)
+    _check_choice("style", style, STYLES)
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    labels = tuple(check_labels(labels))
+    lang = check_language(model, text + " " + " ".join(labels))
+    probs = _softmax(_scores(model, text, labels, task, lang, style))
+    if calibrate:
+        probs = _calibrated(probs, content_free_probs(model, labels, task, lang, style))
+    return probs
+
+
+def sentiment(model, text: str, calibrate: bool = False, style: str = DEFAULT_STYLE) -> dict:
+    """{"label": positive|negative|neutral, "score": its probability, "scores": all three}.
+
+    Chinese text is scored with the labels 积极/消极/中性 (bilingual model) and reported under the
+    English names. Uncalibrated by default: on muse/eval/data calibration scored 0.70 / 0.67 / 0.77
+    against 0.83 / 0.73 / 0.67 without (default model English; bilingual model English, Chinese).
+    """
+    lang = check_language(model, text) if isinstance(text, str) else "en"
+    local = SENTIMENT_LABELS[lang]
+    probs = classify(model, text, list(local), calibrate, task="sentiment", style=style)
+    scores = {name: probs[label] for name, label in zip(SENTIMENTS, local)}
+    best = max(scores, key=scores.get)
+    return {"label": best, "score": scores[best], "scores": scores}
+
+
+# -- files ------------------------------------------------------------------------
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+
+
+def _format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise AnalysisInputError(f"{path}: use a .csv or .jsonl file (one record per row/line), "
+                                 f"not '{path.suffix or 'no extension'}'")
+    return fmt
+
+
+def read_rows(path: str | Path, column: str = "text") -> tuple[list[dict], list[str]]:
+    """The records of a CSV (with a header row) or JSONL file, and their field names in order.
+
+    Every record must have `column`; an empty file, a malformed JSON line or a missing column is an
+    AnalysisInputError naming the line.
+    """
+    path = Path(path)
+    fmt = _format(path)
+    try:
+        raw = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often save a BOM
+    except FileNotFoundError:
+        raise AnalysisInputError(f"{path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise AnalysisInputError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it "
+                                 "first, e.g. with `iconv -f GBK -t UTF-8`") from None
+    rows, fields = _read_csv(path, raw) if fmt == "csv" else _read_jsonl(path, raw)
+    if not rows:
+        raise AnalysisInputError(f"{path} has no records: add rows with a '{column}' field")
+    for line, row in rows:
+        value = row.get(column)
+        if value is None:
+            have = ", ".join(fields) or "none"
+            raise AnalysisInputError(f"{path} line {line} has no '{column}' field (fields: {have}); "
+                                     "pick the text field with --column")
+        if not isinstance(value, str):
+            raise AnalysisInputError(f"{path} line {line}: '{column}' must be text, got {json.dumps(value)}")
+    return [row for _, row in rows], fields
+
+
+def _read_csv(path: Path, raw: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    reader = csv.DictReader(io.StringIO(raw, newline=""))
+    fields = list(reader.fieldnames or [])
+    rows = []
+    for row in reader:
+        if None in row:  # more cells than header names
+            raise AnalysisInputError(f"{path} line {reader.line_num} has more cells than the header row")
+        rows.append((reader.line_num, row))
+    return rows, fields
+
+
+def _read_jsonl(path: Path, raw: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    rows, fields = [], {}
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AnalysisInputError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise AnalysisInputError(f"{path} line {n} must be a JSON object like {{\"text\": ...}}")
+        rows.append((n, row))
+        fields.update(dict.fromkeys(row))
+    return rows, list(fields)
+
+
+def _write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Write all rows to a temporary sibling, then rename: the output is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if _format(path) == "csv":
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+            else:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cell(value):
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+
+
+def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list[str] | None = None,
+                  task: str = "classify", column: str = "text", calibrate: bool | None = None) -> int:
+    """Classify (or score the sentiment of) the `column` of every record of a .csv/.jsonl file.
+
+    Writes the same records to `path_out` (.csv or .jsonl, either way round) with fields added:
+    `label`, `score`, and `p_<label>` for each label. Returns the number of records. Everything is
+    read and checked before the model runs, and the output appears only when complete.
+    `calibrate` defaults to what `classify` (True) and `sentiment` (False) do.
+    """
+    _check_choice("task", task, TASKS)
+    path_in, path_out = Path(path_in), Path(path_out)
+    _format(path_out)
+    if task == "classify":
+        labels = check_labels(labels)
+    elif labels:
+        raise ValueError("sentiment has fixed labels (positive, negative, neutral); drop --labels")
+    rows, fields = read_rows(path_in, column)
+    names = list(labels) if task == "classify" else list(SENTIMENTS)
+    added = ["label", "score"] + [f"p_{name}" for name in names]
+    clash = [name for name in added if name in fields]
+    if clash:
+        raise AnalysisInputError(f"{path_in} already has the field(s) {', '.join(clash)} that the results "
+                                 "would overwrite; rename them (e.g. label → gold) and run again")
+    out = []
+    for row in rows:
+        if task == "classify":
+            probs = classify(model, row[column], labels, True if calibrate is None else calibrate)
+        else:
+            probs = sentiment(model, row[column], bool(calibrate))["scores"]
+        best = max(probs, key=probs.get)
+        out.append({**row, "label": best, "score": round(probs[best], 6),
+                    **{f"p_{k}": round(v, 6) for k, v in probs.items()}})
+    _write_rows(path_out, out, fields + added)
+    return len(out)

@@ -1,0 +1,509 @@
+"""Creative writing with form checks: poems (绝句, 律诗, haiku, free verse), stories, slogans, ad copy.
+
+Small models cannot count characters or syllables, so a poem in a fixed form goes through three steps:
+- guided decoding (Chinese lines): only tokens made wholly of Chinese characters that still fit the line
+  may be sampled, and the line ends with punctuation exactly when it is full, so 五言 lines have five
+  characters by construction;
+- repair: titles, numbering, markdown and commentary are stripped, a one-line 绝句 is split at its
+  punctuation, and a haiku whose words add up to 5-7-5 syllables is reflowed at word boundaries;
+- check and retry: `check_form` lists what is still wrong, and another attempt (a new seed) follows,
+  up to `attempts`; a text that never conforms is returned with ok=False and its problems.
+
+>>> c = create(model, "poem", "春天", form="wujue")
+>>> c.ok, c.text
+(True, '春风吹柳绿，\\n细雨润花红。\\n...')
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from muse.apps.text import HAN_RE, LanguageError, check_language, supports_chinese
+from muse.errors import ContextLengthError
+from muse.generation import SamplingParams, apply_penalties, make_sampler
+from muse.model import KVCache
+
+KINDS = ("poem", "story", "slogan", "product")
+
+
+@dataclass(frozen=True)
+class Form:
+    """A poem form: how many lines, and how long each must be (in `unit`s)."""
+
+    name: str
+    title: str
+    lines: tuple[int, ...] = ()  # required length of each line; () = free form
+    unit: str = "characters"  # characters (Chinese) | syllables (English; a Chinese character is one)
+    chinese: bool = False  # written in Chinese whatever the topic's language
+
+
+FORMS = {
+    "wujue": Form("wujue", "五言绝句", (5,) * 4, chinese=True),
+    "qijue": Form("qijue", "七言绝句", (7,) * 4, chinese=True),
+    "wulv": Form("wulv", "五言律诗", (5,) * 8, chinese=True),
+    "qilv": Form("qilv", "七言律诗", (7,) * 8, chinese=True),
+    "haiku": Form("haiku", "haiku", (5, 7, 5), unit="syllables"),
+    "free": Form("free", "free verse"),
+}
+
+# Tokens enough for each kind at the lengths the prompts ask for (a Chinese character is ~1 token).
+DEFAULT_TOKENS = {"poem": 160, "story": 450, "slogan": 48, "product": 260}
+PRESENCE_PENALTY = 1.0  # without it the small models repeat characters and whole lines (春雨绵绵绵)
+SLOGAN_MAX = {"en": 15, "zh": 25}  # words / characters; longer is not a slogan
+
+
+@dataclass
+class Creation:
+    """What `create` made: the text, its form, whether it conforms, what is wrong if not, attempts used."""
+
+    text: str
+    form: str | None
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    tries: int = 1
+
+
+# -- syllables --------------------------------------------------------------------
+
+# Words the rules below get wrong that poems use often.
+_SYLLABLE_EXCEPTIONS = {
+    "people": 2, "poem": 2, "poems": 2, "poet": 2, "poets": 2, "poetry": 3, "quiet": 2, "quietly": 3,
+    "diet": 2, "science": 2, "client": 2, "being": 2, "rhythm": 2, "rhythms": 2, "fire": 1, "fires": 1,
+    "hour": 1, "hours": 1, "flour": 1, "our": 1, "prism": 2, "chasm": 2, "museum": 3, "cruel": 2,
+    "fuel": 2, "duel": 2, "jewel": 2, "jewels": 2, "create": 2, "created": 3, "creation": 3, "every": 2,
+    "everything": 3, "everyone": 3, "evening": 2, "different": 3, "heaven": 2, "heavens": 2, "forest": 2,
+    "recipe": 3, "karate": 3, "sometimes": 2, "something": 2, "someone": 2, "somewhere": 2, "whereas": 2,
+    "fireflies": 3, "firefly": 3, "lion": 2, "lions": 2, "naive": 2, "cafe": 2, "anemone": 4, "whisper": 2,
+    "wednesday": 2, "business": 2, "chocolate": 2, "family": 3, "area": 3, "idea": 3, "ideas": 3,
+    "going": 2, "doing": 2, "element": 3, "elements": 3, "lie": 1, "lies": 1, "die": 1, "dies": 1, "tie": 1, "pie": 1, "movie": 2,
+}
+_VOWELS = "aeiouy"
+_SPLIT_PAIRS = re.compile(r"(?<![tscgx])i[aou]|(?<![g])ua|eo(?!us)|iu")  # two vowels heard as two syllables
+_SILENT_E_SUFFIX = re.compile(r"[^aeiouy]e(ly|ment|ful|fully|less|lessly|ness)$")  # lone-ly, move-ment, care-ful
+
+
+def _word_syllables(word: str) -> int:
+    """Syllables in one English word: vowel groups with the common corrections (silent e, -ed, -es,
+    -le, vowel pairs that split like li-on and ra-di-o), plus a list of frequent exceptions."""
+    # café → cafe: accents do not change the count
+    w = unicodedata.normalize("NFKD", word.lower()).encode("ascii", "ignore").decode().strip("'")
+    if w.endswith("'s"):
+        w = w[:-2]
+    w = w.replace("'", "")
+    if not w:
+        return 0
+    if w in _SYLLABLE_EXCEPTIONS:
+        return _SYLLABLE_EXCEPTIONS[w]
+    if w.endswith("s") and w[:-1] in _SYLLABLE_EXCEPTIONS:
+        return _SYLLABLE_EXCEPTIONS[w[:-1]]
+    w = w.replace("qu", "q")  # the u of qu is a consonant
+    n = len(re.findall(r"[aeiouy]+", w))
+    n += len(_SPLIT_PAIRS.findall(w.replace("llio", "llo").replace("nio", "no")))  # mil-lion, on-ion
+    if w.endswith("e") and len(w) > 2 and w[-2] not in _VOWELS and not _consonant_le(w):
+        n -= 1  # silent e: make, stone (but ta-ble)
+    elif w.endswith("ed") and len(w) > 3 and w[-3] not in _VOWELS + "td":
+        n -= 1  # jumped, rained (but want-ed)
+    elif w.endswith("es") and len(w) > 3 and w[-3] not in _VOWELS + "sxzcg" and not w.endswith(("ches", "shes")) \
+            and not _consonant_le(w[:-1]):
+        n -= 1  # makes, leaves (but fa-ces, hor-ses, ta-bles)
+    elif (m := _SILENT_E_SUFFIX.search(w)) and not _consonant_le(w[:m.start(1)]):
+        n -= 1  # lone-ly, move-ment
+    if re.search(r"[aeiouy]ing$", w) and not w.endswith("uing"):
+        n += 1  # be-ing, fly-ing (vowel group + ing reads as two)
+    if re.search(r"[aeiouy][^aeiouy]*ea$", w):
+        n += 1  # ar-e-a, Ko-re-a (but sea, tea)
+    return max(n, 1)
+
+
+def _consonant_le(w: str) -> bool:
+    return w.endswith("le") and len(w) > 2 and w[-3] not in _VOWELS
+
+
+_WORD_RE = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ]+(?:'[A-Za-zÀ-ÖØ-öø-ÿ]+)*|\d+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_DIGITS = {"0": 2, "1": 1, "2": 1, "3": 1, "4": 1, "5": 1, "6": 1, "7": 2, "8": 1, "9": 1}
+
+
+def syllables(text: str) -> int:
+    """Syllables in `text`: English words by `_word_syllables`, one per Chinese character, digits
+    as spoken one by one."""
+    total = 0
+    for w in _WORD_RE.findall(text):
+        if w.isdigit():
+            total += sum(_DIGITS[d] for d in w)
+        elif HAN_RE.match(w):
+            total += 1
+        else:
+            total += _word_syllables(w)
+    return total
+
+
+# -- checking ---------------------------------------------------------------------
+
+# Punctuation that ends a line of Chinese verse (full- and half-width), and what never counts as a character.
+_VERSE_BREAK = re.compile(r"[，。！？；、,.!?;：:]+")
+_NOT_COUNTED = re.compile(r"[\s\W_]+")
+
+
+def get_form(form: str | None) -> Form:
+    if form is None:
+        return FORMS["free"]
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    return FORMS[form]
+
+
+def _verses(text: str) -> list[str]:
+    """Chinese verse lines: non-blank lines, each split again at punctuation (couplets on one line)."""
+    out = []
+    for line in text.splitlines():
+        out.extend(v.strip() for v in _VERSE_BREAK.split(line) if _NOT_COUNTED.sub("", v))
+    return out
+
+
+def check_form(text: str, form: str | None) -> list[str]:
+    """What keeps `text` from being a poem in `form`; an empty list means it conforms.
+
+    Chinese forms count Chinese characters per line, punctuation and spaces not counted; a line may
+    hold a couplet ("白日依山尽，黄河入海流。") since lines also split at punctuation. A haiku counts
+    syllables per non-blank line. Blank lines are ignored; a title line counts as a line (repair
+    strips titles).
+    """
+    f = get_form(form)
+    if not text.strip():
+        return ["the poem is empty"]
+    if not f.lines:
+        return []
+    if f.chinese:
+        lines, unit, measure = _verses(text), "characters", _han_only
+    else:
+        lines, unit, measure = [ln.strip() for ln in text.splitlines() if ln.strip()], "syllables", syllables
+    problems = []
+    if len(lines) != len(f.lines):
+        problems.append(f"{len(lines)} lines; a {f.title} has {len(f.lines)}")
+    for i, (line, want) in enumerate(zip(lines, f.lines), 1):
+        have = measure(line)
+        if have is None:
+            problems.append(f"line {i} '{line}' has characters that are not Chinese")
+        elif have != want:
+            problems.append(f"line {i} '{line}' has {have} {unit}; it needs {want}")
+    return problems
+
+
+def _han_only(verse: str) -> int | None:
+    """Chinese characters in a verse; None when it holds anything else (letters, digits)."""
+    rest = _NOT_COUNTED.sub("", HAN_RE.sub("", verse))
+    return None if rest else len(HAN_RE.findall(verse))
+
+
+# -- repair -----------------------------------------------------------------------
+
+_FENCE = re.compile(r"^\s*```.*$", re.M)
+_MARKUP = re.compile(r"\*\*|__|^#+\s*|^>\s*", re.M)
+_NUMBERING = re.compile(r"^\s*(?:\d+[.)、:：]|[（(]\d+[)）]|[一二三四五六七八]、|[-*•]\s)\s*")
+_TITLE = re.compile(r"^\s*(?:《[^》]*》|[“\"「『]?(?:title|标题|题目|诗名)\s*[:：].*)\s*$", re.I)
+_PREAMBLE = re.compile(r"[:：]\s*$")  # "Here is a haiku about rain:" / "以下是一首诗："
+_QUOTES = "\"'“”‘’「」『』"
+
+
+def clean(text: str) -> list[str]:
+    """Lines of `text` without markdown, numbering, titles, quotes or a leading "Here is...:" line."""
+    text = _MARKUP.sub("", _FENCE.sub("", text))
+    lines = [_NUMBERING.sub("", ln).strip().strip(_QUOTES).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not _TITLE.match(ln)]
+    while lines and _PREAMBLE.search(lines[0]):
+        lines.pop(0)
+    return lines
+
+
+def repair(text: str, form: str | None) -> str:
+    """The poem inside a model's reply, laid out for `form`.
+
+    Strips what is not the poem (see `clean`); for a Chinese form picks the first run of verses of the
+    right length (a one-line 绝句 splits at its punctuation; an unpunctuated line of 10 or 20 characters
+    splits every 5) and puts one verse per line; for a haiku picks three 5-7-5 lines, or reflows 1-4
+    consecutive lines whose words add up to 17 syllables. Text it cannot fix comes back cleaned.
+    """
+    f = get_form(form)
+    lines = clean(text)
+    if f.chinese:
+        return _repair_chinese(lines, f) or "\n".join(lines)
+    if f.name == "haiku":
+        return _repair_haiku(lines, f.lines) or "\n".join(lines)
+    return "\n".join(lines)
+
+
+def _repair_chinese(lines: list[str], f: Form) -> str | None:
+    n, count = f.lines[0], len(f.lines)
+    pieces: list[tuple[str, str]] = []  # (verse, its punctuation)
+    for line in lines:
+        parts = re.split(f"({_VERSE_BREAK.pattern})", line)
+        for verse, punct in zip(parts[0::2], parts[1::2] + [""]):
+            verse = _NOT_COUNTED.sub("", verse)
+            k = _han_only(verse) if verse else None
+            if k and k > n and k % n == 0 and len(parts) == 1:
+                pieces.extend((verse[i:i + n], "") for i in range(0, k, n))  # unpunctuated run of verses
+            elif verse:
+                pieces.append((verse, punct[:1]))
+    for start in range(len(pieces) - count + 1):
+        window = pieces[start:start + count]
+        if all(_han_only(v) == n for v, _ in window):
+            ends = [p if p in "，。！？；" and p else ("，" if i % 2 == 0 else "。") for i, (_, p) in enumerate(window)]
+            return "\n".join(v + e for (v, _), e in zip(window, ends))
+    return None
+
+
+def _repair_haiku(lines: list[str], target: tuple[int, ...]) -> str | None:
+    counts = [syllables(ln) for ln in lines]
+    for i in range(len(lines) - 2):
+        if tuple(counts[i:i + 3]) == target:
+            return "\n".join(lines[i:i + 3])
+    for width in (1, 2, 3, 4):
+        for i in range(len(lines) - width + 1):
+            if sum(counts[i:i + width]) == sum(target):
+                flowed = _reflow(" ".join(lines[i:i + width]).split(), target)
+                if flowed:
+                    return flowed
+    return None
+
+
+def _reflow(words: list[str], target: tuple[int, ...]) -> str | None:
+    """Break `words` into lines of exactly `target` syllables at word boundaries, if possible."""
+    out, line, have, goals = [], [], 0, list(target)
+    for w in words:
+        line.append(w)
+        have += syllables(w)
+        if have == goals[0]:
+            out.append(" ".join(line))
+            line, have = [], 0
+            goals.pop(0)
+            if not goals:
+                break
+        elif have > goals[0]:
+            return None
+    return "\n".join(out) if not goals and len(out) == len(target) else None
+
+
+def _check_prose(kind: str, text: str, lang: str, finish: str | None, max_tokens: int) -> list[str]:
+    problems = []
+    if not text.strip():
+        problems.append("the model wrote nothing")
+    if finish == "length" and kind != "slogan":
+        problems.append(f"the text was cut off at {max_tokens} tokens; allow more with max_new_tokens")
+    if kind == "slogan" and text.strip():  # the first line of the reply, quotes stripped
+        size = len(text.split()) if lang == "en" else len(HAN_RE.findall(text))
+        if size > SLOGAN_MAX[lang]:
+            unit = "words" if lang == "en" else "characters"
+            problems.append(f"{size} {unit} is long for a slogan (at most {SLOGAN_MAX[lang]})")
+    return problems
+
+
+# -- prompts ----------------------------------------------------------------------
+
+_POEM_EN = {
+    "haiku": "Write a haiku about {topic}: three lines of 5, 7 and 5 syllables. Reply with the haiku only, "
+             "no title.",
+    "free": "Write a short poem (8 to 12 lines) about {topic}. Reply with the poem only, no title.",
+}
+_POEM_ZH = {
+    "haiku": "以「{topic}」为题，写一首汉俳：三句，分别为五个字、七个字、五个字。只写诗句，不要标题和解释。",
+    "free": "以「{topic}」为题，写一首八到十二行的现代诗。只写诗，不要标题和解释。",
+}
+_CHINESE_FORM = "以「{topic}」为题，写一首{title}：共{count}句，每句{n}个字。只写诗句，不要标题和解释。"
+_PROSE = {
+    ("story", "en"): "Write a short story (about 250 words) about {topic}, with a beginning, a turn and an ending.",
+    ("story", "zh"): "写一个关于「{topic}」的短篇故事，约三百字，要有开头、转折和结尾。",
+    ("slogan", "en"): "Write one catchy slogan for {topic}, at most 10 words. Reply with the slogan only.",
+    ("slogan", "zh"): "为「{topic}」写一句朗朗上口的宣传口号，不超过十五个字。只输出口号。",
+    ("product", "en"): "Write persuasive ad copy (about 100 words) for this product: {topic}\n"
+                       "Say what makes it useful and end with a call to action. Reply with the ad copy only.",
+    ("product", "zh"): "为下面的产品写一段约一百五十字的广告文案，突出卖点，结尾号召购买。只输出文案。\n产品：{topic}",
+}
+
+
+def instruction(kind: str, form: Form, topic: str, lang: str) -> str:
+    """The request the model gets, in the language the piece is written in."""
+    if kind != "poem":
+        return _PROSE[(kind, lang)].format(topic=topic)
+    if form.chinese:
+        return _CHINESE_FORM.format(topic=topic, title=form.title, count=len(form.lines), n=form.lines[0])
+    return (_POEM_ZH if lang == "zh" else _POEM_EN)[form.name].format(topic=topic)
+
+
+# -- guided decoding --------------------------------------------------------------
+
+_WIDTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ALL_HAN = re.compile(r"^[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+$")
+
+
+def _han_widths(model) -> torch.Tensor:
+    """(vocab,) long: how many Chinese characters each token spells, 0 when it holds anything else
+    (punctuation, letters, part of a UTF-8 character). Built once per tokenizer."""
+    tok = model.tokenizer
+    if tok not in _WIDTHS:
+        texts = tok.backend.decode_batch([[i] for i in range(tok.vocab_size)], skip_special_tokens=False)
+        widths = torch.zeros(max(model.config.vocab_size, tok.vocab_size), dtype=torch.long)
+        widths[:len(texts)] = torch.tensor([len(t) if _ALL_HAN.match(t) else 0 for t in texts])
+        _WIDTHS[tok] = widths[:model.config.vocab_size]
+    return _WIDTHS[tok]
+
+
+@torch.inference_mode()
+def guided_lines(model, prompt_ids: list[int], lengths: tuple[int, ...], ends: list[str],
+                 params: SamplingParams) -> str:
+    """Sample lines of exactly `lengths` Chinese characters after `prompt_ids`, each followed by its
+    `ends` text (punctuation + newline), which is fed to the model rather than sampled.
+
+    At each step only tokens of whole Chinese characters that fit what is left of the line are allowed:
+    logits (1, V) masked to -inf elsewhere, then the usual sampler (temperature, top-p, seed).
+    """
+    net, tok = model.model, model.tokenizer
+    widths = _han_widths(model).to(net.device)
+    end_ids = [tok.encode(e, add_special_tokens=False) for e in ends]
+    total = len(prompt_ids) + sum(lengths) + sum(len(e) for e in end_ids)
+    if total > net.config.block_size:
+        raise ContextLengthError(total, net.config.block_size)
+    sampler = make_sampler(params)
+    cache = KVCache(net.config, 1, total, net.dtype, net.device)
+    history = torch.tensor([prompt_ids], device=net.device)  # (1, T) for repetition penalties
+    logits, _ = net(history, cache=cache, last_only=True)  # (1, 1, V)
+    text = []
+    for n, end, eids in zip(lengths, ends, end_ids):
+        left = n
+        while left:
+            allowed = (widths >= 1) & (widths <= left)
+            step = apply_penalties(logits[:, -1], history, history[:, len(prompt_ids):], params)
+            token = sampler(step.masked_fill(~allowed, float("-inf")))  # (1,)
+            left -= int(widths[token])
+            text.append(tok.decode([int(token)]))
+            history = torch.cat([history, token[:, None]], dim=1)
+            logits, _ = net(token[:, None], cache=cache, last_only=True)
+        text.append(end)
+        ids = torch.tensor([eids], device=net.device)
+        history = torch.cat([history, ids], dim=1)
+        logits, _ = net(ids, cache=cache, last_only=True)
+    return "".join(text).rstrip("\n")
+
+
+def guided_syllables(model, prompt_ids: list[int], lengths: tuple[int, ...], params: SamplingParams,
+                     samples: int = 4) -> str:
+    """Write lines of exactly `lengths` syllables after `prompt_ids`, one line at a time.
+
+    Syllables span several tokens, so instead of masking tokens each line is sampled up to its newline,
+    and sampled again (a new seed) while its count is wrong, up to `samples` times; then the closest
+    line is kept and `check_form` reports it.
+    """
+    lines: list[str] = []
+    for i, want in enumerate(lengths):
+        context = list(prompt_ids) + model.tokenizer.encode("".join(ln + "\n" for ln in lines),
+                                                            add_special_tokens=False)
+        best = ""
+        for s in range(samples):
+            p = _retry_params(params, s, offset=100 * i)
+            p = p.replace(stop=["\n"], max_new_tokens=min(p.max_new_tokens, 32))  # one line
+            line = " ".join(clean(model.generate(context, p)))
+            if abs(syllables(line) - want) < abs(syllables(best) - want) or not best:
+                best = line
+            if syllables(best) == want:
+                break
+        lines.append(best)
+    return "\n".join(lines)
+
+
+def _line_ends(form: Form) -> list[str]:
+    if form.name == "haiku":
+        return ["\n"] * len(form.lines)
+    return ["，\n" if i % 2 == 0 else "。\n" for i in range(len(form.lines))]
+
+
+def _can_guide(model) -> bool:
+    # Masking needs a tokenizer with single-character tokens, so every line can always be completed.
+    return hasattr(model.tokenizer, "backend") and bool((_han_widths(model) == 1).any())
+
+
+# -- creating ---------------------------------------------------------------------
+
+def _attempt(model, kind: str, form: Form, messages: list[dict], lang: str, p: SamplingParams,
+             guide: str | None) -> tuple[str, list[str]]:
+    """One generation, repaired, and the problems left in it. guide: None, "characters" or "syllables"."""
+    if guide:
+        ids = model.tokenizer.encode(model.chat_prompt(messages), add_special_tokens=False)
+        if guide == "characters":
+            text = guided_lines(model, ids, form.lines, _line_ends(form), p)
+        else:
+            text = guided_syllables(model, ids, form.lines, p)
+        return text, check_form(text, form.name)
+    chunks = list(model.stream_chat(messages, p))
+    raw = "".join(c.text for c in chunks)
+    finish = chunks[-1].finish_reason if chunks else None
+    if kind == "poem" and form.lines:
+        text = repair(raw, form.name)
+        return text, check_form(text, form.name)  # a cut-off reply may still hold a whole haiku
+    lines = clean(raw)
+    text = lines[0] if kind == "slogan" and lines else "\n".join(lines)
+    return text, _check_prose(kind, text, lang, finish, p.max_new_tokens)
+
+
+def _retry_params(p: SamplingParams, attempt: int, offset: int = 0) -> SamplingParams:
+    """A new seed for each retry (derived from the given one, so runs repeat); greedy would only
+    repeat itself, so a retry after temperature 0 samples at 0.8."""
+    if attempt == 0 and not offset:
+        return p
+    seed = None if p.seed is None else p.seed + offset + attempt
+    return p.replace(seed=seed, temperature=p.temperature or 0.8) if attempt else p.replace(seed=seed)
+
+
+def _guide(model, form: Form, lang: str) -> str | None:
+    """How decoding is guided for this form: by characters (Chinese lines), syllables, or not at all."""
+    if not form.lines:
+        return None
+    if form.chinese or lang == "zh":
+        return "characters" if _can_guide(model) else None
+    return "syllables"
+
+
+def create(model, kind: str, topic: str, form: str | None = None, params: SamplingParams | None = None,
+           attempts: int = 4, guided: bool = True) -> Creation:
+    """Write a poem, story, slogan or product ad copy about `topic`.
+
+    kind: poem | story | slogan | product (for product, `topic` is the product's description).
+    form (poems only): wujue, qijue, wulv, qilv (Chinese; need a bilingual model), haiku, free (default).
+    The piece is written in the topic's language (Chinese forms always in Chinese). Forms are checked;
+    a non-conforming result is retried with a new seed up to `attempts` times in all, and the best try
+    comes back with ok=False and its problems if none conforms. `guided` builds fixed forms line by line
+    (`guided_lines` for Chinese characters, `guided_syllables` for a haiku); False samples the whole
+    poem freely, then repairs it. Default sampling: temperature 0.8, a presence penalty against the
+    small models' loops, and max_new_tokens from DEFAULT_TOKENS.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind != "poem" and form not in (None, "free"):
+        raise ValueError(f"form applies to poems only; drop form={form!r} for a {kind}")
+    if not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be an integer ≥ 1, got {attempts!r}")
+    if not isinstance(topic, str) or not topic.strip():
+        raise ValueError("topic must not be empty: say what to write about")
+    f = get_form(form)
+    lang = check_language(model, topic)
+    if f.chinese:
+        if not supports_chinese(model):
+            raise LanguageError(f"A {f.title} ({f.name}) is Chinese verse, and {model.name} is an English-only "
+                                "model. Use the bilingual model: `--model qwen2.5-0.5b`.")
+        lang = "zh"
+    guide = _guide(model, f, lang) if guided else None
+    p = params or SamplingParams(max_new_tokens=DEFAULT_TOKENS[kind], temperature=0.8, top_p=0.95,
+                                 presence_penalty=PRESENCE_PENALTY)
+    messages = [{"role": "user", "content": instruction(kind, f, topic.strip(), lang)}]
+    best: Creation | None = None
+    for i in range(attempts):
+        text, problems = _attempt(model, kind, f, messages, lang, _retry_params(p, i), guide)
+        if not problems:
+            return Creation(text, f.name if kind == "poem" else None, True, [], i + 1)
+        if best is None or len(problems) < len(best.problems):
+            best = Creation(text, f.name if kind == "poem" else None, False, problems, i + 1)
+    best.tries = attempts
+    return best

@@ -1,0 +1,195 @@
+"""Classification and sentiment by likelihood, batch files, and the classify/sentiment commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import muse
+from muse.apps import analysis
+from muse.apps.analysis import AnalysisInputError, classify, classify_file, sentiment
+from muse.apps.text import LanguageError
+
+# Labels of 1, 2 and 3+ tokens, so padding and the per-token mean both matter.
+LABELS = ["sports", "science fiction", "business news"]
+TEXT = "The striker scored twice in the second half and the fans sang until midnight."
+
+
+def _reference_probs(model, text, labels, style):
+    """Brute force: each label appended to the prompt, the full text run through Model.logits."""
+    prompt, conts = analysis.render(model, text, labels, "classify", "en", style)
+    scores = []
+    for cont in conts:
+        prefix = model.tokenizer.encode(prompt, add_special_tokens=style == "plain")
+        full = model.tokenizer.encode(prompt + cont, add_special_tokens=style == "plain")
+        assert full[:len(prefix)] == prefix
+        logp = torch.log_softmax(model.logits(full), dim=-1)  # (T, V)
+        label = full[len(prefix):]
+        scores.append(sum(logp[len(prefix) - 1 + j, t].item() for j, t in enumerate(label)) / len(label))
+    exp = [math.exp(s - max(scores)) for s in scores]
+    return {label: e / sum(exp) for label, e in zip(labels, exp)}
+
+
+@pytest.mark.parametrize("style", analysis.STYLES)
+def test_probabilities_match_a_brute_force_computation(default_model, style):
+    probs = classify(default_model, TEXT, LABELS, calibrate=False, style=style)
+    assert list(probs) == LABELS and math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
+    expected = _reference_probs(default_model, TEXT, LABELS, style)
+    torch.testing.assert_close(torch.tensor(list(probs.values())), torch.tensor(list(expected.values())),
+                               atol=2e-3, rtol=0)
+
+
+def test_calibration_divides_by_the_content_free_probabilities(default_model):
+    raw = classify(default_model, TEXT, LABELS, calibrate=False)
+    prior = [classify(default_model, cf, LABELS, calibrate=False) for cf in analysis.CONTENT_FREE]
+    ratio = {k: raw[k] / (sum(p[k] for p in prior) / len(prior)) for k in LABELS}
+    expected = {k: v / sum(ratio.values()) for k, v in ratio.items()}
+    calibrated = classify(default_model, TEXT, LABELS)
+    assert math.isclose(sum(calibrated.values()), 1.0, abs_tol=1e-6)
+    for k in LABELS:
+        assert calibrated[k] == pytest.approx(expected[k], abs=1e-4)
+    assert calibrated != pytest.approx(raw, abs=1e-3)  # calibration changed something
+
+
+def test_sentiment_of_obvious_english_reviews(default_model):
+    good = sentiment(default_model, "Absolutely wonderful! The best meal I have ever had, and the staff were lovely.")
+    bad = sentiment(default_model, "Terrible. The food was cold, the waiter was rude and I will never go back.")
+    assert good["label"] == "positive" and bad["label"] == "negative"
+    for r in (good, bad):
+        assert set(r["scores"]) == {"positive", "negative", "neutral"}
+        assert math.isclose(sum(r["scores"].values()), 1.0, abs_tol=1e-6)
+        assert r["score"] == max(r["scores"].values())
+
+
+def test_bad_labels_and_languages(default_model):
+    with pytest.raises(ValueError, match="at least 2 labels"):
+        classify(default_model, TEXT, ["sports"])
+    with pytest.raises(ValueError, match="'Sports' is given twice"):
+        classify(default_model, TEXT, ["sports", "business", "Sports"])
+    with pytest.raises(ValueError, match="must not be empty"):
+        classify(default_model, TEXT, "sports,,business")
+    with pytest.raises(ValueError, match="task must be one of"):
+        classify(default_model, TEXT, LABELS, task="summarize")
+    with pytest.raises(LanguageError, match="qwen2.5-0.5b"):
+        sentiment(default_model, "这家餐厅的菜太难吃了，服务员态度也很差。")
+    assert analysis.check_labels("体育，财经, 科技") == ["体育", "财经", "科技"]
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_gguf):
+    return muse.load(qwen_gguf)
+
+
+def test_chinese_sentiment_on_the_bilingual_model(qwen):
+    good = sentiment(qwen, "这家餐厅的菜好吃极了，服务也很周到，下次还来！")
+    bad = sentiment(qwen, "质量太差了，用了两天就坏了，客服也不理人，非常失望。")
+    # scored with 积极/消极/中性, reported under the English names
+    assert bad["label"] == "negative"
+    assert good["scores"]["positive"] > bad["scores"]["positive"]
+    assert good["scores"]["negative"] < bad["scores"]["negative"]
+    assert math.isclose(sum(good["scores"].values()), 1.0, abs_tol=1e-6)
+
+
+# -- files --------------------------------------------------------------------------
+
+ROWS = [{"id": "1", "text": "The goalkeeper saved a penalty in the final minute."},
+        {"id": "2", "text": "Shares fell after the bank reported lower profits."}]
+
+
+def _write_csv(path, rows, fields=("id", "text")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_csv_to_jsonl_and_back_keeps_rows_and_adds_results(default_model, tmp_path):
+    labels = ["sports", "business"]
+    _write_csv(tmp_path / "in.csv", ROWS)
+    assert classify_file(default_model, tmp_path / "in.csv", tmp_path / "out.jsonl", labels=labels) == 2
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for row, res in zip(ROWS, out):
+        assert {k: res[k] for k in row} == row  # the input fields, unchanged
+        probs = classify(default_model, row["text"], labels)
+        assert res["label"] == max(probs, key=probs.get)
+        assert res["p_sports"] == pytest.approx(probs["sports"], abs=1e-5)
+        assert res["score"] == pytest.approx(max(probs.values()), abs=1e-5)
+
+    # JSONL in, CSV out, with a custom text field, for sentiment
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"n": i, "review": r["text"]}) + "\n\n"
+                                               for i, r in enumerate(ROWS)))
+    assert classify_file(default_model, tmp_path / "in.jsonl", tmp_path / "out.csv", task="sentiment",
+                         column="review") == 2
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [r["review"] for r in got] == [r["text"] for r in ROWS] and [r["n"] for r in got] == ["0", "1"]
+    assert list(got[0]) == ["n", "review", "label", "score", "p_positive", "p_negative", "p_neutral"]
+    expected = sentiment(default_model, ROWS[0]["text"])
+    assert got[0]["label"] == expected["label"]
+    assert float(got[0]["p_neutral"]) == pytest.approx(expected["scores"]["neutral"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.csv", "", "has no records"),
+    ("header.csv", "id,text\n", "has no records"),
+    ("nocol.csv", "id,body\n1,hello\n", "line 2 has no 'text' field \\(fields: id, body\\)"),
+    ("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n', "bad.jsonl line 2 is not valid JSON"),
+    ("list.jsonl", '{"text": "fine"}\n["text"]\n', "line 2 must be a JSON object"),
+    ("num.jsonl", '{"text": 42}\n', "line 1: 'text' must be text"),
+    ("clash.jsonl", '{"text": "fine", "label": "gold"}\n', "already has the field\\(s\\) label"),
+    ("data.txt", "text\nhello\n", "use a .csv or .jsonl file"),
+])
+def test_bad_batch_files_are_named_and_nothing_is_written(default_model, tmp_path, name, content, message):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(AnalysisInputError, match=message):
+        classify_file(default_model, tmp_path / name, tmp_path / "out.jsonl", labels=["a", "b"])
+    assert not (tmp_path / "out.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left either
+
+
+# -- the commands ---------------------------------------------------------------------
+
+def test_classify_command_matches_the_api(default_model, monkeypatch):
+    from muse.cli import app
+
+    monkeypatch.setattr(muse, "load", lambda *a, **k: default_model)  # one model: its priors are cached
+    r = CliRunner().invoke(app, ["classify", TEXT, "--labels", ",".join(LABELS), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    probs = classify(default_model, TEXT, LABELS)
+    assert out["scores"] == pytest.approx(probs, abs=1e-6) and out["label"] == max(probs, key=probs.get)
+    table = CliRunner().invoke(app, ["classify", TEXT, "-l", ",".join(LABELS)])
+    assert table.exit_code == 0 and all(label in table.stdout for label in LABELS)
+
+
+def test_sentiment_command_on_a_file(default_model, tmp_path, monkeypatch):
+    from muse.cli import app
+
+    monkeypatch.setattr(muse, "load", lambda *a, **k: default_model)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    r = CliRunner().invoke(app, ["sentiment", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [o["label"] for o in out] == [sentiment(default_model, row["text"])["label"] for row in ROWS]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["classify", "hello", "--labels", "only"], "at least 2 labels"),
+    (["classify", "hello", "--labels", "a,b,a"], "'a' is given twice"),
+    (["classify", "--labels", "a,b"], "give the TEXT to score"),
+    (["classify", "hi", "-i", "x.csv", "-o", "y.csv", "--labels", "a,b"], "either TEXT or --input"),
+    (["sentiment", "-i", "x.csv"], "--input needs --output"),
+    (["sentiment", "-i", "missing.csv", "-o", "y.csv"], "missing.csv does not exist"),
+])
+def test_commands_report_bad_input_in_one_line(args, message, tmp_path, monkeypatch):
+    from muse.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code in (1, 2) and "Traceback" not in r.output
+    assert message in r.stderr
