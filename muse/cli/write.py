@@ -1,1 +1,181 @@
-"""(being written)"""
+"""`muse write ACTION`: the writing partner on a text argument, standard input or a file, with versions."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from muse.apps.writer import ACTIONS, LANGUAGES, TONES
+from muse.cli.common import (
+    MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params,
+    _stats, app, console, err, friendly,
+)
+
+write_app = typer.Typer(
+    help="Write with the model: continue, rewrite, polish (proofread), expand, shorten, outline, titles, "
+         "summarize, translate.\n\n"
+         "The text comes from an argument, standard input (-) or a file (-i draft.md); the result streams "
+         "to the terminal and, with -o FILE or --in-place, is written to a file. Every change to a file "
+         "keeps the previous version: `muse write history FILE` lists them, `muse write restore FILE SEQ` "
+         "brings one back.\n\n"
+         "Examples:\n\n"
+         "  muse write rewrite \"hey, meeting moved to fri\" --tone formal\n\n"
+         "  muse write polish -i draft.md --in-place\n\n"
+         "  cat report.txt | muse write summarize - --length 60\n\n"
+         "  muse write translate -i notes.md --to zh -o notes.zh.md -m qwen2.5-0.5b",
+    no_args_is_help=True,
+)
+app.add_typer(write_app, name="write")
+
+TEXT_HELP = "The text to work on ('-' reads standard input). Or use -i FILE."
+
+
+def _command(action: str):
+    act = ACTIONS[action]
+
+    def command(
+        text: Optional[str] = typer.Argument(None, help=TEXT_HELP, show_default=False),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="Read the text from this UTF-8 file."),
+        output: Optional[Path] = typer.Option(
+            None, "--output", "-o", help="Also write the result to this file (its previous content is kept "
+                                         "as a version)."),
+        in_place: bool = typer.Option(False, "--in-place", help="Replace the -i file with the result "
+                                                                "(the original is kept as a version)."),
+        tone: Optional[str] = typer.Option(None, "--tone", hidden=not act.tone,
+                                           help=f"Tone of voice: {', '.join(TONES)}."),
+        to: Optional[str] = typer.Option(None, "--to", hidden=act.name != "translate",
+                                         help=f"Target language: {', '.join(LANGUAGES)} (or its name)."),
+        length: Optional[int] = typer.Option(None, "--length", hidden=act.name != "summarize",
+                                             help="Target length: words for English, characters for Chinese "
+                                                  "(default: about a quarter of the text)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+        precision: str = typer.Option("auto", help=PRECISION_HELP),
+        max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
+        min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
+        stop: Optional[list[str]] = Stop, num_beams: int = Beams,
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
+    ):
+        params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+        _run(act.name, text, input, output, in_place, params, model, precision, verbose,
+             tone=tone, to=to, length=length)
+
+    command.__doc__ = act.help + (" Long texts are worked on piece by piece, so nothing is cut."
+                                  if act.kind == "pieces" else "")
+    return friendly(command)
+
+
+for _name in ACTIONS:
+    write_app.command(_name)(_command(_name))
+write_app.command("proofread", help="Same as polish.")(_command("polish"))
+
+
+def _read_input(text: Optional[str], input: Optional[Path]) -> str:
+    from muse.apps.writer import read_text
+
+    if text is not None and input is not None:
+        raise ValueError("give the text either as an argument or with -i FILE, not both")
+    if input is not None:
+        return read_text(input)
+    if text == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
+                             "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+    if text is None:
+        raise ValueError("no text given: pass it as an argument, '-' to read standard input, or -i FILE")
+    return text
+
+
+def _target(input: Optional[Path], output: Optional[Path], in_place: bool) -> Optional[Path]:
+    if in_place and input is None:
+        raise ValueError("--in-place changes the -i FILE; give one")
+    if in_place and output is not None:
+        raise ValueError("use either -o FILE or --in-place, not both")
+    target = input if in_place else output
+    if target is not None and not target.expanduser().parent.is_dir():
+        raise ValueError(f"cannot write {target}: the folder {target.expanduser().parent} does not exist")
+    if output is not None and output.exists():
+        from muse.apps.writer import read_text
+
+        read_text(output)  # fail now, not after generating, if its content could not be kept as a version
+    return target
+
+
+def _run(action, text, input, output, in_place, params, model, precision, verbose, **options) -> None:
+    import muse
+    from muse.apps.writer import new_text, stream_write
+
+    source = _read_input(text, input)
+    target = _target(input, output, in_place)
+    m = muse.load(model, precision=precision)
+    parts, last = [], None
+    for chunk in stream_write(m, action, source, params=params, **options):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        parts.append(chunk.text)
+        last = chunk
+    sys.stdout.write("\n")
+    _stats(last, verbose)
+    if last is not None and last.finish_reason == "length":
+        err.print(f"[yellow]Warning:[/] the model stopped at --max-tokens ({params.max_new_tokens}) before "
+                  "finishing (at least one piece); raise -n to get all of it.")
+    if target is not None:
+        result = "".join(parts)
+        if not result.strip():
+            raise muse.MuseError(f"The model returned nothing, so {target} was not changed. Try again, "
+                                 "e.g. with another --seed or --temperature.")
+        _save(target, new_text(action, source, result), action)
+
+
+def _save(target: Path, content: str, action: str) -> None:
+    from muse.apps.writer import write_file
+    from muse.store import Store
+
+    with Store() as store:
+        seq = write_file(store, target, content, action)
+    err.print(f"[green]Saved[/] {target} (version {seq}; `muse write history {target}` lists them)", highlight=False)
+
+
+@write_app.command("history")
+@friendly
+def history_cmd(file: Path = typer.Argument(..., help="The file whose versions to list.")):
+    """List the kept versions of a file: number, action, time, size and first line."""
+    from muse.apps.writer import history, version_key
+    from muse.store import Store
+
+    with Store() as store:
+        rows = history(store, version_key(file))
+    if not rows:
+        console.print(f"No versions of {file} are kept yet. They are saved when `muse write ACTION -i {file} "
+                      "--in-place` (or -o) changes it.", highlight=False)
+        return
+    table = Table(title=f"Versions of {file}")
+    for col, justify in (("seq", "right"), ("action", "left"), ("time", "left"), ("size", "right"),
+                         ("first line", "left")):
+        table.add_column(col, justify=justify, overflow="ellipsis" if col == "first line" else "fold")
+    for r in rows:
+        first = r["first_line"] if len(r["first_line"]) <= 60 else r["first_line"][:59] + "…"
+        table.add_row(str(r["seq"]), r["action"] or "", datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S"),
+                      f"{r['size']} chars", first)
+    console.print(table)
+
+
+@write_app.command("restore")
+@friendly
+def restore_cmd(file: Path = typer.Argument(..., help="The file to restore."),
+                seq: int = typer.Argument(..., help="The version number (see `muse write history FILE`).")):
+    """Write a kept version back to the file. The restore is itself a new version, so it can be undone."""
+    from muse.apps.writer import restore_file
+    from muse.store import Store
+
+    with Store() as store:
+        new = restore_file(store, file, seq)
+    console.print(f"[green]Restored[/] version {seq} of {file} (now version {new}; undo with "
+                  f"`muse write restore {file} {new - 1}`)", highlight=False)

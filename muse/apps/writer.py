@@ -1,0 +1,627 @@
+"""The writing partner: continue, rewrite, polish, expand, shorten, outline, titles, summarize, translate.
+
+    >>> for chunk in stream_write(model, "rewrite", draft, tone="formal"):
+    ...     print(chunk.text, end="")
+    >>> write(model, "translate", "今天天气很好。", to="en")
+
+How each action treats a long text (never cut silently):
+- rewrite, polish, expand, shorten, translate work piece by piece: the text is split at sentence
+  boundaries (`muse.apps.text.pack_spans`) into pieces small enough that the instruction, the piece
+  and its rewritten form fit the context window and `max_new_tokens`; the results are stitched
+  back with the original whitespace (paragraph breaks) between them. A piece the model returns
+  nothing for is kept as it was.
+- outline and titles need the whole text at once: a text that does not fit is first condensed
+  (its pieces summarised, then combined: `muse.apps.summarize.condense`).
+- summarize is `muse.apps.summarize.summarize` (extract, rewrite, check; map-reduce when long).
+- continue gives the model the end of the text, as much as fits its context, and streams what
+  it writes next.
+
+Prompts exist in English and Chinese; the input's language picks one (translate: the target's).
+The model's output is cleaned of "Sure, here is…" preambles, wrapping quotes or code fences and
+"I hope this helps" epilogues, while it streams (`OutputCleaner`).
+
+Versions: `write_file` keeps every state of a file in the store's `versions` table (key = the
+absolute path): the original before the first change, then each result; `history` lists them,
+`restore` brings one back as a new version, so a restore can itself be undone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from muse.apps.text import LanguageError, check_language, pack_spans, supports_chinese
+from muse.errors import MuseError
+from muse.generation import GenerationChunk, SamplingParams
+
+PIECE_TOKENS = 1024   # largest piece a small model rewrites well in one go
+WHOLE_TOKENS = 3072   # outline/titles: condense texts longer than this first
+CONTEXT_TOKENS = 2048 # continue: how much of the end of the text the model sees
+MARGIN = 8            # tokens of slack: a piece tokenizes slightly differently inside the prompt
+# Without params: greedy, a mild repetition penalty (small models loop), and max_new_tokens up to
+# 512 but at most a quarter of the context, so a small-context model still has room for the text.
+DEFAULT_PARAMS = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_new_tokens=512)
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    kind: str           # "pieces" | "whole" | "summary" | "continue"
+    en: str             # instruction; {tone} and {to} are filled in
+    zh: str
+    help: str
+    ratio: float = 1.5  # expected output tokens per input token (sizes the pieces)
+    tone: bool = False  # whether --tone applies
+
+
+ACTIONS: dict[str, Action] = {a.name: a for a in (
+    Action("continue", "continue", "", "", "Continue the text from where it ends."),
+    Action("rewrite", "pieces",
+           "Rewrite the text below{tone}. Keep its meaning and facts. Reply with the rewritten text only.",
+           "{tone}改写下面的文字，保留原意和事实，只输出改写后的文字。",
+           "Rewrite the text, optionally in a tone (--tone formal).", tone=True),
+    Action("polish", "pieces",
+           "Proofread and polish the text below: fix spelling, grammar and punctuation and make it read "
+           "smoothly, without changing its meaning. Reply with the corrected text only.",
+           "校对并润色下面的文字：改正错别字、语法和标点，让它读起来更通顺，不改变原意。只输出修改后的文字。",
+           "Fix spelling, grammar and punctuation; make it read smoothly.", ratio=1.3),
+    Action("expand", "pieces",
+           "Expand the text below with more detail{tone}, keeping its meaning. Reply with the expanded text only.",
+           "{tone}扩写下面的文字，补充更多细节，保持原意。只输出扩写后的文字。",
+           "Add detail and explanation.", ratio=2.5, tone=True),
+    Action("shorten", "pieces",
+           "Shorten the text below, keeping only its key points. Reply with the shortened text only.",
+           "缩写下面的文字，只保留要点。只输出缩写后的文字。",
+           "Make the text shorter, keeping the key points.", ratio=1.0),
+    Action("outline", "whole",
+           "Write an outline of the text below as a bulleted list of its main points.",
+           "为下面的文字写一个提纲，用项目符号列出要点。",
+           "A bulleted outline of the main points."),
+    Action("titles", "whole",
+           "Suggest five short titles for the text below, one per line.",
+           "为下面的文字拟五个简短的标题，每行一个。",
+           "Five title suggestions."),
+    Action("summarize", "summary", "", "",
+           "A summary of about --length words (English) or characters (Chinese)."),
+    Action("translate", "pieces",
+           "Translate the text below into {to}. Reply with the translation only.",
+           "把下面的文字翻译成{to}，只输出译文。",
+           "Translate into another language (--to zh, en, ja, fr, ...).", ratio=2.0),
+)}
+ALIASES = {"proofread": "polish", "summarise": "summarize", "translation": "translate"}
+
+# tone → (English phrase, Chinese phrase)
+TONES: dict[str, tuple[str, str]] = {
+    "formal": ("formal", "正式"), "casual": ("casual", "轻松随意"), "concise": ("concise", "简洁"),
+    "friendly": ("friendly", "友好亲切"), "professional": ("professional", "专业"), "academic": ("academic", "学术"),
+    "persuasive": ("persuasive", "有说服力"), "simple": ("simple, plain", "通俗易懂"),
+    "confident": ("confident", "自信"), "polite": ("polite", "礼貌"), "humorous": ("humorous", "幽默"),
+    "enthusiastic": ("enthusiastic", "热情"),
+}
+# language code → (English name, Chinese name)
+LANGUAGES: dict[str, tuple[str, str]] = {
+    "zh": ("Simplified Chinese", "简体中文"), "zh-tw": ("Traditional Chinese", "繁体中文"),
+    "en": ("English", "英文"), "ja": ("Japanese", "日文"), "ko": ("Korean", "韩文"), "fr": ("French", "法文"),
+    "de": ("German", "德文"), "es": ("Spanish", "西班牙文"), "it": ("Italian", "意大利文"),
+    "pt": ("Portuguese", "葡萄牙文"), "ru": ("Russian", "俄文"), "ar": ("Arabic", "阿拉伯文"),
+    "nl": ("Dutch", "荷兰文"), "vi": ("Vietnamese", "越南文"), "th": ("Thai", "泰文"),
+    "id": ("Indonesian", "印尼文"), "tr": ("Turkish", "土耳其文"), "pl": ("Polish", "波兰文"),
+}
+_CHINESE_TARGETS = ("zh", "zh-tw")
+
+
+# -- options ----------------------------------------------------------------------------
+
+def get_action(name: str) -> Action:
+    """The action called `name` (or an alias such as "proofread"); ValueError listing them if unknown."""
+    key = ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if key not in ACTIONS:
+        raise ValueError(f"unknown writing action {name!r}; choose one of {', '.join(ACTIONS)}")
+    return ACTIONS[key]
+
+
+def language_code(to: str) -> str:
+    """A target language as its code: accepts codes (fr), English names (French) and Chinese names (法文)."""
+    key = str(to).strip().lower().replace("_", "-")
+    for code, (en, zh) in LANGUAGES.items():
+        if key in (code, en.lower(), zh) or (key == "chinese" and code == "zh") or key in ("中文", "汉语") and code == "zh":
+            return code
+    raise ValueError(f"unknown target language {to!r}; use a code such as {', '.join(LANGUAGES)}")
+
+
+@dataclass(frozen=True)
+class _Options:
+    tone: str | None = None   # a key of TONES
+    to: str | None = None     # a key of LANGUAGES
+    length: int | None = None
+
+
+def _check_options(act: Action, tone, to, length) -> _Options:
+    """Options an action does not use are an error, not silently ignored."""
+    if tone is not None:
+        if not act.tone:
+            raise ValueError(f"--tone applies to rewrite and expand, not to {act.name}")
+        if str(tone).lower() not in TONES:
+            raise ValueError(f"unknown tone {tone!r}; choose one of {', '.join(TONES)}")
+        tone = str(tone).lower()
+    if act.name == "translate":
+        if not to:
+            raise ValueError("translate needs a target language: to='zh' (CLI: --to zh)")
+        to = language_code(to)
+    elif to is not None:
+        raise ValueError(f"--to applies only to translate, not to {act.name}")
+    if length is not None:
+        if act.name != "summarize":
+            raise ValueError(f"--length applies only to summarize, not to {act.name}")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a whole number ≥ 1 (words for English, characters for Chinese), "
+                             f"got {length!r}")
+    return _Options(tone, to, length)
+
+
+def _check_text(text) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("the text is empty: give the text to work on as an argument, on stdin (-) or with -i FILE")
+    return text
+
+
+def _check_target(model, to: str) -> None:
+    if to in _CHINESE_TARGETS and not supports_chinese(model):
+        raise LanguageError(f"{model.name} is an English-only model and cannot write Chinese. Use the bilingual "
+                            "model: `muse models install qwen2.5-0.5b`, then pass `--model qwen2.5-0.5b`.")
+
+
+# -- prompts ------------------------------------------------------------------------------
+
+def instruction(act: Action, lang: str, opts: _Options) -> str:
+    """The instruction for `act` in `lang` ("en" | "zh")."""
+    if lang == "zh":
+        tone = f"用{TONES[opts.tone][1]}的语气" if opts.tone else ""
+        return act.zh.format(tone=tone, to=LANGUAGES[opts.to][1] if opts.to else "")
+    tone = f" in a {TONES[opts.tone][0]} tone" if opts.tone else ""
+    return act.en.format(tone=tone, to=LANGUAGES[opts.to][0] if opts.to else "")
+
+
+def messages(act: Action, lang: str, opts: _Options, text: str) -> list[dict]:
+    label = "原文" if lang == "zh" else "Text"
+    return [{"role": "user", "content": f"{instruction(act, lang, opts)}\n\n{label}:\n{text}"}]
+
+
+def _prompt_lang(act: Action, text_lang: str, opts: _Options) -> str:
+    if act.name == "translate":
+        return "zh" if opts.to in _CHINESE_TARGETS else "en"
+    return text_lang
+
+
+def _default_params(model) -> SamplingParams:
+    return DEFAULT_PARAMS.replace(max_new_tokens=min(DEFAULT_PARAMS.max_new_tokens, model.config.block_size // 4))
+
+
+def _counter(model):
+    tok = model.tokenizer
+    return lambda s: len(tok.encode(s, add_special_tokens=False))
+
+
+# -- the actions ----------------------------------------------------------------------------
+
+def stream_write(model, action: str, text: str, *, tone: str | None = None, to: str | None = None,
+                 length: int | None = None, params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
+    """Stream the result of a writing `action` on `text` as `GenerationChunk`s (cleaned text deltas).
+
+    tone: rewrite/expand only (see TONES); to: translate only (a code such as "zh", "en", "fr");
+    length: summarize only (words for English, characters for Chinese). The last chunk's
+    finish_reason is "length" if any piece stopped at max_new_tokens (raise it), else "stop".
+    Bad options raise ValueError here, before anything is generated.
+    """
+    act = get_action(action)
+    opts = _check_options(act, tone, to, length)
+    text = _check_text(text)
+    text_lang = check_language(model, text)
+    if act.name == "translate":
+        _check_target(model, opts.to)
+    params = params or _default_params(model)
+    lang = _prompt_lang(act, text_lang, opts)
+    if act.kind == "summary":
+        return _stream_summary(model, text, opts, params)
+    if act.kind == "continue":
+        special = model.tokenizer.encode("", add_special_tokens=True)  # e.g. [BOS], or nothing
+        keep = min(CONTEXT_TOKENS - len(special), _room(model, len(special), params))
+        return _stream_continue(model, text, special, keep, params)
+    if act.kind == "whole":
+        budget = min(WHOLE_TOKENS, _room(model, _overhead(model, act, lang, opts) + MARGIN, params))
+        return _stream_whole(model, act, lang, opts, text, budget, params)
+    spans = _pieces(text, _piece_budget(model, act, lang, opts, params), _counter(model))
+    return _stream_pieces(model, act, lang, opts, text, spans, params)
+
+
+def write(model, action: str, text: str, **options) -> str:
+    """The whole result of `stream_write` as one string (options: tone, to, length, params)."""
+    return "".join(c.text for c in stream_write(model, action, text, **options))
+
+
+def translate(model, text: str, to: str, params: SamplingParams | None = None) -> str:
+    """`text` translated into the language `to` ("zh", "en", "ja", "fr", ... or its name)."""
+    return write(model, "translate", text, to=to, params=params)
+
+
+def new_text(action: str, text: str, output: str) -> str:
+    """The document after an action: continue appends its output, every other action replaces the text."""
+    return text + output if get_action(action).name == "continue" else output
+
+
+def piece_spans(model, action: str, text: str, *, tone: str | None = None, to: str | None = None,
+                params: SamplingParams | None = None) -> list[tuple[int, int]]:
+    """The (start, end) character spans `stream_write` sends to the model one at a time; they
+    cover the whole text. A single span for actions that see the text whole."""
+    act = get_action(action)
+    opts = _check_options(act, tone, to, None)
+    text = _check_text(text)
+    if act.kind != "pieces":
+        return [(0, len(text))]
+    lang = _prompt_lang(act, check_language(model, text), opts)
+    return _pieces(text, _piece_budget(model, act, lang, opts, params or _default_params(model)), _counter(model))
+
+
+def _pieces(text: str, budget: int, count) -> list[tuple[int, int]]:
+    """Sentence-aligned spans of at most `budget` tokens that never straddle a paragraph break, so
+    the paragraphs of the result are those of the input. Together they cover every character."""
+    spans = []
+    for a, b in _paragraphs(text):
+        spans.extend((a + x, a + y) for x, y in pack_spans(text[a:b], budget, count))
+    return spans
+
+
+def _paragraphs(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each paragraph with the blank lines after it; none is whitespace only."""
+    spans, start = [], 0
+    for m in re.finditer(r"\n[ \t]*\n\s*", text):
+        if text[start:m.start()].strip():
+            spans.append((start, m.end()))
+            start = m.end()
+    if start < len(text):
+        if text[start:].strip() or not spans:
+            spans.append((start, len(text)))
+        else:
+            spans[-1] = (spans[-1][0], len(text))
+    return spans
+
+
+def _overhead(model, act: Action, lang: str, opts: _Options) -> int:
+    """Prompt tokens of the chat-wrapped instruction without the text."""
+    return len(model.tokenizer.encode(model.chat_prompt(messages(act, lang, opts, "")), add_special_tokens=False))
+
+
+def _room(model, used: int, params: SamplingParams) -> int:
+    """Context tokens left for the text after `used` prompt tokens and max_new_tokens of output."""
+    room = model.config.block_size - used - params.max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={params.max_new_tokens} leaves no room for the text in {model.name}'s "
+                         f"{model.config.block_size}-token context; lower max_new_tokens (--max-tokens)")
+    return room
+
+
+def _piece_budget(model, act: Action, lang: str, opts: _Options, params: SamplingParams) -> int:
+    """Tokens per piece: the instruction, the piece and max_new_tokens of output must fit the
+    context, and the piece's rewritten form (≈ ratio × piece) must fit max_new_tokens."""
+    room = _room(model, _overhead(model, act, lang, opts) + MARGIN, params)
+    return max(1, min(PIECE_TOKENS, room, int(params.max_new_tokens / act.ratio)))
+
+
+def _stream_pieces(model, act, lang, opts, text, spans, params) -> Iterator[GenerationChunk]:
+    generated, cut = 0, False
+    for i, (a, b) in enumerate(spans):
+        piece = text[a:b]
+        core = piece.strip()
+        lead, trail = piece[:len(piece) - len(piece.lstrip())], piece[len(piece.rstrip()):]
+        if lead:
+            yield GenerationChunk(lead, None)
+        wrote, last = False, GenerationChunk("", None)
+        for chunk in _stream_cleaned(model, messages(act, lang, opts, core), params, core):
+            wrote, last = wrote or bool(chunk.text.strip()), chunk
+            if chunk.text:
+                yield dataclasses.replace(chunk, finish_reason=None, generation_tokens=generated + chunk.generation_tokens)
+        generated += last.generation_tokens
+        cut = cut or last.finish_reason == "length"
+        end = i == len(spans) - 1
+        yield dataclasses.replace(last, text=("" if wrote else core) + trail, generation_tokens=generated,
+                                  finish_reason=("length" if cut else "stop") if end else None)
+
+
+def _stream_whole(model, act, lang, opts, text, budget, params) -> Iterator[GenerationChunk]:
+    from muse.apps.summarize import condense
+
+    body = condense(model, text.strip(), budget)  # a summary of the text if it is over budget
+    yield from _stream_cleaned(model, messages(act, lang, opts, body), params, body)
+
+
+def _stream_summary(model, text, opts, params) -> Iterator[GenerationChunk]:
+    from muse.apps.summarize import summarize
+
+    # The summary is checked and trimmed as a whole (see summarize.py), so it arrives in one chunk.
+    yield GenerationChunk(summarize(model, text, opts.length, params), None, finish_reason="stop")
+
+
+def _stream_continue(model, text, special, keep, params) -> Iterator[GenerationChunk]:
+    """The model sees the last `keep` tokens of the text (after any BOS) and writes on."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    yield from model.stream(special + ids[-keep:], params)
+
+
+def _stream_cleaned(model, msgs: list[dict], params, source: str) -> Iterator[GenerationChunk]:
+    """One chat generation with its text cleaned as it streams; the last chunk flushes the cleaner."""
+    cleaner = OutputCleaner(source)
+    last = None
+    for chunk in model.stream_chat(msgs, params):
+        last = chunk
+        if chunk.finish_reason is None:
+            yield dataclasses.replace(chunk, text=cleaner.push(chunk.text))
+        else:
+            yield dataclasses.replace(chunk, text=cleaner.push(chunk.text) + cleaner.finish())
+    if last is None:
+        yield GenerationChunk(cleaner.finish(), None, finish_reason="stop")
+
+
+# -- cleaning the model's output -----------------------------------------------------------
+
+_PREAMBLES = [re.compile(p, re.IGNORECASE) for p in (
+    r"^(?:sure|certainly|of course|absolutely|okay|ok|great)\s*[,.!]\s*(?=here|below|i |i'|the following|\n|$)",
+    r"^(?:here(?:'s| is| are)|below is)\b[^\n]{0,120}?:[ \t]*(?:\n|$)",
+    r"^(?:[\w-]+[ \t]+){0,3}(?:text|version|translation|summary|outline|titles?|rewrite|draft)"
+    r"(?:[ \t]*\([^)\n]*\))?[ \t]*:[ \t]*",
+    r"^(?:好的|当然|没问题)[！!。，,]\s*",
+    r"^(?:以下是|下面是|这是)[^\n：:]{0,40}[：:][ \t]*",
+    r"^[^\n：:]{0,8}(?:译文|翻译|改写|润色|摘要|大纲|提纲|标题|版本|结果)[^\n：:]{0,4}[：:][ \t]*",
+)]
+# A line that comments on the answer instead of being part of it; everything from it on is dropped.
+_EPILOGUE = re.compile(
+    r"\n[ \t]*(?=(?:\(?(?:notes?|explanation|changes made)\s*:"
+    r"|(?:i )?hope (?:this|that|it) helps"
+    r"|let me know if you (?:need|want|would like) (?:any )?(?:further |more |other )?"
+    r"(?:changes|adjustments|modifications|revisions|edits|help|assistance)"
+    r"|feel free to (?:ask|let me know|reach out|request)"
+    r"|(?:in )?this (?:rewritten|revised|polished|edited|corrected|improved|expanded|shortened|translated) "
+    r"(?:version|text)"
+    r"|i(?: have|'ve)? (?:made|changed|corrected|revised|rewrote|fixed|adjusted) (?:the |a |some |a few |several )?"
+    r"(?:following |minor |small )?(?:changes|edits|corrections|adjustments|improvements|modifications)"
+    r"|(?:注|说明|备注)[：:]|希望(?:这|以上)[^\n]{0,12}(?:帮助|有用|满意)|如(?:果|需)(?:你|您)?还?(?:需要|有)(?:任何|其他|进一步)?"
+    r"(?:修改|调整|帮助)))", re.IGNORECASE)
+_QUOTES = {'"': '"', "“": "”", "「": "」", "『": "』"}
+
+
+class OutputCleaner:
+    """Cleans a model's answer while it streams: `push(delta) -> text safe to show`, then `finish()`.
+
+    Strips a leading "Sure! Here is the rewritten text:" (held back until the first line is
+    complete), a code fence or quotes wrapping the whole answer, and trailing lines that comment
+    on it ("I hope this helps", "Note: I changed…"; a line waits until it is complete or long
+    enough to tell). With `source` (the text the model was asked to work on), anything that is
+    also in the source counts as content and is kept, e.g. a "Note:" paragraph of the user's own.
+    """
+
+    HEAD = 160  # decide about a preamble once the first line is complete or this long
+    LINE = 100  # show a line once it is complete or this long: an epilogue is recognised by then
+
+    def __init__(self, source: str | None = None):
+        self.source = _flat(source) if source else ""
+        self.raw = ""
+        self.start: int | None = None     # where the answer proper begins in `raw`
+        self.quote: tuple[str, str] | None = None  # an opening quote that may wrap the whole answer
+        self.fenced = False
+        self.sent = 0                     # characters of the answer already returned
+
+    def push(self, text: str) -> str:
+        self.raw += text
+        if self.start is None:
+            rest = self._strip_preambles(self.raw.lstrip())
+            if len(rest) < self.HEAD and "\n" not in rest.lstrip():
+                return ""
+            self._decide_head()
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        if self.start is None:
+            self._decide_head()
+        return self._emit(final=True)
+
+    def _in_source(self, text: str) -> bool:
+        return bool(self.source) and _flat(text)[:24] in self.source
+
+    def _strip_preambles(self, s: str) -> str:
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREAMBLES:
+                m = p.match(s)
+                # a short one ("Sure! ") always goes; a longer one the source itself has stays
+                if m and m.end() > 0 and (m.end() < 8 or not self._in_source(s[:m.end()])):
+                    s, changed = s[m.end():].lstrip(), True
+        return s
+
+    def _decide_head(self) -> None:
+        s = self.raw
+        rest = self._strip_preambles(s.lstrip()).lstrip()
+        i = len(s) - len(rest)
+        if rest.startswith("```"):
+            self.fenced = True
+            nl = rest.find("\n")
+            i += nl + 1 if nl >= 0 else len(rest)
+        elif rest[:1] in _QUOTES and not self._in_source(rest[:40]):
+            self.quote = (rest[0], _QUOTES[rest[0]])
+        self.start = i
+
+    def _emit(self, final: bool) -> str:
+        body = self._cut_epilogue(self.raw[self.start:])
+        if self.fenced and final:
+            body = re.sub(r"\n?[ \t]*```[ \t]*$", "", body.rstrip())
+        if self.quote:
+            body = self._unquote(body, final)
+            if body is None:
+                return ""  # still unknown whether the quote wraps everything
+        if final:
+            body = body.rstrip()
+            end = len(body)
+        else:
+            end = len(body.rstrip()) - 4  # a closing fence or quote may be arriving
+            line = body.rfind("\n")
+            if line >= 0 and len(body) - line < self.LINE:
+                end = min(end, line)       # the last line could still turn out to be an epilogue
+            end = len(body[:max(end, 0)].rstrip())  # whitespace waits for what follows it
+        out = body[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    def _cut_epilogue(self, body: str) -> str:
+        for m in _EPILOGUE.finditer(body):
+            line = body[m.end():].split("\n", 1)[0]
+            if body[:m.start()].strip() and not self._in_source(line):
+                return body[:m.start()]
+        return body
+
+    def _unquote(self, body: str, final: bool) -> str | None:
+        """The body without a quote pair that wraps all of it; None while that is undecided."""
+        opening, closing = self.quote
+        inner = body[1:]
+        k = inner.find(closing)
+        if k >= 0 and inner[k + 1:].strip():
+            self.quote = None  # the quote closes with more text after it: part of the answer
+            return body
+        if not final:
+            return None
+        self.quote = None
+        return inner[:k] if k >= 0 else body
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def clean_output(text: str, source: str | None = None) -> str:
+    """A model's whole answer, cleaned as `OutputCleaner` cleans it while streaming."""
+    c = OutputCleaner(source)
+    return c.push(text) + c.finish()
+
+
+# -- files and versions ---------------------------------------------------------------------
+
+def read_text(path: "str | Path") -> str:
+    """A UTF-8 text file's content exactly (line endings kept); MuseError saying what is wrong if not."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MuseError(f"No such file: {p}. Check the path, or pass the text itself as an argument.")
+    if p.is_dir():
+        raise MuseError(f"{p} is a directory; give a text file.")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise MuseError(f"Cannot read {p}: {e.strerror}.") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MuseError(f"{p} is not UTF-8 text (bad byte at offset {e.start}); convert it first, "
+                        f"e.g. `iconv -f GBK -t UTF-8 {p.name} > {p.stem}.utf8{p.suffix}`.") from None
+
+
+def version_key(path: "str | Path") -> str:
+    """Versions of a file are kept under its absolute path."""
+    return str(Path(path).expanduser().resolve())
+
+
+def save_version(store, key: str, content: str, action: str) -> int:
+    """Record `content` as the next version of `key`; returns its number (1, 2, 3, …)."""
+    with store.transaction():
+        row = store.one("SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM versions WHERE key = ?", (key,))
+        store.execute("INSERT INTO versions (key, seq, content, action) VALUES (?, ?, ?, ?)",
+                      (key, row["seq"], content, action))
+    return row["seq"]
+
+
+def history(store, key: str) -> list[dict]:
+    """The versions of `key`, oldest first: seq, action, created_at (Unix seconds), size (characters),
+    first_line."""
+    rows = store.all("SELECT seq, action, created_at, content FROM versions WHERE key = ? ORDER BY seq", (key,))
+    for r in rows:
+        content = r.pop("content")
+        r["size"] = len(content)
+        r["first_line"] = next((line.strip() for line in content.splitlines() if line.strip()), "")
+    return rows
+
+
+def get_version(store, key: str, seq: int) -> str:
+    """The content of version `seq` of `key`."""
+    row = store.one("SELECT content FROM versions WHERE key = ? AND seq = ?", (key, seq))
+    if row is None:
+        known = [r["seq"] for r in store.all("SELECT seq FROM versions WHERE key = ? ORDER BY seq", (key,))]
+        have = f"versions {known[0]}–{known[-1]} exist" if known else "no versions are kept for it"
+        raise MuseError(f"There is no version {seq} of {key}: {have}. See `muse write history {key}`.")
+    return row["content"]
+
+
+def restore(store, key: str, seq: int) -> str:
+    """Bring back version `seq` of `key` as the newest version ("restore SEQ") and return its content.
+    For files use `restore_file`, which also writes it."""
+    content = get_version(store, key, seq)
+    save_version(store, key, content, f"restore {seq}")
+    return content
+
+
+def restore_file(store, path: "str | Path", seq: int) -> int:
+    """Write version `seq` back to the file (atomically), itself saved as a new version; returns that
+    version's number, so the restore can be undone like any change."""
+    return write_file(store, path, get_version(store, version_key(path), seq), f"restore {seq}")
+
+
+def write_file(store, path: "str | Path", content: str, action: str) -> int:
+    """Replace the file's content, keeping what it held before as a version.
+
+    The file's current content is saved first if the store does not have it yet (as "original"
+    before the first change, "edited" when changed outside Muse since). Then `content` is written
+    atomically (temp file + rename) and recorded as the new version, whose number is returned.
+    The version rows and the file change together: if writing fails, no row is kept.
+    """
+    p = Path(path).expanduser()
+    key = version_key(p)
+    try:
+        current = read_text(p) if p.exists() else None
+    except MuseError as e:
+        raise MuseError(f"Refusing to replace {p}: its content cannot be kept as a version ({e}). "
+                        "Write the result to another file.") from None
+    with store.transaction():
+        latest = store.one("SELECT content FROM versions WHERE key = ? ORDER BY seq DESC LIMIT 1", (key,))
+        if current is not None and (latest is None or latest["content"] != current):
+            save_version(store, key, current, "original" if latest is None else "edited")
+        seq = save_version(store, key, content, action)
+        atomic_write_text(p, content)
+    return seq
+
+
+def atomic_write_text(path: Path, content: str) -> None:
+    """Write UTF-8 text so the file is either wholly old or wholly new, even after a crash."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MuseError(f"Cannot write {path}: the folder {path.parent} does not exist.")
+    tmp = path.parent / f".{path.name}.muse-tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MuseError(f"Cannot write {path}: {e.strerror}.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
