@@ -301,6 +301,14 @@ def test_safe_join_keeps_paths_inside_the_base(tmp_path, muse_home):
 def live(tok):
     """A real server on a free port (disconnects need real sockets)."""
     model = tiny_model(tok, block_size=4096)
+    word = tok.encode(" go", add_special_tokens=False)[0]
+
+    def never_stop(module, inputs, output):  # always the same word: no early EOS, so disconnects are tested
+        logits, loss = output
+        logits.fill_(0.0)[..., word] = 1.0
+        return logits, loss
+
+    model.model.register_forward_hook(never_stop)
     with ServerThread(create_app({"tiny": model}, embedder=None)) as server:
         server.scheduler = server.server.config.app.state.service.scheduler("tiny")
         yield server
