@@ -8,9 +8,9 @@ directory is untouched; between the two renames only `.NAME.old-PID` exists, and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -53,21 +53,39 @@ def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
 
 
-def write_text_atomic(path: "str | Path", text: str) -> Path:
-    """Write a UTF-8 text file whole or not at all: a temp sibling, flushed, then renamed over `path`."""
+def write_bytes_atomic(path: "str | Path", data: bytes, private: bool = False) -> Path:
+    """Write a file whole or not at all: a temp sibling, flushed, then renamed over `path`.
+
+    `private` files get 0o600; otherwise a replaced file keeps its permissions and a new one gets 0o644.
+    """
     path = Path(path)
     if path.is_dir():
         raise MuseError(f"{path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        mode = 0o600 if private else path.stat().st_mode & 0o7777 if path.exists() else 0o644
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # os.open's mode is filtered by the umask
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise MuseError(f"Cannot write {path}: {e.strerror}. Choose another path.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text_atomic(path: "str | Path", text: str, private: bool = False) -> Path:
+    """`write_bytes_atomic` for UTF-8 text (newlines written as given)."""
+    return write_bytes_atomic(path, text.encode("utf-8"), private)

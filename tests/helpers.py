@@ -37,3 +37,16 @@ class ScriptedLM(nn.Module):
         token = self.script[step] if step < len(self.script) else 0
         logits[:, :, token] = 1e4
         return logits, None
+
+
+class RecordingLM(ScriptedLM):
+    """A ScriptedLM that also keeps every prompt (token ids) it was asked to continue."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompts: list[list[int]] = []
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        if cache.pos == 0:
+            self.prompts.append(idx[0].tolist())
+        return super().forward(idx, targets, cache, last_only)

@@ -10,7 +10,7 @@ from muse.api import Model
 from muse.apps import summarize as S
 from muse.apps.summarize import default_length, extract, measure, summarize, summarize_raw, terms, trim
 from muse.apps.text import LanguageError, sentences
-from tests.helpers import ScriptedLM
+from tests.helpers import RecordingLM
 
 ARTICLE = (
     "The city council voted on Tuesday to build a new public library in the north district. "
@@ -27,17 +27,6 @@ ZH_ARTICLE = (
     "项目总投资约九亿元，资金主要来自市级财政和专项债券。"
     "市民对新建公园普遍表示欢迎，希望公园早日建成。"
 )
-
-
-class RecordingLM(ScriptedLM):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prompts: list[list[int]] = []
-
-    def forward(self, idx, targets=None, cache=None, last_only=False):
-        if cache.pos == 0:
-            self.prompts.append(idx[0].tolist())
-        return super().forward(idx, targets, cache, last_only)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import muse
+from muse import fileio
 from muse.api import Model
 from muse.apps import writer
 from muse.apps.text import LanguageError
@@ -18,7 +19,7 @@ from muse.apps.writer import (
 from muse.errors import MuseError
 from muse.generation import SamplingParams
 from muse.store import Store
-from tests.helpers import ScriptedLM
+from tests.helpers import RecordingLM
 
 PARAGRAPH = ("The river rose quickly after the storm. Farmers moved their animals to higher ground before dawn. "
              "By noon the main road was closed, and the school sent the children home early. Volunteers filled "
@@ -33,19 +34,6 @@ def tok(default_gguf):
     from muse.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(gguf.GGUFReader(str(default_gguf)))
-
-
-class RecordingLM(ScriptedLM):
-    """A ScriptedLM that also keeps every prompt (token ids) it was asked to continue."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prompts: list[list[int]] = []
-
-    def forward(self, idx, targets=None, cache=None, last_only=False):
-        if cache.pos == 0:
-            self.prompts.append(idx[0].tolist())
-        return super().forward(idx, targets, cache, last_only)
 
 
 def scripted(tok, reply: str, eos: bool = True, block_size: int = 512) -> Model:
@@ -254,7 +242,7 @@ def test_a_failed_write_leaves_file_and_versions_as_they_were(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     with Store() as store:
-        monkeypatch.setattr(writer.os, "replace", broken_replace)
+        monkeypatch.setattr(fileio.os, "replace", broken_replace)
         with pytest.raises(MuseError, match="No space left"):
             write_file(store, f, "new text", "rewrite")
         monkeypatch.undo()

@@ -28,7 +28,6 @@ absolute path): the original before the first change, then each result; `history
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Iterator
 
 from muse.apps.text import LanguageError, check_language, pack_spans, supports_chinese
 from muse.errors import MuseError
+from muse.fileio import write_text_atomic
 from muse.generation import GenerationChunk, SamplingParams
 
 PIECE_TOKENS = 1024   # largest piece a small model rewrites well in one go
@@ -605,23 +605,4 @@ def atomic_write_text(path: Path, content: str) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise MuseError(f"Cannot write {path}: the folder {path.parent} does not exist.")
-    tmp = path.parent / f".{path.name}.muse-tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MuseError(f"Cannot write {path}: {e.strerror}.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    write_text_atomic(path, content)

@@ -44,6 +44,18 @@ def friendly(fn):
     return wrapper
 
 
+def read_argument(text: str) -> str:
+    """A text argument as given, or standard input (UTF-8) when it is '-'."""
+    if text != "-":
+        return text
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
+                         "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+
+
 def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams):
     from muse import SamplingParams
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params, _stats, _stream_to_stdout, app, console, friendly, models_app
+from muse.cli.common import MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params, _stats, _stream_to_stdout, app, console, friendly, models_app, read_argument
 
 
 @app.command()
@@ -26,13 +25,7 @@ def generate(
     """Continue a prompt, streaming the text as it is generated."""
     import muse
 
-    if prompt == "-":
-        data = sys.stdin.buffer.read()
-        try:
-            prompt = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
-                             "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+    prompt = read_argument(prompt)
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
     m = muse.load(model, precision=precision)
     chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, app, console, err, friendly
+from muse.cli.common import (
+    MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, app, console, err, friendly, read_argument,
+)
 
 FORM_HELP = ("Poem form: wujue (五言绝句), qijue (七言绝句), wulv (五言律诗), qilv (七言律诗) — Chinese, need "
              "--model qwen2.5-0.5b — or haiku (5-7-5), free (default).")
-
-
-def _read_arg(text: str) -> str:
-    """'-' reads standard input (UTF-8)."""
-    if text != "-":
-        return text
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
-                         "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
 
 
 @app.command()
@@ -69,7 +58,7 @@ def create(
         presence_penalty=presence_penalty, seed=seed)
     m = muse.load(model, precision=precision)
     with err.status(f"Writing a {kind}…"):
-        c = make(m, kind, _read_arg(topic), form=form, params=params, attempts=attempts, guided=guided)
+        c = make(m, kind, read_argument(topic), form=form, params=params, attempts=attempts, guided=guided)
     if as_json:
         print(json.dumps({"text": c.text, "form": c.form, "ok": c.ok, "problems": c.problems, "tries": c.tries},
                          ensure_ascii=False, indent=2))
@@ -155,7 +144,7 @@ def classify(
     if path_in is not None:
         _run_file(m, path_in, path_out, labels=names, task="classify", column=column, calibrate=calibrate)
         return
-    _show(score(m, _read_arg(text), names, calibrate=calibrate), as_json)
+    _show(score(m, read_argument(text), names, calibrate=calibrate), as_json)
 
 
 @app.command()
@@ -181,5 +170,5 @@ def sentiment(
     if path_in is not None:
         _run_file(m, path_in, path_out, task="sentiment", column=column, calibrate=calibrate)
         return
-    result = score(m, _read_arg(text), calibrate=calibrate)
+    result = score(m, read_argument(text), calibrate=calibrate)
     _show(result["scores"], as_json)

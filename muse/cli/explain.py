@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import sys
 from typing import Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, PRECISION_HELP, app, console, friendly
+from muse.cli.common import MODEL_HELP, PRECISION_HELP, app, console, friendly, read_argument
 
 
 def _indices(spec: Optional[str], what: str) -> Optional[list[int]]:
@@ -28,13 +27,7 @@ def _indices(spec: Optional[str], what: str) -> Optional[list[int]]:
 
 
 def _read_text(text: str, ids: bool) -> "str | list[int]":
-    if text == "-":
-        data = sys.stdin.buffer.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
-                             "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+    text = read_argument(text)
     if not ids:
         return text
     try:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from muse.cli.common import MODEL_HELP, app, console, err, friendly
 from muse.errors import MuseError
+from muse.fileio import write_text_atomic
 
 safety_app = typer.Typer(
     help="Moderation, personal-data redaction, a bias probe and the audit log. Turn checks on for chat and the "
@@ -44,27 +45,11 @@ def _read_input(text: Optional[str], path: Optional[Path]) -> str:
         raise MuseError(f"{path} cannot be read ({e.strerror}).") from None
 
 
-def _write_atomic(path: Path, text: str, private: bool = False) -> None:
-    """Whole file or none: write a temporary sibling, flush it, rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MuseError(f"Cannot write {path} ({e.strerror}).") from None
-
-
 def _emit(text: str, out: Optional[Path]) -> None:
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
-        _write_atomic(out, text)
+        write_text_atomic(out, text)
         err.print(f"Wrote {escape(str(out))}", highlight=False)
 
 
@@ -121,7 +106,7 @@ def redact_cmd(text: Optional[str] = TextArg, input: Optional[Path] = InputOpt, 
 
     result = redact(_read_input(text, input), kinds=kinds or None)
     if mapping is not None:
-        _write_atomic(mapping, json.dumps(result.mapping, ensure_ascii=False, indent=2) + "\n", private=True)
+        write_text_atomic(mapping, json.dumps(result.mapping, ensure_ascii=False, indent=2) + "\n", private=True)
     _emit(result.text, out)
     counts: dict[str, int] = {}
     for e in result.entities:

@@ -13,7 +13,7 @@ from rich.table import Table
 from muse.apps.writer import ACTIONS, LANGUAGES, TONES
 from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params,
-    _stats, app, console, err, friendly,
+    _stats, app, console, err, friendly, read_argument,
 )
 
 write_app = typer.Typer(
@@ -82,12 +82,7 @@ def _read_input(text: Optional[str], input: Optional[Path]) -> str:
     if input is not None:
         return read_text(input)
     if text == "-":
-        data = sys.stdin.buffer.read()
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"standard input is not UTF-8 text (bad byte at offset {e.start}); "
-                             "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
+        return read_argument(text)
     if text is None:
         raise ValueError("no text given: pass it as an argument, '-' to read standard input, or -i FILE")
     return text

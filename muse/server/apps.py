@@ -36,9 +36,7 @@ import dataclasses
 import difflib
 import functools
 import json
-import os
 import re
-import secrets
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
@@ -49,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
 from muse.errors import MuseError
+from muse.fileio import write_bytes_atomic
 from muse.generation import SamplingParams
 from muse.server.errors import APIError, error_body, from_exception
 from muse.server.openai import EventStreamResponse
@@ -586,25 +585,12 @@ def _add_uploads(state: _State, uploads: list[tuple[str, bytes]]) -> list[dict]:
         paths.append(path)
     out = []
     for (name, data), path in zip(uploads, paths):
-        _write_bytes_atomic(path, data)
+        write_bytes_atomic(path, data)
         report = state.kb.add([path])
         status = "added" if report.added else "updated" if report.updated else "unchanged"
         doc = next(d for d in state.kb.list() if d["path"] == str(path.resolve()))
         out.append({**doc, "status": status, "name": name})
     return out
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.upload-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @router.post("/api/kb/text", tags=["Knowledge base"], status_code=201, summary="Add pasted text as a document")

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from muse.errors import CheckpointError, MuseError
+from muse.fileio import write_text_atomic
 from muse.training import distributed as dist_
 from muse.training.batches import BatchSource
 from muse.training.state import (find_checkpoint, load_training_state, save_training_checkpoint,
@@ -210,9 +211,7 @@ class _Metrics:
             # Drop what the interrupted run logged after its checkpoint: those steps run again.
             rows = [json.loads(line) for line in self.file.read_text(encoding="utf-8").splitlines() if line.strip()]
             self.rows = [r for r in rows if r["iter"] <= resume_iter]
-        tmp = self.file.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
-        os.replace(tmp, self.file)
+        write_text_atomic(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.fh = open(self.file, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
