@@ -163,13 +163,17 @@ class BatchKVCache:
             self._alloc(max(rows, 2 * cap_rows) if rows > cap_rows else cap_rows,
                         min(self.config.block_size, max(length, 2 * cap_len)) if length > cap_len else cap_len)
 
-    def add(self, cache: KVCache) -> int:
-        """Append a prefilled single-row cache as a new row; returns its row index."""
-        n = cache.pos
+    def add(self, cache: KVCache, src_row: int = 0, length: int | None = None) -> int:
+        """Append row `src_row` of a prefilled cache (its first `length` positions, default
+        all it holds: a right-padded batch prefill passes each prompt's own length) as a new
+        row; returns its row index."""
+        n = cache.pos if length is None else length
+        if not 0 < n <= cache.pos:
+            raise ValueError(f"length must be in [1, {cache.pos}], got {n}")
         row = self.rows
         self._reserve(row + 1, max(self.seq_len, n))
         for dst, src in zip(self.k + self.v, cache.k + cache.v):
-            dst[row, :, :n] = src[0, :, :n]
+            dst[row, :, :n] = src[src_row, :, :n]
         self.lens.append(n)
         self.lengths = torch.tensor(self.lens, dtype=torch.long, device=self.device)
         return row
@@ -348,11 +352,14 @@ class Transformer(nn.Module):
         return self.wte(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: "KVCache | BatchKVCache | None" = None, last_only: bool = False):
+                cache: "KVCache | BatchKVCache | None" = None, last_only: bool = False,
+                logits_at: torch.Tensor | None = None):
         """idx (B, T) token ids → (logits, loss).
 
         logits are (B, T, vocab) — or (B, 1, vocab) with `last_only`, which skips the
-        vocabulary projection for every position but the one generation needs.
+        vocabulary projection for every position but the one generation needs, or with
+        `logits_at` (B,), the position of row b whose logits row b gets (the last real token
+        of each prompt in a right-padded batch).
         targets (B, T) give a cross-entropy loss; -100 marks positions to ignore.
         With a cache, idx continues the cached sequence and the cache advances; with a
         `BatchKVCache`, row b continues row b of the cache at its own length.
@@ -382,6 +389,8 @@ class Transformer(nn.Module):
             logits = self.head(x).float()
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
             return logits, loss
-        if last_only:
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
+        elif last_only:
             x = x[:, -1:, :]  # only the next token's logits are needed at inference
         return self.head(x).float(), None

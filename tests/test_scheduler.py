@@ -45,11 +45,12 @@ class ScriptLM(nn.Module):
     device = property(lambda self: self.dummy.device)
     dtype = property(lambda self: torch.float32)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, logits_at=None):
         B, T = idx.shape
         pos, _ = cache.prepare(T, idx.device)  # (T,) or (B, T)
         cache.advance(T)
-        step = (pos[..., -1] + 1 - self.prompt_len).clamp(0, len(self.script) - 1).expand(B)  # (B,)
+        at = pos.expand(B, T)[torch.arange(B), logits_at] if logits_at is not None else pos[..., -1]
+        step = (at + 1 - self.prompt_len).clamp(0, len(self.script) - 1).expand(B)  # (B,)
         logits = torch.full((B, 1, self.config.vocab_size), -1e4)
         logits[torch.arange(B), 0, self.script[step]] = 1e4
         return logits, None
@@ -100,6 +101,61 @@ def test_batch_cache_decodes_rows_of_different_lengths_like_single_rows(tiny):
         batch.remove(1)
         batch.remove(0)
         assert batch.rows == 0 and batch.k[0].numel() == 0  # idle: memory given back
+
+
+def test_a_right_padded_batch_prefill_joins_rows_like_single_prefills(tiny):
+    """Prompts of 3, 8 and 5 tokens prefilled as one padded (3, 8) batch: logits_at gives each
+    prompt's last-token logits, and the rows copied into the batch cache decode as if each
+    prompt had been prefilled alone."""
+    model = tiny.model
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 1000, (1, n), generator=g) for n in (3, 8, 5)]
+    lengths = [s.shape[1] for s in seqs]
+    padded = torch.zeros(3, 8, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        padded[b, :lengths[b]] = s[0]
+    with torch.inference_mode():
+        cache = KVCache(model.config, 3, 8)
+        first, _ = model(padded, cache=cache, logits_at=torch.tensor(lengths) - 1)  # (3, 1, V)
+        batch = BatchKVCache(model.config)
+        for b, n in enumerate(lengths):
+            batch.add(cache, b, n)
+        assert batch.lens == lengths
+        nxt = torch.tensor([[11], [12], [13]])
+        got, _ = model(nxt, cache=batch)
+        for b, s in enumerate(seqs):
+            alone, _ = model(s)
+            torch.testing.assert_close(first[b, 0], alone[0, -1], rtol=1e-4, atol=1e-4)
+            want, _ = model(torch.cat([s, nxt[b:b + 1]], dim=1))
+            torch.testing.assert_close(got[b, -1], want[0, -1], rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="length"):
+            batch.add(cache, 0, 9)  # more positions than the prefill holds
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_pass(default_model, monkeypatch):
+    net = default_model.model
+    shapes: list[tuple[int, int]] = []
+    forward = net.forward
+
+    def recording(idx, *args, **kwargs):
+        shapes.append(tuple(idx.shape))
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", recording)
+    prompts = ["Hi", "Write one sentence about the sea.", "List three colours:", "2 + 2 ="]
+    params = SamplingParams(max_new_tokens=5, temperature=0)
+    want = [default_model.generate(p, params) for p in prompts]
+    shapes.clear()
+    sched = Scheduler(default_model)
+    try:
+        with sched._wake:  # the scheduler thread waits until all four are queued
+            streams = [sched.submit(p, params) for p in prompts]
+        assert ["".join(c.text for c in s) for s in streams] == want
+    finally:
+        sched.close()
+    longest = max(len(default_model.tokenizer.encode(p)) for p in prompts)
+    assert shapes[0] == (4, longest)  # one padded prefill for all four
+    assert all(b <= 4 and t == 1 for b, t in shapes[1:])  # then decode steps only
 
 
 # -- sampling at the edges (found by fuzzing the server) --------------------------------

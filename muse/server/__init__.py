@@ -27,7 +27,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from muse.api import Model
 from muse.errors import ModelNotFoundError
-from muse.scheduler import Scheduler
+from muse.scheduler import Scheduler, release_openmp_pool
 from muse.server import errors
 from muse.server.security import APIKeyMiddleware, BodyLimitMiddleware, Limits
 
@@ -196,6 +196,7 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "ServerThread":
+        release_openmp_pool()  # the models were loaded on this thread; the scheduler threads compute now
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
 from muse.errors import MuseError
+from muse.scheduler import release_openmp_pool
 from muse.fileio import write_bytes_atomic
 from muse.generation import SamplingParams
 from muse.server.errors import APIError, error_body, from_exception
@@ -825,7 +826,10 @@ async def sentiment(body: SentimentBody, request: Request):
 
 def _direct(fn: Callable, *args):
     with _direct_lock:
-        return fn(*args)
+        try:
+            return fn(*args)
+        finally:
+            release_openmp_pool()  # this worker thread's pool would slow the scheduler's (see there)
 
 
 # -- the web app ------------------------------------------------------------------------------
