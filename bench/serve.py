@@ -18,6 +18,7 @@ Columns
   x 1 stream     aggregate tok/s relative to the 1-stream level (the batching gain)
   tok/CPU-s      completion tokens per CPU-second the server process used: the batching gain
                  as work saved, which other load on the machine disturbs less than wall time
+                 (the client's own CPU time is printed per level as it runs: it shares the machine)
   TTFT p50/p90/p99    ms from sending a request to its first text
   total p50/p90/p99   s from sending a request to its last event
 A machine shared with other work gives noisy numbers: the load average before and after
@@ -161,12 +162,15 @@ def main(argv=None) -> None:
         for c in args.streams:
             runs = []
             for _ in range(args.repeat):
-                before, cpu = os.getloadavg()[0], cpu_seconds(proc.pid)
+                before, cpu, own = os.getloadavg()[0], cpu_seconds(proc.pid), time.process_time()
                 runs.append(asyncio.run(run_level(url, c, args.rounds, args.tokens, args.temperature)))
+                runs[-1]["client_cpu_s"] = time.process_time() - own
                 runs[-1]["load"] = (before, os.getloadavg()[0])
                 cpu_after = cpu_seconds(proc.pid)
                 runs[-1]["server_cpu_s"] = cpu_after - cpu if cpu is not None and cpu_after is not None else None
-                print(f"  {c} streams: {runs[-1]['tok_s']:.1f} tok/s", flush=True, file=sys.stderr)
+                r = runs[-1]
+                print(f"  {c} streams: {r['tok_s']:.1f} tok/s, wall {r['wall_s']:.2f} s, CPU s: server "
+                      f"{r['server_cpu_s'] or 0:.2f}, client {r['client_cpu_s']:.2f}", flush=True, file=sys.stderr)
             rows.append(max(runs, key=lambda r: r["tok_s"]))
     finally:
         proc.stdin.close()

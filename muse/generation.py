@@ -74,6 +74,7 @@ class GenerationChunk:
     token: int | None
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the server's prefix cache
     generation_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tps: float = 0.0

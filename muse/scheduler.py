@@ -44,6 +44,7 @@ from muse.generation import (
     GenerationChunk, SamplingParams, TokenText, apply_penalties, fit_prompt, is_greedy, make_sampler,
 )
 from muse.model import BatchKVCache, KVCache
+from muse.prefix_cache import PrefixCache
 
 _DONE = object()  # end-of-stream marker in a Stream's queue
 
@@ -138,6 +139,7 @@ class _Request:
     history: torch.Tensor  # (1, T) prompt + generated ids (only grown when penalized)
     prefill: KVCache | None = None
     prefilled: int = 0  # prompt tokens in `prefill` so far
+    cached: int = 0  # of them, taken from the prefix cache
     prefill_seconds: float = 0.0
     first_token_at: float = 0.0
     last: int = 0  # the token to feed at the next decode step
@@ -179,10 +181,12 @@ class Scheduler:
 
     max_batch: most requests generating at once (more wait, in order, up to `max_waiting`;
     beyond that `submit` raises `SchedulerBusy`). prefill_chunk: most prompt tokens
-    prefilled per step.
+    prefilled per step. prefix_cache_tokens: prompt positions whose keys and values are kept
+    for later prompts that start the same way (`PrefixCache`; 0 turns it off).
     """
 
-    def __init__(self, model: Model, max_batch: int = 16, prefill_chunk: int = 512, max_waiting: int = 1024):
+    def __init__(self, model: Model, max_batch: int = 16, prefill_chunk: int = 512, max_waiting: int = 1024,
+                 prefix_cache_tokens: int = 2048):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                             ("max_waiting", max_waiting)):
             if not isinstance(value, int) or value < 1:
@@ -194,6 +198,7 @@ class Scheduler:
         self._prefilling: list[_Request] = []
         self._rows: list[_Request] = []  # _rows[b] owns row b of the batch cache
         self._cache = BatchKVCache(model.config, model.model.dtype, model.model.device)
+        self.prefix_cache = PrefixCache(model.config, prefix_cache_tokens)
         self._outbox = _Outbox()
         self._wake = threading.Condition()
         self._closed = False
@@ -334,27 +339,35 @@ class Scheduler:
         is prefilled on its own, where a failure is its own."""
         model = self.model.model
         lengths = [len(r.ids) for r in group]
-        ids = torch.zeros((len(group), max(lengths)), dtype=torch.long)  # (G, T)
+        hits = [self.prefix_cache.lookup(r.ids) for r in group]
+        k = min(n for n, _ in hits)  # every row starts after the prefix all of them have cached
+        ids = torch.zeros((len(group), max(lengths) - k), dtype=torch.long)  # (G, T)
         for b, r in enumerate(group):
-            ids[b, :lengths[b]] = torch.tensor(r.ids)
-        cache = KVCache(model.config, len(group), ids.shape[1], model.dtype, model.device)
+            ids[b, :lengths[b] - k] = torch.tensor(r.ids[k:])
+        cache = KVCache(model.config, len(group), max(lengths), model.dtype, model.device)
+        if k:
+            for b, (_, prefix) in enumerate(hits):
+                prefix.copy_into(cache, b, k)
+            cache.advance(k)
         t0 = time.perf_counter()
         try:
-            last = torch.tensor(lengths, device=model.device) - 1
+            last = torch.tensor(lengths, device=model.device) - k - 1
             logits, _ = model(ids.to(model.device), cache=cache, logits_at=last)  # (G, 1, V)
         except Exception:
             return 0
         seconds = time.perf_counter() - t0
         for b, r in enumerate(group):
             self._prefilling.remove(r)
-            r.prefilled, r.prefill_seconds = lengths[b], seconds
+            r.prefilled, r.cached, r.prefill_seconds = lengths[b], k, seconds
+            self.prefix_cache.insert(r.ids, cache, b)
             self._start(r, logits[b:b + 1, -1], lambda b=b: self._cache.add(cache, b, lengths[b]))
         return ids.numel()
 
     def _start(self, r: _Request, logits: torch.Tensor, join) -> None:
         """r's prompt is in: emit its first token (from logits (1, V)) and `join()` the batch,
         or finish it if that token already ends it."""
-        r.stats = dict(prompt_tokens=len(r.ids), prompt_tps=len(r.ids) / max(r.prefill_seconds, 1e-9))
+        r.stats = dict(prompt_tokens=len(r.ids), cached_tokens=r.cached,
+                       prompt_tps=len(r.ids) / max(r.prefill_seconds, 1e-9))
         r.first_token_at = time.perf_counter()
         try:
             going = self._emit(r, self._sample_one(r, logits))
@@ -373,6 +386,11 @@ class Scheduler:
         model = self.model.model
         if r.prefill is None:
             r.prefill = KVCache(model.config, 1, len(r.ids), model.dtype, model.device)
+            r.cached, prefix = self.prefix_cache.lookup(r.ids)
+            if r.cached:  # start after the longest prefix an earlier prompt shares with this one
+                prefix.copy_into(r.prefill, 0, r.cached)
+                r.prefill.advance(r.cached)
+                r.prefilled = r.cached
         n = min(budget, len(r.ids) - r.prefilled)
         t0 = time.perf_counter()
         chunk = torch.tensor([r.ids[r.prefilled:r.prefilled + n]], dtype=torch.long, device=model.device)
@@ -382,6 +400,7 @@ class Scheduler:
         if r.prefilled < len(r.ids):
             return n  # the rest of this prompt goes in the next steps
         self._prefilling.remove(r)
+        self.prefix_cache.insert(r.ids, r.prefill, 0)
         self._start(r, logits[:, -1], lambda: self._cache.add(r.prefill))
         r.prefill = None  # copied into the batch (or finished): free it
         return n

@@ -25,6 +25,10 @@ def serve(
         None, "--cors-origin", help="Let web pages from this origin call the API, e.g. http://localhost:3000 "
                                     "(repeatable; default: CORS off)."),
     max_batch: int = typer.Option(16, help="Most requests generated together per model; more wait their turn."),
+    prefix_cache: int = typer.Option(
+        2048, help="Prompt tokens per model whose keys and values are kept, so prompts that start the same way "
+                   "(a system prompt, a conversation's earlier turns) are prefilled only from where they differ "
+                   "(0 = off)."),
     max_body_mb: float = typer.Option(16.0, help="Largest request body, in MB (larger: 413)."),
     max_prompt_chars: int = typer.Option(500_000, help="Longest prompt of one request, in characters (longer: 413)."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
@@ -53,7 +57,7 @@ def serve(
         m = muse.load(name, precision=precision)
         models[name or m.name] = m
     server_app = create_app(models, api_key=key, cors_origins=cors_origin or (), limits=limits,
-                            max_batch=max_batch)
+                            max_batch=max_batch, prefix_cache_tokens=prefix_cache)
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Muse is serving at [bold]http://{shown}:{port}/v1[/]" + ("" if port else " (port chosen below)"))
     for i, name in enumerate(models):

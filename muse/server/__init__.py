@@ -57,11 +57,14 @@ class Service:
     """The models a server runs (the first is the default), each with its scheduler."""
 
     def __init__(self, models: Mapping[str, Model], limits: Limits, embedder: Embedder | None,
-                 max_batch: int = 16):
+                 max_batch: int = 16, prefix_cache_tokens: int = 2048):
         if not models:
             raise ValueError("models must name at least one model to serve")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer ≥ 1, got {max_batch!r}")
+        if not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be an integer ≥ 0, got {prefix_cache_tokens!r}")
+        self.prefix_cache_tokens = prefix_cache_tokens
         self.models = dict(models)
         self.default = next(iter(self.models))
         self.limits = limits
@@ -93,7 +96,8 @@ class Service:
         name = self.resolve(name)
         with self._lock:
             if name not in self.schedulers:
-                self.schedulers[name] = Scheduler(self.models[name], max_batch=self.max_batch)
+                self.schedulers[name] = Scheduler(self.models[name], max_batch=self.max_batch,
+                                                  prefix_cache_tokens=self.prefix_cache_tokens)
             return self.schedulers[name]
 
     def close(self) -> None:
@@ -106,13 +110,14 @@ class Service:
 
 def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_key: str | None = None,
                cors_origins: Sequence[str] = (), limits: Limits | None = None, max_batch: int = 16,
-               embedder: "Embedder | None | str" = "auto") -> FastAPI:
+               embedder: "Embedder | None | str" = "auto", prefix_cache_tokens: int = 2048) -> FastAPI:
     """The FastAPI application serving `models` (a name → Model mapping; a Model or a list
     is named by `Model.name`). The first model is the default.
 
     api_key: require `Authorization: Bearer KEY` on every API call. cors_origins: origins
     that browsers may call from (none: CORS off). embedder: "auto" uses `muse.apps.embed`
-    when installed; None turns /v1/embeddings off (404).
+    when installed; None turns /v1/embeddings off (404). prefix_cache_tokens: prompt positions
+    per model whose keys and values are kept for prompts that start the same way (0: off).
     """
     from muse.server import apps as app_routes, openai as openai_routes
 
@@ -120,7 +125,8 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
         models = [models]
     if not isinstance(models, Mapping):
         models = {m.name: m for m in models}
-    service = Service(models, limits or Limits(), default_embedder() if embedder == "auto" else embedder, max_batch)
+    service = Service(models, limits or Limits(), default_embedder() if embedder == "auto" else embedder, max_batch,
+                      prefix_cache_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -47,9 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
 from muse.errors import MuseError
-from muse.scheduler import release_openmp_pool
 from muse.fileio import write_bytes_atomic
 from muse.generation import SamplingParams
+from muse.scheduler import release_openmp_pool
 from muse.server.errors import APIError, error_body, from_exception
 from muse.server.openai import EventStreamResponse
 from muse.server.schemas import ErrorResponse

@@ -217,24 +217,24 @@ async def _run(request: Request, scheduler: Scheduler, jobs: list[Job], param: s
     usage = _usage(jobs, results)
     if chat:
         choices = [{"index": j.index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                    "logprobs": None} for j, (text, reason, _, _) in zip(jobs, results)]
+                    "logprobs": None} for j, (text, reason, *_) in zip(jobs, results)]
         return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
     choices = [{"index": j.index, "text": j.echo + text, "finish_reason": reason, "logprobs": None}
-               for j, (text, reason, _, _) in zip(jobs, results)]
+               for j, (text, reason, *_) in zip(jobs, results)]
     return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": usage})
 
 
-async def _collect_all(streams: list[Stream]) -> list[tuple[str, str | None, int, int]]:
+async def _collect_all(streams: list[Stream]) -> list[tuple[str, str | None, int, int, int]]:
     return await asyncio.gather(*(_collect(s) for s in streams))
 
 
-async def _collect(stream: Stream) -> tuple[str, str | None, int, int]:
-    """(text, finish reason, prompt tokens, generated tokens) of one finished stream."""
+async def _collect(stream: Stream) -> tuple[str, str | None, int, int, int]:
+    """(text, finish reason, prompt tokens, generated tokens, cached prompt tokens) of one finished stream."""
     parts, last = [], None
     async for chunk in stream:
         parts.append(chunk.text)
         last = chunk
-    return "".join(parts), last.finish_reason, last.prompt_tokens, last.generation_tokens
+    return "".join(parts), last.finish_reason, last.prompt_tokens, last.generation_tokens, last.cached_tokens
 
 
 async def _unless_client_leaves(request: Request, work, streams: list[Stream]):
@@ -259,10 +259,13 @@ async def _client_gone(request: Request) -> None:
 
 
 def _usage(jobs: list[Job], results) -> dict:
+    """results: (text, finish reason, prompt tokens, generated tokens, cached prompt tokens) per job."""
     prompt = {j.prompt_index: r[2] for j, r in zip(jobs, results)}  # each prompt counted once
+    cached = {j.prompt_index: r[4] for j, r in zip(jobs, results)}
     completion = sum(r[3] for r in results)
     return {"prompt_tokens": sum(prompt.values()), "completion_tokens": completion,
-            "total_tokens": sum(prompt.values()) + completion}
+            "total_tokens": sum(prompt.values()) + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 # -- streaming --------------------------------------------------------------------------
@@ -286,7 +289,7 @@ async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], inclu
                     yield chunk(job.index, {"content": c.text})
                 if c.finish_reason:
                     yield chunk(job.index, {}, c.finish_reason)
-                    results.append(("", c.finish_reason, c.prompt_tokens, c.generation_tokens))
+                    results.append(("", c.finish_reason, c.prompt_tokens, c.generation_tokens, c.cached_tokens))
         if include_usage:
             yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(jobs, results)})
         yield "data: [DONE]\n\n"
@@ -310,7 +313,7 @@ async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream],
                 if c.text or c.finish_reason:
                     yield chunk(job.index, c.text, c.finish_reason)
                 if c.finish_reason:
-                    results.append(("", c.finish_reason, c.prompt_tokens, c.generation_tokens))
+                    results.append(("", c.finish_reason, c.prompt_tokens, c.generation_tokens, c.cached_tokens))
         if include_usage:
             yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(jobs, results)})
         yield "data: [DONE]\n\n"
