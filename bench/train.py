@@ -1,17 +1,28 @@
-"""Training speed: tokens/s, MFU, peak memory and wall time of Muse's training loop.
+"""Training speed and quality: tokens/s, MFU, peak memory, wall time and val loss of Muse's loop.
 
-    python bench/train.py --anchor        # nanoGPT's CPU shakespeare_char run, compared with nanoGPT
+    python bench/train.py --anchor        # nanoGPT's CPU shakespeare_char run, side by side with Muse
     python bench/train.py                 # a short run of each preset (tokens/s, MFU, memory)
     python bench/train.py --presets shakespeare-char-cpu tiny --iters 30 --compile
 
-The anchor is nanoGPT's own train.py with its CPU shakespeare_char settings (4 layers, 4 heads,
-128 wide, block 64, batch 12, 2000 iters, lr 1e-3 → 1e-4, warmup 100, beta2 0.99, dropout 0,
-eval_iters 20, log_interval 1, no compile) on the same character-level Tiny Shakespeare split:
-it reaches val loss 1.886 in 136 s of wall time on the reference 2-core machine. Muse runs
-the identical recipe (same model, optimizer, schedule, number of steps) and reports its val
-loss, wall time and the ratio. MFU is against this machine's measured fp32 matmul peak.
+The anchor is nanoGPT's train.py with its CPU shakespeare_char settings (4 layers, 4 heads, 128
+wide, block 64, batch 12, 2000 iters, lr 1e-3 → 1e-4, warmup 100, beta2 0.99, dropout 0,
+eval_iters 20, log_interval 1, no compile) on the character-level Tiny Shakespeare split: val
+loss 1.886 in 136 s of wall time on the reference 2-core machine. --anchor runs, each in its
+own process, on the same split:
 
-Each configuration runs in its own process, so peak memory (max RSS) is its own.
+  nanogpt            nanoGPT's loop and model re-implemented in plain PyTorch (bench/nanogpt_ref.py)
+                     with nanoGPT's batch sampling: it reproduces the 1.886 and times it on this machine
+  nanogpt (Muse's batches + init)   the same loop fed Muse's batches and initial weights
+  muse, nanoGPT's recipe            Muse's train() with nanoGPT's hyperparameters: its losses
+                     must equal the line above step for step (the loops do the same arithmetic)
+  muse, preset defaults             `muse train --preset shakespeare-char-cpu` as shipped: the peak
+                     lr measured for this preset and dtype "auto" (bf16 autocast on CPUs with native
+                     bf16, fp32 elsewhere); the same model, batch, steps and schedule shape
+
+Wall-time ratios are against the nanogpt row run here and against nanoGPT's 136 s. "val loss"
+is the 20-batch estimate both loops log; "full val" is the loss over every window of the val
+split (far less noisy). MFU is against this machine's measured matmul peak in the run's dtype. Each
+configuration runs in its own process, so peak memory (max RSS) is its own.
 """
 
 from __future__ import annotations
@@ -54,12 +65,13 @@ def char_data() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return ids[:n], ids[n:], chars
 
 
-def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of square matmuls on this machine (all threads torch uses). Another
+def matmul_peak(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (1024, 2048, 3072),
+                repeats: int = 5) -> float:
+    """Best GFLOP/s of square `dtype` matmuls on this machine (all threads torch uses). Another
     process on the machine lowers it, so MFU figures are only as good as a quiet machine."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm up
         for _ in range(repeats):
             t = time.perf_counter()
@@ -90,19 +102,67 @@ def full_val_loss(model, val_ids: np.ndarray, block: int, batch: int = 64) -> fl
     return total / n
 
 
+ANCHOR_RUNS = ("nanogpt", "nanogpt-muse-batches", "anchor", "anchor-preset")
+ANCHOR_NAMES = {"nanogpt": "nanogpt", "nanogpt-muse-batches": "nanogpt (Muse's batches+init)",
+                "anchor": "muse, nanoGPT's recipe", "anchor-preset": "muse, preset defaults"}
+
+
+def anchor_config(preset_defaults: bool, compile_: bool, seed: int):
+    """nanoGPT's CPU shakespeare_char settings; with preset_defaults, the preset's own measured ones on top."""
+    from muse.training import TrainConfig
+
+    settings = dict(max_iters=2000, batch_size=12, warmup_iters=100, lr_decay_iters=2000, beta2=0.99,
+                    weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20, log_interval=1,
+                    compile=compile_, seed=seed, progress=False)
+    if preset_defaults:  # dtype "auto": bf16 autocast where the CPU has native bf16
+        return TrainConfig.for_preset("shakespeare-char-cpu", **settings)
+    return TrainConfig(learning_rate=1e-3, min_lr=1e-4, dtype="fp32", **settings)  # nanoGPT on a CPU: fp32
+
+
+def run_reference(name: str, seed: int) -> dict:
+    """The nanoGPT baseline (bench/nanogpt_ref.py) in this process; with Muse's batches and init for
+    the step-for-step comparison."""
+    import nanogpt_ref as ref
+    from muse.config import ModelConfig
+    from muse.model import Transformer
+    from muse.training import TokenBatches
+
+    start = time.perf_counter()
+    train_ids, val_ids, chars = char_data()
+    batches = init = None
+    gelu = "none"  # nanoGPT's nn.GELU()
+    if name == "nanogpt-muse-batches":
+        data = TokenBatches(train_ids, val_ids, ref.BLOCK, seed=seed)
+        batches = lambda split, step: data.batch(split, step, 0, ref.BATCH)  # noqa: E731
+        init = Transformer(ModelConfig.from_name("shakespeare-char-cpu", dropout=0.0)).init_weights(seed).state_dict()
+        gelu = "tanh"  # Muse's GPT-2 blocks use GPT-2's tanh GELU
+    r = ref.run(train_ids, val_ids, len(chars), seed, batches=batches, init=init, gelu=gelu)
+    wrapped = lambda x, y: (None, r["model"](x, y))  # noqa: E731  full_val_loss wants (logits, loss)
+    wrapped.eval = r["model"].eval
+    return {"name": name, "params": sum(p.numel() for p in r["model"].parameters()), "block": ref.BLOCK,
+            "batch": ref.BATCH, "iters": ref.ITERS, "compile": False, "val_loss": r["val_loss"],
+            "final_val_loss": r["val_loss"], "train_wall_s": r["train_wall_s"],
+            "run_wall_s": time.perf_counter() - start,
+            "tokens_per_s": ref.ITERS * ref.BATCH * ref.BLOCK / r["train_wall_s"],
+            "ms_per_iter": 1000 * r["train_wall_s"] / ref.ITERS, "train_losses": r["train_losses"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "plot": "-",
+            "flops_per_token": flops_per_token(ModelConfig.from_name("shakespeare-char-cpu")),
+            "full_val_loss": full_val_loss(wrapped, val_ids, ref.BLOCK)}
+
+
 def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed: int = 1337) -> dict:
     """Train one configuration in this process and return its figures."""
     from muse.config import ModelConfig
     from muse.model import Transformer
     from muse.training import TokenBatches, TrainConfig, train
 
+    if name.startswith("nanogpt"):
+        return run_reference(name, seed)
     start = time.perf_counter()  # data preparation + model build + train()
     train_ids, val_ids, chars = char_data()
     if anchor:
         config = ModelConfig.from_name("shakespeare-char-cpu", dropout=0.0)
-        cfg = TrainConfig(max_iters=2000, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
-                          lr_decay_iters=2000, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
-                          eval_iters=20, log_interval=1, dtype="fp32", compile=compile_, seed=seed, progress=False)
+        cfg = anchor_config(name == "anchor-preset", compile_, seed)
         batch = 12
     else:
         overrides, batch = PRESETS[name]
@@ -119,8 +179,12 @@ def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed
     # Steady-state speed: skip the first fifth (allocator warm-up, compilation).
     steady = logs[len(logs) // 5:] or logs
     tok_s = float(np.median([r["tokens_per_s"] for r in steady]))
+    from muse.training.loop import resolve_dtype
+
     return {
-        "name": "anchor" if anchor else name, "params": config.num_params(), "block": config.block_size,
+        "name": name, "params": config.num_params(), "lr": cfg.learning_rate,
+        "dtype": str(resolve_dtype(cfg.dtype, torch.device("cpu"))).replace("torch.", ""),
+        "train_losses": [r["train_loss"] for r in result.metrics if "train_loss" in r], "block": config.block_size,
         "batch": batch, "iters": cfg.max_iters, "compile": compile_, "val_loss": result.best_val_loss,
         "final_val_loss": [r["val_loss"] for r in result.metrics if "val_loss" in r][-1],
         "train_wall_s": train_wall, "run_wall_s": time.perf_counter() - start,
@@ -134,7 +198,7 @@ def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed
 
 def child(args) -> None:
     out = Path(args.out)
-    print(json.dumps(run_one(args.child, args.iters, args.compile, args.child == "anchor", out, args.seed)))
+    print(json.dumps(run_one(args.child, args.iters, args.compile, args.child.startswith("anchor"), out, args.seed)))
 
 
 def spawn(name: str, iters: int, compile_: bool, out: Path, seed: int) -> dict:
@@ -164,36 +228,55 @@ def main() -> None:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="muse-bench-train-"))
     load = os.getloadavg()
-    peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:,.1f} GFLOP/s, "
+    peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul peak fp32 {peaks['float32']:,.1f} "
+          f"/ bf16 {peaks['bfloat16']:,.1f} GFLOP/s, "
           f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    names = ["anchor"] if args.anchor else args.presets
+    names = list(ANCHOR_RUNS) if args.anchor else args.presets
     rows = []
     for name in names:
         r = spawn(name, args.iters, args.compile, out / name, args.seed)
-        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peaks[r.get("dtype", "float32")] * 1e9)
         rows.append(r)
+        print(f"  {ANCHOR_NAMES.get(name, name)}: val loss {r['final_val_loss']:.4f}, {r['process_wall_s']:.1f} s",
+              file=sys.stderr, flush=True)
+    print_table(rows)
+    if args.anchor:
+        print_anchor(rows)
+    load = os.getloadavg()
+    print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"loss curves: {', '.join(r['plot'] for r in rows if r['plot'] != '-')}")
 
-    head = (f"{'run':<22}{'params':>10}{'block':>6}{'batch':>6}{'iters':>6}{'tok/s':>10}{'ms/iter':>9}"
-            f"{'MFU':>7}{'peak MB':>9}{'train s':>9}{'val loss':>9}")
+
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'run':<32}{'params':>8}{'block':>6}{'batch':>6}{'iters':>6}{'dtype':>6}{'tok/s':>9}{'ms/iter':>8}"
+            f"{'MFU':>7}{'peak MB':>8}{'train s':>8}{'proc s':>8}{'val loss':>9}{'full val':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['name']:<22}{r['params'] / 1e6:>9.2f}M{r['block']:>6}{r['batch']:>6}{r['iters']:>6}"
-              f"{r['tokens_per_s']:>10,.0f}{r['ms_per_iter']:>9.1f}{100 * r['mfu']:>6.1f}%{r['peak_rss_mb']:>9.0f}"
-              f"{r['train_wall_s']:>9.1f}{r['final_val_loss']:>9.4f}")
-    if args.anchor:
-        r = rows[0]
-        ratio = r["process_wall_s"] / NANOGPT_WALL_S
-        print(f"\nanchor: val loss {r['final_val_loss']:.4f} (nanoGPT {NANOGPT_VAL}) in {r['process_wall_s']:.1f} s "
-              f"wall for the whole process, {r['train_wall_s']:.1f} s in train() (nanoGPT {NANOGPT_WALL_S:.0f} s): "
-              f"ratio {ratio:.2f} (target <= 0.80); {r['ms_per_iter']:.1f} ms/iter, "
-              f"{r['avg_tokens_per_s']:,.0f} tokens/s averaged over the run incl. evals and checkpoints; "
-              f"loss over the whole val split {r['full_val_loss']:.4f}")
-    load = os.getloadavg()
-    print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"loss curves: {', '.join(r['plot'] for r in rows)}")
+        print(f"{ANCHOR_NAMES.get(r['name'], r['name']):<32}{r['params'] / 1e6:>7.2f}M{r['block']:>6}{r['batch']:>6}"
+              f"{r['iters']:>6}{SHORT.get(r.get('dtype', 'float32'), '?'):>6}{r['tokens_per_s']:>9,.0f}{r['ms_per_iter']:>8.1f}{100 * r['mfu']:>6.1f}%"
+              f"{r['peak_rss_mb']:>8.0f}{r['train_wall_s']:>8.1f}{r['process_wall_s']:>8.1f}"
+              f"{r['final_val_loss']:>9.4f}{r['full_val_loss']:>9.4f}")
 
+
+def print_anchor(rows: list[dict]) -> None:
+    by = {r["name"]: r for r in rows}
+    ref, twin, same, preset = (by[n] for n in ANCHOR_RUNS)
+    diff = np.abs(np.array(twin["train_losses"]) - np.array(same["train_losses"]))
+    print(f"\nparity: Muse's loop vs nanoGPT's on the same batches and initial weights: train losses differ by at most "
+          f"{diff.max():.2e} over {len(diff)} steps (mean {diff.mean():.1e}); final val loss "
+          f"{same['final_val_loss']:.4f} vs {twin['final_val_loss']:.4f}")
+    print(f"nanogpt here: val loss {ref['final_val_loss']:.4f} (nanoGPT's own run: {NANOGPT_VAL}) in "
+          f"{ref['process_wall_s']:.1f} s (nanoGPT's own run: {NANOGPT_WALL_S:.0f} s)")
+    for r in (same, preset):
+        print(f"{ANCHOR_NAMES[r['name']]} (peak lr {r['lr']:g}, {r['dtype']}): val loss {r['final_val_loss']:.4f}, full val "
+              f"{r['full_val_loss']:.4f}; wall {r['process_wall_s']:.1f} s = {r['process_wall_s'] / ref['process_wall_s']:.2f}"
+              f" x the nanogpt run here, {r['process_wall_s'] / NANOGPT_WALL_S:.2f} x nanoGPT's {NANOGPT_WALL_S:.0f} s "
+              f"(target: val loss <= 1.88 in <= 0.80 x)")
 
 if __name__ == "__main__":
     main()

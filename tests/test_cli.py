@@ -174,3 +174,24 @@ def test_train_command_trains_resumes_and_generates(tmp_path):
     assert r.exit_code == 0 and r.output.strip()
     r = run(*common[:-1], "--max-iters", "5", "--lr", "-1")
     assert r.exit_code == 2 and "learning_rate" in r.output
+
+
+def test_train_takes_the_presets_measured_learning_rate_unless_given(tmp_path):
+    import json
+
+    from muse.training.loop import PRESET_TRAINING
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(open("../shared/data/tinyshakespeare/input.txt", encoding="utf-8").read()[:20_000])
+    assert run("data", "prepare", str(corpus), "--char-level", "--out", str(tmp_path / "d")).exit_code == 0
+
+    def peak_lr(out: str, *extra: str) -> float:
+        r = run("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / out), "--preset",
+                "shakespeare-char-cpu", "--set", "n_layer=1", "--max-iters", "3", "--warmup-iters", "0",
+                "--eval-iters", "0", "--log-interval", "1", "--no-progress", "--dtype", "fp32", *extra)
+        assert r.exit_code == 0, r.output
+        rows = map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+        return max(m["lr"] for m in rows if "lr" in m)
+
+    assert peak_lr("preset") == pytest.approx(PRESET_TRAINING["shakespeare-char-cpu"]["learning_rate"])
+    assert peak_lr("given", "--lr", "1e-3") == pytest.approx(1e-3)

@@ -120,6 +120,54 @@ def test_lr_schedule_warmup_cosine_and_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
 
 
+def test_presets_bring_their_measured_settings_and_given_ones_win():
+    from muse.training.loop import PRESET_TRAINING
+
+    tuned = PRESET_TRAINING["shakespeare-char-cpu"]["learning_rate"]
+    cfg = TrainConfig.for_preset("shakespeare-char-cpu", max_iters=50)
+    assert cfg.learning_rate == tuned and cfg.min_lr == pytest.approx(tuned / 10) and cfg.max_iters == 50
+    assert TrainConfig.for_preset("shakespeare-char-cpu", learning_rate=1e-3).learning_rate == 1e-3
+    assert TrainConfig.for_preset("gpt2") == TrainConfig()  # no measured settings: the defaults
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    from muse.training import loop
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert loop.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert loop.resolve_dtype("auto", cpu) == torch.float32
+    assert loop.resolve_dtype("fp32", cpu) == torch.float32 and loop.resolve_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_cpu_bf16_training_runs_attention_in_fp32_and_keeps_the_gradients(monkeypatch):
+    """Under CPU bf16 autocast the matmuls run in bf16 but attention in fp32 (its bf16 backward is slow);
+    the loss and gradients stay close to fp32 training's."""
+    model = tiny_model(seed=3)
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    _, want = model(x, y)
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, y)
+    loss.backward()
+    assert seen and all(s == (torch.float32, False) for s in seen)
+    assert loss.item() == pytest.approx(want.item(), rel=2e-2)
+    for p, g in zip(model.parameters(), want_grads):
+        assert torch.nn.functional.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0) > 0.98
+
+
 def test_train_config_defaults_follow_other_fields():
     cfg = TrainConfig(learning_rate=6e-4, max_iters=500, eval_interval=50)
     assert cfg.min_lr == pytest.approx(6e-5) and cfg.lr_decay_iters == 500 and cfg.save_interval == 50

@@ -203,14 +203,14 @@ def train(
 ):
     """Train a GPT from scratch on your own corpus. Runs unchanged under
     `torchrun --nproc-per-node N .venv/bin/muse train ...` (DDP, or --distributed fsdp)."""
-    from muse.training.loop import pretrain
+    from muse.training.loop import PRESET_TRAINING, pretrain
 
-    cfg = _train_config(max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum, learning_rate=lr,
-                        min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
-                        eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval,
-                        lr_decay_iters=lr_decay_iters, weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip,
-                        dtype=dtype, compile=compile, seed=seed, tensorboard=tensorboard,
-                        distributed=distributed, device=device, progress=progress)
+    cfg = _train_config(PRESET_TRAINING.get(preset), max_iters=max_iters, batch_size=batch_size,
+                        grad_accum=grad_accum, learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters,
+                        eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
+                        save_interval=save_interval, lr_decay_iters=lr_decay_iters, weight_decay=weight_decay,
+                        beta2=beta2, grad_clip=grad_clip, dtype=dtype, compile=compile, seed=seed,
+                        tensorboard=tensorboard, distributed=distributed, device=device, progress=progress)
     _report(pretrain(data, out, preset, _parse_sets(set_), cfg, resume=resume))
 
 
