@@ -18,7 +18,7 @@ from muse.config import ModelConfig
 from muse.errors import ContextLengthError
 from muse.generation import SamplingParams, stream_generate, top_p_filter
 from muse.model import BatchKVCache, KVCache, Transformer
-from muse.scheduler import Scheduler, SchedulerBusy, SchedulerClosed
+from muse.scheduler import Scheduler, SchedulerBusy, SchedulerClosed, _openmp_runtime, release_openmp_pool
 
 
 def tiny_model(tokenizer, block_size: int = 512, seed: int = 0) -> Model:
@@ -359,3 +359,17 @@ def test_utf8_split_characters_stream_whole_from_the_batch(tok):
             assert any(c.text == "" for c in chunks[:-1])  # bytes held back until a character completes
     finally:
         sched.close()
+
+
+def test_the_openmp_pool_of_the_loading_thread_can_be_released_and_torch_still_works():
+    """The scheduler frees the OpenMP pool of the thread that loaded the model (two pools make
+    libgomp stop spinning: slower decode steps); torch makes a new pool when it needs one."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert _openmp_runtime() is not None  # torch's Linux wheels ship libgomp: the release really happens
+    a = torch.randn(300, 300, generator=torch.Generator().manual_seed(0))
+    want = a @ a
+    release_openmp_pool()
+    assert torch.equal(a @ a, want)
+    release_openmp_pool()  # twice, and with no pool: harmless
