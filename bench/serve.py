@@ -46,13 +46,14 @@ TOPICS = ["the sea", "a lighthouse keeper", "a robot who learns to paint", "the 
           "a city of bridges"]
 
 
-def serve_worker(max_batch: int) -> None:
+def serve_worker(max_batch: int, prefix_cache: int) -> None:
     """In the server subprocess: serve the default model until stdin closes; print the port first."""
     import muse
     from muse.server import ServerThread, create_app
 
     model = muse.load()
-    with ServerThread(create_app({"default": model}, embedder=None, max_batch=max_batch)) as server:
+    with ServerThread(create_app({"default": model}, embedder=None, max_batch=max_batch,
+                                   prefix_cache_tokens=prefix_cache)) as server:
         print(server.port, flush=True)
         sys.stdin.read()  # the benchmark closes our stdin when it is done
 
@@ -111,8 +112,9 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def start_server(max_batch: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-worker", "--max-batch", str(max_batch)],
+def start_server(max_batch: int, prefix_cache: int = 2048) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-worker", "--max-batch", str(max_batch),
+                             "--prefix-cache", str(prefix_cache)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline().strip()
     if not line.isdigit():
@@ -147,6 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests each client makes, one after another")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    ap.add_argument("--prefix-cache", type=int, default=2048, help="the server's --prefix-cache (0 = off)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each level this many times and report the fastest (the least disturbed on a shared "
                          "machine)")
@@ -154,8 +157,8 @@ def main(argv=None) -> None:
     ap.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args(argv)
     if args.serve_worker:
-        return serve_worker(args.max_batch)
-    proc, url = start_server(args.max_batch)
+        return serve_worker(args.max_batch, args.prefix_cache)
+    proc, url = start_server(args.max_batch, args.prefix_cache)
     try:
         asyncio.run(run_level(url, 2, 1, 8, args.temperature))  # warm-up: kernels, allocator, first requests
         rows = []
@@ -176,7 +179,8 @@ def main(argv=None) -> None:
         proc.stdin.close()
         proc.wait(timeout=60)
     print_table(rows, f"muse serve, SmolLM2-135M-Instruct (default model), {os.cpu_count()} CPUs, max_tokens "
-                      f"{args.tokens}, temperature {args.temperature}, {args.rounds} requests per stream")
+                      f"{args.tokens}, temperature {args.temperature}, {args.rounds} requests per stream, prefix "
+                      f"cache {args.prefix_cache or 'off'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}")
