@@ -29,6 +29,7 @@ import asyncio
 import collections
 import ctypes
 import functools
+import os
 import queue
 import threading
 import time
@@ -148,16 +149,20 @@ class _Request:
 
 @functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch runs its parallel ops on (libgomp, libomp or libiomp5), if found."""
-    lib = Path(torch.__file__).parent / "lib"
-    for pattern in ("libgomp*.so*", "libomp*.so*", "libomp*.dylib", "libiomp5*"):
-        for path in sorted(lib.glob(pattern)):
-            try:
-                runtime = ctypes.CDLL(str(path))  # the copy torch already loaded: same handle
-                runtime.omp_pause_resource_all.restype = ctypes.c_int
-                return runtime
-            except (OSError, AttributeError):
-                continue
+    """The GNU libgomp torch has loaded (bundled with its Linux wheels, or the system's), or None.
+
+    Only libgomp: its omp_pause_resource_all frees the calling thread's pool alone. LLVM's
+    libomp (macOS wheels) pauses the whole runtime, which is not safe while the scheduler
+    thread may be inside a parallel region, so there nothing is released."""
+    candidates = [str(p) for p in sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))]
+    for name in candidates + ["libgomp.so.1"]:
+        try:
+            # RTLD_NOLOAD: only a copy already in the process (the one torch uses), never a new one
+            runtime = ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+            runtime.omp_pause_resource_all.restype = ctypes.c_int
+            return runtime
+        except (OSError, AttributeError):
+            continue
     return None
 
 
