@@ -242,8 +242,8 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
-
     def _attend(self, q, k, v, mask, T: int) -> torch.Tensor:
+        """Scaled dot-product attention: q (B, nh, T, hd), k/v (B, nkv, L, hd) → (B, nh, T, hd), in q's dtype."""
         dtype = q.dtype
         fp32 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
         if fp32:

@@ -78,7 +78,6 @@ class Stream:
     def cancel(self) -> None:
         self._cancelled.set()
 
-
     def __iter__(self) -> Iterator[GenerationChunk]:
         if self._loop is not None:
             raise TypeError("this Stream was submitted with an event loop: use `async for`")
