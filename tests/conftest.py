@@ -62,3 +62,11 @@ def qwen_gguf(model_cache):
             pytest.fail("CI must install the bilingual model: ./install.sh --dev")
         pytest.skip("the bilingual model is not installed: muse models install qwen2.5-0.5b")
     return install(bundled.name, pip_install=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(default_model):
+    """A random 2-layer Transformer with the default model's tokenizer (`tests.helpers.tiny_model`)."""
+    from tests.helpers import tiny_model
+
+    return tiny_model(default_model.tokenizer)

@@ -9,12 +9,6 @@ from muse.generation import SamplingParams
 from muse.model import KVCache
 from muse.prefix_cache import PrefixCache
 from muse.scheduler import Scheduler
-from tests.test_scheduler import tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(default_model):
-    return tiny_model(default_model.tokenizer)
 
 
 def prefill(model, ids: list[int]) -> KVCache:

@@ -1,9 +1,4 @@
-"""Continuous batching: the batched KV cache, and the scheduler against one-at-a-time generation.
-
-Also home to two small test models the server tests import: `tiny_model` (a random 2-layer
-Transformer with the default model's tokenizer: fast, real mechanics) and `ScriptLM` (emits a
-fixed text, one token per step, batched or not: for exact-text and UTF-8 checks).
-"""
+"""Continuous batching: the batched KV cache, and the scheduler against one-at-a-time generation."""
 
 from __future__ import annotations
 
@@ -11,49 +6,13 @@ import threading
 
 import pytest
 import torch
-import torch.nn as nn
 
 from muse.api import Model
-from muse.config import ModelConfig
 from muse.errors import ContextLengthError
 from muse.generation import SamplingParams, stream_generate, top_p_filter
-from muse.model import BatchKVCache, KVCache, Transformer
+from muse.model import BatchKVCache, KVCache
 from muse.scheduler import Scheduler, SchedulerBusy, SchedulerClosed, _openmp_runtime, release_openmp_pool
-
-
-def tiny_model(tokenizer, block_size: int = 512, seed: int = 0) -> Model:
-    config = ModelConfig(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                         n_embd=64, block_size=block_size)
-    return Model(Transformer(config).init_weights(seed).eval(), tokenizer, {"name": "tiny"})
-
-
-class ScriptLM(nn.Module):
-    """After a prompt of `prompt_len` tokens, emits `text` then EOS, one token per step.
-
-    The next token depends only on the position, which it reads from the cache (a `KVCache`
-    or each row of a `BatchKVCache`), so it runs batched or not; rows share the prompt length.
-    """
-
-    def __init__(self, tokenizer, prompt_len: int, text: str, block_size: int = 512):
-        super().__init__()
-        self.config = ModelConfig(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8,
-                                  block_size=block_size)
-        self.script = torch.tensor(tokenizer.encode(text, add_special_tokens=False) + [min(tokenizer.eos_ids)])
-        self.prompt_len = prompt_len
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    device = property(lambda self: self.dummy.device)
-    dtype = property(lambda self: torch.float32)
-
-    def forward(self, idx, targets=None, cache=None, last_only=False, logits_at=None):
-        B, T = idx.shape
-        pos, _ = cache.prepare(T, idx.device)  # (T,) or (B, T)
-        cache.advance(T)
-        at = pos.expand(B, T)[torch.arange(B), logits_at] if logits_at is not None else pos[..., -1]
-        step = (at + 1 - self.prompt_len).clamp(0, len(self.script) - 1).expand(B)  # (B,)
-        logits = torch.full((B, 1, self.config.vocab_size), -1e4)
-        logits[torch.arange(B), 0, self.script[step]] = 1e4
-        return logits, None
+from tests.helpers import ScriptLM
 
 
 def run_all(sched: Scheduler, prompts, params) -> list[str]:
@@ -64,11 +23,6 @@ def run_all(sched: Scheduler, prompts, params) -> list[str]:
 @pytest.fixture(scope="module")
 def tok(default_model):
     return default_model.tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return tiny_model(tok)
 
 
 # -- the batched KV cache --------------------------------------------------------------

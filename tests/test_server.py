@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from muse.errors import MuseError
 from muse.server import Embedder, ServerThread, create_app
 from muse.server.security import Limits, UnsafePathError, api_key_from, check_bind, muse_home_path, safe_join
-from tests.test_scheduler import tiny_model
+from tests.helpers import tiny_model
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 
@@ -48,11 +48,6 @@ def fake_embedder() -> Embedder:
 @pytest.fixture(scope="module")
 def tok(default_model):
     return default_model.tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return tiny_model(tok)
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,11 @@ from muse.server import ServerThread, create_app
 from muse.server.apps import _diff
 from muse.server.security import Limits
 from muse.store import Store
-from tests.test_scheduler import tiny_model
 from tests.test_server import sse
 
 GREEDY = {"max_tokens": 8, "temperature": 0}
 DOC = ("The Zorblax warranty lasts exactly seven years from the date of purchase. Repairs are free during "
        "that time.\n\nThe Zorblax factory is in Lyon and makes blue kettles.")
-
-
-@pytest.fixture(scope="module")
-def tiny(default_model):
-    return tiny_model(default_model.tokenizer)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from muse.server import ServerThread, create_app
 from muse.server.security import Limits
-from tests.test_scheduler import tiny_model
+from tests.helpers import tiny_model
 from tests.test_server import fake_embedder
 
 

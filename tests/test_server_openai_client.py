@@ -8,7 +8,7 @@ import pytest
 
 from muse.api import Model
 from muse.server import ServerThread, create_app
-from tests.test_scheduler import ScriptLM
+from tests.helpers import ScriptLM
 
 CHINESE = "你好，世界！今天天气很好 👍🏽"
 SAY_IT = [{"role": "user", "content": "说一句话"}]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from muse.server import ServerThread, create_app
-from tests.test_scheduler import tiny_model
+from tests.helpers import tiny_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/muse_shots")

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from muse.generation import SamplingParams
+from muse.generation import GenerationChunk, SamplingParams
 from muse.scheduler import Scheduler, Stream
 from muse.server.errors import APIError, error_body, from_exception
 from muse.server.schemas import (
@@ -214,27 +214,27 @@ async def _run(request: Request, scheduler: Scheduler, jobs: list[Job], param: s
     results = await _unless_client_leaves(request, _collect_all(streams), streams)
     if results is None:
         return Response(status_code=499)  # nobody is listening
-    usage = _usage(jobs, results)
+    usage = _usage(jobs, [last for _, last in results])
     if chat:
-        choices = [{"index": j.index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                    "logprobs": None} for j, (text, reason, *_) in zip(jobs, results)]
+        choices = [{"index": j.index, "message": {"role": "assistant", "content": text},
+                    "finish_reason": last.finish_reason, "logprobs": None} for j, (text, last) in zip(jobs, results)]
         return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
-    choices = [{"index": j.index, "text": j.echo + text, "finish_reason": reason, "logprobs": None}
-               for j, (text, reason, *_) in zip(jobs, results)]
+    choices = [{"index": j.index, "text": j.echo + text, "finish_reason": last.finish_reason, "logprobs": None}
+               for j, (text, last) in zip(jobs, results)]
     return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": usage})
 
 
-async def _collect_all(streams: list[Stream]) -> list[tuple[str, str | None, int, int, int]]:
+async def _collect_all(streams: list[Stream]) -> list[tuple[str, GenerationChunk]]:
     return await asyncio.gather(*(_collect(s) for s in streams))
 
 
-async def _collect(stream: Stream) -> tuple[str, str | None, int, int, int]:
-    """(text, finish reason, prompt tokens, generated tokens, cached prompt tokens) of one finished stream."""
+async def _collect(stream: Stream) -> tuple[str, GenerationChunk]:
+    """(the whole text, the last chunk: finish reason and token counts) of one finished stream."""
     parts, last = [], None
     async for chunk in stream:
         parts.append(chunk.text)
         last = chunk
-    return "".join(parts), last.finish_reason, last.prompt_tokens, last.generation_tokens, last.cached_tokens
+    return "".join(parts), last
 
 
 async def _unless_client_leaves(request: Request, work, streams: list[Stream]):
@@ -258,11 +258,11 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def _usage(jobs: list[Job], results) -> dict:
-    """results: (text, finish reason, prompt tokens, generated tokens, cached prompt tokens) per job."""
-    prompt = {j.prompt_index: r[2] for j, r in zip(jobs, results)}  # each prompt counted once
-    cached = {j.prompt_index: r[4] for j, r in zip(jobs, results)}
-    completion = sum(r[3] for r in results)
+def _usage(jobs: list[Job], finals: list[GenerationChunk]) -> dict:
+    """OpenAI's usage from each job's last chunk (prompt, cached and generated token counts)."""
+    prompt = {j.prompt_index: c.prompt_tokens for j, c in zip(jobs, finals)}  # each prompt counted once
+    cached = {j.prompt_index: c.cached_tokens for j, c in zip(jobs, finals)}
+    completion = sum(c.generation_tokens for c in finals)
     return {"prompt_tokens": sum(prompt.values()), "completion_tokens": completion,
             "total_tokens": sum(prompt.values()) + completion,
             "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
@@ -280,7 +280,7 @@ async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], inclu
              "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
         return _sse({**c, "usage": None} if include_usage else c)
 
-    results = []
+    finals = []
     try:
         for job, stream in zip(jobs, streams):  # all run at once in the scheduler; sent one after another
             yield chunk(job.index, {"role": "assistant", "content": ""})
@@ -289,9 +289,9 @@ async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], inclu
                     yield chunk(job.index, {"content": c.text})
                 if c.finish_reason:
                     yield chunk(job.index, {}, c.finish_reason)
-                    results.append(("", c.finish_reason, c.prompt_tokens, c.generation_tokens, c.cached_tokens))
+                    finals.append(c)
         if include_usage:
-            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(jobs, results)})
+            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(jobs, finals)})
         yield "data: [DONE]\n\n"
     except Exception as e:  # mid-stream: the status is already sent, so the error goes in the stream
         err = from_exception(e)
@@ -304,7 +304,7 @@ async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream],
              "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
         return _sse({**c, "usage": None} if include_usage else c)
 
-    results = []
+    finals = []
     try:
         for job, stream in zip(jobs, streams):
             if job.echo:
@@ -313,9 +313,9 @@ async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream],
                 if c.text or c.finish_reason:
                     yield chunk(job.index, c.text, c.finish_reason)
                 if c.finish_reason:
-                    results.append(("", c.finish_reason, c.prompt_tokens, c.generation_tokens, c.cached_tokens))
+                    finals.append(c)
         if include_usage:
-            yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(jobs, results)})
+            yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(jobs, finals)})
         yield "data: [DONE]\n\n"
     except Exception as e:
         err = from_exception(e)
