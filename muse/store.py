@@ -9,7 +9,10 @@ chunks, versions of texts the writer changed, feedback, and evaluation runs.
   middle leaves the database as it was before, never a half-written row.
 - The schema grows only by append-only, named migration functions (`MIGRATIONS` below). Applied
   names are kept in the `_migrations` table; a database written by a newer Muse is refused rather
-  than guessed at.
+  than guessed at. Pending ones are applied in one transaction that reads `_migrations` again
+  under the write lock, so processes opening a new database at once each see it migrated once.
+- A full disk (or one failing) is a `StoreError` naming the database, and the transaction is rolled
+  back: earlier rows are intact (`Store._disk_errors` is the one place that says so).
 
     from muse.store import Store
     with Store() as db:
@@ -30,6 +33,7 @@ from typing import Callable, Iterator
 from muse.errors import MuseError
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
+BUSY_TIMEOUT_S = 30.0  # how long a statement waits for another process's write lock
 
 
 def migration(fn: Callable[[sqlite3.Connection], None]):
@@ -60,13 +64,15 @@ class Store:
         self.path = Path(path) if path else default_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
-            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.execute("PRAGMA busy_timeout=30000")
+            with self._disk_errors():
+                # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
+                # timeout: the busy timeout, for waits on another process's write lock.
+                self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                            timeout=BUSY_TIMEOUT_S)
+                self.conn.row_factory = sqlite3.Row
+                self._use_wal()
+                self.conn.execute("PRAGMA synchronous=FULL")
+                self.conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"Cannot open the Muse database {self.path}: {e}. If the file is damaged, "
                              f"move it aside (it will be recreated empty) or restore a backup.") from None
@@ -74,27 +80,50 @@ class Store:
         self._depth = 0
         self.migrate()
 
+    def _use_wal(self) -> None:
+        """Switch to the WAL journal (a no-op once the file is in WAL mode).
+
+        Two processes converting the same new file at once: SQLite answers the loser BUSY at once,
+        without waiting (a lock upgrade that could deadlock), so try again until the busy timeout.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if _code(e) != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
     # -- schema -------------------------------------------------------------------
 
     def migrate(self) -> list[str]:
-        """Apply the migrations this database has not seen yet; return their names."""
+        """Apply the migrations this database has not seen yet, in one transaction; return their names.
+
+        The pending list is read again under the write lock (BEGIN IMMEDIATE): another process may
+        have migrated the database since the first look.
+        """
         with self._lock:
-            self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-            applied = {r[0] for r in self.conn.execute("SELECT name FROM _migrations")}
-            known = {fn.__name__ for fn in MIGRATIONS}
-            unknown = applied - known
-            if unknown:
-                raise StoreError(f"{self.path} was written by a newer Muse (migrations {sorted(unknown)} are unknown "
-                                 "here). Upgrade Muse, or point MUSE_HOME at another directory.")
-            done = []
-            for fn in MIGRATIONS:
-                if fn.__name__ in applied:
-                    continue
-                with self.transaction():
+            if not self._pending():  # up to date: no write lock taken
+                return []
+            with self.transaction():
+                self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+                pending = self._pending()
+                for fn in pending:
                     fn(self.conn)
                     self.conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, now()))
-                done.append(fn.__name__)
-            return done
+            return [fn.__name__ for fn in pending]
+
+    def _pending(self) -> list[Callable[[sqlite3.Connection], None]]:
+        """The migrations not applied yet; StoreError for a database that has ones this Muse lacks."""
+        exists = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'")
+        applied = {r[0] for r in self.conn.execute("SELECT name FROM _migrations")} if exists.fetchone() else set()
+        unknown = applied - {fn.__name__ for fn in MIGRATIONS}
+        if unknown:
+            raise StoreError(f"{self.path} was written by a newer Muse (migrations {sorted(unknown)} are unknown "
+                             "here). Upgrade Muse, or point MUSE_HOME at another directory.")
+        return [fn for fn in MIGRATIONS if fn.__name__ not in applied]
 
     def applied_migrations(self) -> list[str]:
         return [r["name"] for r in self.all("SELECT name FROM _migrations ORDER BY applied_at, rowid")]
@@ -104,35 +133,54 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """All statements inside commit together or not at all. Nested uses join the outer one."""
-        with self._lock:
-            outer = self._depth == 0
-            if outer:
-                self.conn.execute("BEGIN IMMEDIATE")
-            self._depth += 1
+        with self._lock, self._disk_errors():
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self.conn
+                self.conn.execute("COMMIT")
             except BaseException:
-                self._depth -= 1
-                if outer:
+                if self.conn.in_transaction:  # SQLite has already rolled back after some errors (a full disk)
                     self.conn.execute("ROLLBACK")
                 raise
-            self._depth -= 1
-            if outer:
-                self.conn.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     def execute(self, sql: str, params: "tuple | dict" = ()) -> sqlite3.Cursor:
         """Run one statement. Outside `transaction()` it commits on its own (autocommit)."""
-        with self._lock:
+        with self._lock, self._disk_errors():
             return self.conn.execute(sql, params)
 
     def one(self, sql: str, params: "tuple | dict" = ()) -> "dict | None":
-        with self._lock:
+        with self._lock, self._disk_errors():
             row = self.conn.execute(sql, params).fetchone()
         return dict(row) if row is not None else None
 
     def all(self, sql: str, params: "tuple | dict" = ()) -> list[dict]:
-        with self._lock:
+        with self._lock, self._disk_errors():
             return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A full or failing disk as a StoreError naming the database (SQLite has rolled the write back)."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if _code(e) == sqlite3.SQLITE_FULL:
+                raise StoreError(f"The disk holding the Muse database {self.path} is full: the change was not "
+                                 "saved (earlier ones are intact). Free some space "
+                                 f"(`df -h {self.path.parent}`) and try again.") from None
+            if _code(e) == sqlite3.SQLITE_IOERR:
+                raise StoreError(f"Cannot write the Muse database {self.path} ({e}): the disk may be full, "
+                                 "read-only or failing. The change was not saved (earlier ones are intact).") from None
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -143,6 +191,11 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _code(e: sqlite3.Error) -> int:
+    """SQLite's primary result code (SQLITE_FULL, SQLITE_BUSY, …) of an error; 0 if it has none."""
+    return (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
 
 
 # -- migrations (append only) ----------------------------------------------------------
