@@ -4,17 +4,70 @@ Everything is written into a temporary sibling directory, flushed to disk, then 
 with two renames. If the process dies (or the disk fills) before the swap, the previous
 directory is untouched; between the two renames only `.NAME.old-PID` exists, and
 `muse.training.state.find_checkpoint` knows to look there.
+
+A full disk (or quota, or file size limit) while writing is a `DiskFullError` naming the file or
+directory being written and saying the previous copy is kept: `disk_full_reason` is the one place
+that recognises one, whether it comes as an OSError or wrapped by a library (safetensors, tokenizers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from muse.errors import MuseError
+
+# What each errno means for the user; libraries written in Rust or C++ pass on only the OS's text.
+_DISK_FULL = {
+    errno.ENOSPC: "the disk holding it is full",
+    errno.EDQUOT: "your disk quota there is used up",
+    errno.EFBIG: "the file is larger than the disk or a size limit allows",
+}
+
+
+class DiskFullError(MuseError):
+    """A write that failed for lack of space; the previous copy of `path` (if any) is unchanged."""
+
+    def __init__(self, path: Path, reason: str, existed: bool):
+        self.path, self.reason = Path(path), reason
+        kept = f"{self.path.name} is left as it was" if existed else "nothing was written"
+        super().__init__(f"Cannot write {self.path}: {reason}; {kept}. Free some space "
+                         f"(`df -h {self.path.parent}`) and try again, or write somewhere else.")
+
+
+def disk_full_reason(e: BaseException) -> str | None:
+    """Why `e` (or an error it was raised from) is a full disk, in words; None if it is not one."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for code, what in _DISK_FULL.items():
+            text = os.strerror(code)
+            if (isinstance(e, OSError) and e.errno == code) or text in str(e):
+                return f"{what} ({text})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: "str | Path") -> Iterator[None]:
+    """Turn a full disk inside the block into a `DiskFullError` naming `path` (the outermost one
+    wins, so a nested atomic write is reported as the target the user asked for)."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except DiskFullError as e:
+        raise DiskFullError(path, e.reason, existed) from None
+    except Exception as e:
+        reason = disk_full_reason(e)
+        if reason is None:
+            raise
+        raise DiskFullError(path, reason, existed) from None
 
 
 def fsync_tree(path: Path) -> None:
@@ -39,18 +92,20 @@ def replace_dir(tmp: Path, target: Path) -> Path:
 
 
 def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)` and move the result to `path` atomically; on any error remove tmp."""
+    """Run `write(tmp_dir)` and move the result to `path` atomically; on any error remove tmp.
+    A full disk is a `DiskFullError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        return replace_dir(tmp, path)
-    except BaseException:
+    with disk_full_is_an_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            tmp.mkdir()
+            write(tmp)
+            return replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def write_bytes_atomic(path: "str | Path", data: bytes, private: bool = False) -> Path:
@@ -62,6 +117,7 @@ def write_bytes_atomic(path: "str | Path", data: bytes, private: bool = False) -
     if path.is_dir():
         raise MuseError(f"{path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = 0o600 if private else path.stat().st_mode & 0o7777 if path.exists() else 0o644
@@ -79,6 +135,9 @@ def write_bytes_atomic(path: "str | Path", data: bytes, private: bool = False) -
             os.close(dir_fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        reason = disk_full_reason(e)
+        if reason is not None:
+            raise DiskFullError(path, reason, existed) from None
         raise MuseError(f"Cannot write {path}: {e.strerror}. Choose another path.") from None
     except BaseException:
         tmp.unlink(missing_ok=True)

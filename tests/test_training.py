@@ -444,3 +444,37 @@ def test_resuming_with_other_settings_warns(tmp_path):
     with pytest.warns(UserWarning, match="batch_size 4 -> 2"):
         train(tiny_model(), FixedRows(), TrainConfig(max_iters=3, batch_size=2, eval_iters=0, **QUIET), tmp_path,
               resume=True)
+
+
+# ----------------------------------------------------------------------------- resume after a crash while writing
+
+
+def _short_run(max_iters: int) -> TrainConfig:
+    return TrainConfig(max_iters=max_iters, lr_decay_iters=4, batch_size=4, eval_iters=0, **QUIET)
+
+
+def test_resume_drops_a_half_written_last_metrics_line(tmp_path):
+    train(tiny_model(), FixedRows(), _short_run(2), tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"iter": 3, "train_lo')  # killed in the middle of logging iter 3
+    with pytest.warns(UserWarning, match="half-written line.*dropped it"):
+        result = train(tiny_model(), FixedRows(), _short_run(4), tmp_path, resume=True)
+    assert [r["iter"] for r in result.metrics] == [1, 2, 3, 4]
+    assert _metrics(tmp_path) == result.metrics  # the file is whole again
+
+
+def test_a_bad_metrics_line_before_the_last_is_a_clear_error(tmp_path):
+    train(tiny_model(), FixedRows(), _short_run(2), tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(MuseError, match="Line 2 of .*metrics.jsonl is not a metrics row"):
+        train(tiny_model(), FixedRows(), _short_run(4), tmp_path, resume=True)
+
+
+def test_a_last_checkpoint_without_its_training_state_says_so(tmp_path):
+    train(tiny_model(), FixedRows(), _short_run(2), tmp_path)
+    (tmp_path / "last" / STATE_FILE).unlink()  # as if stopped between the weights and the state
+    with pytest.raises(CheckpointError, match=r"last has weights but no training state \(training_state.pt"):
+        train(tiny_model(), FixedRows(), _short_run(4), tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="already holds a training run"):  # and is not overwritten either
+        train(tiny_model(), FixedRows(), _short_run(4), tmp_path)

@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 
 from muse.errors import CheckpointError, MuseError
-from muse.fileio import write_text_atomic
+from muse.fileio import disk_full_is_an_error, write_text_atomic
 from muse.training import distributed as dist_
 from muse.training.batches import BatchSource
-from muse.training.state import (find_checkpoint, load_training_state, save_training_checkpoint,
-                                 write_checkpoint, capture_rng, restore_rng)
+from muse.training.state import (find_checkpoint, load_training_state, nothing_to_resume,
+                                 save_training_checkpoint, write_checkpoint, capture_rng, restore_rng)
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 METRICS_FILE = "metrics.jsonl"
@@ -237,8 +237,7 @@ class _Metrics:
         self.rows: list[dict[str, Any]] = []
         if resume_iter is not None and self.file.exists():
             # Drop what the interrupted run logged after its checkpoint: those steps run again.
-            rows = [json.loads(line) for line in self.file.read_text(encoding="utf-8").splitlines() if line.strip()]
-            self.rows = [r for r in rows if r["iter"] <= resume_iter]
+            self.rows = [r for r in read_metrics(self.file) if r["iter"] <= resume_iter]
         write_text_atomic(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.fh = open(self.file, "a", encoding="utf-8")
         self.tb = None
@@ -250,8 +249,9 @@ class _Metrics:
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        self.fh.write(json.dumps(row) + "\n")
-        self.fh.flush()
+        with disk_full_is_an_error(self.file):
+            self.fh.write(json.dumps(row) + "\n")
+            self.fh.flush()
         if self.tb is not None:
             for key, value in row.items():
                 if key != "iter" and isinstance(value, (int, float)):
@@ -289,6 +289,29 @@ class _Metrics:
         self.fh.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(file: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A half-written last line (the run was killed while logging) is
+    dropped with a warning; a bad line before it is an error naming the line."""
+    lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("iter"), int):
+                raise ValueError("not a metrics row")
+        except ValueError:
+            if n < len(lines):
+                raise MuseError(f"Line {n} of {file} is not a metrics row: {line[:80]!r}. Fix or delete that "
+                                "line, then resume again.") from None
+            warnings.warn(f"{file} ended in a half-written line (the run was stopped while logging); "
+                          f"dropped it: {line[:80]!r}", stacklevel=2)
+            continue
+        rows.append(row)
+    return rows
 
 
 class _Progress:
@@ -370,10 +393,9 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, out_dir: str | 
     if resume:
         ckpt = find_checkpoint(out_dir)
         if ckpt is None:
-            raise CheckpointError(f"Nothing to resume in {out_dir}: no {out_dir / 'last'} checkpoint. "
-                                  "Start a fresh run without --resume.")
+            raise nothing_to_resume(out_dir)
         state = load_training_state(ckpt)
-    elif find_checkpoint(out_dir) is not None or (out_dir / "best").exists():
+    elif find_checkpoint(out_dir) is not None or (out_dir / "last").exists() or (out_dir / "best").exists():
         raise CheckpointError(f"{out_dir} already holds a training run; pass resume=True (--resume) to continue "
                               "it, or choose another output directory.")
 

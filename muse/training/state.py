@@ -70,7 +70,9 @@ def save_training_checkpoint(path: Path, state: dict[str, Any],
         if save_model is not None:
             save_model(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"version": STATE_VERSION, **state}, tmp / STATE_FILE)
+        # Through a Python file, so a full disk surfaces as OSError(ENOSPC), not torch's "unexpected pos".
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save({"version": STATE_VERSION, **state}, f)
 
     return write_checkpoint(path, write)
 
@@ -80,6 +82,18 @@ def find_checkpoint(out_dir: Path, name: str = "last") -> Path | None:
     out_dir = Path(out_dir)
     candidates = [out_dir / name] + sorted(out_dir.glob(f".{name}.old-*"))
     return next((c for c in candidates if (c / STATE_FILE).is_file()), None)
+
+
+def nothing_to_resume(out_dir: Path) -> CheckpointError:
+    """The error for a resume that finds no complete checkpoint in out_dir, saying what is there."""
+    last = Path(out_dir) / "last"
+    if last.is_dir() and any(last.iterdir()):
+        return CheckpointError(
+            f"{last} has weights but no training state ({STATE_FILE} is missing): the run was stopped while "
+            f"saving it, or the file was removed. Resume from a complete copy of {last} (put it back), or "
+            "start again without --resume in another output directory.")
+    return CheckpointError(f"Nothing to resume in {out_dir}: no {last} checkpoint. "
+                           "Start a fresh run without --resume.")
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
