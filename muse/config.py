@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,22 @@ ARCHS = ("gpt2", "llama", "qwen2")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+
+# Upper bounds far above any released model (Llama 3.1 405B: 126 layers, width 16384, 128
+# heads; the largest vocabularies ~256k; contexts up to ~10M). A checkpoint beyond them is
+# corrupt or hostile, and refusing it early keeps a config from driving huge allocations.
+# The context bound is where fp32 stops counting positions exactly (2^24), so RoPE angles
+# past it would be wrong anyway.
+LIMITS = {
+    "vocab_size": 1 << 24,
+    "n_layer": 1024,
+    "n_head": 4096,
+    "n_kv_head": 4096,
+    "n_embd": 1 << 20,
+    "intermediate_size": 1 << 20,
+    "head_dim": 1 << 16,
+    "block_size": 1 << 24,
+}
 
 
 @dataclass
@@ -51,6 +69,9 @@ class ModelConfig:
         gpt2 = self.arch == "gpt2"
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in LIMITS:  # before the defaults do arithmetic with them
+            if getattr(self, name) is not None:
+                check_size(name, getattr(self, name))
         # Family defaults fill only what the caller left as None, so an explicit
         # False or 0 is never swallowed.
         defaults = {
@@ -76,12 +97,15 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        positive = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                    "intermediate_size", "head_dim", "block_size")
-        for name in positive:
+        for name in LIMITS:
+            check_size(name, getattr(self, name))
+        for name in ("norm_eps", "rope_theta", "dropout"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("bias", "qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(
                 f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
@@ -109,6 +133,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a mapping of fields, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -149,6 +175,14 @@ class ModelConfig:
         if not self.tie_embeddings:
             emb += self.vocab_size * d
         return total + (emb if include_embeddings else 0)
+
+
+def check_size(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is an int in [1, LIMITS[name]]."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > LIMITS[name]:
+        raise ValueError(f"{name} is {value:,}, above the {LIMITS[name]:,} Muse supports")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -40,11 +40,17 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (block_size, head_dim) in fp32, halves duplicated (HF layout)."""
+# RoPE tables start this long and double, up to block_size, when a longer sequence comes: a
+# 128k-context config costs a few MB until it is used that far, not the whole table up front.
+ROPE_TABLE_START = 4096
+
+
+def rope_cache(config: ModelConfig, length: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (length, head_dim) in fp32 for positions 0..length-1 (default block_size),
+    halves duplicated (HF layout)."""
     hd = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
-    t = torch.arange(config.block_size, dtype=torch.float32, device=device)
+    t = torch.arange(config.block_size if length is None else length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()
@@ -311,7 +317,7 @@ class Transformer(nn.Module):
         self.norm_f = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.pos == "rope":
-            cos, sin = rope_cache(config)
+            cos, sin = rope_cache(config, min(config.block_size, ROPE_TABLE_START))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -339,7 +345,18 @@ class Transformer(nn.Module):
     def reset_rope(self) -> None:
         """Recompute RoPE tables (after building under `torch.device('meta')`)."""
         if self.config.pos == "rope":
-            self.rope_cos, self.rope_sin = rope_cache(self.config, device="cpu")
+            self.rope_cos, self.rope_sin = rope_cache(self.config, min(self.config.block_size, ROPE_TABLE_START),
+                                                      device="cpu")
+
+    def _grow_rope(self, length: int) -> None:
+        """Extend the RoPE tables to cover positions < length (doubling, at most block_size).
+
+        Computed on the CPU in fp32 like the first table, then moved to the tables' device and
+        dtype, so every position gets the same values however far the tables have grown."""
+        n = min(self.config.block_size, max(length, 2 * self.rope_cos.shape[0]))
+        cos, sin = rope_cache(self.config, n, device="cpu")
+        self.rope_cos = cos.to(self.rope_cos.device, self.rope_cos.dtype)
+        self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -391,6 +408,8 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
+            if end > self.rope_cos.shape[0]:
+                self._grow_rope(end)
             # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, heads, hd)
             rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
         for i, block in enumerate(self.layers):

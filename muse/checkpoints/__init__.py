@@ -8,14 +8,14 @@ path, size and mtime, and the precision) so later loads only memory-map safetens
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from muse.checkpoints.native import is_muse_dir, load_muse, save_muse
+from muse.checkpoints.files import PICKLE_HINT
+from muse.checkpoints.native import is_muse_dir, load_muse, read_muse_config, save_muse
 from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home, find_bundled, verify
 from muse.checkpoints.weights import PRECISIONS, build_model
 from muse.config import ModelConfig
@@ -49,8 +49,12 @@ def resolve(name_or_path: str | Path | None = None) -> Source:
     path = Path(name).expanduser()
     if path.is_file():
         with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise CheckpointError(f"{path} is not a GGUF file (bad magic); pass a .gguf file or a model directory.")
+            magic = f.read(4)
+        if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+            raise CheckpointError(f"{path} is not a GGUF file: it is a PyTorch pickle. {PICKLE_HINT}")
+        if magic != b"GGUF":
+            raise CheckpointError(f"{path} is not a GGUF file (bad magic); pass a .gguf file or a model directory "
+                                  "(a safetensors file needs the config.json of its directory).")
         return Source("gguf", path.resolve(), name)
     if path.is_dir():
         if is_muse_dir(path):
@@ -77,9 +81,15 @@ def _convert_gguf(src: Source, precision: str):
 
     reader = open_reader(src.path)
     config = read_gguf_config(reader, src.path)
-    weights = read_gguf_weights(reader, config, keep_packed=precision != "fp32")
-    model, quant = build_model(config, weights, precision)
-    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    weights = read_gguf_weights(reader, config, keep_packed=precision != "fp32", path=src.path)
+    model, quant = build_model(config, weights, precision, where=str(src.path))
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in reader.fields:
+        try:
+            tokenizer = Tokenizer.from_gguf(reader)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # incl. UnicodeDecodeError
+            raise CheckpointError(f"{src.path}: its tokenizer metadata is unusable ({type(e).__name__}: {e}); "
+                                  "the file is corrupt. Download it again.") from e
     return model, tokenizer, quant
 
 
@@ -104,7 +114,8 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
         from muse.tokenizer import Tokenizer
 
         config = read_hf_config(src.path)
-        model, quant = build_model(config, hf_to_muse(read_hf_tensors(src.path), config), precision)
+        tensors = read_hf_tensors(src.path, config)
+        model, quant = build_model(config, hf_to_muse(tensors, config), precision, where=str(src.path))
         has_tok = (src.path / "tokenizer.json").is_file()
         tokenizer = Tokenizer.from_dir(src.path) if has_tok else None
         info["quantization"] = quant
@@ -132,7 +143,7 @@ def read_config(path: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(read_adapter_config(path)["model"])
     src = resolve(path)
     if src.kind == "muse":
-        return ModelConfig.from_dict(json.loads((src.path / "config.json").read_text())["model"])
+        return read_muse_config(src.path)
     if src.kind == "hf":
         from muse.checkpoints.hf import read_hf_config
 

@@ -5,76 +5,248 @@ Q4_1 blocks are repacked losslessly into integer codes + fp16 scales (group 32) 
 Muse's quantized kernels; every other type `gguf.quants` knows is dequantized —
 float types (F32, F16, BF16) to fp32, quantized ones (Q5_*, K-quants, ...) and then
 re-quantized to int8 in groups of 32 unless fp32 is asked for.
+
+A GGUF may be broken or hostile, so before the `gguf` package parses it, `check_header`
+walks the header with bounds (counts, string and array lengths, tensor extents inside
+the file), and every tensor's name, shape and type is checked against the config before
+any is read.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from muse.checkpoints.files import Fields, check_specs
 from muse.checkpoints.weights import Packed, fuse_rows
 from muse.config import ModelConfig
 from muse.errors import CheckpointError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
 
+# Bounds on what a header may declare (real files: ~300-1,200 tensors, ~40 keys, vocabularies
+# up to ~260k tokens). The gguf package builds a numpy view per array element, so arrays are
+# bounded in elements, not only in bytes.
+MAX_TENSORS = 1 << 16
+MAX_KEYS = 1 << 16
+MAX_KEY_BYTES = 1 << 16
+MAX_STRING_BYTES = 16 << 20
+MAX_ARRAY = 1 << 20
+MAX_ARRAY_TOTAL = 1 << 23
+MAX_NAME_BYTES = 1024
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType → bytes
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+def _corrupt(path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable GGUF file ({why}). It may be truncated or corrupt: "
+                           "download or copy it again.")
+
+
+class _Header:
+    """A bounds-checked cursor over a GGUF header (no value is materialised but keys and names)."""
+
+    def __init__(self, buf, path):
+        self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+        self.order = "<"
+
+    def take(self, n: int, what: str) -> int:
+        if n > self.end - self.pos:
+            raise _corrupt(self.path, f"{what} at byte {self.pos:,} runs past the end of the file")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from(self.order + "I", self.buf, self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from(self.order + "Q", self.buf, self.take(8, what))[0]
+
+    def string(self, what: str, limit: int) -> tuple[int, int]:
+        """(start, length) of a length-prefixed string, skipped over."""
+        n = self.u64(what)
+        if n > limit:
+            raise _corrupt(self.path, f"{what} claims {n:,} bytes (at most {limit:,})")
+        return self.take(n, what), n
+
+    def text(self, what: str, limit: int) -> str:
+        start, n = self.string(what, limit)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _corrupt(self.path, f"{what} at byte {start:,} is not UTF-8") from None
+
+
+def _skip_value(h: _Header, kind: int, key: str, budget: list[int], nested: bool = False) -> None:
+    if kind in _SCALAR_SIZES:
+        h.take(_SCALAR_SIZES[kind], f"the value of {key}")
+    elif kind == _STRING:
+        h.string(f"the value of {key}", MAX_STRING_BYTES)
+    elif kind == _ARRAY and not nested:
+        item = h.u32(f"the array type of {key}")
+        count = h.u64(f"the array length of {key}")
+        if count > MAX_ARRAY:
+            raise _corrupt(h.path, f"the array {key} claims {count:,} elements (at most {MAX_ARRAY:,})")
+        budget[0] -= count
+        if budget[0] < 0:
+            raise _corrupt(h.path, f"the metadata arrays hold more than {MAX_ARRAY_TOTAL:,} elements in all")
+        if item in _SCALAR_SIZES:
+            h.take(count * _SCALAR_SIZES[item], f"the array {key}")
+        elif item == _STRING:
+            for _ in range(count):
+                h.string(f"a string in {key}", MAX_STRING_BYTES)
+        elif item == _ARRAY:
+            raise _corrupt(h.path, f"the array {key} nests arrays, which Muse does not read")
+        else:
+            raise _corrupt(h.path, f"the array {key} has element type {item}, which GGUF does not define")
+    else:
+        raise _corrupt(h.path, f"{key} has value type {kind}, which GGUF does not define")
+
+
+def check_header(path: str | Path) -> None:
+    """Walk a GGUF header with bounds before the `gguf` package parses it; raise CheckpointError."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) < 24:
+                raise _corrupt(path, "shorter than a GGUF header")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e}).") from e
+    with buf:
+        h = _Header(buf, path)
+        if bytes(buf[:4]) != b"GGUF":
+            raise _corrupt(path, "bad magic")
+        h.pos = 4
+        version = h.u32("the version")
+        if version & 0xFFFF == 0:  # written on a big-endian machine
+            h.order = ">"
+            version = struct.unpack(">I", bytes(buf[4:8]))[0]
+        if version not in (2, 3):
+            raise _corrupt(path, f"GGUF version {version}; Muse reads versions 2 and 3")
+        n_tensors, n_keys = h.u64("the tensor count"), h.u64("the key count")
+        if n_tensors > MAX_TENSORS or n_keys > MAX_KEYS:
+            raise _corrupt(path, f"it claims {n_tensors:,} tensors and {n_keys:,} metadata keys "
+                           f"(at most {MAX_TENSORS:,} and {MAX_KEYS:,})")
+        keys, budget, alignment = set(), [MAX_ARRAY_TOTAL], 32
+        for _ in range(n_keys):
+            key = h.text("a metadata key", MAX_KEY_BYTES)
+            if key in keys:
+                raise _corrupt(path, f"the metadata key {key!r:.80} appears twice")
+            keys.add(key)
+            kind = h.u32(f"the type of {key}")
+            if key == "general.alignment":
+                if kind != _UINT32:
+                    raise _corrupt(path, "general.alignment must be a uint32")
+                alignment = struct.unpack_from(h.order + "I", buf, h.pos)[0] if h.pos + 4 <= h.end else 0
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise _corrupt(path, f"general.alignment {alignment} is not a power of two")
+            _skip_value(h, kind, key, budget)
+        tensors = []
+        names = set()
+        for _ in range(n_tensors):
+            name = h.text("a tensor name", MAX_NAME_BYTES)
+            if name in names:
+                raise _corrupt(path, f"the tensor {name!r} appears twice")
+            names.add(name)
+            n_dims = h.u32(f"the rank of {name}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise _corrupt(path, f"the tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})")
+            dims = [h.u64(f"the shape of {name}") for _ in range(n_dims)]
+            raw_type = h.u32(f"the type of {name}")
+            offset = h.u64(f"the offset of {name}")
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+            except (ValueError, KeyError):
+                raise _corrupt(path, f"the tensor {name} has type {raw_type}, which GGUF does not define") from None
+            if 0 in dims or dims[0] % block:
+                raise _corrupt(path, f"the tensor {name} has shape {dims}, impossible for its type")
+            n_bytes = int(np.prod(dims, dtype=object)) // block * type_size
+            tensors.append((name, offset, n_bytes))
+        data_start = -(-h.pos // alignment) * alignment
+        for name, offset, n_bytes in tensors:
+            if offset % alignment or data_start + offset + n_bytes > h.end:
+                raise _corrupt(path, f"the data of tensor {name} ({n_bytes:,} bytes at offset {offset:,}) "
+                               f"lies outside the file's {h.end - data_start:,} bytes of tensor data")
+
 
 def open_reader(path: str | Path):
     import gguf
 
+    check_header(path)
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the gguf package raises ValueError/struct errors on garbage
-        raise CheckpointError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}). "
-            "It may be truncated or corrupt: download or copy it again."
-        ) from e
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from e
 
 
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def _scalars(reader, path) -> dict:
+    """Every non-array metadata value as a Python value; arrays as a short placeholder."""
+    from gguf.constants import GGUFValueType as V
+
+    out = {}
+    for key, f in reader.fields.items():
+        if not f.types:
+            continue
+        if f.types[0] == V.ARRAY:
+            out[key] = _ArrayValue(key, len(f.data))
+            continue
+        try:
+            out[key] = f.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise _corrupt(path, f"the metadata value {key} is unreadable: {e}") from e
+    return out
+
+
+class _ArrayValue:
+    def __init__(self, key: str, n: int):
+        self.key, self.n = key, n
+
+    def __repr__(self) -> str:
+        return f"an array of {self.n} values"
 
 
 def read_gguf_config(reader, path: str | Path = "") -> ModelConfig:
-    arch = field(reader, "general.architecture")
+    meta = _scalars(reader, path)
+    f = Fields(meta, f"{path} (GGUF metadata)")
+    arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise CheckpointError(
-            f"{path}: GGUF architecture {arch!r} is not supported; Muse runs {', '.join(SUPPORTED_ARCHS)}."
+            f"{path}: GGUF architecture {arch!r:.60} is not supported; Muse runs {', '.join(SUPPORTED_ARCHS)}."
         )
-    scaling = field(reader, f"{arch}.rope.scaling.type")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported yet.")
-    get = lambda k, d=None: field(reader, f"{arch}.{k}", d)  # noqa: E731
-    n_head = int(get("attention.head_count"))
-    n_embd = int(get("embedding_length"))
+        raise CheckpointError(f"{path}: RoPE scaling {scaling!r:.60} is not supported yet.")
     tensors = {t.name: t for t in reader.tensors}
-    names = set(tensors)
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: the GGUF has no token_embd.weight tensor; it is not a language model.")
-    vocab = get("vocab_size") or int(tensors["token_embd.weight"].shape[-1])
-    eps = get("attention.layer_norm_rms_epsilon") or get("attention.layer_norm_epsilon")
+    n_head = f.int(f"{arch}.attention.head_count", "n_head")
+    eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
+    if eps_key not in meta:
+        eps_key = f"{arch}.attention.layer_norm_epsilon"
     kw = dict(
         arch=arch,
-        vocab_size=int(vocab),
-        n_layer=int(get("block_count")),
+        vocab_size=f.int(f"{arch}.vocab_size", "vocab_size", int(tensors["token_embd.weight"].shape[-1])),
+        n_layer=f.int(f"{arch}.block_count", "n_layer"),
         n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)),
-        n_embd=n_embd,
-        intermediate_size=int(get("feed_forward_length")),
-        block_size=int(get("context_length")),
-        norm_eps=float(eps),
-        tie_embeddings="output.weight" not in names,
+        n_kv_head=f.int(f"{arch}.attention.head_count_kv", "n_kv_head", n_head),
+        n_embd=f.int(f"{arch}.embedding_length", "n_embd"),
+        intermediate_size=f.int(f"{arch}.feed_forward_length", "intermediate_size"),
+        block_size=f.int(f"{arch}.context_length", "block_size"),
+        norm_eps=f.float(eps_key),
+        tie_embeddings="output.weight" not in tensors,
     )
     if arch != "gpt2":
-        kw["rope_theta"] = float(get("rope.freq_base", 10000.0))
-        key_len = get("attention.key_length")
-        if key_len:
-            kw["head_dim"] = int(key_len)
+        kw["rope_theta"] = f.float(f"{arch}.rope.freq_base", 10000.0)
+        kw["head_dim"] = f.int(f"{arch}.attention.key_length", "head_dim", None)
     try:
         return ModelConfig(**kw)
     except ValueError as e:
@@ -114,7 +286,7 @@ def _packed(t) -> Packed | None:
     return Packed(4, torch.from_numpy(codes), torch.from_numpy(d.copy()), torch.from_numpy(m.copy()))
 
 
-def _tensor(t, keep_packed: bool) -> "torch.Tensor | Packed":
+def _tensor(t, keep_packed: bool, path) -> "torch.Tensor | Packed":
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
@@ -122,11 +294,15 @@ def _tensor(t, keep_packed: bool) -> "torch.Tensor | Packed":
         packed = _packed(t)
         if packed is not None:
             return packed
-    float_type = t.tensor_type in (Q.F32, Q.F16, Q.BF16)
-    if t.tensor_type in (Q.F32, Q.F16):
+    float_type = t.tensor_type in (Q.F32, Q.F16, Q.BF16, Q.F64)
+    if t.tensor_type in (Q.F32, Q.F16, Q.F64):
         arr = np.asarray(t.data).astype(np.float32)
     else:
-        arr = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        try:
+            arr = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        except NotImplementedError:
+            raise CheckpointError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which Muse cannot "
+                                  "decode yet; use a GGUF quantized as Q8_0, Q4_K_M or F16.") from None
     shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims innermost first
     dense = torch.from_numpy(arr.reshape(shape).copy())
     if keep_packed and len(shape) == 2 and not float_type:
@@ -161,17 +337,63 @@ _TOP_NAMES = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.we
               "output.weight": "lm_head.weight"}
 
 
-def read_gguf_weights(reader, config: ModelConfig, keep_packed: bool = True) -> dict:
-    """All tensors under Muse's names: q/k/v and gate/up fused, llama q/k un-permuted."""
+# Tensors GGUF files carry that Muse derives from the config instead.
+_DERIVED = frozenset({"rope_freqs.weight"})
+
+
+def _weight_types() -> tuple[str, ...]:
+    """Tensor types a weight may have: every float and block format GGUF defines, not I8..I64
+    (a block format `gguf.quants` cannot decode is refused when its tensor is read)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return tuple(t.name for t in GGML_QUANT_SIZES if t.name not in ("I8", "I16", "I32", "I64"))
+
+
+def expected_gguf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """llama.cpp tensor name → shape (rows first, as numpy reads it) for a model of `config`."""
+    from muse.model import Transformer
+
+    with torch.device("meta"):
+        state = Transformer(config).state_dict()
+    gpt2 = config.arch == "gpt2"
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    layer = {v: k for k, v in {**_LAYER_NAMES, **(_GPT2_LAYER_NAMES if gpt2 else {})}.items()}
+    rows = {"q": config.n_head * config.head_dim, "k": config.n_kv_head * config.head_dim,
+            "v": config.n_kv_head * config.head_dim}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, t in state.items():
+        shape = tuple(t.shape)
+        if name in top:
+            out[top[name]] = shape
+            continue
+        _, i, rest = name.split(".", 2)
+        kind = rest.rsplit(".", 1)[1]
+        if not gpt2 and rest.startswith("attn.qkv."):  # stored as attn_q, attn_k, attn_v
+            for x, n in rows.items():
+                out[f"blk.{i}.attn_{x}.{kind}"] = (n, *shape[1:])
+        elif not gpt2 and rest.startswith("mlp.gate_up."):  # stored as ffn_gate, ffn_up
+            for x in ("gate", "up"):
+                out[f"blk.{i}.ffn_{x}.{kind}"] = (shape[0] // 2, *shape[1:])
+        else:
+            out[f"blk.{i}.{layer[rest]}"] = shape
+    return out
+
+
+def read_gguf_weights(reader, config: ModelConfig, keep_packed: bool = True, path: str | Path = "GGUF") -> dict:
+    """All tensors under Muse's names: q/k/v and gate/up fused, llama q/k un-permuted.
+
+    Every tensor's name, shape and type is checked against `config` before any is read."""
+    found = {t.name: (tuple(int(x) for x in reversed(t.shape)), t.tensor_type.name)
+             for t in reader.tensors if t.name not in _DERIVED}
+    check_specs(str(path), found, expected_gguf_shapes(config), dtypes=_weight_types())
     by_layer: dict[int, dict[str, object]] = {}
     out: dict[str, object] = {}
     for t in reader.tensors:
         if t.name in _TOP_NAMES:
-            out[_TOP_NAMES[t.name]] = _tensor(t, keep_packed)
+            out[_TOP_NAMES[t.name]] = _tensor(t, keep_packed, path)
         elif t.name.startswith("blk."):
             _, idx, rest = t.name.split(".", 2)
-            by_layer.setdefault(int(idx), {})[rest] = _tensor(t, keep_packed)
-        # other tensors (rope_freqs, ...) are derived from the config
+            by_layer.setdefault(int(idx), {})[rest] = _tensor(t, keep_packed, path)
     names = {**_LAYER_NAMES, **(_GPT2_LAYER_NAMES if config.arch == "gpt2" else {})}
     for i, parts in sorted(by_layer.items()):
         pre = f"layers.{i}."
@@ -189,7 +411,5 @@ def read_gguf_weights(reader, config: ModelConfig, keep_packed: bool = True) -> 
         if "ffn_gate.weight" in parts:
             out[pre + "mlp.gate_up.weight"] = fuse_rows([parts.pop("ffn_gate.weight"), parts.pop("ffn_up.weight")])
         for rest, w in parts.items():
-            if rest not in names:
-                raise CheckpointError(f"GGUF tensor blk.{i}.{rest} is not understood by Muse")
             out[pre + names[rest]] = w
     return out

@@ -1,17 +1,21 @@
 """Hugging Face checkpoint directories (GPT-2, Llama, Qwen2): config.json + safetensors.
 
-Weights are read with `safetensors` (single file or sharded index); a legacy
-`pytorch_model.bin` is read only through `torch.load(weights_only=True)`.
+config.json is schema-checked (types, ranges) and every tensor's name, shape and dtype is
+checked against it from the safetensors headers before any weight is read. Weights come
+only from safetensors (single file or a sharded index whose files stay inside the
+directory); pickled `pytorch_model.bin` files are refused with how to convert them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from muse.checkpoints.files import (
+    MAX_INDEX_BYTES, PICKLE_HINT, Fields, SafetensorsFile, check_specs, model_file, read_json, show,
+)
 from muse.checkpoints.weights import fuse_rows
 from muse.config import ModelConfig
 from muse.errors import CheckpointError
@@ -19,72 +23,136 @@ from muse.errors import CheckpointError
 MODEL_TYPES = ("gpt2", "llama", "qwen2")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; a Hugging Face model directory needs it.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt.") from e
-
-
 def read_hf_config(path: Path) -> ModelConfig:
-    hf = read_json(path / "config.json")
+    where = f"{path}/config.json"
+    hf = read_json(model_file(path, "config.json"))
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
-        raise CheckpointError(
-            f"{path}/config.json: model_type {kind!r} is not supported; Muse loads {', '.join(MODEL_TYPES)}."
+        raise CheckpointError(f"{where}: model_type {show(kind)} is not supported; Muse loads {', '.join(MODEL_TYPES)}.")
+    f = Fields(hf, where)
+    if kind == "gpt2":
+        n_embd = f.int("n_embd", "n_embd")
+        kw = dict(
+            arch="gpt2", vocab_size=f.int("vocab_size", "vocab_size"), n_layer=f.int("n_layer", "n_layer"),
+            n_head=f.int("n_head", "n_head"), n_embd=n_embd,
+            intermediate_size=f.int("n_inner", "intermediate_size", None) or 4 * n_embd,
+            block_size=f.int("n_positions", "block_size"), norm_eps=f.float("layer_norm_epsilon", 1e-5),
+            tie_embeddings=f.bool("tie_word_embeddings", True),
         )
-    try:
-        if kind == "gpt2":
-            return ModelConfig(
-                arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
-                block_size=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=hf.get("tie_word_embeddings", True),
-            )
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    else:
+        rope = f.dict("rope_parameters") or f.dict("rope_scaling")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
-            raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not supported yet.")
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        return ModelConfig(
-            arch=kind, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            head_dim=hf.get("head_dim"), block_size=hf["max_position_embeddings"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
-            bias=bool(hf.get("mlp_bias", False)),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
+            raise CheckpointError(f"{where}: RoPE scaling {show(rope_type)} is not supported yet.")
+        theta = f.float("rope_theta", None) or Fields(rope, where).float("rope_theta", 10000.0)
+        n_head = f.int("num_attention_heads", "n_head")
+        kw = dict(
+            arch=kind, vocab_size=f.int("vocab_size", "vocab_size"), n_layer=f.int("num_hidden_layers", "n_layer"),
+            n_head=n_head, n_kv_head=f.int("num_key_value_heads", "n_kv_head", n_head),
+            n_embd=f.int("hidden_size", "n_embd"), intermediate_size=f.int("intermediate_size", "intermediate_size"),
+            head_dim=f.int("head_dim", "head_dim", None), block_size=f.int("max_position_embeddings", "block_size"),
+            norm_eps=f.float("rms_norm_eps", 1e-6), rope_theta=theta,
+            qkv_bias=kind == "qwen2" or f.bool("attention_bias", False), bias=f.bool("mlp_bias", False),
+            tie_embeddings=f.bool("tie_word_embeddings", False),
         )
-    except KeyError as e:
-        raise CheckpointError(f"{path}/config.json lacks the field {e.args[0]!r}.") from None
+    try:
+        return ModelConfig(**kw)
     except ValueError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from e
+        raise CheckpointError(f"{where}: {e}") from e
 
 
-def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt")
 
+
+def _pickle_in(path: Path) -> Path | None:
+    """A PyTorch pickle among the directory's weight files (by content: zip or pickle magic)."""
+    for pattern in _PICKLES:
+        for file in sorted(path.glob(pattern))[:4]:
+            if file.name.endswith(".json"):
+                return file
+            try:
+                with open(file, "rb") as fh:
+                    head = fh.read(4)
+            except OSError:
+                continue
+            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+                return file
+    return None
+
+
+def weight_files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The safetensors files of an HF directory and the index's tensor → file map ({} without one)."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    elif (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"{path} has no model.safetensors (or sharded index); nothing to load.")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(str(path / name)))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path / name} is listed in the index but missing.") from None
-        except Exception as e:
-            raise CheckpointError(f"{path / name} is corrupt or truncated ({e}).") from e
-    return tensors
+    if index.exists() or index.is_symlink():
+        where = f"{index}"
+        data = read_json(model_file(path, index.name), MAX_INDEX_BYTES)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{where} has no weight_map (an object of tensor name → shard file); "
+                                  "the index is corrupt. Download it again, or delete it if model.safetensors "
+                                  "holds every tensor.")
+        bad = [f"{k!r}: {show(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise CheckpointError(f"{where}: weight_map must map tensor names to file names; got {', '.join(bad[:4])}.")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not name.endswith(".safetensors"):
+                raise CheckpointError(f"{where} lists {name!r}, which is not a .safetensors file. " + PICKLE_HINT)
+        files = [model_file(path, name, "shard") for name in names]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file} is listed in {index.name} but missing; download it again.")
+        return files, weight_map
+    if (path / "model.safetensors").exists() or (path / "model.safetensors").is_symlink():
+        return [model_file(path, "model.safetensors")], {}
+    pickle = _pickle_in(path)
+    if pickle is not None:
+        raise CheckpointError(f"{path} holds its weights as a PyTorch pickle ({pickle.name}), not safetensors. "
+                              + PICKLE_HINT)
+    raise CheckpointError(f"{path} has no model.safetensors (or sharded model.safetensors.index.json); "
+                          "nothing to load.")
+
+
+# Tensors HF checkpoints carry that Muse derives from the config instead.
+_DERIVED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+def expected_hf_shapes(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """HF tensor name (without GPT-2's "transformer." prefix) → shape, and the optional names."""
+    from muse.model import Transformer
+
+    with torch.device("meta"):
+        state = Transformer(config).state_dict()
+    shapes = {k.removeprefix("transformer."): tuple(v.shape) for k, v in muse_to_hf(state, config).items()}
+    optional = frozenset()
+    if config.tie_embeddings:  # some tied checkpoints store the head anyway; it is dropped
+        shapes["lm_head.weight"] = (config.vocab_size, config.n_embd)
+        optional = frozenset({"lm_head.weight"})
+    return shapes, optional
+
+
+def read_hf_tensors(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors of an HF directory, after checking every name, shape and dtype against `config`."""
+    files, weight_map = weight_files(path)
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    owner: dict[str, tuple[SafetensorsFile, str]] = {}
+    for file in files:
+        st = SafetensorsFile(file)
+        for name, spec in st.specs.items():
+            key = name.removeprefix("transformer.")
+            if key in owner:
+                raise CheckpointError(f"{path}: tensor {name!r} is in both {owner[key][0].path.name} and "
+                                      f"{file.name}; the checkpoint is corrupt.")
+            owner[key] = (st, name)
+            if not _DERIVED.search(key):
+                found[key] = spec
+    absent = [f"{k} ({v})" for k, v in weight_map.items() if k.removeprefix("transformer.") not in owner]
+    if absent:
+        raise CheckpointError(f"{path}/model.safetensors.index.json lists tensors its shards do not hold: "
+                              f"{', '.join(absent[:8])}; the download is incomplete or the index is corrupt.")
+    expected, optional = expected_hf_shapes(config)
+    check_specs(str(path), found, expected, optional)
+    return {key: owner[key][0].get(owner[key][1]) for key in found}
 
 
 _LLAMA = {
@@ -116,11 +184,13 @@ def hf_to_muse(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         name = name.removeprefix("transformer.")
+        if _DERIVED.search(name):
+            continue
         if name in top:
             out[top[name]] = t
         elif m := _LAYER_RE.match(name):
             layers.setdefault(int(m[1]), {})[m[2]] = t
-        # anything else (gpt2's attn.bias mask buffers, rotary inv_freq) is derived
+        # other names were refused by read_hf_tensors
     if config.tie_embeddings:
         out.pop("lm_head.weight", None)
     for i, p in layers.items():
@@ -134,8 +204,6 @@ def hf_to_muse(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
             if "mlp.gate_proj.bias" in p:
                 out[pre + "mlp.gate_up.bias"] = torch.cat([p.pop("mlp.gate_proj.bias"), p.pop("mlp.up_proj.bias")])
         for rest, t in p.items():
-            if rest in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers
-                continue
             if rest not in per_layer:
                 raise CheckpointError(f"tensor {rest!r} of layer {i} is not understood by Muse")
             if gpt2 and t.dim() == 2:

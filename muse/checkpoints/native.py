@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from muse.checkpoints.hf import read_json
+from muse.checkpoints.files import MAX_CONFIG_BYTES, SafetensorsFile, model_file, read_json
 from muse.checkpoints.weights import assemble
 from muse.config import ModelConfig
 from muse.errors import CheckpointError
@@ -29,13 +29,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def is_muse_dir(path: Path) -> bool:
+    """Whether `path` holds a Muse checkpoint (its config.json says "format": "muse")."""
     cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == "muse"
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        if not cfg.is_file() or cfg.stat().st_size > MAX_CONFIG_BYTES:
+            return False  # a huge config.json is refused, with reasons, by whichever loader reads it
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8
         return False
+    return isinstance(data, dict) and data.get("format") == "muse"
 
 
 def save_muse(path: str | Path, model, tokenizer=None, quant: dict | None = None,
@@ -63,31 +65,45 @@ def save_muse(path: str | Path, model, tokenizer=None, quant: dict | None = None
 
 
 def read_muse_meta(path: Path) -> dict:
-    meta = read_json(path / "config.json")
+    meta = read_json(model_file(path, "config.json"))
+    where = f"{path}/config.json"
     if meta.get("format") != "muse":
-        raise CheckpointError(f"{path}/config.json is not a Muse checkpoint config.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer Muse (format {meta['format_version']}); upgrade Muse.")
+        raise CheckpointError(f"{where} is not a Muse checkpoint config.")
+    version = meta.get("format_version", 0)
+    if type(version) is not int:
+        raise CheckpointError(f"{where}: format_version must be an integer, got {version!r:.60}.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer Muse (format {version}); upgrade Muse.")
+    for key, kind in (("model", dict), ("quantization", dict), ("dtype", str), ("source", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{where}: {key} must be a JSON {'object' if kind is dict else 'string'}, "
+                                  f"got {meta[key]!r:.60}.")
     return meta
+
+
+def read_muse_config(path: Path, meta: dict | None = None) -> ModelConfig:
+    """The ModelConfig of a Muse checkpoint directory (its config.json's "model")."""
+    meta = read_muse_meta(path) if meta is None else meta
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except KeyError:
+        raise CheckpointError(f"{path}/config.json has no model section; the checkpoint is incomplete.") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json has an invalid model section: {e}") from e
 
 
 def load_muse(path: str | Path):
     """(model, tokenizer or None, meta) from a Muse checkpoint directory."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_muse_meta(path)
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/config.json has an invalid model section: {e}") from e
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}/model.safetensors is missing.") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}/model.safetensors is corrupt or truncated ({e}).") from e
-    model = assemble(config, state, meta.get("quantization", {}), DTYPES.get(meta.get("dtype"), torch.float32))
+    config = read_muse_config(path, meta)
+    weights = model_file(path, "model.safetensors")
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing.")
+    st = SafetensorsFile(weights)
+    state = {name: st.get(name) for name in st.specs}
+    model = assemble(config, state, meta.get("quantization", {}), DTYPES.get(meta.get("dtype"), torch.float32),
+                     where=str(weights))
     tokenizer = None
     if (path / "tokenizer.json").exists():
         from muse.tokenizer import Tokenizer

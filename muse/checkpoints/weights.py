@@ -87,7 +87,7 @@ def _linear_names(model: Transformer) -> list[str]:
 
 
 def build_model(config: ModelConfig, weights: dict[str, "torch.Tensor | Packed"],
-                precision: str = "auto") -> tuple[Transformer, dict[str, dict]]:
+                precision: str = "auto", where: str = "The checkpoint") -> tuple[Transformer, dict[str, dict]]:
     """Assemble a Transformer from named weights; return it and its quantization map.
 
     precision: "auto" keeps packed weights packed (lossless) and floats as fp32;
@@ -116,7 +116,7 @@ def build_model(config: ModelConfig, weights: dict[str, "torch.Tensor | Packed"]
         quant[name] = {"bits": layer.bits, "group_size": layer.group_size}
     for name, w in weights.items():
         state[name] = w.dequantize() if isinstance(w, Packed) else w.float()
-    _load(model, state)
+    _load(model, state, where)
     if precision == "bf16":
         model.to(torch.bfloat16)
     return model, quant
@@ -144,39 +144,59 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _load(model: Transformer, state: dict[str, torch.Tensor]) -> None:
-    """Load `state` into a meta-device model, naming any missing/unexpected key."""
+def _load(model: Transformer, state: dict[str, torch.Tensor], where: str = "The checkpoint") -> None:
+    """Load `state` into a meta-device model after checking every name, shape and dtype."""
+    from muse.errors import CheckpointError
+
     current = model.state_dict()
     missing = sorted(k for k, v in current.items() if v.is_meta and k not in state)
     extra = sorted(k for k in state if k not in current)
-    if missing or extra:
-        from muse.errors import CheckpointError
-
+    wrong = [f"{k} is {list(v.shape)}, expected {list(current[k].shape)}"
+             for k, v in sorted(state.items()) if k in current and v.shape != current[k].shape]
+    # float parameters may come in any float dtype; quantized codes and scales must be exact
+    bad_types = [f"{k} is {str(v.dtype).removeprefix('torch.')}, expected {str(current[k].dtype).removeprefix('torch.')}"
+                 for k, v in sorted(state.items()) if k in current and v.dtype != current[k].dtype
+                 and not (v.is_floating_point() and current[k].is_floating_point())]
+    if missing or extra or wrong or bad_types:
         parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
-        if extra:
-            parts.append(f"unexpected tensors: {', '.join(extra[:8])}{' …' if len(extra) > 8 else ''}")
-        raise CheckpointError("The checkpoint does not match its config: " + "; ".join(parts))
+        for label, names in (("missing tensors", missing), ("unexpected tensors", extra), ("wrong shapes", wrong),
+                             ("wrong dtypes", bad_types)):
+            if names:
+                parts.append(f"{label}: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}")
+        raise CheckpointError(f"{where} does not match its config: " + "; ".join(parts))
     model.load_state_dict(state, strict=False, assign=True)
     model.reset_rope()
     model.eval()
 
 
 def assemble(config: ModelConfig, state: dict[str, torch.Tensor], quant: dict[str, dict],
-             dtype: torch.dtype = torch.float32) -> Transformer:
+             dtype: torch.dtype = torch.float32, where: str = "The checkpoint") -> Transformer:
     """Rebuild a saved model (Muse format): quantized modules first, then load."""
+    from muse.errors import CheckpointError
     from muse.quant import QuantLinear
 
     with torch.device("meta"):
         model = Transformer(config)
+        linear = set(_linear_names(model))
         for name, spec in quant.items():
+            if name not in linear:
+                raise CheckpointError(f"{where}: its quantization map names {name!r}, which is not a linear "
+                                      "layer of this model; the config is corrupt.")
+            entry = spec if isinstance(spec, dict) else {}
+            bits, group = entry.get("bits"), entry.get("group_size")
+            if not (type(bits) is int and type(group) is int):
+                raise CheckpointError(f"{where}: the quantization of {name} must give integer bits and "
+                                      f"group_size, got {spec!r:.80}.")
             old = model.get_submodule(name)
             in_f, out_f = (old.embedding_dim, old.num_embeddings) if isinstance(old, nn.Embedding) else (
                 old.in_features, old.out_features)
             has_bias = getattr(old, "bias", None) is not None
-            _set_module(model, name, QuantLinear(in_f, out_f, spec["bits"], spec["group_size"], bias=has_bias))
-    _load(model, state)
+            try:
+                layer = QuantLinear(in_f, out_f, bits, group, bias=has_bias)
+            except ValueError as e:
+                raise CheckpointError(f"{where}: the quantization of {name} is invalid: {e}") from e
+            _set_module(model, name, layer)
+    _load(model, state, where)
     if dtype != torch.float32:
         model.to(dtype)
     return model
