@@ -10,10 +10,14 @@
     for c in answer.citations:                      # Citation: n, title, path, chunk_id, text
         print(f"[{c.n}] {c.title} — {c.path}")
 
-Ingest: each file is read by `muse.apps.extract` (txt, md, html, pdf, docx), cut into chunks of about
+Ingest: each file is read by `muse.apps.extract` (txt, md, html, pdf, docx) under its limits (size,
+characters, pages, zip bombs, time and memory in a worker process), cut into chunks of about
 `CHUNK_TOKENS` tokens along sentence ends (Chinese and English punctuation, `muse.apps.text.pack_spans`)
 with one sentence of overlap, and written with its chunks in one transaction. Re-adding a file whose
-sha256 is unchanged does nothing; a changed file replaces its chunks.
+sha256 is unchanged does nothing (it is not even extracted); a changed file replaces its chunks.
+Whatever goes wrong with one file (missing, a FIFO or device, a link loop, damaged, over a limit)
+becomes a "skipped: why" in the `AddReport` and the next file is read. Callers holding the bytes
+already (uploads) use `prepare` (extract once, nothing written) and `save`.
 
 Retrieval is hybrid: BM25 (`bm25s`) over words (English, lower-cased, stopwords dropped) and Chinese
 characters plus character bigrams, fused by reciprocal rank with cosine similarity of multilingual-e5
@@ -31,9 +35,12 @@ before the first chunk, so a server can send the sources first.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +49,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from muse.apps import embed as embedding
-from muse.apps.extract import SUFFIXES, ExtractError, extract_bytes, kind_of, read_bytes
+from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_regular, os_problem, read_file,
+                               supported)
 from muse.apps.text import check_language, han_count, pack_spans, terms
 from muse.errors import MuseError
 from muse.generation import GenerationChunk, SamplingParams
@@ -118,6 +126,15 @@ class AddReport:
 
 
 @dataclass
+class Prepared:
+    """A file read and extracted, not yet written (`KnowledgeBase.prepare`, then `.save`)."""
+    path: str
+    digest: str             # sha256 of the file's bytes
+    size: int
+    doc: Extracted | None   # None: the knowledge base holds these very bytes already
+
+
+@dataclass
 class _Index:
     signature: tuple
     ids: list[int]              # chunk ids; row i of everything below is chunk ids[i]
@@ -147,32 +164,44 @@ class KnowledgeBase:
 
     # -- adding -------------------------------------------------------------------
 
-    def add(self, paths: "str | Path | Iterable[str | Path]") -> AddReport:
+    def add(self, paths: "str | Path | Iterable[str | Path]", extractor: Extractor | None = None) -> AddReport:
         """Add files and folders (recursively). Unchanged files are left alone; a file that cannot be
-        read is skipped with the reason, never half-added."""
+        read is skipped with the reason, never half-added, and the rest are still added.
+
+        extractor: reads the files (its `limits`; `cancel()` stops the add); a fresh one by default."""
         report = AddReport()
-        for path, problem in _expand(paths):
-            try:
-                if problem:
-                    raise ExtractError(problem)
-                status, n = self._add_file(path)
-            except ExtractError as e:
-                report.skipped.append((str(path), str(e)))
-                continue
-            getattr(report, status).append(str(path))
-            report.chunks += n
+        with extractor or Extractor() as ex:
+            for path, problem in _expand(paths):
+                try:
+                    if problem:
+                        raise ExtractError(problem)
+                    kind_of(path)  # an unsupported type is refused before it is read
+                    data, mtime = read_file(path, ex.limits.file_bytes)
+                    status, n = self.save(self.prepare(path, data, ex), mtime)
+                except ExtractError as e:
+                    report.skipped.append((str(path), str(e)))
+                    continue
+                getattr(report, status).append(str(path))
+                report.chunks += n
         return report
 
-    def _add_file(self, path: Path) -> tuple[str, int]:
+    def prepare(self, path: "str | Path", data: bytes, extractor: Extractor) -> Prepared:
+        """Extract `data`, the bytes of the file stored as `path`, unless the knowledge base already holds
+        these very bytes there. Writes nothing; raises ExtractError when the file gives no text."""
+        path = str(path)
         kind = kind_of(path)
-        data = read_bytes(path)
         digest = hashlib.sha256(data).hexdigest()
-        old = self.store.one("SELECT id, sha256 FROM documents WHERE path = ?", (str(path),))
+        old = self.store.one("SELECT sha256 FROM documents WHERE path = ?", (path,))
         if old and old["sha256"] == digest:
+            return Prepared(path, digest, len(data), None)
+        return Prepared(path, digest, len(data), extractor.extract_bytes(data, kind, default_title=Path(path).stem))
+
+    def save(self, prepared: Prepared, mtime: float | None = None) -> tuple[str, int]:
+        """Write a prepared file: ("added" | "updated" | "unchanged", chunks written)."""
+        if prepared.doc is None:
             return "unchanged", 0
-        doc = extract_bytes(data, kind, default_title=path.stem)
-        n = self._write(str(path), doc.title, doc.text, digest, len(data), path.stat().st_mtime, doc.kind, old)
-        return ("updated" if old else "added"), n
+        doc = prepared.doc
+        return self._write(prepared.path, doc.title, doc.text, prepared.digest, prepared.size, mtime, doc.kind)
 
     def add_text(self, name: str, text: str) -> dict:
         """Add pasted or uploaded text under `name` (stored as path 'upload:NAME').
@@ -182,29 +211,34 @@ class KnowledgeBase:
             raise ValueError("name must be a non-empty string (the document's title)")
         if not isinstance(text, str) or not text.strip():
             raise ExtractError(f"the text for {name!r} is empty; there is nothing to add")
-        path, data = f"upload:{name.strip()}", text.encode("utf-8")
+        path, data = f"upload:{name.strip()}", text.encode("utf-8", "surrogatepass")
         digest = hashlib.sha256(data).hexdigest()
-        old = self.store.one("SELECT id, sha256 FROM documents WHERE path = ?", (path,))
+        old = self.store.one("SELECT sha256 FROM documents WHERE path = ?", (path,))
         status, n = "unchanged", 0
         if not (old and old["sha256"] == digest):
             text = text.replace("\r\n", "\n").strip()
-            n = self._write(path, name.strip(), text, digest, len(data), None, "text", old)
-            status = "updated" if old else "added"
+            status, n = self._write(path, name.strip(), text, digest, len(data), None, "text")
         row = self.store.one("SELECT id, path, title FROM documents WHERE path = ?", (path,))
         return {**row, "status": status, "chunks": n}
 
-    def add_bytes(self, name: str, data: bytes) -> dict:
+    def add_bytes(self, name: str, data: bytes, extractor: Extractor | None = None) -> dict:
         """Add an uploaded file's bytes; the type comes from `name`'s extension (and the content)."""
-        doc = extract_bytes(data, kind_of(name), default_title=Path(name).stem)
+        with extractor or Extractor() as ex:
+            doc = ex.extract_bytes(data, kind_of(name), default_title=Path(name).stem)
         return self.add_text(name, doc.text)
 
     def _write(self, path: str, title: str, text: str, digest: str, size: int, mtime: float | None,
-               kind: str, old: dict | None) -> int:
-        """Write a document and all its chunks in one transaction (embeddings computed first)."""
+               kind: str) -> tuple[str, int]:
+        """Write a document and all its chunks in one transaction (embeddings computed first):
+        ("added" | "updated" | "unchanged", chunks written). The stored copy is looked up inside the
+        transaction, so two writers of one path never both insert it."""
         chunks = chunk_text(text)
         vectors = embedding.embed([c.text for c in chunks]) if self.dense else None
         meta = json.dumps({"kind": kind, "chars": len(text)})
         with self.store.transaction() as db:
+            old = db.execute("SELECT id, sha256 FROM documents WHERE path = ?", (path,)).fetchone()
+            if old and old["sha256"] == digest:
+                return "unchanged", 0
             if old:
                 doc_id = old["id"]
                 db.execute("UPDATE documents SET title=?, sha256=?, size=?, mtime=?, meta=?, updated_at=? "
@@ -218,7 +252,7 @@ class KnowledgeBase:
                 [(doc_id, i, c.text, c.start, c.end, None if vectors is None else vectors[i].tobytes())
                  for i, c in enumerate(chunks)])
         self._index = None
-        return len(chunks)
+        return ("updated" if old else "added"), len(chunks)
 
     # -- listing and removing ------------------------------------------------------
 
@@ -327,27 +361,67 @@ class KnowledgeBase:
 
 
 def _expand(paths) -> Iterator[tuple[Path, str | None]]:
-    """(absolute file path, problem or None) for every file named or inside a named folder."""
+    """(absolute path, problem or None) for every file named or inside a named folder.
+
+    Only `stat` is used here: FIFOs, devices and sockets (named, or anywhere in a folder), broken links
+    and link loops come out with their problem and are never opened."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     seen = set()
     for p in paths:
-        path = Path(p).expanduser()
-        if not path.exists():
-            yield path, "no such file or directory"
+        path = Path(os.path.abspath(Path(p).expanduser()))
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            yield path, os_problem(e)
             continue
-        files = [path] if path.is_file() else _folder_files(path)
-        for f in files:
-            f = f.resolve()
+        if stat.S_ISDIR(st.st_mode):
+            found = _folder_files(path, st)
+        else:
+            found = [(path, None if stat.S_ISREG(st.st_mode) else not_regular(st.st_mode))]
+        for f, problem in found:
+            if problem is None:
+                f = f.resolve()
             if f not in seen:
                 seen.add(f)
-                yield f, None
+                yield f, problem
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    """Files under `folder` Muse can read, hidden files and folders (.git, .DS_Store) left out."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+def _folder_files(folder: Path, st: os.stat_result) -> list[tuple[Path, str | None]]:
+    """(path, problem or None) for the files under `folder` Muse can read, and for every special file
+    there (FIFO, device, socket) and every broken or looping link with a document's name. Hidden files
+    and folders (.git, .DS_Store) are left out; a linked folder is read once (a link back to a folder
+    being read is a loop, reported)."""
+    out, stack, visited = [], [folder], {(st.st_dev, st.st_ino)}
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = list(it)
+        except OSError as e:
+            out.append((here, f"cannot read the folder: {os_problem(e)}"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                st = entry.stat()  # follows links
+            except OSError as e:
+                if supported(path) or e.errno == errno.ELOOP:
+                    out.append((path, os_problem(e)))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in visited:
+                    out.append((path, "a link to a folder already being read (a loop): not followed"))
+                else:
+                    visited.add((st.st_dev, st.st_ino))
+                    stack.append(path)
+            elif not stat.S_ISREG(st.st_mode):
+                out.append((path, not_regular(st.st_mode)))
+            elif supported(path):
+                out.append((path, None))
+    return sorted(out)
 
 
 def _bm25_scores(index: _Index, q_terms: list[str]) -> np.ndarray:
