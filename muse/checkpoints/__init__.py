@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from muse.checkpoints.files import PICKLE_HINT
+from muse.checkpoints.files import PICKLE_HINT, read_tokenizer
 from muse.checkpoints.native import is_muse_dir, load_muse, read_muse_config, save_muse
 from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home, find_bundled, verify
 from muse.checkpoints.weights import PRECISIONS, build_model
@@ -85,11 +85,7 @@ def _convert_gguf(src: Source, precision: str):
     model, quant = build_model(config, weights, precision, where=str(src.path))
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
-        try:
-            tokenizer = Tokenizer.from_gguf(reader)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # incl. UnicodeDecodeError
-            raise CheckpointError(f"{src.path}: its tokenizer metadata is unusable ({type(e).__name__}: {e}); "
-                                  "the file is corrupt. Download it again.") from e
+        tokenizer = read_tokenizer(lambda: Tokenizer.from_gguf(reader), src.path)
     return model, tokenizer, quant
 
 
@@ -117,7 +113,7 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
         tensors = read_hf_tensors(src.path, config)
         model, quant = build_model(config, hf_to_muse(tensors, config), precision, where=str(src.path))
         has_tok = (src.path / "tokenizer.json").is_file()
-        tokenizer = Tokenizer.from_dir(src.path) if has_tok else None
+        tokenizer = read_tokenizer(lambda: Tokenizer.from_dir(src.path), src.path) if has_tok else None
         info["quantization"] = quant
     else:
         cache = _cache_dir(src, precision)

@@ -21,7 +21,7 @@ import struct
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from muse.errors import CheckpointError
+from muse.errors import CheckpointError, MuseError
 
 MAX_CONFIG_BYTES = 16 << 20  # real config.json files are a few KB
 MAX_INDEX_BYTES = 64 << 20  # the largest sharded indexes are a few MB
@@ -117,8 +117,9 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
-    """A JSON object from `path`, bounded in size and depth."""
+def read_json(path: Path, max_bytes: int | None = None) -> dict:
+    """A JSON object from `path`, bounded in size (default MAX_CONFIG_BYTES) and depth."""
+    max_bytes = MAX_CONFIG_BYTES if max_bytes is None else max_bytes
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -256,3 +257,15 @@ def check_specs(where: str, found: dict[str, tuple[tuple[int, ...], str]],
 
 def _few(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
+
+
+def read_tokenizer(build, where) -> Any:
+    """`build()` (a tokenizer loader), with a wrong-typed or malformed value anywhere in the
+    tokenizer's files or metadata turned into a CheckpointError naming `where`."""
+    try:
+        return build()
+    except MuseError:
+        raise  # already says what is wrong
+    except Exception as e:  # the `tokenizers` library raises bare Exceptions; TypeError etc. from bad values
+        raise CheckpointError(f"{where}: the tokenizer is unusable ({type(e).__name__}: {str(e)[:200]}); "
+                              "the tokenizer files are corrupt. Download them again.") from e

@@ -173,7 +173,10 @@ def check_header(path: str | Path) -> None:
             tensors.append((name, offset, n_bytes))
         data_start = -(-h.pos // alignment) * alignment
         for name, offset, n_bytes in tensors:
-            if offset % alignment or data_start + offset + n_bytes > h.end:
+            if offset % alignment:
+                raise _corrupt(path, f"the data of tensor {name} starts at offset {offset:,}, not a multiple of "
+                               f"the alignment {alignment}")
+            if data_start + offset + n_bytes > h.end:
                 raise _corrupt(path, f"the data of tensor {name} ({n_bytes:,} bytes at offset {offset:,}) "
                                f"lies outside the file's {h.end - data_start:,} bytes of tensor data")
 

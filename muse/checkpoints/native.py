@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from muse.checkpoints.files import MAX_CONFIG_BYTES, SafetensorsFile, model_file, read_json
+from muse.checkpoints.files import MAX_CONFIG_BYTES, SafetensorsFile, model_file, read_json, read_tokenizer
 from muse.checkpoints.weights import assemble
 from muse.config import ModelConfig
 from muse.errors import CheckpointError
@@ -108,5 +108,5 @@ def load_muse(path: str | Path):
     if (path / "tokenizer.json").exists():
         from muse.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_dir(path)
+        tokenizer = read_tokenizer(lambda: Tokenizer.from_dir(path), path)
     return model, tokenizer, meta
