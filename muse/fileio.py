@@ -113,36 +113,57 @@ def write_bytes_atomic(path: "str | Path", data: bytes, private: bool = False) -
 
     `private` files get 0o600; otherwise a replaced file keeps its permissions and a new one gets 0o644.
     """
+    with replacing(path, data, private):
+        pass
+    return Path(path)
+
+
+@contextlib.contextmanager
+def replacing(path: "str | Path", data: bytes, private: bool = False) -> Iterator[Path]:
+    """`write_bytes_atomic` in two steps: `data` is written and flushed to a temp sibling, the block
+    runs, and only then is the temp file renamed over `path`. If the block raises (say, the database
+    commit that records the change), `path` is left as it was.
+    """
     path = Path(path)
     if path.is_dir():
         raise MuseError(f"{path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     existed = path.exists()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = 0o600 if private else path.stat().st_mode & 0o7777 if path.exists() else 0o644
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # os.open's mode is filtered by the umask
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mode = 0o600 if private else path.stat().st_mode & 0o7777 if path.exists() else 0o644
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # os.open's mode is filtered by the umask
+        except OSError as e:
+            raise _write_error(path, e, existed) from None
+        yield path
+        try:
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)  # make the rename itself durable
+        except OSError as e:
+            raise _write_error(path, e, existed) from None
+    finally:
         tmp.unlink(missing_ok=True)
-        reason = disk_full_reason(e)
-        if reason is not None:
-            raise DiskFullError(path, reason, existed) from None
-        raise MuseError(f"Cannot write {path}: {e.strerror}. Choose another path.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+
+def _write_error(path: Path, e: OSError, existed: bool) -> MuseError:
+    reason = disk_full_reason(e)
+    if reason is not None:
+        return DiskFullError(path, reason, existed)
+    return MuseError(f"Cannot write {path}: {e.strerror}. Choose another path.")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: "str | Path", text: str, private: bool = False) -> Path:

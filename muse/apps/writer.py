@@ -35,7 +35,7 @@ from typing import Iterator
 
 from muse.apps.text import LanguageError, check_language, pack_spans, supports_chinese
 from muse.errors import MuseError
-from muse.fileio import write_text_atomic
+from muse.fileio import replacing
 from muse.generation import GenerationChunk, SamplingParams
 
 PIECE_TOKENS = 1024   # largest piece a small model rewrites well in one go
@@ -580,9 +580,10 @@ def write_file(store, path: "str | Path", content: str, action: str) -> int:
     """Replace the file's content, keeping what it held before as a version.
 
     The file's current content is saved first if the store does not have it yet (as "original"
-    before the first change, "edited" when changed outside Muse since). Then `content` is written
-    atomically (temp file + rename) and recorded as the new version, whose number is returned.
-    The version rows and the file change together: if writing fails, no row is kept.
+    before the first change, "edited" when changed outside Muse since); `content` is recorded as the
+    new version, whose number is returned. File and versions change together: the new text goes to a
+    temporary file, the versions are committed, and only then is the file renamed into place, so a
+    full disk on either side leaves both as they were (a failed rename removes the new rows again).
     """
     p = Path(path).expanduser()
     key = version_key(p)
@@ -591,18 +592,20 @@ def write_file(store, path: "str | Path", content: str, action: str) -> int:
     except MuseError as e:
         raise MuseError(f"Refusing to replace {p}: its content cannot be kept as a version ({e}). "
                         "Write the result to another file.") from None
-    with store.transaction():
-        latest = store.one("SELECT content FROM versions WHERE key = ? ORDER BY seq DESC LIMIT 1", (key,))
-        if current is not None and (latest is None or latest["content"] != current):
-            save_version(store, key, current, "original" if latest is None else "edited")
-        seq = save_version(store, key, content, action)
-        atomic_write_text(p, content)
+    if not p.parent.is_dir():
+        raise MuseError(f"Cannot write {p}: the folder {p.parent} does not exist.")
+    recorded = None  # the first version this call committed
+    try:
+        with replacing(p, content.encode("utf-8")):
+            with store.transaction():
+                latest = store.one("SELECT content FROM versions WHERE key = ? ORDER BY seq DESC LIMIT 1", (key,))
+                first = None
+                if current is not None and (latest is None or latest["content"] != current):
+                    first = save_version(store, key, current, "original" if latest is None else "edited")
+                seq = save_version(store, key, content, action)
+            recorded = first or seq
+    except BaseException:
+        if recorded is not None:  # committed, but the file could not be replaced
+            store.execute("DELETE FROM versions WHERE key = ? AND seq >= ?", (key, recorded))
+        raise
     return seq
-
-
-def atomic_write_text(path: Path, content: str) -> None:
-    """Write UTF-8 text so the file is either wholly old or wholly new, even after a crash."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise MuseError(f"Cannot write {path}: the folder {path.parent} does not exist.")
-    write_text_atomic(path, content)

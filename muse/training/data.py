@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from muse.errors import MuseError
-from muse.fileio import replace_dir
+from muse.fileio import atomic_dir
 from muse.tokenizer import Tokenizer
 
 MANIFEST_FORMAT = "muse-data"
@@ -205,11 +205,9 @@ def prepare(
     vocab_size = tok.vocab_size
     dtype = np.uint16 if vocab_size < 65536 else np.uint32
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    data: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
         # A character-level tokenizer can always encode a document in pieces; others are probed.
         split = char_level or _can_split(tok)
         total = _write_tokens(corpus, tok, eos, dtype, tmp / "train.bin", split)
@@ -217,15 +215,13 @@ def prepare(
         n_train = int(total * (1 - val_fraction))  # nanoGPT: data[:int(n * 0.9)]
         _split_tail(tmp / "train.bin", tmp / "val.bin", n_train * np.dtype(dtype).itemsize)
         tok.save(tmp)
-        data = _manifest(
+        data.update(_manifest(
             reports, tok, tok_source, char_level, np.dtype(dtype).name, n_train, total - n_train, val_fraction,
             text_field, encoding_errors, _sha256(tmp / "tokenizer.json"), meta or {},
-        )
+        ))
         (tmp / "manifest.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(out_dir, write)  # a full disk: DiskFullError, the previous out_dir untouched
     return Manifest(out_dir, data)
 
 

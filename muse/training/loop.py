@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from muse.errors import CheckpointError, MuseError
-from muse.fileio import disk_full_is_an_error, write_text_atomic
+from muse.fileio import disk_full_is_an_error, write_bytes_atomic, write_text_atomic
 from muse.training import distributed as dist_
 from muse.training.batches import BatchSource
 from muse.training.state import (find_checkpoint, load_training_state, nothing_to_resume,
@@ -280,10 +280,9 @@ class _Metrics:
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = self.plot_file.with_name(".loss.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, self.plot_file)
-        return self.plot_file
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        return write_bytes_atomic(self.plot_file, png.getvalue())
 
     def close(self) -> None:
         self.fh.close()

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.errors import CheckpointError
-from muse.fileio import fsync_tree
+from muse.fileio import disk_full_is_an_error, fsync_tree
 
 # Every Linear inside the blocks (Llama/Qwen2: qkv, proj, gate_up, down; GPT-2: qkv, proj, fc, proj),
 # not the embedding or the head. With targets=None those of these a model has are used.
@@ -211,20 +211,21 @@ def save_adapter(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Pa
         "modules": sorted(lora_layers(model)),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS))
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        # Keep anything else already in `path` (a training run's state files), replace ours.
-        path.mkdir(exist_ok=True)
-        fsync_tree(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, path / f.name)
-    finally:
+    with disk_full_is_an_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            save_file(state, str(tmp / ADAPTER_WEIGHTS))
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            # Keep anything else already in `path` (a training run's state files), replace ours.
+            path.mkdir(exist_ok=True)
+            fsync_tree(tmp)
+            for f in tmp.iterdir():
+                os.replace(f, path / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
