@@ -451,6 +451,31 @@ def _write_index(path: Path, weight_map: dict[str, str]) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json"])
+def test_fifos_and_directories_are_refused_without_blocking(tmp_path, name):
+    import threading
+    import time
+
+    path, _ = _hf_dir(tmp_path)
+    (path / "model.safetensors").unlink()
+    os.mkfifo(path / name)  # opening it for reading would wait for a writer forever
+
+    def unblock():  # should a reader be stuck on the FIFO, end its wait so the test fails instead of hanging
+        time.sleep(5)
+        try:
+            os.close(os.open(path / name, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader (ENXIO), or the FIFO is gone: nothing was stuck
+            pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    with pytest.raises(CheckpointError, match=f"{name} is not a regular file"):
+        muse.load(path)
+    (path / name).unlink()
+    (path / name).mkdir()
+    with pytest.raises(CheckpointError, match=f"{name} is not a regular file"):
+        muse.load(path)
+
+
 def test_hugging_face_cache_layout_still_loads(tmp_path):
     """models--x/snapshots/<rev>/<file> are links to ../../blobs/<sha>: that layout is allowed."""
     src, model = _hf_dir(tmp_path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -120,12 +121,7 @@ def _depth(value: Any) -> int:
 def read_json(path: Path, max_bytes: int | None = None) -> dict:
     """A JSON object from `path`, bounded in size (default MAX_CONFIG_BYTES) and depth."""
     max_bytes = MAX_CONFIG_BYTES if max_bytes is None else max_bytes
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; a model directory needs it.") from None
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read ({e}).") from e
+    size = _regular_file_size(path)
     if size > max_bytes:
         raise CheckpointError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a checkpoint's JSON "
                               "may be; the file is corrupt or not what its name says.")
@@ -145,6 +141,20 @@ def read_json(path: Path, max_bytes: int | None = None) -> dict:
     if _depth(data) > MAX_JSON_DEPTH:
         raise CheckpointError(f"{path} nests more than {MAX_JSON_DEPTH} levels deep; it is not a model config.")
     return data
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of `path`, refused unless it is a regular file (opening a FIFO would block forever)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; a model directory needs it.") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e}).") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a directory, FIFO or device); "
+                              "a checkpoint's files must be plain files.")
+    return st.st_size
 
 
 def _roots(model_dir: Path) -> list[Path]:
@@ -185,12 +195,10 @@ def _safetensors_error(path: Path, why: str) -> CheckpointError:
 
 def check_safetensors_header(path: Path) -> None:
     """Refuse a file whose header length is absurd before the library reads it."""
+    size = _regular_file_size(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(9)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing.") from None
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e}).") from e
     if len(head) < 9:
