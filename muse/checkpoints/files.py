@@ -61,7 +61,7 @@ class Fields:
             return default
         return value
 
-    def int(self, key: str, limit: str, default: Any = _REQUIRED) -> Any:
+    def integer(self, key: str, limit: str, default: Any = _REQUIRED) -> Any:
         """A positive int no larger than `muse.config.LIMITS[limit]`."""
         from muse.config import LIMITS
 
@@ -75,7 +75,7 @@ class Fields:
                                   "the config is corrupt or describes a model Muse cannot run.")
         return value
 
-    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
         """A positive finite number (as float)."""
         value = self._raw(key, default)
         if value is None:
@@ -84,19 +84,13 @@ class Fields:
             raise CheckpointError(f"{self.where}: {key} must be a positive number, got {show(value)}.")
         return float(value)
 
-    def bool(self, key: str, default: Any = _REQUIRED) -> bool:
+    def boolean(self, key: str, default: Any = _REQUIRED) -> bool:
         value = self._raw(key, default)
         if not isinstance(value, bool):
             raise CheckpointError(f"{self.where}: {key} must be true or false, got {show(value)}.")
         return value
 
-    def str(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self._raw(key, default)
-        if value is not None and not isinstance(value, str):
-            raise CheckpointError(f"{self.where}: {key} must be a string, got {show(value)}.")
-        return value
-
-    def dict(self, key: str) -> dict:
+    def mapping(self, key: str) -> dict:
         value = self._raw(key, {})
         if not isinstance(value, dict):
             raise CheckpointError(f"{self.where}: {key} must be an object, got {show(value)}.")
@@ -130,7 +124,7 @@ def read_json(path: Path, max_bytes: int | None = None) -> dict:
             text = f.read(max_bytes + 1).decode("utf-8")
         data = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise CheckpointError(f"{path} is nested too deeply to be a model config; the file is corrupt.") from None
+        raise CheckpointError(f"{path} is nested too deeply for a checkpoint's JSON; the file is corrupt.") from None
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e}).") from e
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN, a 5000-digit number

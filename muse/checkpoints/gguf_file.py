@@ -231,25 +231,25 @@ def read_gguf_config(reader, path: str | Path = "") -> ModelConfig:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: the GGUF has no token_embd.weight tensor; it is not a language model.")
-    n_head = f.int(f"{arch}.attention.head_count", "n_head")
+    n_head = f.integer(f"{arch}.attention.head_count", "n_head")
     eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
     if eps_key not in meta:
         eps_key = f"{arch}.attention.layer_norm_epsilon"
     kw = dict(
         arch=arch,
-        vocab_size=f.int(f"{arch}.vocab_size", "vocab_size", int(tensors["token_embd.weight"].shape[-1])),
-        n_layer=f.int(f"{arch}.block_count", "n_layer"),
+        vocab_size=f.integer(f"{arch}.vocab_size", "vocab_size", int(tensors["token_embd.weight"].shape[-1])),
+        n_layer=f.integer(f"{arch}.block_count", "n_layer"),
         n_head=n_head,
-        n_kv_head=f.int(f"{arch}.attention.head_count_kv", "n_kv_head", n_head),
-        n_embd=f.int(f"{arch}.embedding_length", "n_embd"),
-        intermediate_size=f.int(f"{arch}.feed_forward_length", "intermediate_size"),
-        block_size=f.int(f"{arch}.context_length", "block_size"),
-        norm_eps=f.float(eps_key),
+        n_kv_head=f.integer(f"{arch}.attention.head_count_kv", "n_kv_head", n_head),
+        n_embd=f.integer(f"{arch}.embedding_length", "n_embd"),
+        intermediate_size=f.integer(f"{arch}.feed_forward_length", "intermediate_size"),
+        block_size=f.integer(f"{arch}.context_length", "block_size"),
+        norm_eps=f.number(eps_key),
         tie_embeddings="output.weight" not in tensors,
     )
     if arch != "gpt2":
-        kw["rope_theta"] = f.float(f"{arch}.rope.freq_base", 10000.0)
-        kw["head_dim"] = f.int(f"{arch}.attention.key_length", "head_dim", None)
+        kw["rope_theta"] = f.number(f"{arch}.rope.freq_base", 10000.0)
+        kw["head_dim"] = f.integer(f"{arch}.attention.key_length", "head_dim", None)
     try:
         return ModelConfig(**kw)
     except ValueError as e:

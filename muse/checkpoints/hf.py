@@ -28,32 +28,43 @@ def read_hf_config(path: Path) -> ModelConfig:
     hf = read_json(model_file(path, "config.json"))
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
-        raise CheckpointError(f"{where}: model_type {show(kind)} is not supported; Muse loads {', '.join(MODEL_TYPES)}.")
+        raise CheckpointError(f"{where}: model_type {show(kind)} is not supported; "
+                              f"Muse loads {', '.join(MODEL_TYPES)}.")
     f = Fields(hf, where)
     if kind == "gpt2":
-        n_embd = f.int("n_embd", "n_embd")
+        n_embd = f.integer("n_embd", "n_embd")
         kw = dict(
-            arch="gpt2", vocab_size=f.int("vocab_size", "vocab_size"), n_layer=f.int("n_layer", "n_layer"),
-            n_head=f.int("n_head", "n_head"), n_embd=n_embd,
-            intermediate_size=f.int("n_inner", "intermediate_size", None) or 4 * n_embd,
-            block_size=f.int("n_positions", "block_size"), norm_eps=f.float("layer_norm_epsilon", 1e-5),
-            tie_embeddings=f.bool("tie_word_embeddings", True),
+            arch="gpt2",
+            vocab_size=f.integer("vocab_size", "vocab_size"),
+            n_layer=f.integer("n_layer", "n_layer"),
+            n_head=f.integer("n_head", "n_head"),
+            n_embd=n_embd,
+            intermediate_size=f.integer("n_inner", "intermediate_size", None) or 4 * n_embd,
+            block_size=f.integer("n_positions", "block_size"),
+            norm_eps=f.number("layer_norm_epsilon", 1e-5),
+            tie_embeddings=f.boolean("tie_word_embeddings", True),
         )
     else:
-        rope = f.dict("rope_parameters") or f.dict("rope_scaling")
+        rope = f.mapping("rope_parameters") or f.mapping("rope_scaling")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise CheckpointError(f"{where}: RoPE scaling {show(rope_type)} is not supported yet.")
-        theta = f.float("rope_theta", None) or Fields(rope, where).float("rope_theta", 10000.0)
-        n_head = f.int("num_attention_heads", "n_head")
+        n_head = f.integer("num_attention_heads", "n_head")
         kw = dict(
-            arch=kind, vocab_size=f.int("vocab_size", "vocab_size"), n_layer=f.int("num_hidden_layers", "n_layer"),
-            n_head=n_head, n_kv_head=f.int("num_key_value_heads", "n_kv_head", n_head),
-            n_embd=f.int("hidden_size", "n_embd"), intermediate_size=f.int("intermediate_size", "intermediate_size"),
-            head_dim=f.int("head_dim", "head_dim", None), block_size=f.int("max_position_embeddings", "block_size"),
-            norm_eps=f.float("rms_norm_eps", 1e-6), rope_theta=theta,
-            qkv_bias=kind == "qwen2" or f.bool("attention_bias", False), bias=f.bool("mlp_bias", False),
-            tie_embeddings=f.bool("tie_word_embeddings", False),
+            arch=kind,
+            vocab_size=f.integer("vocab_size", "vocab_size"),
+            n_layer=f.integer("num_hidden_layers", "n_layer"),
+            n_head=n_head,
+            n_kv_head=f.integer("num_key_value_heads", "n_kv_head", n_head),
+            n_embd=f.integer("hidden_size", "n_embd"),
+            intermediate_size=f.integer("intermediate_size", "intermediate_size"),
+            head_dim=f.integer("head_dim", "head_dim", None),
+            block_size=f.integer("max_position_embeddings", "block_size"),
+            norm_eps=f.number("rms_norm_eps", 1e-6),
+            rope_theta=f.number("rope_theta", None) or Fields(rope, where).number("rope_theta", 10000.0),
+            qkv_bias=kind == "qwen2" or f.boolean("attention_bias", False),
+            bias=f.boolean("mlp_bias", False),
+            tie_embeddings=f.boolean("tie_word_embeddings", False),
         )
     try:
         return ModelConfig(**kw)

@@ -154,7 +154,8 @@ def _load(model: Transformer, state: dict[str, torch.Tensor], where: str = "The 
     wrong = [f"{k} is {list(v.shape)}, expected {list(current[k].shape)}"
              for k, v in sorted(state.items()) if k in current and v.shape != current[k].shape]
     # float parameters may come in any float dtype; quantized codes and scales must be exact
-    bad_types = [f"{k} is {str(v.dtype).removeprefix('torch.')}, expected {str(current[k].dtype).removeprefix('torch.')}"
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    bad_types = [f"{k} is {name(v.dtype)}, expected {name(current[k].dtype)}"
                  for k, v in sorted(state.items()) if k in current and v.dtype != current[k].dtype
                  and not (v.is_floating_point() and current[k].is_floating_point())]
     if missing or extra or wrong or bad_types:
