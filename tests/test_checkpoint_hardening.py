@@ -605,6 +605,15 @@ def test_quantized_muse_checkpoint_with_wrong_code_dtype(tmp_path):
         muse.load(out)
 
 
+def test_adapter_config_with_a_bad_model_section(tmp_path):
+    from muse.training.lora import ADAPTER_CONFIG, ADAPTER_FORMAT
+
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"format": ADAPTER_FORMAT, "rank": 4, "alpha": 8,
+                                                       "modules": [], "model": [1, 2]}))
+    with pytest.raises(CheckpointError, match="adapter_config.json has no valid model section"):
+        ModelConfig.from_checkpoint(tmp_path)
+
+
 # ----------------------------------------------------------------------------- GGUF metadata and tensors
 
 

@@ -136,7 +136,10 @@ def read_config(path: str | Path) -> ModelConfig:
     if (Path(path).expanduser() / "adapter_config.json").is_file():
         from muse.training.lora import read_adapter_config
 
-        return ModelConfig.from_dict(read_adapter_config(path)["model"])
+        try:
+            return ModelConfig.from_dict(read_adapter_config(path)["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}/adapter_config.json has no valid model section ({e!r:.200}).") from e
     src = resolve(path)
     if src.kind == "muse":
         return read_muse_config(src.path)
