@@ -8,7 +8,6 @@ single `ModelConfig` describes both and `muse.model.Transformer` reads the switc
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         gpt2 = self.arch == "gpt2"
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r:.60}")
         for name in LIMITS:  # before the defaults do arithmetic with them
             if getattr(self, name) is not None:
                 check_size(name, getattr(self, name))
@@ -102,17 +101,17 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "dropout"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise ValueError(f"{name} must be a finite number, got {value!r:.60}")
         for name in ("bias", "qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r:.60}")
         if self.n_head % self.n_kv_head:
             raise ValueError(
                 f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
             )
         for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r:.60}")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rope, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -136,15 +135,17 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a model config must be a mapping of fields, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
+        unknown = sorted(map(str, set(data) - fields))
         if unknown:
-            raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown model config field(s): {', '.join(unknown)[:200]}")
         return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         """Read a Muse `config.json` (the `model` section, or the whole file)."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        from muse.checkpoints.files import read_json  # size/depth-bounded; CheckpointError names the file
+
+        data = read_json(Path(path))
         return cls.from_dict(data.get("model", data))
 
     @classmethod
@@ -180,7 +181,7 @@ class ModelConfig:
 def check_size(name: str, value: Any) -> None:
     """Raise ValueError unless `value` is an int in [1, LIMITS[name]]."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r:.60}")
     if value > LIMITS[name]:
         raise ValueError(f"{name} is {value:,}, above the {LIMITS[name]:,} Muse supports")
 

@@ -98,8 +98,6 @@ def load_muse(path: str | Path):
     meta = read_muse_meta(path)
     config = read_muse_config(path, meta)
     weights = model_file(path, "model.safetensors")
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing.")
     st = SafetensorsFile(weights)
     state = {name: st.get(name) for name in st.specs}
     model = assemble(config, state, meta.get("quantization", {}), DTYPES.get(meta.get("dtype"), torch.float32),
