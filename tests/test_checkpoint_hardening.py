@@ -445,6 +445,14 @@ def test_symlinks_out_of_the_model_folder_are_refused_unopened(tmp_path, opened)
     with pytest.raises(CheckpointError, match="outside the model directory"):
         muse.load(path)
     assert outside.resolve() not in opened
+    # and config.json itself
+    config = outside.parent / "config.json"
+    (path / "config.json").rename(config)
+    (path / "config.json").symlink_to(config)
+    opened.clear()
+    with pytest.raises(CheckpointError, match=r"config.json is a link to .*outside the model directory"):
+        muse.load(path)
+    assert config.resolve() not in opened
 
 
 def _write_index(path: Path, weight_map: dict[str, str]) -> None:

@@ -30,12 +30,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def is_muse_dir(path: Path) -> bool:
     """Whether `path` holds a Muse checkpoint (its config.json says "format": "muse")."""
-    cfg = path / "config.json"
     try:
+        cfg = model_file(path, "config.json")
         if not cfg.is_file() or cfg.stat().st_size > MAX_CONFIG_BYTES:
             return False  # a huge config.json is refused, with reasons, by whichever loader reads it
         data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8
+    except (CheckpointError, OSError, ValueError, RecursionError):  # a link out; bad JSON or UTF-8
         return False
     return isinstance(data, dict) and data.get("format") == "muse"
 
