@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from muse.errors import MuseError
+from muse.fileio import disk_full_is_an_error
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
 BUSY_TIMEOUT_S = 30.0  # how long a statement waits for another process's write lock
@@ -62,8 +63,9 @@ class Store:
 
     def __init__(self, path: "str | Path | None" = None):
         self.path = Path(path) if path else default_path()
-        try:
+        with disk_full_is_an_error(self.path.parent):
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
             with self._disk_errors():
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
                 # timeout: the busy timeout, for waits on another process's write lock.
@@ -178,8 +180,8 @@ class Store:
                                  "saved (earlier ones are intact). Free some space "
                                  f"(`df -h {self.path.parent}`) and try again.") from None
             if _code(e) == sqlite3.SQLITE_IOERR:
-                raise StoreError(f"Cannot write the Muse database {self.path} ({e}): the disk may be full, "
-                                 "read-only or failing. The change was not saved (earlier ones are intact).") from None
+                raise StoreError(f"Cannot use the Muse database {self.path} ({e}): its disk may be full, read-only "
+                                 "or failing. Nothing was changed (earlier changes are intact).") from None
             raise
 
     def close(self) -> None:

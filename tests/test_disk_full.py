@@ -96,8 +96,8 @@ def _integrity(db) -> str:
 # ----------------------------------------------------------------------------- scenarios (run in the child)
 
 
-def scenario_checkpoint(disk: FullDisk, src: Path) -> dict:
-    """Resume a run on a full disk: the checkpoint at iter 4 cannot be written."""
+def _resume_on_full_disk(disk: FullDisk, headroom: int) -> dict:
+    """Train 2 steps (out/last at iter 2), fill the disk, resume to 4 steps; then free it and resume again."""
     from muse.training import TrainConfig, train
     from muse.training.state import load_training_state
     from tests.test_training import FixedRows, tiny_model
@@ -109,13 +109,23 @@ def scenario_checkpoint(disk: FullDisk, src: Path) -> dict:
     run = disk.path / "run"
     train(tiny_model(), FixedRows(), cfg(2), run)
     before = _digests(run / "last")
-    disk.fill(headroom=64 * 1024)  # room for the metrics lines, not for a checkpoint (~0.5 MB)
+    disk.fill(headroom)
     error = _attempt(lambda: train(tiny_model(), FixedRows(), cfg(4), run, resume=True))
     kept, names = _digests(run / "last") == before, disk.names(run)
     disk.free()
     result = train(tiny_model(), FixedRows(), cfg(4), run, resume=True)
-    return {"error": error, "path": str(run / "last"), "kept": kept, "names": names, "resumed_to": result.iter,
+    return {"error": error, "run": str(run), "kept": kept, "names": names, "resumed_to": result.iter,
             "state_iter": load_training_state(run / "last")["iter"]}
+
+
+def scenario_checkpoint(disk: FullDisk, src: Path) -> dict:
+    """Room for the metrics lines, not for the checkpoint at iter 4 (~0.5 MB)."""
+    return _resume_on_full_disk(disk, headroom=64 * 1024)
+
+
+def scenario_checkpoint_no_room(disk: FullDisk, src: Path) -> dict:
+    """Not even room to rewrite metrics.jsonl when the resume starts."""
+    return _resume_on_full_disk(disk, headroom=0)
 
 
 def _versions(store, f: Path) -> list[list]:
@@ -225,8 +235,7 @@ def scenario_db_open(disk: FullDisk, src: Path) -> dict:
     return {"error": error, "path": str(path), "migrated": migrated}
 
 
-SCENARIOS = {fn.__name__.removeprefix("scenario_"): fn for fn in
-             (scenario_checkpoint, scenario_writer, scenario_writer_db, scenario_kb, scenario_db, scenario_db_open)}
+SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
 # ----------------------------------------------------------------------------- the tests (parent side)
@@ -258,6 +267,22 @@ def _run(scenario: str, tmp_path: Path, mode: str) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize("error, full", [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), True),  # safetensors
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), False),
+])
+def test_disk_full_reason(error, full):
+    from muse.fileio import disk_full_reason
+
+    assert (disk_full_reason(error) is not None) == full
+    wrapped = RuntimeError("writing failed")
+    wrapped.__context__ = error  # raised while handling it, as torch.save does
+    assert (disk_full_reason(wrapped) is not None) == full
+
+
 def _full(error: dict | None, path: str, mode: str) -> None:
     """A MuseError that names `path` and (on a real full disk) says it is full."""
     assert error is not None and error["muse_error"], error
@@ -266,10 +291,11 @@ def _full(error: dict | None, path: str, mode: str) -> None:
         assert "is full" in error["message"], error
 
 
-def test_checkpoint_on_a_full_disk(tmp_path, mode):
-    r = _run("checkpoint", tmp_path, mode)
-    _full(r["error"], r["path"], mode)
-    assert r["error"]["type"] == "DiskFullError" and "last is left as it was" in r["error"]["message"]
+@pytest.mark.parametrize("scenario, target", [("checkpoint", "last"), ("checkpoint_no_room", "metrics.jsonl")])
+def test_training_on_a_full_disk(tmp_path, mode, scenario, target):
+    r = _run(scenario, tmp_path, mode)
+    _full(r["error"], str(Path(r["run"]) / target), mode)
+    assert r["error"]["type"] == "DiskFullError" and f"{target} is left as it was" in r["error"]["message"]
     assert r["kept"]  # out/last is byte for byte the iter-2 checkpoint
     assert not [n for n in r["names"] if n.startswith(".")], r["names"]  # no temp or half-swapped directory
     assert r["resumed_to"] == r["state_iter"] == 4  # and it resumes from it once there is room

@@ -163,3 +163,20 @@ def test_sigkill_at_any_moment_keeps_the_database_whole(db_path):
     committed = _kill_writer(db_path, stall=0, after=15)  # killed wherever the writer happens to be
     assert len(committed) == 15
     _check_whole(db_path, committed)
+
+
+def test_a_full_database_is_a_clear_error_and_keeps_earlier_rows(db_path):
+    with Store(db_path) as db:
+        db.execute("INSERT INTO conversations (id) VALUES ('kept')")
+        db.execute(f"PRAGMA max_page_count = {db.one('PRAGMA page_count')['page_count'] + 2}")  # SQLITE_FULL
+        with pytest.raises(StoreError, match="disk holding the Muse database .*muse.db is full"):
+            with db.transaction():
+                db.execute("INSERT INTO conversations (id) VALUES ('lost')")
+                db.execute("INSERT INTO messages (conversation_id, role, content) VALUES ('lost', 'user', ?)",
+                           ("x" * 100_000,))
+        assert not db.conn.in_transaction
+        assert [r["id"] for r in db.all("SELECT id FROM conversations")] == ["kept"]
+        db.execute("PRAGMA max_page_count = 1073741823")
+        with db.transaction():  # usable again once there is room
+            db.execute("INSERT INTO conversations (id) VALUES ('later')")
+        assert db.one("PRAGMA integrity_check")["integrity_check"] == "ok"

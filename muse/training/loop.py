@@ -285,7 +285,8 @@ class _Metrics:
         return write_bytes_atomic(self.plot_file, png.getvalue())
 
     def close(self) -> None:
-        self.fh.close()
+        with disk_full_is_an_error(self.file):  # closing flushes what a failed log() left buffered
+            self.fh.close()
         if self.tb is not None:
             self.tb.close()
 
