@@ -84,12 +84,13 @@ class _Header:
             raise _corrupt(self.path, f"{what} at byte {start:,} is not UTF-8") from None
 
 
-def _skip_value(h: _Header, kind: int, key: str, budget: list[int], nested: bool = False) -> None:
+def _skip_value(h: _Header, kind: int, key: str, budget: list[int]) -> None:
+    """Step over one metadata value; `budget[0]` counts down the array elements still allowed."""
     if kind in _SCALAR_SIZES:
         h.take(_SCALAR_SIZES[kind], f"the value of {key}")
     elif kind == _STRING:
         h.string(f"the value of {key}", MAX_STRING_BYTES)
-    elif kind == _ARRAY and not nested:
+    elif kind == _ARRAY:
         item = h.u32(f"the array type of {key}")
         count = h.u64(f"the array length of {key}")
         if count > MAX_ARRAY:
