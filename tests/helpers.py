@@ -90,3 +90,7 @@ class ScriptLM(nn.Module):
         logits = torch.full((B, 1, self.config.vocab_size), -1e4)
         logits[torch.arange(B), 0, self.script[step]] = 1e4
         return logits, None
+
+
+# The test client's default Host ("testserver") is not a loopback name, which a keyless server refuses.
+LOCAL = "http://127.0.0.1"

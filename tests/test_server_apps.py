@@ -26,6 +26,7 @@ from muse.server import ServerThread, create_app
 from muse.server.apps import _diff
 from muse.server.security import Limits
 from muse.store import Store
+from tests.helpers import LOCAL
 from tests.test_server import sse
 
 GREEDY = {"max_tokens": 8, "temperature": 0}
@@ -36,7 +37,7 @@ DOC = ("The Zorblax warranty lasts exactly seven years from the date of purchase
 @pytest.fixture
 def smol(default_model):
     """A fresh server on the default model (few tokens per request)."""
-    with TestClient(create_app({"smollm2-135m": default_model}, embedder=None)) as c:
+    with TestClient(create_app({"smollm2-135m": default_model}, embedder=None), base_url=LOCAL) as c:
         yield c
 
 
@@ -44,7 +45,7 @@ def smol(default_model):
 def client(tiny):
     """A fresh server per test (its database lives in the test's own MUSE_HOME)."""
     app = create_app({"tiny": tiny}, embedder=None, limits=Limits(max_body_bytes=50_000, max_prompt_chars=5_000))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -424,7 +425,7 @@ def test_the_web_app_is_served_with_its_vendored_libraries(client):
 
 def test_with_a_key_the_page_is_public_and_the_api_is_not(tiny):
     app = create_app({"tiny": tiny}, embedder=None, api_key="sekrit")
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
         error(c.get("/api/conversations"), 401)
         r = c.get("/api/conversations", headers={"Authorization": "Bearer sekrit"})

@@ -261,6 +261,8 @@ class Assistant:
         terms = query.split() if isinstance(query, str) else []
         if not terms:
             raise ValueError("search query must not be empty")
+        if "\x00" in query:  # SQLite cuts strings at NUL: the index would see a broken query
+            raise ValueError("search query must not contain a NUL character (\\x00); type the words to find")
         hits: dict[str, dict] = {}
         for row in self._matching_messages(terms):
             hit = hits.setdefault(row["conversation_id"], {"matches": 0, "message_id": row["id"],

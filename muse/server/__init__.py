@@ -29,7 +29,8 @@ from muse.api import Model
 from muse.errors import ModelNotFoundError
 from muse.scheduler import Scheduler, release_openmp_pool
 from muse.server import errors
-from muse.server.security import APIKeyMiddleware, BodyLimitMiddleware, Limits
+from muse.server.security import (APIKeyMiddleware, BodyLimitMiddleware, BrowserGuardMiddleware, Limits,
+                                  SecurityHeadersMiddleware, new_launch_token)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Service:
         with self._lock:
             if name not in self.schedulers:
                 self.schedulers[name] = Scheduler(self.models[name], max_batch=self.max_batch,
+                                                  max_waiting=self.limits.max_queued,
                                                   prefix_cache_tokens=self.prefix_cache_tokens)
             return self.schedulers[name]
 
@@ -110,14 +112,18 @@ class Service:
 
 def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_key: str | None = None,
                cors_origins: Sequence[str] = (), limits: Limits | None = None, max_batch: int = 16,
-               embedder: "Embedder | None | str" = "auto", prefix_cache_tokens: int = 2048) -> FastAPI:
+               embedder: "Embedder | None | str" = "auto", prefix_cache_tokens: int = 2048,
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The FastAPI application serving `models` (a name → Model mapping; a Model or a list
     is named by `Model.name`). The first model is the default.
 
-    api_key: require `Authorization: Bearer KEY` on every API call. cors_origins: origins
-    that browsers may call from (none: CORS off). embedder: "auto" uses `muse.apps.embed`
-    when installed; None turns /v1/embeddings off (404). prefix_cache_tokens: prompt positions
-    per model whose keys and values are kept for prompts that start the same way (0: off).
+    api_key: require `Authorization: Bearer KEY` on every API call; without one the server is
+    for this machine only, and answers only to loopback Host names (and `allowed_hosts`).
+    cors_origins: origins that browsers may call from (none: CORS off; other pages are refused
+    state changes, see `security.BrowserGuardMiddleware`). embedder: "auto" uses
+    `muse.apps.embed` when installed; None turns /v1/embeddings off (404). prefix_cache_tokens:
+    prompt positions per model whose keys and values are kept for prompts that start the same
+    way (0: off).
     """
     from muse.server import apps as app_routes, openai as openai_routes
 
@@ -136,6 +142,7 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
     app = FastAPI(title="Muse", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over local models. Errors use OpenAI's error shape.")
     app.state.service = service
+    app.state.launch_token = new_launch_token()  # the web app's page carries it (see security.py)
     errors.install(app)
 
     @app.get("/health", tags=["Server"], summary="200 while the server runs (no API key needed)")
@@ -145,14 +152,20 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
     app.include_router(openai_routes.router)
     app.include_router(app_routes.router)  # the app endpoints (/api/...) and the web app (/, /static/...)
 
-    # Middleware: the last added runs first. CORS answers preflights, then the key is checked,
-    # and only then is a body read (up to the limit).
-    app.add_middleware(BodyLimitMiddleware, limit=service.limits.max_body_bytes)
+    # Middleware: the last added runs first. Security headers go on every answer; CORS answers
+    # preflights; then the Host, Origin and web-app token are checked, then the key, and only then
+    # is a body read (up to the limit, within the timeout).
+    lim = service.limits
+    app.add_middleware(BodyLimitMiddleware, limit=lim.max_body_bytes, timeout=lim.body_timeout_s,
+                       budget=lim.max_buffered_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BrowserGuardMiddleware, token=app.state.launch_token, origins=cors_origins,
+                       check_host=not api_key, allowed_hosts=allowed_hosts)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(SecurityHeadersMiddleware)
     app.openapi = _openapi_without_422(app)
     return app
 
@@ -181,6 +194,16 @@ def _openapi_without_422(app: FastAPI):
     return openapi
 
 
+def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
+    """uvicorn's settings for Muse: connections bounded (503 beyond `Limits.max_connections`),
+    idle keep-alive connections closed after 5 s, a quick graceful shutdown."""
+    import uvicorn
+
+    limits = app.state.service.limits
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
+                          timeout_keep_alive=5, timeout_graceful_shutdown=5)
+
+
 class ServerThread:
     """Run an app with uvicorn in a background thread (tests, benchmarks); port 0 = any free port.
 
@@ -191,8 +214,7 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
         self.thread = threading.Thread(target=self.server.run, name="muse-uvicorn", daemon=True)
         self.host = host
         self.port: int | None = None

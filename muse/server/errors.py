@@ -32,9 +32,19 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 class APIError(Exception):
     """An error to answer with: status, message, and optionally the parameter and a code."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers  # e.g. Retry-After on a 429
+
+
+RETRY_AFTER_S = 2  # what a 429 for a full queue tells the client to wait
+
+
+def too_busy(message: str) -> APIError:
+    """429 with Retry-After: the server is full right now, the request itself is fine."""
+    return APIError(429, message, None, "too_many_requests", {"Retry-After": str(RETRY_AFTER_S)})
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -58,7 +68,7 @@ def from_exception(e: Exception) -> APIError:
     from muse.scheduler import SchedulerBusy, SchedulerClosed
 
     if isinstance(e, SchedulerBusy):
-        return APIError(429, str(e), None, "too_many_requests")
+        return too_busy(str(e))
     if isinstance(e, SchedulerClosed):
         return APIError(503, str(e), None, "shutting_down")
     if isinstance(e, (MuseError, ValueError)):
@@ -99,7 +109,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code)
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -116,7 +126,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _user_error(request: Request, e: Exception):
         err = from_exception(e)
-        return error_response(err.status, err.message, err.param, err.code)
+        return error_response(err.status, err.message, err.param, err.code, err.headers)
 
     @app.exception_handler(Exception)  # a bug: logged with its traceback, answered as a 500
     async def _other(request: Request, e: Exception):

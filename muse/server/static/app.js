@@ -42,10 +42,13 @@ class ApiError extends Error {
   }
 }
 
-// fetch with the API key; a 401 asks for the key (once, then kept in localStorage) and retries.
+// This launch's token (the server renders it into the page); the server refuses browser calls without it.
+const LAUNCH_TOKEN = (document.querySelector('meta[name="muse-token"]') || {}).content || "";
+
+// fetch with the launch token and the API key; a 401 asks for the key (once, then kept in localStorage) and retries.
 async function api(path, options = {}) {
   for (;;) {
-    const headers = Object.assign({}, options.headers || {});
+    const headers = Object.assign({ "X-Muse-Token": LAUNCH_TOKEN }, options.headers || {});
     const key = store.get("apiKey");
     if (key) headers.Authorization = "Bearer " + key;
     const res = await fetch(path, Object.assign({}, options, { headers }));
