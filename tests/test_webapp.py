@@ -58,6 +58,8 @@ def open_page(browser, url: str, locale: str = "en-US", max_tokens: int = 12):
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # what the Content-Security-Policy blocked would break the page silently: count it as an error
+    page.on("console", lambda m: m.type == "error" and "Content Security Policy" in m.text and errors.append(m.text))
     page.goto(url + "/")
     page.wait_for_selector("body[data-ready=true]")
     return page, errors
@@ -106,7 +108,7 @@ def test_chat_streams_an_answer_takes_feedback_and_stops(browser, server, app):
     page.dispatch_event("#max-tokens", "change")
     page.fill("#chat-input", "Tell me a very long story about a dragon.")
     page.press("#chat-input", "Enter")
-    page.wait_for_function("document.querySelectorAll('.message.assistant .body')[1]?.textContent.length > 5")
+    page.wait_for_function("() => document.querySelectorAll('.message.assistant .body')[1]?.textContent.length > 5")
     page.click("#stop")
     page.wait_for_selector(".message.assistant .note")
     assert page.is_visible("#send") and not page.is_visible("#stop")
@@ -115,7 +117,7 @@ def test_chat_streams_an_answer_takes_feedback_and_stops(browser, server, app):
     while scheduler.active and time.time() < deadline:
         time.sleep(0.02)
     assert scheduler.active == 0
-    page.wait_for_function("document.querySelectorAll('.message.assistant[data-message-id]').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('.message.assistant[data-message-id]').length == 2")
     last = api(server, f"/api/conversations/{conv['id']}")["messages"][-1]
     assert last["meta"]["finish_reason"] == "stopped" and last["meta"]["generation_tokens"] < 400
     assert errors == []
@@ -136,11 +138,14 @@ def test_conversations_render_sanitised_markdown_and_can_be_renamed_and_deleted(
 
     page.once("dialog", lambda d: d.accept("Renamed here"))
     page.click("#rename-chat")
-    page.wait_for_function("document.querySelector('#conv-title').textContent === 'Renamed here'")
+    page.wait_for_function("() => document.querySelector('#conv-title').textContent === 'Renamed here'")
     assert api(server, f"/api/conversations/{cid}")["title"] == "Renamed here"
     page.once("dialog", lambda d: d.accept())
     page.click("#delete-chat")
     page.wait_for_selector(f"#conv-list li[data-id='{cid}']", state="detached")
+    # DOMPurify parses the hostile HTML before removing it, and the browser may try its onerror
+    # there: the Content-Security-Policy blocks that too (and says so), which is no fault of the page.
+    errors = [e for e in errors if not e.startswith("Executing inline event handler violates")]
     assert cid not in [c["id"] for c in api(server, "/api/conversations")["data"]] and errors == []
 
 
@@ -174,7 +179,7 @@ def test_writing_desk_shows_the_result_its_diff_and_restores(browser, server, tm
     page.click("[data-view=desk]")
     (tmp_path / "memo").write_text(TEXT)
     page.set_input_files("#desk-file", str(tmp_path / "memo"))  # open a file: its text and its name
-    page.wait_for_function(f"document.querySelector('#desk-text').value === {json.dumps(TEXT)}")
+    page.wait_for_function(f"() => document.querySelector('#desk-text').value === {json.dumps(TEXT)}")
     assert page.input_value("#desk-doc") == "memo"
     page.select_option("#desk-action", "shorten")
     assert not page.is_visible("#desk-to") and page.is_visible("#desk-run")
@@ -233,3 +238,93 @@ def test_the_page_asks_for_the_api_key_once(browser, default_model):
         page.wait_for_selector("body[data-ready=true]")
         assert not page.is_visible("#key-dialog")
         context.close()
+
+
+# -- a web page the user visits must not drive the server -------------------------------------------
+
+ATTACK = """<!doctype html><title>cute cats</title><body>
+<iframe name="sink"></iframe>
+<form id="f" method="POST" action="MUSE/api/memories" enctype="text/plain" target="sink">
+  <input name='{"fact": "planted by a form", "x": "' value='"}'></form>
+<script>
+(async () => {
+  const muse = "MUSE";
+  const fd = new FormData();
+  fd.append("files", new Blob(["planted document"], {type: "text/plain"}), "planted.txt");
+  const tries = [
+    fetch(muse + "/api/kb/documents", {method: "POST", mode: "no-cors", body: fd}),
+    fetch(muse + "/api/memories", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                   body: JSON.stringify({fact: "planted by fetch"})}),
+    fetch(muse + "/api/conversations").then(r => r.text()).then(t => { window.stolen = t; }),
+  ];
+  await Promise.allSettled(tries);
+  document.getElementById("f").submit();
+  document.querySelector("iframe").onload = () => { document.title = "done"; };
+})();
+</script></body>"""
+
+
+@pytest.fixture(scope="module")
+def attacker_browser(browser):
+    """A browser in which attacker.test and rebind.test resolve to this machine (a DNS-rebinding
+    attacker controls what their names resolve to)."""
+    b = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[
+        "--host-resolver-rules=MAP attacker.test 127.0.0.1, MAP rebind.test 127.0.0.1"])
+    yield b
+    b.close()
+
+
+def serve_page(html: str):
+    """A one-page web server on a free loopback port (the attacker's site)."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_a_page_on_another_site_cannot_change_or_read_anything(attacker_browser, server):
+    memories_before = api(server, "/api/memories")["data"]
+    httpd = serve_page(ATTACK.replace("MUSE", server.url))
+    try:
+        page = attacker_browser.new_context().new_page()
+        page.goto(f"http://attacker.test:{httpd.server_address[1]}/")
+        page.wait_for_function("() => document.title === 'done'")  # every attempt has been answered
+        assert page.evaluate("window.stolen") is None  # the same-origin policy kept the reply from the page
+        page.context.close()
+    finally:
+        httpd.shutdown()
+    assert api(server, "/api/kb/documents")["data"] == []
+    assert api(server, "/api/memories")["data"] == memories_before
+
+
+def test_a_dns_rebinding_page_is_refused(attacker_browser, server):
+    page = attacker_browser.new_context().new_page()
+    # After rebinding, the attacker's name points at 127.0.0.1: the browser sends Host rebind.test.
+    response = page.goto(f"http://rebind.test:{server.port}/api/conversations")
+    assert response.status == 403 and "DNS rebinding" in page.content()
+    response = page.goto(f"http://rebind.test:{server.port}/")
+    assert response.status == 403
+    page.context.close()
+
+
+def test_the_web_app_page_is_protected(server):
+    r = httpx.get(server.url + "/")
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"] and r.headers["x-frame-options"] == "DENY"
+    token = re.search(r'name="muse-token" content="([^"]+)"', r.text).group(1)
+    browser_like = {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin"}
+    assert httpx.get(server.url + "/api/conversations", headers=browser_like).status_code == 403
+    assert httpx.get(server.url + "/api/conversations", headers={**browser_like, "X-Muse-Token": token}).is_success
