@@ -4,6 +4,7 @@
     .venv/bin/python bench/pii.py --before HEAD         # vs the last commit instead
     .venv/bin/python bench/pii.py --errors dev          # what the current detector gets wrong on dev
     .venv/bin/python bench/pii.py --sweep               # precision/recall at other thresholds
+    .venv/bin/python bench/pii.py --noise               # how often random numbers of each shape are flagged
 
 Data: muse/safety_data/pii_{dev,test}.jsonl (muse.safety.pii_eval). `dev` is what the patterns were tuned on;
 `test` was written and committed before the detector changed, and is not tuned on. `exact`: a finding counts
@@ -77,6 +78,37 @@ def sweep(split: str) -> None:
         print(f"  threshold {t:.1f}: P {s.precision:.3f}  R {s.recall:.3f}  F1 {s.f1:.3f}  (fp {s.fp}, fn {s.fn})")
 
 
+NOISE = {  # shape: a function of a random generator giving one random string of that shape
+    "11 digits starting 1[3-9]": lambda r: f"1{r.randint(3, 9)}" + "".join(r.choices("0123456789", k=9)),
+    "16 digits starting 4/5/6": lambda r: r.choice("456") + "".join(r.choices("0123456789", k=15)),
+    "16 digits in fours": lambda r: " ".join("".join(r.choices("0123456789", k=4)) for _ in range(4)),
+    "15 digits": lambda r: "".join(r.choices("0123456789", k=15)),
+    "18 digits": lambda r: "".join(r.choices("0123456789", k=18)),
+    "a.b.c.d, each 0-255": lambda r: ".".join(str(r.randint(0, 255)) for _ in range(4)),
+    "decimal d.dddddd": lambda r: f"{r.uniform(-180, 180):.6f}",
+    "+d.ddde-dd": lambda r: f"+{r.uniform(1, 10):.3f}e-{r.randint(1, 40)}",
+    "lat, long pair": lambda r: f"{r.uniform(-90, 90):.6f}, {r.uniform(-180, 180):.6f}",
+    "ddd.ddd.dddd": lambda r: ".".join("".join(r.choices("0123456789", k=k)) for k in (3, 3, 4)),
+}
+
+
+def noise(n: int = 2000) -> None:
+    """What fraction of random strings of each shape, alone in a sentence with no context words, is flagged.
+    Some are flagged by design (an 11-digit 13x… number is a mobile's shape; a Luhn-valid 16-digit 4… is a
+    card's): the figure says how often a random number of that shape passes the checks."""
+    import random
+
+    rng = random.Random(0)
+    print(f"\n## random numbers, no context words ({n} of each): share flagged, by kind")
+    for shape, make in NOISE.items():
+        kinds: dict[str, int] = {}
+        for _ in range(n):
+            for e in find_pii(f"the value is {make(rng)} today"):
+                kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        flagged = ", ".join(f"{k} {v / n:.1%}" for k, v in sorted(kinds.items())) or "none"
+        print(f"  {shape:28} {flagged}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", default=BASELINE, help=f"git revision of the 'before' detector (default {BASELINE}); "
@@ -84,6 +116,7 @@ def main() -> None:
     ap.add_argument("--split", choices=(*SPLITS, "both"), default="both")
     ap.add_argument("--errors", choices=SPLITS, help="list the current detector's misses and false alarms")
     ap.add_argument("--sweep", action="store_true", help="precision/recall at thresholds 0.2-0.9")
+    ap.add_argument("--noise", action="store_true", help="share of random numbers of each shape that is flagged")
     args = ap.parse_args()
     before = None if args.before == "none" else load_before(args.before)
     if before:
@@ -92,6 +125,8 @@ def main() -> None:
         table(split, before)
         if args.sweep:
             sweep(split)
+    if args.noise:
+        noise()
     if args.errors:
         print(f"\n## errors on {args.errors}")
         for text, missed, wrong in errors(find_pii, load_split(args.errors)):

@@ -100,17 +100,26 @@ def redact_cmd(text: Optional[str] = TextArg, input: Optional[Path] = InputOpt, 
                mapping: Optional[Path] = typer.Option(None, "--mapping", help="Save placeholder -> original as JSON "
                                                       "here (readable only by you), for `muse safety restore`."),
                kinds: Optional[list[str]] = typer.Option(None, "--kind", "-k", help="Only these kinds (repeatable): "
-                                                         "email, phone, id, card, ip.")):
+                                                         "email, phone, id, card, ip."),
+               threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Replace "
+                                                         "findings scoring at least this (0-1; lower replaces more, "
+                                                         "higher only the surest). Default: the detector's, "
+                                                         "muse.safety.pii.THRESHOLD."),
+               scores: bool = typer.Option(False, "--scores", help="List each finding with its score (on stderr).")):
     """Replace e-mails, phone numbers, Chinese IDs, bank cards and IP addresses with [EMAIL_1]-style placeholders."""
     from muse.safety import redact
 
-    result = redact(_read_input(text, input), kinds=kinds or None)
+    options = {} if threshold is None else {"threshold": threshold}
+    result = redact(_read_input(text, input), kinds=kinds or None, **options)
     if mapping is not None:
         write_text_atomic(mapping, json.dumps(result.mapping, ensure_ascii=False, indent=2) + "\n", private=True)
     _emit(result.text, out)
     counts: dict[str, int] = {}
     for e in result.entities:
         counts[e.kind] = counts.get(e.kind, 0) + 1
+        if scores:
+            err.print(f"{e.placeholder:10} {e.kind:5} {e.score:.2f}  {result.mapping[e.placeholder]!r}", markup=False,
+                      highlight=False)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing"
     err.print(f"[dim]Redacted {summary}" + (f"; mapping in {escape(str(mapping))}" if mapping else "") + "[/]",
               highlight=False)

@@ -189,14 +189,14 @@ def _alternation(words: str) -> str:
 
 _CONTEXT = {kind: re.compile(f"(?P<pos>{_alternation(pos)})|(?P<neg>{_alternation(neg)})")
             for kind, (pos, neg) in _WORDS.items()}
-_VALUE = re.compile(r"\d{4,}")
+_VALUE = re.compile(r"\d[\d.:/-]+\d")          # a number of its own: 1.2.3, 2024-05-01, 12:30
 _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _context(low: str, a: int, b: int, kind: str) -> float:
     """+_BOOST or -_DAMP from the nearest keyword of `kind` before the span [a, b), else +_BOOST for one of
-    its words just after it ("10.0.0.1 (server)"). A keyword with another number (4+ digits) between it and
-    the span labels that number: in "订单 2024-05-01 4111…" 订单 is about the date, not the card."""
+    its words just after it ("10.0.0.1 (server)"). A keyword with another number (3+ characters) between it
+    and the span labels that number: in "订单 2024-05-01 4111…" 订单 is about the date, not the card."""
     rx = _CONTEXT[kind]
     start = max(0, a - _BEFORE)
     for m in _VALUE.finditer(low, start, a):
@@ -224,25 +224,33 @@ _CN_MOBILE = re.compile(rf"(?<![\d+])(?:(?:\+|00)86{_SEP}?|\(\+?86\) ?)?1[3-9]\d
 _AREA = r"(?:10|2\d|[3-9]\d{2})"             # Chinese area codes after the 0: Beijing 10, 2x, then three digits
 _CN_LANDLINE = re.compile(rf"(?<![\d+])(?:(?:\+|00)86[ \t-]?\(?0?{_AREA}\)?|\(0{_AREA}\)|0{_AREA})"
                           r"[ \t-]?[2-9]\d{2,3}[ \t-]?\d{4}(?!\d)")
-_NANP = re.compile(r"(?<![\w+])(?:\+1[ \t.-]?|1[ .-])?"
+_NANP = re.compile(r"(?<![\d+])(?:\+1[ \t.-]?|1[ .-])?"
                    r"(?:\([2-9]\d{2}\) ?[2-9]\d{2}[ .-]?\d{4}|[2-9]\d{2}([ .-])[2-9]\d{2}\1\d{4})(?![\d-])")
-_INTL = re.compile(r"(?<![\w+])\+[1-9][\d \t().-]{5,22}\d")
+_INTL = re.compile(r"(?<![\d+])\+[1-9][\d \t().-]{5,22}\d")
 _CN_ID18 = re.compile(r"(?<!\d)\d{3}[ \t-]?\d{3}[ \t-]?\d{4}[ \t-]?\d{4}[ \t-]?\d{3}[\dXx](?![\dXx])")
 _CN_ID15 = re.compile(r"(?<!\d)\d{6}[ \t-]?\d{6}[ \t-]?\d{3}(?![\dXx])")
 _NUM_RUN = re.compile(r"\d[\d \t.\r\n-]*")   # digits and what separates card groups; split in Python
 _IPV4 = re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:.%])[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]{2,45}(?:%[0-9A-Za-z]{1,16})?")
 _EXPONENT = re.compile(r"[eE][+-]?\d")
+_GROUP_AFTER = re.compile(r"[ .-]\d{4}(?!\d)")
 _SEPARATORS = re.compile(r"[^\d+]+")
 
 
 def _numeric_not_phone(t: str, a: int, b: int) -> bool:
-    """A decimal (one dot the only separator: 139.69171100, +31.230416), a mantissa (+1.602e-19), degrees."""
+    """A decimal (one dot the only separator: 139.69171100, +31.230416), a mantissa (+1.602e-19), degrees, or
+    three groups of a longer printed number ("1234 0571 8765 4321": the separator it uses ties it to a digit
+    group before it, or to a 4-digit group after it; an extension "010-62345678-801" is still a phone)."""
     seps = [s for s in _SEPARATORS.findall(t[a:b]) if s]
     if seps == ["."]:
         return True
     tail = t[b:b + 8]
-    return bool(_EXPONENT.match(tail) or tail.startswith("°"))
+    if _EXPONENT.match(tail) or tail.startswith("°"):
+        return True
+    own = set("".join(seps)) & set(" .-")
+    head = t[max(0, a - 2):a]
+    return bool(own) and ((len(head) == 2 and head[0].isdigit() and head[1] in own and t[a].isdigit())
+                          or (_GROUP_AFTER.match(tail) is not None and tail[0] in own))
 
 
 def _phones(t: str):
