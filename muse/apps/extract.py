@@ -99,6 +99,9 @@ class ExtractError(MuseError):
     """A file that gives no usable text; the message says why and what to do."""
 
 
+CANCELLED = "stopped: the extraction was cancelled"  # the reason once Extractor.cancel() ran
+
+
 @dataclass
 class Extracted:
     title: str
@@ -301,100 +304,104 @@ _BLOCKS = frozenset(["p", "div", "section", "article", "header", "footer", "main
                      "dt", "dd", "dl", "figure", "figcaption", "hr", "address", "details", "summary", "body"])
 _RAW = frozenset(["script", "style", "title", "textarea", "xmp", "iframe", "noembed", "noframes"])
 _HIDDEN = frozenset(["noscript", "template"])  # markup whose text is not shown
-_TAG = re.compile(r"<(/?)([A-Za-z][^\t\n\f\r />]*)")
-# A tag's attributes up to its '>': quoted values (after '=') may hold '>'. Possessive, so a failed
-# match costs one pass over the rest of the input, and the scan stops there.
-_TAG_REST = re.compile(r"""(?:[^>=]++|=[\t\n\f\r ]*+(?:"[^"]*+"|'[^']*+')?+)*+>""")
+# One token at a time: text, a tag (quoted values after '=' may hold '>'), a comment, a declaration or
+# other '<!' '<?' '</' construct, or a lone '<'. The tag's attribute loop is possessive, so when a tag
+# has no '>' the failed match costs one pass over the rest of the file, and the scan stops there.
+_TOKEN = re.compile(r"""
+    (?P<text>[^<]+)
+  | <(?P<close>/?)(?P<name>[A-Za-z][^\t\n\f\r\x20/>]*)
+     (?P<attrs>(?:[^>=]++|=[\t\n\f\r\x20]*+(?:"[^"]*+"|'[^']*+')?+)*+)>
+  | (?P<comment><!--)
+  | (?P<other><[!?/])
+  | (?P<lt><)""", re.VERBOSE)
 _RAW_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for name in _RAW}
 _SPACE = re.compile(r"[ \t\n\r\f]+")
+_BREAK, _PARAGRAPH = "\x00", "\x00\x00"  # marks in the scanned text (NUL is dropped from the text itself)
 
 
 def _html(data: bytes, limits: Limits) -> tuple[str, str]:
     """Title and text of an HTML page, in one left-to-right pass.
 
-    Every search starts where the last ended and either moves past what it scanned or ends the scan
-    (an unclosed comment or tag runs to the end of the file, as in a browser), so the time is linear
-    in the file whatever the nesting or the malformation. (The standard library's html.parser, under
-    BeautifulSoup before, is quadratic on unclosed tags: 24 kB of "<a " takes 4 s.)
+    Every match and search starts where the last ended and either moves past what it scanned or ends
+    the scan (an unclosed comment or tag runs to the end of the file, as in a browser), so the time is
+    linear in the file whatever the nesting or the malformation. (The standard library's html.parser,
+    under BeautifulSoup before, is quadratic on unclosed tags: 24 kB of "<a " takes 4 s.)
     Script, style and template content is dropped; block tags end a paragraph, <br> a line.
     """
     s = decode_text(data)
-    pieces, title, hidden, pos, n = _Pieces(limits), "", 0, 0, len(s)
+    out, title, hidden, pos, n = _Pieces(limits), "", 0, 0, len(s)
     while pos < n:
-        lt = s.find("<", pos)
-        if lt < 0:
-            lt = n
-        if lt > pos and not hidden:
-            pieces.text(s[pos:lt])
-        if lt >= n:
-            break
-        if s.startswith("<!--", lt):
-            end = s.find("-->", lt + 4)
-            pos = n if end < 0 else end + 3
-            continue
-        if s.startswith(("<!", "<?"), lt) or s.startswith("</", lt) and not _TAG.match(s, lt):
-            end = s.find(">", lt + 2)  # doctype, CDATA, processing instruction, bogus comment
-            pos = n if end < 0 else end + 1
-            continue
-        tag = _TAG.match(s, lt)
-        if not tag:  # a '<' that starts no tag is text
+        m = _TOKEN.match(s, pos)
+        pos, what = m.end(), m.lastgroup
+        if what == "text":
             if not hidden:
-                pieces.text("<")
-            pos = lt + 1
-            continue
-        rest = _TAG_REST.match(s, tag.end())
-        if not rest:
-            break  # an unclosed tag at the end of the file: dropped with what follows it
-        pos, closing, name = rest.end(), tag.group(1) == "/", tag.group(2).lower()
-        if not closing and name in _RAW:
-            end = _RAW_END[name].search(s, pos)
-            content, pos = (s[pos:], n) if end is None else (s[pos:end.start()], s.find(">", end.start()) + 1 or n)
-            if name == "title" and not title:
-                title = html.unescape(content)
-            elif name in ("textarea", "xmp") and not hidden:
-                pieces.text(content)
-            continue
-        if name in _HIDDEN and not rest.group().endswith("/>"):
-            hidden = max(hidden - 1, 0) if closing else hidden + 1
-        if name in _BLOCKS:
-            pieces.mark("\n\n")
-        elif name == "br":
-            pieces.mark("\n")
-    return title, pieces.result()
+                out.text(m.group())
+        elif what == "comment":
+            end = s.find("-->", pos)
+            pos = n if end < 0 else end + 3
+        elif what == "other":  # doctype, CDATA, processing instruction, bogus comment: up to '>'
+            end = s.find(">", pos)
+            pos = n if end < 0 else end + 1
+        elif what == "lt":
+            if s[pos:pos + 1].isascii() and s[pos:pos + 1].isalpha():
+                break  # a tag without '>' before the end of the file: dropped with what follows it
+            if not hidden:
+                out.text("<")
+        else:
+            name, closing = m.group("name").lower(), m.group("close") == "/"
+            if not closing and name in _RAW:
+                end = _RAW_END[name].search(s, pos)
+                content, pos = (s[pos:], n) if end is None else (s[pos:end.start()], s.find(">", end.start()) + 1 or n)
+                if name == "title" and not title:
+                    title = _SPACE.sub(" ", _unescape(content))
+                elif name in ("textarea", "xmp") and not hidden:
+                    out.text(content)
+            elif name in _HIDDEN and not m.group("attrs").endswith("/"):
+                hidden = max(hidden - 1, 0) if closing else hidden + 1
+            elif name in _BLOCKS:
+                out.mark(_PARAGRAPH)
+            elif name == "br":
+                out.mark(_BREAK)
+    return title, out.result()
+
+
+def _unescape(text: str) -> str:
+    try:
+        return html.unescape(text)
+    except ValueError:  # a numeric reference of thousands of digits (int() refuses them): left as written
+        return text
 
 
 class _Pieces:
-    """Text pieces with whitespace collapsed and runs of breaks merged (100k empty <div>s give no
-    text), joined every few thousand (not millions of small strings)."""
+    """Scanned text, joined every few thousand pieces (not millions of small strings); whitespace
+    is collapsed and the break marks turned into newlines at the end, in a few linear passes."""
 
     def __init__(self, limits: Limits):
-        self.limits, self.parts, self.buf, self.chars, self.pending = limits, [], [], 0, ""
+        self.limits, self.parts, self.buf, self.chars = limits, [], [], 0
 
-    def text(self, raw: str) -> None:
-        piece = _SPACE.sub(" ", html.unescape(raw))
-        if piece.strip(" "):
-            if self.pending:
-                self._add(self.pending)
-                self.pending = ""
-            self._add(piece)
-        elif piece and not self.pending:
-            self._add(" ")
+    def text(self, piece: str) -> None:
+        if "&" in piece:
+            piece = _unescape(piece)
+        if _BREAK in piece:
+            piece = piece.replace(_BREAK, "")
+        self.chars += len(piece)
+        self._add(piece)
 
-    def mark(self, sep: str) -> None:
-        self.pending = max(self.pending, sep, key=len)
+    def mark(self, mark: str) -> None:
+        self._add(mark)
 
     def _add(self, piece: str) -> None:
         self.buf.append(piece)
-        self.chars += len(piece)
         if len(self.buf) >= 4096:
             self.parts.append("".join(self.buf))
             self.buf.clear()
-            if self.chars > 2 * self.limits.text_chars:  # tidying drops little: spaces next to line breaks
+            if self.chars > 2 * self.limits.text_chars:  # collapsing whitespace at most halves it
                 raise ExtractError(_too_much_text(self.limits.text_chars, self.limits, at_least=True))
 
     def result(self) -> str:
-        text = "".join(self.parts) + "".join(self.buf)
-        return "\n".join(line.strip(" ") for line in text.split("\n"))
+        text = _SPACE.sub(" ", "".join(self.parts) + "".join(self.buf))
+        text = re.sub(r" ?(\x00+) ?", r"\1", text)  # no spaces around a break (after the collapse: linear)
+        return re.sub("\x00\x00+", "\n\n", text).replace("\x00", "\n")
 
 
 # -- PDF ----------------------------------------------------------------------------------------
@@ -409,6 +416,8 @@ def _pdf(data: bytes, limits: Limits) -> tuple[str, str]:
                   run_length_maximum_output_length=cap, brotli_maximum_output_length=cap,
                   jbig2_maximum_output_length=cap, maximum_declared_stream_length=cap,
                   array_based_stream_maximum_output_length=cap, image_maximum_buffer_size=cap,
+                  # a page tree past the page limit (whatever its /Count says) stops while it is walked
+                  page_tree_maximum_entries=4 * limits.pdf_pages + 100,
                   jbig2dec_binary=None)  # never run an external decoder on a hostile file
     try:
         with pypdf.apply_configuration(**config):
@@ -416,7 +425,7 @@ def _pdf(data: bytes, limits: Limits) -> tuple[str, str]:
             if reader.is_encrypted and not _open_without_password(reader):
                 raise ExtractError("an encrypted (password-protected) PDF; save an unprotected copy first, "
                                    "e.g. `qpdf --decrypt --password=PASSWORD in.pdf out.pdf`")
-            count = len(reader.pages)
+            count = _declared_pages(reader)  # the tree's own count: walking 60,000 pages takes seconds
             if count > limits.pdf_pages:
                 raise ExtractError(f"a PDF of {count:,} pages (limit {limits.pdf_pages:,}); split it first, "
                                    f"e.g. `qpdf --split-pages={limits.pdf_pages} in.pdf out.pdf`")
@@ -432,8 +441,11 @@ def _pdf(data: bytes, limits: Limits) -> tuple[str, str]:
     except (ExtractError, MemoryError):
         raise
     except LimitReachedError as e:
-        raise ExtractError(f"a PDF whose content inflates past a limit ({e}; {_size(cap)} per stream); "
-                           "this looks like a decompression bomb") from None
+        if "decompress" in str(e).lower():
+            raise ExtractError(f"a PDF whose content inflates past {_size(cap)} in one stream (the limit); "
+                               "this looks like a decompression bomb") from None
+        raise ExtractError(f"a PDF past one of the reader's safety limits ({str(e)[:200]}); it may be crafted "
+                           "to exhaust the reader") from None
     except DependencyError:
         raise ExtractError("an encrypted PDF whose cipher needs the `cryptography` package; "
                            "decrypt it first with `qpdf --decrypt`") from None
@@ -441,6 +453,13 @@ def _pdf(data: bytes, limits: Limits) -> tuple[str, str]:
         raise ExtractError(f"a damaged PDF that cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                            "re-save or re-export it") from None
     return str(title), "\n\n".join(pages)
+
+
+def _declared_pages(reader) -> int:
+    """/Count of the root page tree (0 when missing or not a number; the walk is bounded anyway)."""
+    count = reader.trailer["/Root"].get_object()["/Pages"].get_object().get("/Count", 0)
+    count = count.get_object() if hasattr(count, "get_object") else count
+    return int(count) if isinstance(count, (int, float)) and count >= 0 else 0
 
 
 def _open_without_password(reader) -> bool:
@@ -495,7 +514,7 @@ def _check_part(info: zipfile.ZipInfo, limits: Limits) -> None:
         raise ExtractError(f"it inflates to {_size(info.file_size)} of XML (limit {_size(limits.xml_bytes)})"
                            + (bomb or "; split the document"))
     if bomb and info.file_size > MB:
-        raise ExtractError(f"{info.filename} inflates {ratio:,.0f}-fold, {_size(info.compress_size)} to "
+        raise ExtractError(f"its XML ({info.filename}) inflates {ratio:,.0f}-fold, {_size(info.compress_size)} to "
                            f"{_size(info.file_size)} (limit {limits.zip_ratio:,.0f}-fold){bomb}")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise ExtractError(f"{info.filename} uses ZIP compression method {info.compress_type}, "
@@ -636,6 +655,7 @@ _READERS = {"text": _plain, "markdown": _markdown, "html": _html, "pdf": _pdf, "
 
 _IN_PROCESS = ("text", "markdown")
 _START_SECONDS = 60.0  # for a worker to start and say it is ready (a loaded machine can be slow)
+MAX_WORKERS = 4        # worker processes at once in this process (each may use Limits.memory_bytes)
 _IDLE_MAX = 2          # warm workers kept for the next file or request
 # The worker imports `muse.apps.extract` without running `muse/__init__.py` (which imports torch:
 # seconds of start and gigabytes of address space) by registering the package's folder bare.
@@ -757,20 +777,23 @@ class _Worker:
     """One worker process and its pipes; `call` is one request, killed past its deadline."""
 
     def __init__(self, limits: Limits):
+        """Start a worker; the caller holds one of the `_slots`, which `kill` gives back."""
         self.limits = limits
         package = str(Path(__file__).resolve().parents[1])
         boot = _BOOT.format(path=list(sys.path), package=package)
         self.expired = False
+        self._killed = threading.Lock()
         try:
             self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", boot,
                                           json.dumps(dataclasses.asdict(limits))],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         except OSError as e:
+            _slots.release()
             raise ExtractError(f"cannot start the extraction worker: {e.strerror or e}") from None
-        ready = self._exchange(None, _START_SECONDS)
-        if ready is None:
+        if self._exchange(None, _START_SECONDS) is None:
+            why = f"not ready within {_START_SECONDS:g} s" if self.expired else self.why()
             self.kill()
-            raise ExtractError(f"the extraction worker did not start ({self.why()}); "
+            raise ExtractError(f"the extraction worker did not start ({why}); "
                                f"check that `{sys.executable} -c 'import pypdf'` works")
 
     def call(self, request: dict, data: bytes) -> dict | None:
@@ -798,20 +821,24 @@ class _Worker:
         self.kill()
 
     def kill(self) -> None:
+        """Kill it (from any thread; again is a no-op) and give its slot back."""
+        if not self._killed.acquire(blocking=False):
+            return
         if self.proc.poll() is None:
             self.proc.kill()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        for f in (self.proc.stdin, self.proc.stdout):  # after the exit: a reader blocked on them has its EOF
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+        _slots.release()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and not self.expired
+        return self.proc.poll() is None and not self.expired and not self._killed.locked()
 
     def why(self) -> str:
         """Why the last call got no answer."""
@@ -834,16 +861,23 @@ class _Worker:
 
 _idle: list[_Worker] = []
 _idle_lock = threading.Lock()
+_slots = threading.BoundedSemaphore(MAX_WORKERS)
 
 
-def _checkout(limits: Limits) -> _Worker:
-    with _idle_lock:
-        while _idle:
-            worker = _idle.pop()
-            if worker.limits == limits and worker.alive():
-                return worker
-            worker.kill()
-    return _Worker(limits)
+def _checkout(limits: Limits, cancelled) -> _Worker:
+    """A warm worker for `limits`, or a new one once fewer than MAX_WORKERS run (waiting while
+    `cancelled()` is false; other workers finish within their time limit)."""
+    while True:
+        with _idle_lock:
+            while _idle:
+                worker = _idle.pop()
+                if worker.limits == limits and worker.alive():
+                    return worker
+                worker.kill()
+        if _slots.acquire(timeout=0.1):
+            return _Worker(limits)
+        if cancelled():
+            raise ExtractError(CANCELLED)
 
 
 def _checkin(worker: _Worker) -> None:
@@ -862,9 +896,6 @@ def _close_idle() -> None:
 
 
 atexit.register(_close_idle)
-
-CANCELLED = "stopped: the extraction was cancelled"
-
 
 class Extractor:
     """Extracts files one after another: plain text here, the rest in a worker process under the
@@ -908,7 +939,7 @@ class Extractor:
     def _in_worker(self, data: bytes, kind: str, title: str) -> Extracted:
         with self._lock:
             worker, self._worker = self._worker, None
-        worker = worker or _checkout(self.limits)
+        worker = worker or _checkout(self.limits, lambda: self.cancelled)
         with self._lock:
             self._worker = worker
         if self.cancelled:  # cancel() ran while the worker started

@@ -557,10 +557,15 @@ def list_documents(request: Request):
 @router.post("/api/kb/documents", tags=["Knowledge base"], status_code=201,
              summary="Upload files (txt, md, html, pdf, docx) into the knowledge base")
 async def upload_documents(request: Request, files: list[UploadFile] = File(description="One or more files.")):
+    from muse.apps.extract import Extractor
+
     state = _state(request)
     uploads = [(_upload_name(f.filename), await f.read()) for f in files]
-    work = Work(request)
-    return {"data": await work.call(_add_uploads, state, uploads)}
+    extractor = Extractor()
+    try:
+        return {"data": await Work(request).call(_add_uploads, state, uploads, extractor)}
+    finally:
+        extractor.cancel()  # a client that left (499) stops the extraction at once; after the work, a no-op
 
 
 def _upload_name(name: str | None) -> str:
@@ -572,26 +577,29 @@ def _upload_name(name: str | None) -> str:
     return name
 
 
-def _add_uploads(state: _State, uploads: list[tuple[str, bytes]]) -> list[dict]:
-    """Check every file gives text, then save them under uploads/ and add them (nothing half-added)."""
-    from muse.apps.extract import extract_bytes, kind_of
+def _add_uploads(state: _State, uploads: list[tuple[str, bytes]], extractor) -> list[dict]:
+    """Extract every file once (any that gives no text, a bomb or a file over a limit refuses the
+    request with 400 and its reason), then save them under uploads/ and add them: nothing half-added.
+    `extractor` (a muse.apps.extract.Extractor) is cancelled when the client leaves: nothing more is
+    extracted or written then."""
+    from muse.apps.extract import ExtractError
 
-    paths = []
-    for name, data in uploads:
-        path = safe_join(state.uploads, name)
-        try:
-            extract_bytes(data, kind_of(name), default_title=Path(name).stem)
-        except MuseError as e:
-            raise APIError(400, f"{name}: {e}", "files", "unreadable_file") from None
-        paths.append(path)
-    out = []
-    for (name, data), path in zip(uploads, paths):
+    prepared = []
+    with extractor:
+        for name, data in uploads:
+            path = safe_join(state.uploads, name)
+            try:
+                prepared.append((name, data, path, state.kb.prepare(path, data, extractor)))
+            except ExtractError as e:
+                raise APIError(400, f"{name}: {e}", "files", "unreadable_file") from None
+    saved = []
+    for name, data, path, ready in prepared:
+        if extractor.cancelled:
+            raise Stopped()
         write_bytes_atomic(path, data)
-        report = state.kb.add([path])
-        status = "added" if report.added else "updated" if report.updated else "unchanged"
-        doc = next(d for d in state.kb.list() if d["path"] == str(path.resolve()))
-        out.append({**doc, "status": status, "name": name})
-    return out
+        saved.append((name, str(path), state.kb.save(ready, mtime=path.stat().st_mtime)[0]))
+    docs = {d["path"]: d for d in state.kb.list()}
+    return [{**docs[path], "status": status, "name": name} for name, path, status in saved]
 
 
 @router.post("/api/kb/text", tags=["Knowledge base"], status_code=201, summary="Add pasted text as a document")

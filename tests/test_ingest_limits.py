@@ -1,0 +1,398 @@
+"""Hostile and careless input to document ingestion: every file ends as text or as "skipped: why",
+within the limits (`muse.apps.extract.Limits`), and one bad file never stops a folder or an upload.
+
+The hostile files are built here, in a few hundred kilobytes each. No assertion is on time: the
+limits are asserted by the reasons they give and by the worker's peak memory; a hang is caught by
+a generous join, not measured.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import threading
+import time
+import zipfile
+import zlib
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from muse.apps import extract as ex_mod
+from muse.apps.extract import CANCELLED, LIMITS, ExtractError, Extractor, Limits, extract, extract_bytes, parse
+from muse.apps.kb import KnowledgeBase
+from muse.server import ServerThread, create_app
+from muse.server.security import Limits as ServerLimits
+from tests.helpers import LOCAL
+
+MB = 1_000_000
+W = "http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+
+
+# -- hostile files, built in code -------------------------------------------------------------
+
+
+def nested_html(depth: int = 100_000) -> bytes:
+    return ("<html><body>" + "<div>" * depth + "Deep text." + "</div>" * depth + "</body></html>").encode()
+
+
+def unclosed_tags_html(n: int = 100_000) -> bytes:
+    """html.parser (under BeautifulSoup) is quadratic on this: 24 kB took 4 s."""
+    return ("<p>Before.</p>" + "<a " * n).encode()
+
+
+def docx_with_xml(xml_bytes: int) -> bytes:
+    """A .docx whose word/document.xml is one paragraph of 'A's inflating to `xml_bytes` (~1000:1)."""
+    head = f'<?xml version="1.0"?><w:document xmlns:w="{W}"><w:body><w:p><w:r><w:t>'.encode()
+    tail = b"</w:t></w:r></w:p></w:body></w:document>"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        with z.open("word/document.xml", "w") as f:
+            f.write(head)
+            left, block = xml_bytes - len(head) - len(tail), b"A" * (1 << 20)
+            while left > 0:
+                f.write(block[:left])
+                left -= len(block)
+            f.write(tail)
+    return buf.getvalue()
+
+
+def lying_docx(xml_bytes: int = 300 * MB, declared: int = 100_000) -> bytes:
+    """A zip bomb whose local and central headers both claim a small inflated size."""
+    data = bytearray(docx_with_xml(xml_bytes))
+    struct.pack_into("<I", data, 22, declared)  # local file header: uncompressed size
+    struct.pack_into("<I", data, data.rfind(b"PK\x01\x02") + 24, declared)  # central directory
+    return bytes(data)
+
+
+def pdf(objects: list[bytes]) -> bytes:
+    """A PDF of `objects` (1 is the catalog) with a correct cross-reference table."""
+    parts, offsets, size = [b"%PDF-1.4\n"], [], 9
+    for i, obj in enumerate(objects, 1):
+        offsets.append(size)
+        parts.append(f"{i} 0 obj\n".encode() + obj + b"\nendobj\n")
+        size += len(parts[-1])
+    parts.append(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
+    parts += [f"{o:010d} 00000 n \n".encode() for o in offsets]
+    parts.append(f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{size}\n%%EOF\n".encode())
+    return b"".join(parts)
+
+
+def flate_bomb_pdf(inflated: int = 200 * MB) -> bytes:
+    """One page whose content stream inflates to `inflated` bytes of spaces (~1000:1)."""
+    z = zlib.compressobj(9)
+    parts, left, block = [z.compress(b"BT /F1 12 Tf 72 720 Td (Bomb) Tj ET\n")], inflated, b" " * (1 << 20)
+    while left > 0:
+        parts.append(z.compress(block[:left]))
+        left -= len(block)
+    body = b"".join(parts) + z.flush()
+    return pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+                b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 4 0 R >> >> "
+                b"/Contents 5 0 R >>",
+                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+                b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(body) + body + b"\nendstream"])
+
+
+def many_pages_pdf(pages: int = 60_000, count: int | None = None) -> bytes:
+    """`pages` pages sharing one content stream; the page tree's /Count says `count` (default: the truth)."""
+    content = b"BT /F1 12 Tf 72 720 Td (Page) Tj ET"
+    kids = " ".join(f"{5 + i} 0 R" for i in range(pages))
+    page = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+            b"/Contents 4 0 R >>")
+    return pdf([b"<< /Type /Catalog /Pages 2 0 R >>",
+                f"<< /Type /Pages /Kids [{kids}] /Count {pages if count is None else count} >>".encode(),
+                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+                b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream"] + [page] * pages)
+
+
+def slow_html(mb: int = 20) -> bytes:
+    """Ordinary markup, just a lot of it: seconds to scan, for the time limit and cancelling."""
+    return b"<b>x</b> " * (mb * MB // 9)
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    return {"bomb.docx": docx_with_xml(300 * MB), "flate.pdf": flate_bomb_pdf(), "pages.pdf": many_pages_pdf()}
+
+
+def finishes(fn, seconds: float = 300):
+    """fn() run in a thread; fails (instead of hanging the suite) if it never returns, e.g. on a FIFO."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 — raised again in the test's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn} did not finish: something blocked"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+# -- each extractor is bounded ------------------------------------------------------------------
+
+
+def test_deeply_nested_and_unclosed_html_is_read_in_one_pass():
+    assert extract_bytes(nested_html(), "html").text == "Deep text."
+    assert extract_bytes(unclosed_tags_html(), "html").text == "Before."
+    # Malformations that make scanners backtrack: each gives its text or a clear reason.
+    assert extract_bytes(b"<p>Kept.</p><!--" + b"<!--" * 100_000, "html").text == "Kept."
+    assert extract_bytes(b"<p>Kept.</p>" + b'<a x="' * 100_000, "html").text == "Kept."
+    assert extract_bytes(b"<p>Kept.</p>" + b"</" * 100_000, "html").text == "Kept."
+    assert extract_bytes(b"<p>Kept &#" + b"9" * 100_000 + b";</p>", "html").text.startswith("Kept &#999")
+    assert extract_bytes(b"<p>a < b</p><script>" + b"<p>x" * 10_000, "html").text == "a < b"
+
+
+def test_html_keeps_paragraphs_lines_and_drops_hidden_markup():
+    doc = parse(b"<title>Bike &amp; shop</title><p>Opens at <b>nine</b>.</p>before<br>after<br/>"
+                b"<ul><li>Bells</li><li>Locks</li></ul><noscript>no</noscript><template><p>t</p></template>"
+                b"<textarea>typed</textarea><div></div><div></div>end &lt;x&gt;", "html")
+    assert doc.title == "Bike & shop"
+    assert doc.text == "Opens at nine.\n\nbefore\nafter\n\nBells\n\nLocks\n\ntyped\n\nend <x>"
+
+
+def test_a_zip_bomb_docx_is_refused_before_inflating(bombs):
+    with Extractor() as ex:
+        with pytest.raises(ExtractError, match=r"inflates to 300 MB of XML \(limit 64 MB\); this looks like a zip bomb"):
+            ex.extract_bytes(bombs["bomb.docx"], "docx")
+        # Under the size limit but inflating ~1000-fold: refused by the ratio.
+        with pytest.raises(ExtractError, match=r"inflates 1,0\d\d-fold, .* to 20 MB \(limit 200-fold\); this looks like a zip bomb"):
+            ex.extract_bytes(docx_with_xml(20 * MB), "docx")
+        # Headers that lie are not trusted: reading stops at the declared size and the CRC fails.
+        with pytest.raises(ExtractError, match="damaged Word document|zip bomb"):
+            ex.extract_bytes(lying_docx(), "docx")
+        # And a many-entry archive is refused from its end record, before the directory is parsed.
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for i in range(LIMITS.zip_entries + 1):
+                z.writestr(f"{i}", b"")
+        with pytest.raises(ExtractError, match=r"10,001 entries \(limit 10,000\)"):
+            ex.extract_bytes(buf.getvalue(), "docx")
+        assert ex.extract_bytes(docx_with_xml(200_000), "docx").text.startswith("AAAA")  # the worker is fine
+    assert 0 < ex.peak_rss < 300 * MB  # nothing was inflated: the worker stayed small
+
+
+def test_docx_xml_with_a_dtd_is_refused():
+    xml = (b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;">]>'
+           b'<w:document xmlns:w="' + W.encode() + b'"><w:body><w:p><w:r><w:t>&b;</w:t></w:r></w:p></w:body>'
+           b"</w:document>")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("word/document.xml", xml)
+    with pytest.raises(ExtractError, match="DTD"):
+        extract_bytes(buf.getvalue(), "docx")
+
+
+def test_pdf_bombs_and_page_floods_are_refused(bombs):
+    with Extractor() as ex:
+        with pytest.raises(ExtractError, match=r"inflates past 64 MB in one stream .*decompression bomb"):
+            ex.extract_bytes(bombs["flate.pdf"], "pdf")
+        with pytest.raises(ExtractError, match=r"a PDF of 60,000 pages \(limit 2,000\)"):
+            ex.extract_bytes(bombs["pages.pdf"], "pdf")
+        with pytest.raises(ExtractError, match="page tree entry limit|more than 2,000 pages"):
+            ex.extract_bytes(many_pages_pdf(60_000, count=1), "pdf")  # a page tree that lies about its size
+        assert ex.extract_bytes(many_pages_pdf(20), "pdf").text.count("Page") == 20
+    assert ex.peak_rss < 600 * MB
+
+
+def test_text_and_file_size_caps():
+    small = Limits(text_chars=1_000, file_bytes=10_000)
+    with pytest.raises(ExtractError, match=r"holds 3,000 characters of text \(limit 1,000\); split it"):
+        extract_bytes(b"x" * 3_000, "text", limits=small)
+    with pytest.raises(ExtractError, match=r"more than 1,250 characters of text \(limit 1,000\)"):
+        extract_bytes(b"x" * 5_000, "text", limits=small)  # refused from its size, before decoding
+    with pytest.raises(ExtractError, match=r"characters of text \(limit 1,000\)"):
+        extract_bytes(b"<p>" + b"word " * 1_500 + b"</p>", "html", limits=small)
+    with pytest.raises(ExtractError, match=r"the file is 20,000 bytes \(limit 10,000 bytes per file\)"):
+        extract_bytes(b"x" * 20_000, "text", limits=small)
+    assert parse(b"a \t\n\n\n\n  b" + b" " * 1_000_000, "text").text == "a\n\n  b"  # tidying is linear
+
+
+def test_the_worker_is_killed_past_its_time_and_memory_limits(bombs):
+    with Extractor(Limits(seconds=0.2)) as ex:
+        with pytest.raises(ExtractError, match=r"took longer than 0.2 s \(the limit\)"):
+            ex.extract_bytes(slow_html(), "html")
+        assert ex.extract_bytes(b"<p>Next file.</p>", "html").text == "Next file."  # a fresh worker
+    hungry = Limits(memory_bytes=150 * MB, pdf_stream_bytes=1_000 * MB)  # the stream may inflate, memory not
+    with pytest.raises(ExtractError, match="memory"):
+        extract_bytes(bombs["flate.pdf"], "pdf", limits=hungry)
+
+
+def test_cancel_kills_the_work_in_progress():
+    ex = Extractor()
+    errors = []
+
+    def work():
+        try:
+            ex.extract_bytes(slow_html(), "html")
+        except ExtractError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    while ex._worker is None and thread.is_alive():
+        threading.Event().wait(0.01)
+    worker = ex._worker
+    ex.cancel()
+    thread.join(120)
+    assert errors == [CANCELLED] and worker.proc.poll() is not None
+    with pytest.raises(ExtractError, match=CANCELLED):
+        ex.extract_bytes(b"<p>later</p>", "html")
+
+
+def test_the_worker_does_not_load_torch():
+    with Extractor() as ex:
+        ex.extract_bytes(b"<p>x</p>", "html")
+        maps = f"/proc/{ex._worker.proc.pid}/maps"
+        if not os.path.exists(maps):
+            pytest.skip("no /proc here")
+        assert "torch" not in open(maps).read()
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="seconds must be a positive number"):
+        Limits(seconds=0)
+    with pytest.raises(ValueError, match="zip_ratio"):
+        Limits(zip_ratio=0.5)
+
+
+# -- a folder never stops on a bad file ---------------------------------------------------------
+
+
+def test_fifos_devices_sockets_and_link_loops_are_skipped_never_opened(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a_notes.txt").write_text("The blue door is at the end of the hall.")
+    os.mkfifo(folder / "pipe.txt")
+    os.mkfifo(folder / "pipe")  # no document suffix: still reported, it is not a file at all
+    os.symlink("/dev/null", folder / "null.md")
+    os.symlink("loop.txt", folder / "loop.txt")
+    os.symlink("..", folder / "sub" / "up")  # a folder link back to the folder being read
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "s.sock"))
+    (folder / "z_last.md").write_text("# Last\n\nRead after all of them.")
+    try:
+        report = finishes(lambda: KnowledgeBase(embeddings="none").add(folder))
+    finally:
+        sock.close()
+    assert sorted(os.path.basename(p) for p in report.added) == ["a_notes.txt", "z_last.md"]
+    reasons = {os.path.basename(p): r for p, r in report.skipped}
+    assert "FIFO (named pipe), not a regular file: not read" in reasons["pipe.txt"]
+    assert "FIFO" in reasons["pipe"] and "character device" in reasons["null.md"]
+    assert "socket" in reasons["s.sock"] and "symbolic link loop" in reasons["loop.txt"]
+    assert "loop" in reasons["up"]
+    # Named directly, the same; and extract() refuses a FIFO without opening it.
+    again = finishes(lambda: KnowledgeBase(embeddings="none").add([folder / "pipe.txt", folder / "null.md"]))
+    assert [r for _, r in again.skipped] == [reasons["pipe.txt"], reasons["null.md"]]
+    with pytest.raises(ExtractError, match="FIFO"):
+        finishes(lambda: extract(folder / "pipe.txt"))
+
+
+def test_a_folder_with_corrupt_and_hostile_files_adds_the_rest(tmp_path, bombs):
+    for name, data in {**bombs, "broken.pdf": b"%PDF-1.4\n1 0 obj << /Type /Catalog", "deep.html": nested_html(),
+                       "empty.txt": b"", "good.md": b"# Good\n\nThe kettle is blue.", "zz.txt": b"Last one."}.items():
+        (tmp_path / name).write_bytes(data)
+    kb = KnowledgeBase(embeddings="none")
+    report = finishes(lambda: kb.add(tmp_path))
+    assert sorted(os.path.basename(p) for p in report.added) == ["deep.html", "good.md", "zz.txt"]
+    reasons = {os.path.basename(p): r for p, r in report.skipped}
+    assert set(reasons) == {"bomb.docx", "flate.pdf", "pages.pdf", "broken.pdf", "empty.txt"}
+    assert "zip bomb" in reasons["bomb.docx"] and "decompression bomb" in reasons["flate.pdf"]
+    assert "60,000 pages" in reasons["pages.pdf"] and "damaged PDF" in reasons["broken.pdf"]
+    assert kb.search("kettle blue", k=1)[0].title == "Good"
+
+
+def test_an_unchanged_file_is_not_extracted_again(tmp_path, monkeypatch):
+    (tmp_path / "page.html").write_bytes(b"<p>The shop opens at nine.</p>")
+    kb = KnowledgeBase(embeddings="none")
+    assert len(kb.add(tmp_path).added) == 1
+    monkeypatch.setattr(Extractor, "extract_bytes", lambda *a, **k: pytest.fail("extracted again"))
+    assert len(kb.add(tmp_path).unchanged) == 1
+
+
+def test_cli_kb_add_reports_a_fifo_and_adds_the_rest(tmp_path):
+    from muse.cli import app
+
+    (tmp_path / "notes.txt").write_text("The blue door is at the end of the hall.")
+    os.mkfifo(tmp_path / "pipe.txt")
+    r = finishes(lambda: CliRunner().invoke(app, ["kb", "add", str(tmp_path), "--no-embeddings"],
+                                            catch_exceptions=False))
+    assert r.exit_code == 0 and "1 added, 0 updated, 0 unchanged, 1 skipped" in r.output
+    assert "pipe.txt: a FIFO (named pipe), not a regular file: not read" in r.output.replace("\n", "")
+
+
+# -- uploads ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server_app(tiny):
+    return create_app({"tiny": tiny}, embedder=None,
+                      limits=ServerLimits(max_body_bytes=24 * MB))
+
+
+def upload(client, *files: tuple[str, bytes]):
+    return client.post("/api/kb/documents", files=[("files", (n, d, "application/octet-stream")) for n, d in files])
+
+
+def test_an_uploaded_bomb_is_a_400_with_the_reason_never_a_500(server_app, bombs, muse_home):
+    with TestClient(server_app, base_url=LOCAL) as client:
+        for name, reason in (("bomb.docx", "zip bomb"), ("flate.pdf", "decompression bomb"),
+                             ("pages.pdf", "60,000 pages"), ("deep.html", None)):
+            data = nested_html() if name == "deep.html" else bombs[name]
+            r = upload(client, ("good.txt", b"Fine text."), (name, data))
+            if reason is None:
+                assert r.status_code == 201, r.text
+                continue
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "files" and err["message"].startswith(f"{name}: ") and reason in err["message"]
+            assert not (muse_home / "uploads" / name).exists()
+        assert sorted(d["title"] for d in client.get("/api/kb/documents").json()["data"]) == ["deep", "good"]
+
+
+def test_an_upload_is_extracted_once(server_app, monkeypatch):
+    calls = []
+    real = Extractor.extract_bytes
+
+    def counted(self, data, kind, default_title=""):
+        calls.append(default_title)
+        return real(self, data, kind, default_title)
+
+    monkeypatch.setattr(Extractor, "extract_bytes", counted)
+    with TestClient(server_app, base_url=LOCAL) as client:
+        assert upload(client, ("a.html", b"<p>One.</p>"), ("b.txt", b"Two.")).status_code == 201
+        assert calls == ["a", "b"]
+        assert [d["status"] for d in upload(client, ("a.html", b"<p>One.</p>")).json()["data"]] == ["unchanged"]
+        assert calls == ["a", "b"]  # unchanged bytes: not extracted at all
+
+
+def test_a_client_that_leaves_stops_its_extraction(server_app, monkeypatch):
+    """The worker is made to hang (its call waits until it is killed): only the server's cancel on
+    the client's disconnect can end it."""
+    busy = []
+
+    def hang(self, request, data):
+        busy.append(self)
+        for _ in range(2400):  # 120 s at most, then the test fails below
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        return None
+
+    monkeypatch.setattr(ex_mod._Worker, "call", hang)
+    with ServerThread(server_app) as server:
+        with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+            httpx.post(server.url + "/api/kb/documents", files=[("files", ("page.html", b"<p>Hi.</p>"))],
+                       timeout=httpx.Timeout(60, read=1.0))
+        worker = finishes(lambda: next(iter(busy)) if busy else None)
+        assert worker is not None and worker.proc.wait(timeout=150) is not None  # killed by the cancel
+        assert httpx.get(server.url + "/api/kb/documents").json()["data"] == []
