@@ -261,3 +261,17 @@ def test_hostile_input_is_linear(text):
     # Every pattern is flat or a bounded repetition; the whole set runs in a few seconds.
     entities = find_pii(text)
     assert all(0 <= e.start < e.end <= len(text) for e in entities)
+
+
+def test_cli_redact_threshold_and_scores():
+    from typer.testing import CliRunner
+
+    from muse.cli import app
+
+    text = "version 1.2.3.4 on server 10.0.0.1"
+    r = CliRunner().invoke(app, ["safety", "redact", text, "--scores"])
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == "version 1.2.3.4 on server [IP_1]"
+    assert "[IP_1]" in r.stderr and "1.00" in r.stderr and "'10.0.0.1'" in r.stderr
+    r = CliRunner().invoke(app, ["safety", "redact", text, "--threshold", "0.2"])
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == "version [IP_1] on server [IP_2]"
+    assert CliRunner().invoke(app, ["safety", "redact", text, "--threshold", "2"]).exit_code == 2
