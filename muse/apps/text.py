@@ -16,6 +16,7 @@ from muse.errors import MuseError
 # CJK Unified Ideographs (+ extension A, compatibility), the Chinese punctuation block, full-width forms.
 _HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_RE = re.compile(f"[{_HAN}]")
+_NOT_HAN = re.compile(f"[^{_HAN}]+")
 # A sentence ends after Chinese end punctuation (plus closing quotes/brackets), after . ! ? followed by
 # whitespace, or at a blank line. The lookbehind keeps the punctuation with its sentence.
 _END = re.compile(
@@ -30,7 +31,7 @@ class LanguageError(MuseError):
 
 
 def han_count(text: str) -> int:
-    return len(HAN_RE.findall(text))
+    return len(_NOT_HAN.sub("", text))  # several times faster on Chinese text than len(HAN_RE.findall(text))
 
 
 def language(text: str) -> str:
@@ -90,17 +91,50 @@ def pack(text: str, budget: int, count: Callable[[str], int], overlap: int = 0) 
 
 
 def _cut(text: str, a: int, b: int, budget: int, count: Callable[[str], int]) -> list[tuple[int, int]]:
-    if count(text[a:b].strip()) <= budget:
+    """Cut the sentence text[a:b] into parts, each the longest prefix of the rest that fits the budget.
+
+    Iterative and linear in b - a (a sentence of megabytes has thousands of parts): each part's end
+    is found by galloping from the previous part's length, up while the window fits and down while
+    it does not, with steps that double, then a binary search inside the last step. Parts of a long
+    sentence are about equally long, so most ends take two calls of `count` on about one part of
+    text. Every part advances at least one character, even when not one character fits.
+    """
+    def fits(start: int, end: int) -> bool:
+        return count(text[start:end].strip()) <= budget
+
+    if fits(a, b):
         return [(a, b)]
-    # Binary search the longest prefix that fits; always advance at least one character.
-    lo, hi = a + 1, b
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count(text[a:mid].strip()) <= budget:
-            lo = mid
+    parts: list[tuple[int, int]] = []
+    size = budget  # the previous part's length in characters; the first guess is a character a token
+    while True:
+        # Find lo: text[a:lo] fits (or lo == a + 1, the least advance) and text[a:lo + 1] does not.
+        end, step = min(b, a + size), 1
+        if fits(a, end):
+            lo = end
+            while True:
+                if lo == b:  # the rest fits: the last part
+                    parts.append((a, b))
+                    return parts
+                hi = min(b, lo + step)
+                if not fits(a, hi):
+                    break
+                lo, step = hi, step * 2
         else:
-            hi = mid - 1
-    return [(a, lo)] + _cut(text, lo, b, budget, count)
+            lo, hi = a + 1, end
+            while hi - step > a + 1:
+                if fits(a, hi - step):
+                    lo = hi - step
+                    break
+                hi, step = hi - step, step * 2
+        hi -= 1  # text[a:hi + 1] does not fit: search (lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(a, mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        parts.append((a, lo))
+        size, a = lo - a, lo
 
 
 # -- search terms (BM25 for the knowledge base and the assistant's memory) -----------------
