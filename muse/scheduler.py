@@ -283,9 +283,9 @@ class Scheduler:
         self._fail_all(SchedulerClosed("the server shut down before this request finished"))
 
     def _step(self) -> None:
-        self._drop_cancelled()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode():  # the cache's tensors are inference tensors: moved rows too
+                self._drop_cancelled()
                 if self._prefilling:
                     self._prefill_step()
                     self._outbox.flush()  # first tokens out now, not after the decode step

@@ -235,6 +235,25 @@ def test_cancel_frees_the_row_at_the_next_step(tiny):
         sched.close()
 
 
+def test_cancelling_a_row_before_the_last_leaves_the_others_decoding(tiny):
+    """The freed row is filled by moving the last row into it (in place, on inference tensors):
+    the requests still running must not notice, let alone fail."""
+    sched = Scheduler(tiny)
+    greedy = SamplingParams(temperature=0)
+    try:
+        first = sched.submit("Go on and on", greedy.replace(max_new_tokens=400))
+        it = iter(first)
+        next(it)
+        second = iter(sched.submit("Another story", greedy.replace(max_new_tokens=30)))
+        head = [next(second)]  # both rows decode; the first request holds row 0
+        first.cancel()
+        text = "".join(c.text for c in head + list(second))  # raised "inplace update to inference tensor"
+        assert text == tiny.generate("Another story", greedy.replace(max_new_tokens=30))
+        assert sched.active == 0 and sched._cache.rows == 0
+    finally:
+        sched.close()
+
+
 def test_a_failing_request_fails_alone(tiny, monkeypatch):
     """A request whose sampling raises (at its first token, or mid-decode) gets the error; the others go on."""
     import muse.scheduler as scheduler_module
