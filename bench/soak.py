@@ -356,8 +356,8 @@ def report(tally: Tally, samples: list[float], alive: bool, db: dict, args) -> N
         print("  unexpected:", line)
     quarters = [samples[min(len(samples) - 1, round(q * (len(samples) - 1)))] for q in (0.25, 0.5, 0.75)]
     print(f"server RSS: {warm:.0f} MB after warm-up; {' / '.join(f'{q:.0f}' for q in quarters)} MB at 1/4, 1/2, 3/4 "
-          f"of the run; peak {peak:.0f} MB; {end:.0f} MB at the end ({end - warm:+.0f} MB; caches fill up to their "
-          f"bounds, then memory is flat)")
+          f"of the run; peak {peak:.0f} MB; {end:.0f} MB at the end, idle ({end - warm:+.0f} MB vs warm: what stays "
+          f"is the embedding model and the knowledge-base index, loaded on first use)")
     print(f"database: integrity {db['integrity']}; {db['messages']} messages; {db['replies seen']} replies seen "
           f"finished, {len(db['lost'])} of them lost; {db['planted']} rows planted by hostile requests")
     if args.json:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import ctypes.util
 import functools
 import os
 import queue
@@ -180,6 +181,26 @@ def release_openmp_pool() -> None:
         runtime.omp_pause_resource_all(1)  # omp_pause_soft
 
 
+@functools.lru_cache(maxsize=1)
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_heap() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim), e.g. when a server goes idle.
+
+    Why: a batch's KV cache, prompts and request bodies of changing sizes, allocated from many
+    threads, leave glibc's arenas fragmented; without a trim the process keeps its peak size
+    long after the work is gone.
+    """
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class Scheduler:
     """Runs a model's requests together (continuous batching) on one background thread.
 
@@ -268,8 +289,12 @@ class Scheduler:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        trimmed = 0
         while True:
             with self._wake:
+                if not (self._closed or self._waiting or self._prefilling or self._rows) and self.steps != trimmed:
+                    trimmed = self.steps
+                    release_heap()  # idle now: the batch's memory goes back to the system
                 while not self._closed and not (self._waiting or self._prefilling or self._rows):
                     self._wake.wait()
                 if self._closed:

@@ -254,6 +254,24 @@ def test_cancelling_a_row_before_the_last_leaves_the_others_decoding(tiny):
         sched.close()
 
 
+def test_an_idle_scheduler_gives_freed_memory_back(tiny, monkeypatch):
+    import muse.scheduler as scheduler_module
+
+    trimmed = threading.Event()
+    monkeypatch.setattr(scheduler_module, "release_heap", trimmed.set)
+    sched = Scheduler(tiny)
+    try:
+        assert "".join(c.text for c in sched.submit("Hi", SamplingParams(max_new_tokens=3, temperature=0)))
+        assert trimmed.wait(120)  # the thread trims once after the work, before it sleeps
+        assert sched._cache.rows == 0 and sched._cache.k[0].numel() == 0
+    finally:
+        sched.close()
+    scheduler_module._libc_malloc_trim.cache_clear()
+    assert scheduler_module._libc_malloc_trim() is not None  # glibc on Linux: the real call is there
+    monkeypatch.undo()
+    scheduler_module.release_heap()
+
+
 def test_a_failing_request_fails_alone(tiny, monkeypatch):
     """A request whose sampling raises (at its first token, or mid-decode) gets the error; the others go on."""
     import muse.scheduler as scheduler_module
