@@ -20,7 +20,8 @@ Files are hostile until read. The limits are the fields of `Limits` (defaults in
     pdf_stream_bytes  one PDF stream, inflated (pypdf's own decompression limits, set to this)
     xml_bytes         the XML a .docx inflates to, from the ZIP directory's sizes before inflating
                       and counted while inflating (directories lie)
-    zip_ratio         inflated : compressed of a .docx part over 1 MB (a zip bomb inflates ~1000:1)
+    zip_ratio         inflated : compressed of a .docx part over 1 MB (Word's XML inflates about 10-fold,
+                      a zip bomb hundreds- to 1000-fold)
     zip_entries       entries in a .docx (read from the ZIP's end record before the directory is parsed)
 
 Plain text and Markdown are read in this process: decoding and tidying are linear in the file, which
@@ -59,6 +60,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from muse.apps.text import HAN_RE
 from muse.errors import MuseError
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
@@ -240,7 +242,6 @@ def _too_much_text(chars: int, limits: Limits, at_least: bool = False) -> str:
 # -- plain text and Markdown --------------------------------------------------------------------
 
 
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f]")  # control characters but \t \n \x0c \r
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
@@ -264,7 +265,7 @@ def decode_text(data: bytes) -> str:
         text = None
     # GB18030 decodes many byte strings; accept it only when most non-ASCII characters come out Chinese.
     non_ascii = len(text) - len(text.encode("ascii", "ignore")) if text else 0
-    if text is not None and non_ascii and _count(_HAN, text) >= 0.8 * non_ascii:
+    if text is not None and non_ascii and _count(HAN_RE, text) >= 0.8 * non_ascii:
         return text
     raise ExtractError(f"not UTF-8 or GB18030 text (undecodable byte at offset {utf8_error.start}); "
                        "convert it to UTF-8 first, e.g. `iconv -f LATIN1 -t UTF-8 in.txt > out.txt`")
