@@ -60,7 +60,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from muse.apps.text import HAN_RE
 from muse.errors import MuseError
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
@@ -242,6 +241,9 @@ def _too_much_text(chars: int, limits: Limits, at_least: bool = False) -> str:
 # -- plain text and Markdown --------------------------------------------------------------------
 
 
+# muse.apps.text.HAN_RE's ranges, not imported: that module loads bm25s and numpy, which the worker,
+# importing only this module and pypdf, does without (20 MB and 0.1 s a start).
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f]")  # control characters but \t \n \x0c \r
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
@@ -265,7 +267,7 @@ def decode_text(data: bytes) -> str:
         text = None
     # GB18030 decodes many byte strings; accept it only when most non-ASCII characters come out Chinese.
     non_ascii = len(text) - len(text.encode("ascii", "ignore")) if text else 0
-    if text is not None and non_ascii and _count(HAN_RE, text) >= 0.8 * non_ascii:
+    if text is not None and non_ascii and _count(_HAN, text) >= 0.8 * non_ascii:
         return text
     raise ExtractError(f"not UTF-8 or GB18030 text (undecodable byte at offset {utf8_error.start}); "
                        "convert it to UTF-8 first, e.g. `iconv -f LATIN1 -t UTF-8 in.txt > out.txt`")
