@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -127,7 +128,7 @@ def replacing(path: "str | Path", data: bytes, private: bool = False) -> Iterato
     path = Path(path)
     if path.is_dir():
         raise MuseError(f"{path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"  # see _TEMP_FILE
     existed = path.exists()
     try:
         try:
@@ -149,6 +150,37 @@ def replacing(path: "str | Path", data: bytes, private: bool = False) -> Iterato
             raise _write_error(path, e, existed) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMP_FILE = re.compile(r"\..+\.tmp-(\d+)-\d+")  # `replacing`'s temp siblings: .NAME.tmp-PID-THREAD
+
+
+def remove_stale_temps(folder: "str | Path") -> list[Path]:
+    """Remove the temp files `replacing` left in `folder` when its process died before the rename
+    (kill -9, a power cut); those of processes still running are kept. Returns the ones removed."""
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for f in entries:
+        m = _TEMP_FILE.fullmatch(f.name)
+        if m and not f.is_symlink() and f.is_file() and not _running(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _write_error(path: Path, e: OSError, existed: bool) -> MuseError:

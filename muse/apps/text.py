@@ -66,8 +66,9 @@ def pack_spans(text: str, budget: int, count: Callable[[str], int],
     """Group consecutive sentences of `text` into spans of at most `budget` (by `count`, e.g. tokens).
 
     A sentence longer than the budget is cut at character boundaries into budget-sized parts.
-    Whitespace around a span does not count against the budget. `overlap` > 0 repeats that many trailing sentences at the start of the next span (retrieval
-    chunks keep their context). The spans cover every character of the text.
+    Whitespace around a span does not count against the budget. `overlap` > 0 repeats that many
+    trailing sentences at the start of the next span (retrieval chunks keep their context). The spans
+    cover every character of the text.
     """
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}")

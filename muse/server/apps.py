@@ -38,6 +38,7 @@ import functools
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
@@ -47,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
 from muse.errors import MuseError
-from muse.fileio import write_bytes_atomic
+from muse.fileio import remove_stale_temps, replacing
 from muse.generation import SamplingParams
 from muse.scheduler import release_openmp_pool
 from muse.server.errors import APIError, error_body, from_exception
@@ -254,6 +255,7 @@ def _state(request: Request) -> _State:
             store = Store()
             kb = KnowledgeBase(store, embeddings="auto" if app_state.service.embedder else "none")
             app_state.muse_apps = _State(store, kb, store.path.parent / "uploads")
+            remove_stale_temps(app_state.muse_apps.uploads)  # uploads a killed server was writing
         return app_state.muse_apps
 
 
@@ -596,8 +598,11 @@ def _add_uploads(state: _State, uploads: list[tuple[str, bytes]], extractor) -> 
     for name, data, path, ready in prepared:
         if extractor.cancelled:
             raise Stopped()
-        write_bytes_atomic(path, data)
-        saved.append((name, str(path), state.kb.save(ready, mtime=path.stat().st_mtime)[0]))
+        # The file takes its name only once its document is committed: a kill before that leaves a
+        # temp sibling (removed at the next start, `_state`), never a file the knowledge base lacks.
+        with replacing(path, data):
+            status = state.kb.save(ready, mtime=time.time())[0]
+        saved.append((name, str(path), status))
     docs = {d["path"]: d for d in state.kb.list()}
     return [{**docs[path], "status": status, "name": name} for name, path, status in saved]
 
