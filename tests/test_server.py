@@ -269,15 +269,19 @@ def test_serve_command_loads_the_models_and_prints_where_it_listens(monkeypatch,
     loaded, ran = [], {}
     monkeypatch.setattr(muse, "load", lambda name, precision: loaded.append(name) or (tiny if name else default_model))
     monkeypatch.setattr(uvicorn, "run", lambda server_app, host, port, **kw: ran.update(app=server_app, host=host,
-                                                                                         port=port))
+                                                                                         port=port, **kw))
     result = CliRunner().invoke(app, ["serve", "--port", "8123", "-m", "smollm2-135m", "-m", "./tiny.gguf",
-                                      "--api-key", "k", "--host", "0.0.0.0", "--cors-origin", "http://a.example"])
+                                      "--api-key", "k", "--host", "0.0.0.0", "--cors-origin", "http://a.example",
+                                      "--max-connections", "50", "--max-queue", "7", "--body-timeout", "9"])
     assert result.exit_code == 0, result.output
     assert loaded == ["smollm2-135m", "./tiny.gguf"]
     assert "http://0.0.0.0:8123/v1" in result.output and "smollm2-135m (default)" in result.output
     assert "./tiny.gguf" in result.output and "API key: required" in result.output
     assert (ran["host"], ran["port"]) == ("0.0.0.0", 8123)
     assert list(ran["app"].state.service.models) == ["smollm2-135m", "./tiny.gguf"]
+    assert ran["limit_concurrency"] == 50 and ran["timeout_keep_alive"] == 5
+    limits = ran["app"].state.service.limits
+    assert (limits.max_queued, limits.body_timeout_s, limits.max_connections) == (7, 9.0, 50)
 
 
 def test_safe_join_keeps_paths_inside_the_base(tmp_path, muse_home):

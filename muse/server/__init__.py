@@ -194,14 +194,11 @@ def _openapi_without_422(app: FastAPI):
     return openapi
 
 
-def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
-    """uvicorn's settings for Muse: connections bounded (503 beyond `Limits.max_connections`),
-    idle keep-alive connections closed after 5 s, a quick graceful shutdown."""
-    import uvicorn
-
-    limits = app.state.service.limits
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
-                          timeout_keep_alive=5, timeout_graceful_shutdown=5)
+def uvicorn_settings(app) -> dict:
+    """uvicorn's settings for Muse (besides host and port): connections bounded (503 beyond
+    `Limits.max_connections`), idle keep-alive connections closed after 5 s, a quick graceful shutdown."""
+    return dict(limit_concurrency=app.state.service.limits.max_connections, timeout_keep_alive=5,
+                timeout_graceful_shutdown=5)
 
 
 class ServerThread:
@@ -214,7 +211,8 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    **uvicorn_settings(app)))
         self.thread = threading.Thread(target=self.server.run, name="muse-uvicorn", daemon=True)
         self.host = host
         self.port: int | None = None

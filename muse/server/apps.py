@@ -51,7 +51,7 @@ from muse.errors import MuseError
 from muse.fileio import remove_stale_temps, replacing
 from muse.generation import SamplingParams
 from muse.scheduler import release_openmp_pool
-from muse.server.errors import APIError, error_body, from_exception
+from muse.server.errors import APIError, error_body, from_exception, too_busy
 from muse.server.openai import EventStreamResponse
 from muse.server.schemas import ErrorResponse
 from muse.server.security import safe_join
@@ -96,11 +96,43 @@ class Stopped(BaseException):
     GeneratorExit, so that no app code mistakes it for a failure it should handle)."""
 
 
+class Admission:
+    """Counts app jobs running or waiting for a worker thread; beyond `limit`, 429 (not an endless queue)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> Callable[[], None]:
+        """Take a place (or raise a 429); returns the function that gives it back (idempotent)."""
+        with self._lock:
+            if self.active >= self.limit:
+                raise too_busy(f"{self.active} app requests are running or waiting; retry in a moment.")
+            self.active += 1
+        left = threading.Event()
+
+        def leave() -> None:
+            with self._lock:
+                if not left.is_set():
+                    left.set()
+                    self.active -= 1
+        return leave
+
+
+def _admission(request: Request) -> Admission:
+    state = request.app.state
+    with _state_lock:
+        if getattr(state, "app_admission", None) is None:
+            state.app_admission = Admission(WORKERS + state.service.limits.max_queued)
+        return state.app_admission
+
+
 class Work:
     """One request's work: app code run in a worker thread, its generations on the scheduler.
 
     `stop()` (the client left or pressed stop) cancels the scheduler streams at once and makes
-    the worker raise `Stopped` where it waits for its next token.
+    the worker raise `Stopped` where it waits for its next token. At most `WORKERS` jobs run and
+    `Limits.max_queued` wait for a thread; more are answered 429 with Retry-After.
     """
 
     def __init__(self, request: Request):
@@ -148,8 +180,9 @@ class Work:
 
     async def call(self, fn: Callable, *args, **kwargs):
         """fn(*args, **kwargs) in a worker thread; stopped if the client goes away first."""
+        leave = _admission(self.request).enter()
         future = self.loop.run_in_executor(_workers(), functools.partial(fn, *args, **kwargs))
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
+        future.add_done_callback(lambda f: leave() or f.cancelled() or f.exception())  # never "not retrieved"
         gone = asyncio.ensure_future(_client_gone(self.request))
         done, _ = await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
         if future in done:
@@ -161,11 +194,12 @@ class Work:
     async def respond(self, events: Iterator[dict], stream: bool) -> Response:
         """Server-sent events of `events` (a generator run in a worker), or its "done" event as JSON."""
         if stream:
-            return EventStreamResponse(self._sse(events), on_close=self.stop)
+            leave = _admission(self.request).enter()
+            return EventStreamResponse(self._sse(events, leave), on_close=lambda: (self.stop(), leave()))
         last = await self.call(_last, events)
         return JSONResponse({k: v for k, v in last.items() if k != "type"})
 
-    async def _sse(self, events: Iterator[dict]):
+    async def _sse(self, events: Iterator[dict], leave: Callable[[], None]):
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(item) -> None:
@@ -186,10 +220,11 @@ class Work:
             except BaseException as e:  # noqa: BLE001 — sent to the client as an error event
                 emit(e)
             finally:
+                leave()
                 emit(_END)
 
-        self.loop.run_in_executor(_workers(), produce)
         try:
+            self.loop.run_in_executor(_workers(), produce)
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     err = from_exception(item)
@@ -848,8 +883,11 @@ def _direct(fn: Callable, *args):
 # -- the web app ------------------------------------------------------------------------------
 
 @router.get("/", include_in_schema=False)
-async def index():
-    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+async def index(request: Request):
+    """The web app's page, with this launch's token for its API calls (see security.py)."""
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    page = page.replace("__MUSE_LAUNCH_TOKEN__", request.app.state.launch_token)
+    return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/static/{path:path}", include_in_schema=False)
