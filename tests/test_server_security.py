@@ -190,6 +190,19 @@ def test_a_body_that_never_finishes_gets_408(tiny):
         assert httpx.post(server.url + "/api/memories", json={"fact": "ok"}).status_code == 201
 
 
+def test_connections_that_send_no_request_head_are_closed(tiny, monkeypatch):
+    import muse.server.security as security
+
+    monkeypatch.setattr(security, "HEAD_TIMEOUT_S", 1.0)
+    with ServerThread(create_app({"tiny": tiny}, embedder=None)) as server:
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the head never ends
+        assert idle.recv(100) == b"" and slow.recv(100) == b""  # closed by the server
+        status, _, body = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert status == 200 and body == b'{"status":"ok"}'
+
+
 def find_body_limit(app) -> BodyLimitMiddleware:
     layer = app.middleware_stack
     while not isinstance(layer, BodyLimitMiddleware):
@@ -254,13 +267,17 @@ def test_generation_beyond_the_queue_gets_429_with_retry_after(tiny):
     assert from_exception(SchedulerBusy("full")).headers == {"Retry-After": "2"}
     long = tiny_model(tiny.tokenizer, block_size=8192)  # room for a request that runs while the others arrive
     app = create_app({"tiny": long}, embedder=None, max_batch=1, limits=Limits(max_queued=1))
-    body = {"model": "tiny", "prompt": "a", "max_tokens": 8000, "stream": True}  # the tiny model never stops
+    # greedy: the same tokens every run, and this tiny model's greedy text never reaches its end-of-text
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 8000, "temperature": 0, "stream": True}
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as http:
         with http.stream("POST", "/v1/completions", json=body) as running:
             assert running.status_code == 200
-            next(running.iter_lines())  # it generates: the batch's one row is taken
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection, which cancels
+            next(lines)  # it generates: the batch's one row is taken
             with http.stream("POST", "/v1/completions", json=body) as waiting:
                 assert waiting.status_code == 200  # queued behind it
+                scheduler = app.state.service.scheduler("tiny")
+                assert (scheduler.active, scheduler.waiting) == (1, 1)
                 r = http.post("/v1/completions", json=body)
                 assert r.status_code == 429 and r.headers["retry-after"] == "2"
                 assert r.json()["error"]["code"] == "too_many_requests"

@@ -196,9 +196,12 @@ def _openapi_without_422(app: FastAPI):
 
 def uvicorn_settings(app) -> dict:
     """uvicorn's settings for Muse (besides host and port): connections bounded (503 beyond
-    `Limits.max_connections`), idle keep-alive connections closed after 5 s, a quick graceful shutdown."""
+    `Limits.max_connections`), idle keep-alive connections closed after 5 s, connections that send
+    no request head within `security.HEAD_TIMEOUT_S` closed, a quick graceful shutdown."""
+    from muse.server.security import guarded_h11_protocol
+
     return dict(limit_concurrency=app.state.service.limits.max_connections, timeout_keep_alive=5,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=guarded_h11_protocol())
 
 
 class ServerThread:

@@ -343,3 +343,39 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+# -- connections that never send a request ---------------------------------------------------------
+
+HEAD_TIMEOUT_S = 10.0  # a request's line and headers must arrive within this after a connection is idle
+
+
+def guarded_h11_protocol():
+    """uvicorn's h11 protocol, plus: a connection whose request head has not arrived within
+    HEAD_TIMEOUT_S of opening (or of its last response) is closed.
+
+    Why: uvicorn times out idle keep-alive connections only after a first response, and any byte
+    resets that timer, so sockets that send nothing, or a header a byte at a time, were held
+    for ever (a few hundred of them exhaust the server's file descriptors).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def _arm_head_timer(self):
+            self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout, self.conn.their_state, self.cycle)
+
+        def _head_timeout(self, state, cycle):
+            # still waiting for the same request head: no new request cycle began since armed
+            if not self.transport.is_closing() and self.cycle is cycle and self.conn.their_state is h11.IDLE:
+                self.transport.close()
+
+    return GuardedH11Protocol
