@@ -10,7 +10,8 @@ for --duration seconds, all at once:
                 completion, an assistant conversation message (streamed), a pasted document + a
                 knowledge-base search, a remembered fact, GET /v1/models. A 429 is followed as a
                 client should (wait Retry-After, send again); every other answer must be 2xx.
-  abusive       slow bodies that never finish (must get 408), bodies over the limit (413),
+  abusive       slow bodies that never finish (must get 408), request heads that never finish
+                (the connection is closed), bodies over the limit (413),
                 malformed JSON (400), a NUL in a search (400), clients that leave mid-stream,
                 idle connections held open, decompression bombs and deep HTML uploaded (400),
                 a crafted checkpoint path is not reachable (the API has no such door).
@@ -225,10 +226,13 @@ def abusive(url: str, port: int, tally: Tally, deadline: float, seed: int) -> No
     bomb, deep = zip_bomb_docx(), b"<div>" * 100_000 + b"x" + b"</div>" * 100_000
     with httpx.Client(base_url=url, timeout=120) as http:
         while time.monotonic() < deadline:
-            what = rnd.choice(["slow", "huge", "json", "nul", "leave", "idle", "bomb", "deep"])
+            what = rnd.choice(["slow", "slowhead", "huge", "json", "nul", "leave", "idle", "bomb", "deep"])
             if what == "slow":  # a body that never finishes: 408 after --body-timeout
                 status = raw(port, post_head(port, "/api/memories", 1000) + b'{"fact": "sl')
                 tally.add("slow body", status, status == 408)
+            elif what == "slowhead":  # a request head that never ends: the server closes the connection
+                status = raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                tally.add("unfinished request head", status, status == "closed")
             elif what == "huge":  # declares more than the 2 MB limit
                 status = raw(port, post_head(port, "/v1/chat/completions", 50 * 1024 * 1024) + b"{")
                 tally.add("oversized body", status, status == 413)
