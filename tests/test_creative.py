@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import muse
 from muse.api import Model
-from muse.apps.creative import check_form, create, repair, syllables
+from muse.apps.creative import check_form, create, get_form, repair, syllables
 from muse.apps.text import LanguageError
 from tests.helpers import ScriptedLM
 
@@ -68,8 +68,25 @@ def test_check_form_names_what_is_wrong():
     assert check_form(basho, "haiku") == ["line 1 'Autumn moonlight' has 4 syllables; it needs 5",
                                           "line 2 'a worm digs silently' has 6 syllables; it needs 7"]
     assert check_form("  \n", "haiku") == ["the poem is empty"]
-    with pytest.raises(ValueError, match="form must be one of wujue, qijue"):
+    with pytest.raises(ValueError, match=r"form must be one of wujue \(五言绝句, 五绝\), qijue"):
         check_form(DENGGUANQUE, "sonnet")
+
+
+@pytest.mark.parametrize("name,form", [
+    ("五言绝句", "wujue"), ("五绝", "wujue"), ("五言絕句", "wujue"), ("七言绝句", "qijue"), ("七绝", "qijue"),
+    ("五言律诗", "wulv"), ("五律", "wulv"), ("wulu", "wulv"), ("七言律诗", "qilv"), ("七律", "qilv"),
+    ("俳句", "haiku"), ("Haiku", "haiku"), (" wujue ", "wujue"), ("自由诗", "free"), ("free", "free"),
+])
+def test_forms_have_their_chinese_names_too(name, form):
+    assert get_form(name).name == form
+
+
+def test_unknown_form_lists_the_names_in_both_scripts():
+    with pytest.raises(ValueError) as e:
+        get_form("sonnet")
+    for shown in ("wujue (五言绝句, 五绝)", "qijue (七言绝句, 七绝)", "wulv (五言律诗, 五律)", "qilv (七言律诗, 七律)",
+                  "haiku (俳句)", "free (自由诗)", "got 'sonnet'"):
+        assert shown in str(e.value)
 
 
 @pytest.mark.parametrize("reply,form,expected", [
@@ -124,6 +141,14 @@ def test_retry_after_a_wrong_form_then_conforms(default_model):
     c = create(m, "poem", "春天", form="wujue", guided=False, params=muse.SamplingParams(temperature=0))
     assert (c.ok, c.tries, c.problems, c.text) == (True, 2, [], DENGGUANQUE)
     assert m.model.calls == 2
+
+
+def test_a_chinese_form_name_writes_that_form(default_model):
+    m = _scripted_model(default_model, [DENGGUANQUE])
+    c = create(m, "poem", "春天", form="五言绝句", guided=False)
+    assert (c.ok, c.form, c.text) == (True, "wujue", DENGGUANQUE)
+    assert check_form(DENGGUANQUE, "五绝") == []
+    assert create(m, "story", "cats", form="自由诗", attempts=1).form is None  # free verse is no form
 
 
 def test_never_conforming_says_so_and_keeps_the_best_try(default_model):
@@ -223,3 +248,11 @@ def test_create_command_on_the_default_model():
     assert out["form"] is None and out["tries"] == 1 and "\n" not in out["text"]
     assert out["ok"] is (out["problems"] == [])
 
+
+
+def test_create_command_takes_the_chinese_form_name(default_model):
+    from muse.cli import app
+
+    result = CliRunner().invoke(app, ["create", "poem", "春天", "--form", "五言绝句"])
+    # accepted as a form: the refusal is the English-only model's, naming the bilingual one
+    assert result.exit_code == 1 and "qwen2.5-0.5b" in result.stderr and "form must be" not in result.stderr

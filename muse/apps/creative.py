@@ -50,6 +50,18 @@ FORMS = {
     "haiku": Form("haiku", "haiku", (5, 7, 5), unit="syllables"),
     "free": Form("free", "free verse"),
 }
+# Other names for each form: (the Chinese names error messages show, more accepted silently: traditional
+# characters, pinyin with ü typed as u or ü).
+_FORM_ALIASES = {
+    "wujue": (("五言绝句", "五绝"), ("五言絕句", "五絕")),
+    "qijue": (("七言绝句", "七绝"), ("七言絕句", "七絕")),
+    "wulv": (("五言律诗", "五律"), ("五言律詩", "wulu", "wulü")),
+    "qilv": (("七言律诗", "七律"), ("七言律詩", "qilu", "qilü")),
+    "haiku": (("俳句",), ()),
+    "free": (("自由诗",), ("自由詩", "free verse")),
+}
+FORM_NAMES = {name: name for name in FORMS} | {
+    alias: name for name, (shown, more) in _FORM_ALIASES.items() for alias in shown + more}
 
 # Tokens enough for each kind at the lengths the prompts ask for (a Chinese character is ~1 token).
 DEFAULT_TOKENS = {"poem": 160, "story": 450, "slogan": 48, "product": 260}
@@ -150,11 +162,15 @@ _NOT_COUNTED = re.compile(r"[\s\W_]+")
 
 
 def get_form(form: str | None) -> Form:
+    """The form named `form`: its ASCII name (any case) or one of its Chinese names (`FORM_NAMES`)."""
     if form is None:
         return FORMS["free"]
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-    return FORMS[form]
+    name = form.strip()
+    name = FORM_NAMES.get(name) or FORM_NAMES.get(name.lower(), name.lower())
+    if name not in FORMS:
+        accepted = ", ".join(f"{n} ({', '.join(_FORM_ALIASES[n][0])})" for n in FORMS)
+        raise ValueError(f"form must be one of {accepted}; got {form!r}")
+    return FORMS[name]
 
 
 def _verses(text: str) -> list[str]:
@@ -471,7 +487,8 @@ def create(model, kind: str, topic: str, form: str | None = None, params: Sampli
     """Write a poem, story, slogan or product ad copy about `topic`.
 
     kind: poem | story | slogan | product (for product, `topic` is the product's description).
-    form (poems only): wujue, qijue, wulv, qilv (Chinese; need a bilingual model), haiku, free (default).
+    form (poems only): wujue, qijue, wulv, qilv (Chinese; need a bilingual model), haiku, free (default),
+    or a Chinese name: 五言绝句 (五绝), 七言绝句 (七绝), 五言律诗 (五律), 七言律诗 (七律), 俳句, 自由诗.
     The piece is written in the topic's language (Chinese forms always in Chinese). Forms are checked;
     a non-conforming result is retried with a new seed up to `attempts` times in all, and the best try
     comes back with ok=False and its problems if none conforms. `guided` builds fixed forms line by line
@@ -481,7 +498,7 @@ def create(model, kind: str, topic: str, form: str | None = None, params: Sampli
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind != "poem" and form not in (None, "free"):
+    if kind != "poem" and form is not None and get_form(form).name != "free":
         raise ValueError(f"form applies to poems only; drop form={form!r} for a {kind}")
     if not isinstance(attempts, int) or attempts < 1:
         raise ValueError(f"attempts must be an integer ≥ 1, got {attempts!r}")
