@@ -450,7 +450,9 @@ def test_report_files_and_run_row(two_models, tmp_path):
     assert R.legend(rep) == "A = tiny-a (baseline) · B = tiny-b@fp32"
     ppl = next(r for r in rep.rows if r.metric == "perplexity")
     d = ppl.values[1] - ppl.values[0]
-    assert f"{'+' if d >= 0 else '−'}{R.fmt(abs(d))} {'✗' if d > 0 else '✓'}" in md  # lower perplexity is better
+    rel = f"{abs(d) / ppl.values[0]:.1%}"
+    assert f"{'+' if d > 0 else '−'}{R.fmt(abs(d))} ({'+' if d > 0 else '−'}{rel}) {'worse' if d > 0 else 'better'}" in md
+    assert "✓" not in md and "✗" not in md  # a measured difference is not a pass/fail
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert data["details"]["tiny-b@fp32"]["suites"]["sentiment-en"]["examples"][0]["predicted"] == "negative"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -482,10 +484,22 @@ def test_report_is_all_or_nothing(two_models, tmp_path, monkeypatch):
 def test_deltas_and_formatting():
     lower = C.Row("p", "perplexity", "perplexity", [10.0, 12.5, 10.00001], False)
     higher = C.Row("s", "accuracy", "accuracy", [50.0, 75.0, None], True)
-    assert (R.delta(lower, 1), R.delta(lower, 2)) == ("+2.50 ✗", "±0")
-    assert (R.delta(higher, 1), R.delta(higher, 2)) == ("+25.00 ✓", "—")
+    assert (R.delta(lower, 1), R.delta(lower, 2)) == ("+2.50 (+25.0%) worse", "±0")
+    assert (R.delta(higher, 1), R.delta(higher, 2)) == ("+25.00 (+50.0%) better", "—")
     assert (R.fmt(None), R.fmt(1234), R.fmt(0.00123), R.fmt(42.123), R.fmt(0.0)) == (
         "—", "1,234", "0.0012", "42.12", "0.00")
+
+
+def test_a_small_perplexity_change_is_a_number_not_a_failure():
+    """`muse eval --perplexity` of two precisions: +0.14 is told as a change, not marked ✗."""
+    ppl = C.Row("perplexity: book.txt", "perplexity", "perplexity", [12.31, 12.45, 12.20], False)
+    assert R.delta(ppl, 1) == "+0.1400 (+1.1%) worse" and R.delta(ppl, 2) == "−0.1100 (−0.9%) better"
+    tokens = C.Row("perplexity: book.txt", "tokens", "tokens", [1000, 1200], None)  # no direction
+    assert R.delta(tokens, 1) == "+200 (+20.0%)"
+    zero = C.Row("s", "accuracy", "accuracy", [0.0, 30.0], True)  # no relative change from 0
+    assert R.delta(zero, 1) == "+30.00 better"
+    rep = C.EvalReport(["a", "b"], [ppl], {m: {"info": {}, "suites": {}, "perplexity": {}, "kl": {}} for m in "ab"})
+    assert "+0.1400 (+1.1%) worse" in R.table(rep) and not {"✓", "✗"} & set(R.markdown(rep))
 
 
 def test_model_specs():

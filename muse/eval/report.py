@@ -4,10 +4,11 @@
     print(markdown(report))
 
 The table has one column per model; every model after the first also gets a Δ column, its difference
-from the baseline (the first model), marked ✓ when better and ✗ when worse. The JSON holds everything,
-including each suite's examples (inputs, outputs, references), so a number can be traced to its items.
-The directory is written atomically: it is complete or absent. The `runs` table gets a row of kind
-"eval" with the configuration, the rows and the output directory.
+from the baseline (the first model): signed, relative, and "better" or "worse" where the metric has a
+direction ("+0.14 (+1.2%) worse" for a perplexity). No ✓/✗: a difference is measured, not a pass/fail.
+The JSON holds everything, including each suite's examples (inputs, outputs, references), so a number
+can be traced to its items. The directory is written atomically: it is complete or absent. The `runs`
+table gets a row of kind "eval" with the configuration, the rows and the output directory.
 """
 
 from __future__ import annotations
@@ -39,15 +40,22 @@ def fmt(x) -> str:
 
 
 def delta(row: Row, i: int) -> str:
-    """Model i's difference from the baseline, with ✓ (better) or ✗ (worse) where that is defined."""
+    """Model i's difference from the baseline: signed, relative to it, and whether that is better or
+    worse where the metric has a direction. A measured difference is no pass/fail (no threshold is
+    declared), so it is told in words, never marked ✓/✗."""
     base, x = row.values[0], row.values[i]
     if base is None or x is None:
         return "—"
     d = x - base
     if abs(d) < 5e-5:  # rounds to zero at the 4 decimals shown
         return "±0"
-    mark = "" if row.higher_is_better is None or d == 0 else " ✓" if (d > 0) == row.higher_is_better else " ✗"
-    return f"{'+' if d >= 0 else '−'}{fmt(abs(d))}{mark}"
+    sign = "+" if d > 0 else "−"
+    text = f"{sign}{fmt(abs(d))}"
+    if base != 0:
+        text += f" ({sign}{abs(d) / abs(base):.1%})"
+    if row.higher_is_better is not None:
+        text += " better" if (d > 0) == row.higher_is_better else " worse"
+    return text
 
 
 def aliases(report: EvalReport) -> list[str]:
