@@ -332,3 +332,17 @@ def test_finetune_runs_resumes_and_writes_loadable_results(tmp_path, tokenizer, 
         assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     with torch.no_grad():
         assert (tuned.model(ids)[0] - base.model(ids)[0]).abs().max() > 1e-3  # training changed the model
+
+
+def test_derived_settings_follow_the_users_learning_rate_and_length():
+    """`muse finetune --lr 5e-5` failed with "min_lr must be in [0, learning_rate=5e-05], got 0.0001", and
+    `--max-iters 1000` ended its cosine decay at step 100: both were derived from the defaults."""
+    from muse.cli.training import _train_config
+    from muse.training.finetune import default_settings
+
+    cfg = _train_config(default_settings("lora"), learning_rate=5e-5, max_iters=1000, min_lr=None)
+    assert (cfg.learning_rate, cfg.min_lr, cfg.max_iters, cfg.lr_decay_iters) == (5e-5, 5e-6, 1000, 1000)
+    cfg = default_config("full", max_iters=1000)
+    assert cfg.lr_decay_iters == 1000 and cfg.min_lr == pytest.approx(5e-6)
+    with pytest.raises(ValueError, match="unknown training settings \\['max_iter'\\]"):
+        default_config("lora", max_iter=10)

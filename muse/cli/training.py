@@ -7,13 +7,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, app, console, err, friendly
+from muse.cli.common import MuseTyper, MODEL_HELP, app, console, err, friendly
 
 
 # -- data and tokenizers -------------------------------------------------------------
 
-data_app = typer.Typer(help="Prepare training corpora: text → token shards (train.bin / val.bin + manifest).")
-tokenizer_app = typer.Typer(help="Train tokenizers.")
+data_app = MuseTyper(help="Prepare training corpora: text → token shards (train.bin / val.bin + manifest).")
+tokenizer_app = MuseTyper(help="Train tokenizers.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 
@@ -121,7 +121,7 @@ def tokenizer_train(
 
 # -- training -----------------------------------------------------------------------
 
-lora_app = typer.Typer(help="LoRA adapters.")
+lora_app = MuseTyper(help="LoRA adapters.")
 app.add_typer(lora_app, name="lora")
 
 
@@ -238,12 +238,12 @@ def finetune(
     resume: bool = Resume,
 ):
     """Fine-tune a model on your own chats; the loss is on the assistant's replies only."""
-    from muse.training.finetune import default_config
+    from muse.training.finetune import default_settings
     from muse.training.finetune import finetune as run_finetune
 
     if method not in ("lora", "full"):
         raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
-    cfg = _train_config(default_config(method).to_dict(), max_iters=max_iters, batch_size=batch_size,
+    cfg = _train_config(default_settings(method), max_iters=max_iters, batch_size=batch_size,
                         grad_accum=grad_accum, learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters,
                         eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
                         save_interval=save_interval, dtype=dtype, seed=seed, device=device)

@@ -226,18 +226,24 @@ class ChatBatches:
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def default_config(method: str, **overrides):
-    """TrainConfig defaults for fine-tuning: short, small batches, a higher LR for LoRA."""
-    from muse.training.loop import TrainConfig
-
-    lora = method == "lora"
-    base = dict(max_iters=100, batch_size=4, grad_accum=1, learning_rate=1e-3 if lora else 5e-5,
+def default_settings(method: str) -> dict:
+    """The fine-tuning settings that differ from `TrainConfig`'s: short, small batches, a higher LR
+    for LoRA. Derived settings (min_lr, lr_decay_iters) are left out on purpose: `TrainConfig`
+    derives them from the final learning rate and step count, whatever the user overrides."""
+    return dict(max_iters=100, batch_size=4, grad_accum=1, learning_rate=1e-3 if method == "lora" else 5e-5,
                 warmup_iters=5, weight_decay=0.0, eval_interval=50, eval_iters=4, log_interval=10,
                 save_interval=0, dtype="fp32")
-    base.update(overrides)
-    base.setdefault("min_lr", base["learning_rate"] / 10)
-    base.setdefault("lr_decay_iters", base["max_iters"])
-    return TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def default_config(method: str, **overrides):
+    """The TrainConfig for fine-tuning: `default_settings(method)` with `overrides` on top (a name
+    TrainConfig does not have is an error, not silently dropped)."""
+    from muse.training.loop import TrainConfig
+
+    unknown = sorted(set(overrides) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}; known: {sorted(TrainConfig.__dataclass_fields__)}")
+    return TrainConfig(**{**default_settings(method), **overrides})
 
 
 def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *, method: str = "lora",
