@@ -41,14 +41,16 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from muse.apps.feedback import add_feedback
 from muse.apps.text import language, pack, terms
 from muse.errors import ContextLengthError, MuseError
-from muse.generation import GenerationChunk, SamplingParams
 from muse.safety import SafetyBlocked, guard, guard_stream
 from muse.store import Store, now
+
+if TYPE_CHECKING:  # muse.generation imports torch, which listing conversations does not need
+    from muse.generation import GenerationChunk, SamplingParams
 
 POLICIES = ("summarize", "drop")
 ROLES = ("system", "user", "assistant", "tool")
@@ -300,6 +302,8 @@ class Assistant:
         Errors (unknown conversation, empty text, MessageTooLongError) are raised here, before anything is
         stored; summarizing older turns (policy "summarize") also happens here.
         """
+        from muse.generation import SamplingParams
+
         model = self._need_model()
         params = params if params is not None else SamplingParams()
         if not isinstance(text, str) or not text.strip():
@@ -413,6 +417,8 @@ class Assistant:
 
     def _summarize(self, summary: str | None, turns: list[dict], lang: str) -> str:
         """Fold `turns` into `summary` with the model, one window-sized piece of transcript at a time."""
+        from muse.generation import SamplingParams
+
         model = self.model
         block = model.config.block_size
         params = SamplingParams(max_new_tokens=max(16, min(SUMMARY_TOKENS, block // 8)), temperature=0.0)

@@ -44,7 +44,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -53,9 +53,11 @@ from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_
                                supported)
 from muse.apps.text import check_language, han_count, pack_spans, terms
 from muse.errors import MuseError
-from muse.generation import GenerationChunk, SamplingParams
 from muse.safety import guard, guard_stream
 from muse.store import Store, now
+
+if TYPE_CHECKING:  # muse.generation imports torch, which listing documents does not need
+    from muse.generation import GenerationChunk, SamplingParams
 
 CHUNK_TOKENS = 200   # chunk budget, in estimated embedding-model tokens (e5 reads at most 512)
 CHUNK_OVERLAP = 1    # sentences repeated at the start of the next chunk, so a fact keeps its context
@@ -526,6 +528,8 @@ class AskStream:
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[GenerationChunk]:
+        from muse.generation import GenerationChunk
+
         if not self.found:
             text = NOT_FOUND[self.lang]
             yield GenerationChunk(text=text, token=None, finish_reason="stop")
@@ -570,6 +574,8 @@ def stream_ask(model, kb: KnowledgeBase, question: str, params: SamplingParams |
     guard(question, "input", source="ask")  # the safety switch: a no-op unless safety is on
     hits = [h for h in kb.search(question, k=k) if relevant(h)]
     citations = [Citation(n, h.title, h.path, h.chunk_id, h.text) for n, h in enumerate(hits, 1)]
+    from muse.generation import SamplingParams
+
     return AskStream(model, question, citations, lang, params or SamplingParams(temperature=0.0))
 
 

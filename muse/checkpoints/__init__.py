@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from muse.checkpoints.files import PICKLE_HINT, read_tokenizer
-from muse.checkpoints.native import is_muse_dir, load_muse, read_muse_config, save_muse
 from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home, find_bundled, verify
-from muse.checkpoints.weights import PRECISIONS, build_model
 from muse.config import ModelConfig
 from muse.errors import CheckpointError, ModelNotFoundError
 
@@ -39,6 +37,8 @@ class Checkpoint:
 
 def resolve(name_or_path: str | Path | None = None) -> Source:
     """Turn a bundled model name or a local path into a `Source`."""
+    from muse.checkpoints.native import is_muse_dir  # here, not at the top: `muse models` needs no torch
+
     name = str(name_or_path) if name_or_path is not None else os.environ.get("MUSE_MODEL") or DEFAULT_MODEL
     bundled = find_bundled(name)
     if bundled is not None:
@@ -77,6 +77,7 @@ def _cache_dir(src: Source, precision: str) -> Path:
 
 def _convert_gguf(src: Source, precision: str):
     from muse.checkpoints.gguf_file import open_reader, read_gguf_config, read_gguf_weights
+    from muse.checkpoints.weights import build_model
     from muse.tokenizer import Tokenizer
 
     reader = open_reader(src.path)
@@ -91,6 +92,9 @@ def _convert_gguf(src: Source, precision: str):
 
 def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "auto") -> Checkpoint:
     """Load any supported checkpoint as (model, tokenizer, info)."""
+    from muse.checkpoints.native import is_muse_dir, load_muse, save_muse
+    from muse.checkpoints.weights import PRECISIONS, build_model
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
@@ -142,6 +146,8 @@ def read_config(path: str | Path) -> ModelConfig:
             raise CheckpointError(f"{path}/adapter_config.json has no valid model section ({e!r:.200}).") from e
     src = resolve(path)
     if src.kind == "muse":
+        from muse.checkpoints.native import read_muse_config
+
         return read_muse_config(src.path)
     if src.kind == "hf":
         from muse.checkpoints.hf import read_hf_config
@@ -154,6 +160,8 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def save_checkpoint(path: str | Path, model, tokenizer=None, quant: dict | None = None, **source) -> Path:
     """Save a model in Muse's format (atomically)."""
+    from muse.checkpoints.native import save_muse
+
     return save_muse(path, model, tokenizer, quant, source=source)
 
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from muse.errors import MuseError
-from muse.cli.common import (MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP,
+from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP,
                              _params, _stats, _stream_to_stdout, app, console, err, friendly)
 
 CHAT_COMMANDS = {
@@ -44,6 +44,14 @@ def _assistant(model=None, policy: str = "summarize"):
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _when_short(ts: float) -> str:
+    """'14:05' today, 'Mar 02 14:05' this year, '2024-03-02' before."""
+    t, now = time.localtime(ts), time.localtime()
+    if t[:3] == now[:3]:
+        return time.strftime("%H:%M", t)
+    return time.strftime("%b %d %H:%M" if t.tm_year == now.tm_year else "%Y-%m-%d", t)
 
 
 # -- muse chat --------------------------------------------------------------------------
@@ -263,7 +271,7 @@ def chat_cmd(
 
 # -- muse conversations -----------------------------------------------------------------
 
-conversations_app = typer.Typer(help="Saved conversations: list, show, search, rename, delete, export, import.",
+conversations_app = MuseTyper(help="Saved conversations: list, show, search, rename, delete, export, import.",
                                 no_args_is_help=True)
 app.add_typer(conversations_app, name="conversations")
 
@@ -276,12 +284,22 @@ def conversations_list(limit: int = typer.Option(50, "--limit", "-n", help="Show
     if not rows:
         console.print("No conversations yet; start one with `muse chat`.")
         return
+    # One line per conversation at any width: ids, counts and dates whole; long titles, personas and model
+    # names cut with "…" (the title gets what the other columns leave).
+    cells = [(r["id"], escape(r["title"]), str(r["messages"]), escape(r["persona"] or ""),
+              escape(r["model"] or ""), _when_short(r["updated_at"])) for r in rows]
+    heads = ("id", "title", "msgs", "persona", "model", "last active")
+    caps = (None, None, None, 14, 18, None)
+    from rich.cells import cell_len
+
+    widths = [min(max(cell_len(h), *(cell_len(c[i]) for c in cells)), caps[i] or 10**6) for i, h in enumerate(heads)]
+    title_room = max(12, console.width - (sum(widths) - widths[1]) - 3 * len(heads) - 1)
     table = Table()
-    for col in ("id", "title", "messages", "persona", "model", "last active"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["id"], escape(r["title"]), str(r["messages"]), escape(r["persona"] or ""),
-                      escape(r["model"] or ""), _when(r["updated_at"]))
+    for i, h in enumerate(heads):
+        table.add_column(h, no_wrap=True, overflow="ellipsis", justify="right" if h == "msgs" else "left",
+                         max_width=title_room if h == "title" else caps[i])
+    for c in cells:
+        table.add_row(*c)
     console.print(table)
 
 
@@ -385,7 +403,7 @@ def conversations_import(path: str = typer.Argument(..., help="A file from `muse
 
 # -- muse persona -----------------------------------------------------------------------
 
-persona_app = typer.Typer(help="Personas: named system prompts for `muse chat --persona NAME`.",
+persona_app = MuseTyper(help="Personas: named system prompts for `muse chat --persona NAME`.",
                           no_args_is_help=True)
 app.add_typer(persona_app, name="persona")
 
@@ -425,7 +443,7 @@ def persona_delete(name: str = typer.Argument(..., help="The persona's name.")):
 
 # -- muse memory ------------------------------------------------------------------------
 
-memory_app = typer.Typer(help="Facts the assistant remembers (/remember in `muse chat`); the relevant ones join "
+memory_app = MuseTyper(help="Facts the assistant remembers (/remember in `muse chat`); the relevant ones join "
                               "every conversation's system prompt.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
 
@@ -463,7 +481,7 @@ def memory_delete(memory_id: int = typer.Argument(..., help="The fact's number (
 
 # -- muse feedback ----------------------------------------------------------------------
 
-feedback_app = typer.Typer(help="Ratings of answers; the liked ones export as fine-tuning data.",
+feedback_app = MuseTyper(help="Ratings of answers; the liked ones export as fine-tuning data.",
                            no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
 

@@ -3,12 +3,78 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(
+# `muse --help` lists the commands in these panels, in this order.
+PANELS: dict[str, tuple[str, ...]] = {
+    "Chat & documents": ("chat", "ask", "kb", "conversations", "persona", "memory", "feedback"),
+    "Writing": ("write", "create", "generate"),
+    "Analysis": ("classify", "sentiment"),
+    "Training": ("data", "tokenizer", "train", "finetune", "lora"),
+    "Trust": ("eval", "safety", "explain", "quantize", "prune"),
+    "Serving": ("serve",),
+    "Models": ("models", "info", "export"),
+}
+_ORDER = {name: i for i, name in enumerate(n for names in PANELS.values() for n in names)}
+_PANEL = {name: panel for panel, names in PANELS.items() for name in names}
+
+
+class MuseCommand(TyperCommand):
+    def format_help(self, ctx, formatter):
+        from muse.cli import help
+
+        help.install()
+        return super().format_help(ctx, formatter)
+
+
+class MuseGroup(TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():  # a docstring's line breaks are not the list's
+            first = inspect.cleandoc(command.help or "").split("\n\n")[0]
+            if command.short_help is None and first and not first.startswith("\b"):
+                command.short_help = " ".join(first.split())
+
+    def format_help(self, ctx, formatter):
+        from muse.cli import help
+
+        help.install()
+        return super().format_help(ctx, formatter)
+
+
+class RootGroup(MuseGroup):
+    """The `muse` command: its subcommands in the panels of PANELS, in that order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, command in self.commands.items():
+            command.rich_help_panel = _PANEL.get(name) or getattr(command, "rich_help_panel", None)
+
+    def list_commands(self, ctx):
+        return sorted(self.commands, key=lambda n: _ORDER.get(n, len(_ORDER)))
+
+
+class MuseTyper(typer.Typer):
+    """A typer.Typer whose commands and groups use Muse's help layout (`muse.cli.help`)."""
+
+    def __init__(self, *args, cls=MuseGroup, **kwargs):
+        kwargs.setdefault("rich_markup_mode", "rich")
+        super().__init__(*args, cls=cls, **kwargs)
+
+    def command(self, *args, cls=MuseCommand, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
+
+    def callback(self, *args, cls=MuseGroup, **kwargs):
+        return super().callback(*args, cls=cls, **kwargs)
+
+
+app = MuseTyper(
+    cls=RootGroup,
     help="Muse — a local-first LLM workshop. Runs models on your own machine, offline.\n\n"
          "Start with `muse chat`, or `muse generate \"Once upon a time\"`. "
          "`muse models` lists the models you can use.",
@@ -16,7 +82,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="List and install models.", invoke_without_command=True)
+models_app = MuseTyper(help="List and install models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 console = Console()
 err = Console(stderr=True)

@@ -8,10 +8,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from muse.cli.common import (MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, TopP, _stream_to_stdout, app,
+from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, TopP, _stream_to_stdout, app,
                              console, err, friendly)
 
-kb_app = typer.Typer(help="Your knowledge base: the documents `muse ask` answers from (txt, md, html, pdf, docx).",
+kb_app = MuseTyper(help="Your knowledge base: the documents `muse ask` answers from (txt, md, html, pdf, docx).",
                      no_args_is_help=True)
 app.add_typer(kb_app, name="kb")
 

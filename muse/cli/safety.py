@@ -13,11 +13,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, app, console, err, friendly
+from muse.cli.common import MuseTyper, MODEL_HELP, app, console, err, friendly
 from muse.errors import MuseError
 from muse.fileio import write_text_atomic
 
-safety_app = typer.Typer(
+safety_app = MuseTyper(
     help="Moderation, personal-data redaction, a bias probe and the audit log. Turn checks on for chat and the "
          "server with `\\[safety] enabled = true` in MUSE_HOME/config.toml or MUSE_SAFETY=1.",
     no_args_is_help=True)

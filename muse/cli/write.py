@@ -10,13 +10,35 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from muse.apps.writer import ACTIONS, LANGUAGES, TONES
 from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params,
-    _stats, app, console, err, friendly, read_argument,
+    MuseGroup, MuseTyper, _stats, app, console, err, friendly, read_argument,
 )
 
-write_app = typer.Typer(
+
+class WriteGroup(MuseGroup):
+    """`muse write`: its actions are registered on first use, as their options come from
+    muse.apps.writer, which imports torch; `muse --help` only needs the group's own help."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            self.commands = {**typer.main.get_group(_actions_app()).commands, **self.commands}
+
+    def list_commands(self, ctx):
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands:  # history and restore need no writer
+            self._load()
+        return super().get_command(ctx, name)
+
+
+write_app = MuseTyper(
+    cls=WriteGroup,
     help="Write with the model: continue, rewrite, polish (proofread), expand, shorten, outline, titles, "
          "summarize, translate.\n\n"
          "The text comes from an argument, standard input (-) or a file (-i draft.md); the result streams "
@@ -35,9 +57,7 @@ app.add_typer(write_app, name="write")
 TEXT_HELP = "The text to work on ('-' reads standard input). Or use -i FILE."
 
 
-def _command(action: str):
-    act = ACTIONS[action]
-
+def _command(act, tones, languages):
     def command(
         text: Optional[str] = typer.Argument(None, help=TEXT_HELP, show_default=False),
         input: Optional[Path] = typer.Option(None, "--input", "-i", help="Read the text from this UTF-8 file."),
@@ -47,9 +67,9 @@ def _command(action: str):
         in_place: bool = typer.Option(False, "--in-place", help="Replace the -i file with the result "
                                                                 "(the original is kept as a version)."),
         tone: Optional[str] = typer.Option(None, "--tone", hidden=not act.tone,
-                                           help=f"Tone of voice: {', '.join(TONES)}."),
+                                           help=f"Tone of voice: {', '.join(tones)}."),
         to: Optional[str] = typer.Option(None, "--to", hidden=act.name != "translate",
-                                         help=f"Target language: {', '.join(LANGUAGES)} (or its name)."),
+                                         help=f"Target language: {', '.join(languages)} (or its name)."),
         length: Optional[int] = typer.Option(None, "--length", hidden=act.name != "summarize",
                                              help="Target length: words for English, characters for Chinese "
                                                   "(default: about a quarter of the text)."),
@@ -69,9 +89,14 @@ def _command(action: str):
     return friendly(command)
 
 
-for _name in ACTIONS:
-    write_app.command(_name)(_command(_name))
-write_app.command("proofread", help="Same as polish.")(_command("polish"))
+def _actions_app() -> MuseTyper:
+    from muse.apps.writer import ACTIONS, LANGUAGES, TONES
+
+    actions = MuseTyper()
+    for name, act in ACTIONS.items():
+        actions.command(name)(_command(act, TONES, LANGUAGES))
+    actions.command("proofread", help="Same as polish.")(_command(ACTIONS["polish"], TONES, LANGUAGES))
+    return actions
 
 
 def _read_input(text: Optional[str], input: Optional[Path]) -> str:
