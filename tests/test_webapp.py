@@ -328,3 +328,204 @@ def test_the_web_app_page_is_protected(server):
     browser_like = {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin"}
     assert httpx.get(server.url + "/api/conversations", headers=browser_like).status_code == 403
     assert httpx.get(server.url + "/api/conversations", headers={**browser_like, "X-Muse-Token": token}).is_success
+
+
+# -- every screen and language ----------------------------------------------------------------------
+
+PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1280, "height": 800}
+LONG_URL = "https://example.com/" + "a-very-long-path-segment-" * 12
+LONG_REPLY = (f"See {LONG_URL} and the word {'x' * 150}.\n\n```python\nprint('{'y' * 200}')\n```\n\n"
+              + "A plain paragraph of text. " * 8)
+CHINESE = "你好，请用中文介绍一下你自己。"
+
+# What must fit: the page, and every box of the open view that scrolls (sideways only pre blocks and the tabs may)
+FITS = """() => {
+  const out = [];
+  const doc = document.documentElement;
+  if (doc.scrollWidth > window.innerWidth) out.push(`page ${doc.scrollWidth} > ${window.innerWidth}`);
+  for (const node of document.querySelectorAll("body *")) {
+    if (!node.offsetParent || node.closest("pre, .tabs, textarea, select")) continue;
+    const r = node.getBoundingClientRect();
+    if (r.width && (r.left < -1 || r.right > window.innerWidth + 1)) out.push(`${node.tagName}#${node.id}.${node.className} sticks out`);
+    if (/auto|scroll/.test(getComputedStyle(node).overflowX) && node.scrollWidth > node.clientWidth + 1)
+      out.push(`${node.tagName}#${node.id}.${node.className} scrolls sideways`);
+  }
+  return out;
+}"""
+
+
+def open_sized(browser, url: str, locale: str, viewport: dict):
+    page, errors = open_page(browser, url, locale=locale)
+    page.set_viewport_size(viewport)
+    return page, errors
+
+
+def assert_usable(page, where: str) -> None:
+    """No sideways scrolling, and the tabs, the model picker and the language button on screen and clickable."""
+    assert page.evaluate(FITS) == [], (where, page.evaluate(FITS)[:8])
+    width, height = page.viewport_size["width"], page.viewport_size["height"]
+    for sel in ("[data-view=chat]", "[data-view=docs]", "[data-view=desk]", "#model", "#lang-toggle"):
+        box = page.locator(sel).bounding_box()
+        assert box and box["x"] >= 0 and box["y"] >= 0, (where, sel, box)
+        assert box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, (where, sel, box)
+        page.locator(sel).click(trial=True)  # visible, enabled, nothing over it
+    for tab in page.locator(".tabs button").all():
+        assert tab.bounding_box()["height"] < 44, f"{where}: the tab {tab.inner_text()!r} wraps"
+
+
+@pytest.fixture
+def own_server(default_model):
+    """A server of its own (this test's MUSE_HOME) with the English-only default model."""
+    with ServerThread(create_app({"smollm2-135m": default_model}, embedder=None)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+@pytest.mark.parametrize("locale", ["en-US", "zh-CN"])
+def test_every_view_fits_the_screen_in_both_languages(browser, own_server, viewport, locale, tmp_path):
+    chat = {"title": "Long lines " + "y" * 80, "messages": [{"role": "user", "content": "Links? " + LONG_URL},
+                                                          {"role": "assistant", "content": LONG_REPLY}]}
+    cid = httpx.post(own_server.url + "/api/conversations/import", json={"text": json.dumps(chat)}).json()["id"]
+    doc = tmp_path / ("a_file_name_without_any_spaces_" * 4 + ".txt")
+    doc.write_text(DOC + "\n\n" + LONG_URL)
+    with doc.open("rb") as f:
+        assert httpx.post(own_server.url + "/api/kb/documents", files={"files": (doc.name, f)}).is_success
+    page, errors = open_sized(browser, own_server.url, locale, viewport)
+    name = f"{viewport['width']}_{locale[:2]}"
+    phone = viewport is PHONE
+
+    assert_usable(page, "chat")
+    if phone:  # the conversation list opens over the chat and closes when a conversation is picked
+        assert not page.is_visible("#conv-list")
+        page.click("#open-sidebar")
+        assert_usable(page, "chat list")
+        shot(page, f"chat_list_{name}.png")
+        page.click(f"#conv-list li[data-id='{cid}'] button")
+        assert not page.is_visible("#conv-list")
+    else:
+        assert not page.is_visible("#open-sidebar")
+        page.click(f"#conv-list li[data-id='{cid}'] button")
+    page.wait_for_selector(".message.assistant pre")
+    assert_usable(page, "chat with long lines")
+    assert page.locator("#chat-input").bounding_box()["width"] > viewport["width"] * (0.6 if phone else 0.4)
+    shot(page, f"chat_{name}.png")
+
+    page.click("[data-view=docs]")
+    page.wait_for_selector("#doc-list .doc-title")
+    page.fill("#ask-input", "How long is the warranty?")
+    assert_usable(page, "documents")
+    shot(page, f"docs_{name}.png")
+
+    page.click("[data-view=desk]")
+    page.fill("#desk-text", "Read " + LONG_URL + " " + TEXT)
+    page.select_option("#desk-action", "translate")
+    assert_usable(page, "writing desk")
+    shot(page, f"desk_{name}.png")
+
+    page.click("#lang-toggle")  # the other language: still fits
+    for view in ("desk", "docs", "chat"):
+        page.click(f"[data-view={view}]")
+        assert_usable(page, f"{view} after switching the language")
+    assert errors == []
+
+
+def test_chinese_to_an_english_only_server_says_what_to_do_and_sends_nothing(browser, own_server, tmp_path):
+    page, errors = open_sized(browser, own_server.url, "zh-CN", PHONE)
+    sent = []
+    page.on("request", lambda r: r.method == "POST" and sent.append(r.url))
+    assert page.inner_text("#model option") == "smollm2-135m (仅英文)"
+    banner = page.inner_text("#lang-banner")  # in Chinese, said at once
+    assert "只懂英文" in banner and "muse models install qwen2.5-0.5b" in banner
+    assert "muse serve -m smollm2-135m -m qwen2.5-0.5b" in banner and "给运行 Muse 服务器的人" in banner
+    assert "--model" not in banner
+
+    page.fill("#chat-input", CHINESE)
+    page.press("#chat-input", "Enter")
+    notice = page.inner_text("#messages .lang-notice")
+    assert notice.startswith("未发送") and "smollm2-135m" in notice and "muse models" not in notice  # the banner has them
+    assert page.input_value("#chat-input") == CHINESE  # kept, nothing sent
+    assert page.locator(".message").count() == 0 and sent == []
+    assert page.evaluate(FITS) == []
+    shot(page, "chat_chinese_notice_390_zh.png")
+    page.click("#lang-toggle")  # the notice is the app's own words: it switches language too
+    assert page.inner_text("#messages .lang-notice").startswith("Not sent: this looks like Chinese")
+    assert page.is_hidden("#lang-banner")
+    page.click("#lang-toggle")
+    page.click("#lang-banner button")  # dismissed, and it stays dismissed
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_hidden("#lang-banner")
+
+    page.click("[data-view=docs]")  # the same for a question to the documents (no CLI flags)
+    page.fill("#ask-input", "保修期有多长？")
+    page.click("#ask-button")
+    answer = page.inner_text("#answer .lang-notice")  # with the banner gone, the notice says what to run
+    assert answer.startswith("未发送") and "muse models install qwen2.5-0.5b" in answer and "--model" not in answer
+    page.click("[data-view=desk]")  # and for the writing desk, Chinese text or a translation into Chinese
+    page.fill("#desk-text", "The meeting moved to Tuesday.")
+    page.select_option("#desk-action", "translate")
+    page.select_option("#desk-to", "zh")
+    page.click("#desk-run")
+    assert page.inner_text("#desk-result .lang-notice").startswith("未发送")
+    shot(page, "desk_chinese_notice_390_zh.png")
+    assert sent == [] and api(own_server, "/api/conversations")["data"] == [] and errors == []
+
+    page.click("[data-view=chat]")  # English still goes to the English model
+    page.fill("#chat-input", "Hello there")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector(".message.assistant .feedback")
+    assert page.locator("#messages .lang-notice").count() == 0 and len(api(own_server, "/api/conversations")["data"]) == 1
+
+
+def test_chinese_goes_to_a_served_model_that_reads_it(browser, own_server):
+    """With a bilingual model served too, Chinese is sent to it (and the chat says so), English to the picked one."""
+    page, errors = open_page(browser, own_server.url, locale="zh-CN")
+    info = api(own_server, "/api/info")
+    assert info["languages"] == {"smollm2-135m": ["en"]} and info["bilingual"] == "qwen2.5-0.5b"
+    info = {**info, "models": ["smollm2-135m", "qwen2.5-0.5b"],
+            "languages": {"smollm2-135m": ["en"], "qwen2.5-0.5b": ["zh", "en"]}}
+    page.route("**/api/info", lambda route: route.fulfill(json=info))
+    bodies = []
+
+    def answer(route):
+        bodies.append(json.loads(route.request.post_data))
+        events = [{"type": "start"}, {"type": "delta", "text": "你好！"},
+                  {"type": "done", "content": "你好！", "message_id": 1}]
+        route.fulfill(content_type="text/event-stream", body="".join(f"data: {json.dumps(e)}\n\n" for e in events))
+
+    page.route("**/messages", answer)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_hidden("#lang-banner")
+    assert page.inner_text("#model option[value='qwen2.5-0.5b']") == "qwen2.5-0.5b (中英双语)"
+    page.fill("#chat-input", CHINESE)
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector(".message.assistant .feedback")
+    assert bodies[0]["model"] == "qwen2.5-0.5b" and bodies[0]["content"] == CHINESE
+    assert page.inner_text("#messages .notice") == "由 qwen2.5-0.5b 回答：所选的模型 smollm2-135m 只懂英文。"
+    page.fill("#chat-input", "Hello")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("() => document.querySelectorAll('.message.assistant .feedback').length == 2")
+    assert bodies[1]["model"] == "smollm2-135m" and errors == []
+
+
+def test_upload_status_speaks_the_chosen_language(browser, own_server, tmp_path):
+    page, errors = open_sized(browser, own_server.url, "zh-CN", PHONE)
+    page.click("[data-view=docs]")
+    doc = tmp_path / "warranty.txt"
+    doc.write_text(DOC)
+    page.set_input_files("#upload-input", str(doc))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector("#doc-list .doc-title")
+    assert page.inner_text("#upload-status") == "已加入知识库：warranty。"
+    assert page.inner_text("#doc-list .meta").endswith("个段落")
+    shot(page, "docs_upload_390_zh.png")
+    page.click("#lang-toggle")
+    assert page.inner_text("#upload-status") == "Added to the knowledge base: warranty."
+    page.set_input_files("#upload-input", str(doc))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_function("() => document.querySelector('#upload-status').textContent.startsWith('Already')")
+    assert page.inner_text("#upload-status") == "Already there, unchanged: warranty."
+    page.click("#lang-toggle")
+    assert page.inner_text("#upload-status") == "已在知识库中，无变化：warranty。"
+    assert errors == []

@@ -351,9 +351,15 @@ class _NotFound:
 
 @router.get("/api/info", tags=["Server"], summary="The models served (the first is the default) and the features on")
 def info(request: Request):
+    from muse.apps.text import supports_chinese
+    from muse.checkpoints.registry import BUNDLED
+
     service = request.app.state.service
     return {"models": list(service.models), "default": service.default,
-            "embeddings": service.embedder.name if service.embedder else None}
+            "embeddings": service.embedder.name if service.embedder else None,
+            # what each model reads and writes: the web app says so before it sends Chinese to an English-only one
+            "languages": {name: ["zh", "en"] if supports_chinese(m) else ["en"] for name, m in service.models.items()},
+            "bilingual": next(m.name for m in BUNDLED.values() if "zh" in m.languages)}  # the one to install
 
 
 # -- conversations ----------------------------------------------------------------------

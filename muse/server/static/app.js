@@ -17,15 +17,32 @@ const store = {
 
 let lang = store.get("lang") || ((navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en");
 
-function t(key) {
-  return (window.MUSE_I18N[lang] || {})[key] ?? window.MUSE_I18N.en[key] ?? key;
+// The string for `key` in the current language, its {name} placeholders filled from `vars`.
+function t(key, vars = null) {
+  const text = (window.MUSE_I18N[lang] || {})[key] ?? window.MUSE_I18N.en[key] ?? key;
+  return vars ? text.replace(/\{(\w+)\}/g, (m, name) => vars[name] ?? m) : text;
+}
+
+// An element showing t(key, vars) that applyLanguage translates again: for every string the app composes.
+function tel(tag, key, vars = null, props = {}) {
+  const node = el(tag, Object.assign({ textContent: t(key, vars) }, props));
+  node.dataset.i18n = key;
+  if (vars) node.dataset.i18nVars = JSON.stringify(vars);
+  return node;
 }
 
 function applyLanguage() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
-  for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = t(node.dataset.i18n);
+  for (const node of document.querySelectorAll("[data-i18n]")) {
+    node.textContent = t(node.dataset.i18n, node.dataset.i18nVars ? JSON.parse(node.dataset.i18nVars) : null);
+  }
   for (const node of document.querySelectorAll("[data-i18n-placeholder]")) node.placeholder = t(node.dataset.i18nPlaceholder);
-  for (const node of document.querySelectorAll("[data-i18n-title]")) node.title = t(node.dataset.i18nTitle);
+  for (const node of document.querySelectorAll("[data-i18n-title]")) {
+    node.title = t(node.dataset.i18nTitle);
+    if (node.hasAttribute("aria-label")) node.setAttribute("aria-label", node.title);
+  }
+  renderModels();
+  renderBanner();
   fillDeskOptions();
   renderConversationList();
   renderPersonas();
@@ -37,7 +54,7 @@ function applyLanguage() {
 
 class ApiError extends Error {
   constructor(status, body) {
-    super((body && body.error && body.error.message) || `HTTP ${status}`);
+    super((body && body.error && body.error.message) || t("error.http", { status }));
     this.status = status;
   }
 }
@@ -120,11 +137,10 @@ function askForKey(wrong) {
   return keyPromise;
 }
 
-function sampling() {
+function sampling(model = $("#model").value) {
   const out = {};
   const max = parseInt($("#max-tokens").value, 10);
   if (max > 0) out.max_tokens = max;
-  const model = $("#model").value;
   if (model) out.model = model;
   return out;
 }
@@ -154,6 +170,85 @@ function showView(name) {
   store.set("view", name);
   if (name === "docs") loadDocuments();
   if (name === "desk") loadHistory();
+}
+
+// -- the models served and the languages they read ---------------------------------------
+
+// From /api/info: the served models (the first is the default), the languages each reads, and the
+// bundled bilingual model to install when none of them reads Chinese.
+const served = { models: [], languages: {}, bilingual: "" };
+
+const HAN = /[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]/g;
+
+// Chinese when Han characters are at least a fifth of the letters (the server's muse.apps.text.language).
+function looksChinese(text) {
+  const han = (text.match(HAN) || []).length;
+  const letters = han + (text.match(/[A-Za-z]/g) || []).length;
+  return han > 0 && han / letters >= 0.2;
+}
+
+const readsChinese = (model) => (served.languages[model] || []).includes("zh");
+
+// The model for a request: the picked one, or for Chinese that it cannot read, a served model that can
+// ({model, routed: true}); null when no served model reads Chinese (then nothing is sent: see langNotice).
+function modelFor(chinese) {
+  const picked = $("#model").value;
+  if (!chinese || readsChinese(picked) || !served.models.length) return { model: picked, routed: false };
+  const other = served.models.find(readsChinese);
+  return other ? { model: other, routed: true } : null;
+}
+
+async function loadModels() {
+  const info = await apiJSON("/api/info");
+  Object.assign(served, { models: info.models, languages: info.languages || {}, bilingual: info.bilingual || "" });
+  renderModels();
+  const saved = store.get("model");
+  if (saved && served.models.includes(saved)) $("#model").value = saved;
+  renderBanner();
+}
+
+function renderModels() {
+  const select = $("#model");
+  const chosen = select.value;
+  select.replaceChildren();
+  for (const m of served.models) {
+    const label = served.languages[m] ? `${m} (${t(readsChinese(m) ? "model.bilingual" : "model.english")})` : m;
+    select.append(el("option", { value: m, textContent: label }));
+  }
+  if (chosen) select.value = chosen;
+}
+
+// What to do when Chinese meets English-only models, in the web app's own terms: a sentence for the
+// person using the page and, marked as such, the commands for whoever runs the server.
+function langNotice(key, commands = true) {
+  const vars = { model: served.models.join(", "), bilingual: served.bilingual };
+  const box = el("div", { className: "notice lang-notice" }, tel("p", key, vars));
+  if (commands && served.bilingual) {
+    const serve = [...served.models, served.bilingual].map((m) => "-m " + m).join(" ");
+    box.append(tel("p", "lang.forAdmin", null, { className: "for-admin" }),
+               el("pre", { className: "commands", textContent: `muse models install ${served.bilingual}\nmuse serve ${serve}` }));
+  }
+  return box;
+}
+
+// In Chinese, a banner says at once when no served model reads Chinese (it can be dismissed).
+function renderBanner() {
+  const banner = $("#lang-banner");
+  const hideKey = "hideLangBanner." + served.models.join(",");
+  banner.hidden = lang !== "zh" || !served.models.length || served.models.some(readsChinese) || Boolean(store.get(hideKey));
+  if (banner.hidden) return;
+  const close = el("button", { type: "button", className: "ghost small", textContent: "×", title: t("close"),
+                               onclick: () => { store.set(hideKey, "1"); banner.hidden = true; } });
+  close.setAttribute("aria-label", t("close"));
+  banner.replaceChildren(langNotice("lang.banner"), close);
+}
+
+// Replace `box`'s notice (if any) with a new one and show it (the commands only if the banner does not).
+function showLangNotice(box, key) {
+  box.querySelector(".lang-notice")?.remove();
+  const notice = langNotice(key, $("#lang-banner").hidden);
+  box.append(notice);
+  notice.scrollIntoView({ block: "nearest" });
 }
 
 // -- chat ------------------------------------------------------------------------------
@@ -199,7 +294,7 @@ async function openConversation(id) {
       addMessage(m.role, m.content, m.id, m.meta && m.meta.finish_reason === "stopped");
     }
   }
-  if (!conv.messages.length) box.append(el("p", { className: "empty", textContent: t("chat.empty") }));
+  if (!conv.messages.length) box.append(tel("p", "chat.empty", null, { className: "empty" }));
   renderConversationList();
   box.scrollTop = box.scrollHeight;
 }
@@ -207,7 +302,7 @@ async function openConversation(id) {
 function resetChat() {
   chat.id = null;
   showTitle(null);
-  $("#messages").replaceChildren(el("p", { className: "empty", textContent: t("chat.empty") }));
+  $("#messages").replaceChildren(tel("p", "chat.empty", null, { className: "empty" }));
   renderConversationList();
   $("#chat-input").focus();
 }
@@ -276,14 +371,17 @@ function addFeedback(bubble, messageId) {
   bubble.append(el("div", { className: "feedback" }, up, down, form));
 }
 
-async function sendMessage(text) {
+async function sendMessage(text, route) {
   if (!chat.id) {
     const persona = $("#persona-select").value || null;
     chat.id = (await apiJSON("/api/conversations", { json: { persona } })).id;
     showTitle(null);
   }
   const cid = chat.id;
+  $("#messages .lang-notice")?.remove();
   addMessage("user", text);
+  if (route.routed) $("#messages").append(tel("p", "lang.routed", { model: route.model, picked: $("#model").value },
+                                              { className: "notice" }));
   const bubble = addMessage("assistant", "");
   bubble.classList.add("streaming");
   const body = $(".body", bubble);
@@ -293,7 +391,7 @@ async function sendMessage(text) {
   setChatBusy(true);
   try {
     await streamEvents(`/api/conversations/${encodeURIComponent(cid)}/messages`,
-      Object.assign({ content: text }, sampling()), chat.controller.signal, (event) => {
+      Object.assign({ content: text }, sampling(route.model)), chat.controller.signal, (event) => {
         if (event.type === "start" && event.context && event.context.notice) {
           box.insertBefore(el("p", { className: "notice", textContent: event.context.notice }), bubble);
         } else if (event.type === "delta") {
@@ -364,9 +462,21 @@ function setupChat() {
     const input = $("#chat-input");
     const text = input.value.trim();
     if (!text || chat.controller) return;
+    const route = modelFor(looksChinese(text));
+    if (!route) {  // an English-only model would answer Chinese with noise: say what to do, send nothing
+      $("#messages .empty")?.remove();
+      showLangNotice($("#messages"), "lang.chinese");
+      return;
+    }
     input.value = "";
-    sendMessage(text).catch((err) => toast(err.message, true));
+    sendMessage(text, route).catch((err) => toast(err.message, true));
   };
+  // Phone width: the conversation list is a panel over the chat, opened from the chat's header.
+  const sidebar = (open) => $("#view-chat").classList.toggle("sidebar-open", open);
+  $("#open-sidebar").onclick = () => sidebar(true);
+  $("#close-sidebar").onclick = () => sidebar(false);
+  $("#conv-list").addEventListener("click", (e) => e.target.closest(".conv") && sidebar(false));
+  $("#new-chat").addEventListener("click", () => sidebar(false));
   $("#chat-input").onkeydown = (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
@@ -465,19 +575,25 @@ async function removeDocument(doc) {
   } catch (err) { toast(err.message, true); }
 }
 
+// Upload and index `files`; the status line says what happened to each (added, updated, unchanged).
 async function upload(files) {
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
   const status = $("#upload-status");
+  status.classList.remove("error-text");
+  status.replaceChildren(tel("span", "docs.uploading", { n: files.length }));
+  status.hidden = false;
   try {
-    const added = (await apiJSON("/api/kb/documents", { method: "POST", body: form })).data;
-    status.textContent = t("docs.uploaded") + " " + added.map((d) => d.title).join(", ");
-    status.classList.remove("error-text");
+    const saved = (await apiJSON("/api/kb/documents", { method: "POST", body: form })).data;
+    status.replaceChildren();
+    for (const kind of ["added", "updated", "unchanged"]) {
+      const titles = saved.filter((d) => d.status === kind).map((d) => d.title).join(", ");
+      if (titles) status.append(tel("span", "docs." + kind, { titles }), " ");
+    }
   } catch (err) {
-    status.textContent = err.message;
+    status.replaceChildren(err.message);  // the server's reason, as it gave it
     status.classList.add("error-text");
   }
-  status.hidden = false;
   await loadDocuments();
 }
 
@@ -492,22 +608,26 @@ function renderCitations(citations) {
     list.append(item);
   }
   $("#sources").hidden = false;
-  if (!citations.length) list.append(el("li", { className: "empty", textContent: t("docs.noSources") }));
+  if (!citations.length) list.append(tel("li", "docs.noSources", null, { className: "empty" }));
 }
 
 async function askDocuments(question) {
   const answer = $("#answer");
   answer.replaceChildren();
   $("#sources").hidden = true;
+  const route = modelFor(looksChinese(question));
+  if (!route) return showLangNotice(answer, "lang.chinese");
+  if (route.routed) answer.append(tel("p", "lang.routed", { model: route.model, picked: $("#model").value }, { className: "notice" }));
+  const reply = answer.appendChild(el("div", { className: "markdown" }));
   answer.classList.add("streaming");
   let text = "";
   docs.controller = new AbortController();
   setBusy("#ask-button", "#ask-stop", true);
   try {
-    await streamEvents("/api/kb/ask", Object.assign({ question }, sampling()), docs.controller.signal, (event) => {
+    await streamEvents("/api/kb/ask", Object.assign({ question }, sampling(route.model)), docs.controller.signal, (event) => {
       if (event.type === "citations") renderCitations(event.citations);
-      else if (event.type === "delta") { text += event.text; renderMarkdown(answer, text); }
-      else if (event.type === "done") { renderMarkdown(answer, linkCitations(event.text)); renderCitations(event.citations); }
+      else if (event.type === "delta") { text += event.text; renderMarkdown(reply, text); }
+      else if (event.type === "done") { renderMarkdown(reply, linkCitations(event.text)); renderCitations(event.citations); }
     });
   } catch (err) {
     if (!isAbort(err)) answer.append(el("p", { className: "error-text", textContent: err.message }));
@@ -587,12 +707,20 @@ function deskDocument() {
 
 async function runAction() {
   const action = $("#desk-action").value;
-  const body = Object.assign({ action, text: $("#desk-text").value, document: deskDocument() }, sampling());
+  const text = $("#desk-text").value;
+  const toChinese = !$("#desk-to-label").hidden && $("#desk-to").value.startsWith("zh");
+  const result = $("#desk-result");
+  const route = modelFor(looksChinese(text) || toChinese);
+  if (!route) {
+    result.replaceChildren();
+    return showLangNotice(result, "lang.chinese");
+  }
+  const body = Object.assign({ action, text, document: deskDocument() }, sampling(route.model));
   if (!$("#desk-tone-label").hidden && $("#desk-tone").value) body.tone = $("#desk-tone").value;
   if (!$("#desk-to-label").hidden) body.to = $("#desk-to").value;
   if (!$("#desk-length-label").hidden && $("#desk-length").value) body.length = parseInt($("#desk-length").value, 10);
-  const result = $("#desk-result");
   result.replaceChildren();
+  if (route.routed) toast(t("lang.routed", { model: route.model, picked: $("#model").value }));
   result.classList.add("streaming");
   let output = "";
   desk.controller = new AbortController();
@@ -704,15 +832,6 @@ function setupDesk() {
 }
 
 // -- start -----------------------------------------------------------------------------
-
-async function loadModels() {
-  const models = (await apiJSON("/api/info")).models;
-  const select = $("#model");
-  select.replaceChildren();
-  for (const m of models) select.append(el("option", { value: m, textContent: m }));
-  const saved = store.get("model");
-  if (saved && models.includes(saved)) select.value = saved;
-}
 
 async function start() {
   for (const tab of document.querySelectorAll(".tabs [data-view]")) tab.onclick = () => showView(tab.dataset.view);
