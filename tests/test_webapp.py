@@ -466,7 +466,7 @@ def test_chinese_to_an_english_only_server_says_what_to_do_and_sends_nothing(bro
     page.select_option("#desk-action", "translate")
     page.select_option("#desk-to", "zh")
     page.click("#desk-run")
-    assert page.inner_text("#desk-result .lang-notice").startswith("未发送")
+    assert page.inner_text("#desk-result .lang-notice").startswith("未发送：译成中文需要懂中文的模型")
     shot(page, "desk_chinese_notice_390_zh.png")
     assert sent == [] and api(own_server, "/api/conversations")["data"] == [] and errors == []
 
@@ -514,10 +514,13 @@ def test_upload_status_speaks_the_chosen_language(browser, own_server, tmp_path)
     page.click("[data-view=docs]")
     doc = tmp_path / "warranty.txt"
     doc.write_text(DOC)
+    assert page.inner_text("#upload-form") == "选择文件…\n未选择文件\n上传"  # not the browser's own file button
     page.set_input_files("#upload-input", str(doc))
+    assert page.inner_text("#upload-chosen") == "warranty.txt"
     page.click("#upload-form button[type=submit]")
     page.wait_for_selector("#doc-list .doc-title")
     assert page.inner_text("#upload-status") == "已加入知识库：warranty。"
+    assert page.inner_text("#upload-chosen") == "未选择文件"
     assert page.inner_text("#doc-list .meta").endswith("个段落")
     shot(page, "docs_upload_390_zh.png")
     page.click("#lang-toggle")

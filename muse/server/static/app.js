@@ -225,8 +225,11 @@ function langNotice(key, commands = true) {
   const box = el("div", { className: "notice lang-notice" }, tel("p", key, vars));
   if (commands && served.bilingual) {
     const serve = [...served.models, served.bilingual].map((m) => "-m " + m).join(" ");
+    // each word unbroken (a browser would break "qwen2.5-0.5b" at its hyphens): lines wrap between words only
+    const line = (text) => text.split(" ").flatMap((w, i) => [i ? " " : "", el("span", { className: "word", textContent: w })]);
     box.append(tel("p", "lang.forAdmin", null, { className: "for-admin" }),
-               el("pre", { className: "commands", textContent: `muse models install ${served.bilingual}\nmuse serve ${serve}` }));
+               el("pre", { className: "commands" }, ...line(`muse models install ${served.bilingual}`), "\n",
+                  ...line(`muse serve ${serve}`)));
   }
   return box;
 }
@@ -648,11 +651,25 @@ function setBusy(run, stop, busy) {
   $(stop).hidden = !busy;
 }
 
+// The files picked for upload, or "No file chosen" (the browser's own file button would not switch language).
+function showChosen() {
+  const files = [...$("#upload-input").files];
+  const chosen = $("#upload-chosen");
+  if (files.length) {
+    chosen.removeAttribute("data-i18n");
+    chosen.textContent = files.map((f) => f.name).join(", ");
+  } else {
+    chosen.dataset.i18n = "docs.noneChosen";
+    chosen.textContent = t("docs.noneChosen");
+  }
+}
+
 function setupDocuments() {
+  $("#upload-input").onchange = showChosen;
   $("#upload-form").onsubmit = (e) => {
     e.preventDefault();
     const files = $("#upload-input").files;
-    if (files.length) upload(files).then(() => ($("#upload-input").value = ""));
+    if (files.length) upload(files).then(() => { $("#upload-input").value = ""; showChosen(); });
   };
   $("#ask-form").onsubmit = (e) => {
     e.preventDefault();
@@ -713,7 +730,7 @@ async function runAction() {
   const route = modelFor(looksChinese(text) || toChinese);
   if (!route) {
     result.replaceChildren();
-    return showLangNotice(result, "lang.chinese");
+    return showLangNotice(result, looksChinese(text) ? "lang.chinese" : "lang.toChinese");
   }
   const body = Object.assign({ action, text, document: deskDocument() }, sampling(route.model));
   if (!$("#desk-tone-label").hidden && $("#desk-tone").value) body.tone = $("#desk-tone").value;
@@ -843,6 +860,12 @@ async function start() {
   $("#max-tokens").value = store.get("maxTokens", "256");
   $("#max-tokens").onchange = () => store.set("maxTokens", $("#max-tokens").value);
   $("#model").onchange = () => store.set("model", $("#model").value);
+  for (const label of document.querySelectorAll(".file-button")) {  // its file input is hidden: keys open it too
+    label.tabIndex = 0;
+    label.onkeydown = (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("input[type=file]", label).click(); }
+    };
+  }
   setupChat();
   setupDocuments();
   setupDesk();

@@ -16,6 +16,7 @@ window.MUSE_I18N = {
     "model.bilingual": "Chinese and English",
     "lang.chinese": "Not sent: this looks like Chinese, but Muse here runs only {model}, a model that understands English only — it would answer with nonsense. Write in English, or ask the person who runs Muse to add the bilingual model.",
     "lang.banner": "This Muse runs only {model}, which understands English only: Chinese messages cannot be answered. You can still use the app in English. To chat in Chinese, the person who runs Muse must add the bilingual model.",
+    "lang.toChinese": "Not sent: writing Chinese needs a model that knows Chinese, but Muse here runs only {model}, a model that understands English only. Ask the person who runs Muse to add the bilingual model.",
     "lang.forAdmin": "For the person who runs the Muse server, in a terminal:",
     "lang.routed": "Answered by {model}: the picked model, {picked}, understands English only.",
 
@@ -58,6 +59,8 @@ window.MUSE_I18N = {
 
     "docs.title": "Documents",
     "docs.upload": "Upload",
+    "docs.choose": "Choose files…",
+    "docs.noneChosen": "No file chosen",
     "docs.uploadHint": "txt, md, html, pdf or docx — kept on this machine.",
     "docs.none": "No documents yet: upload some to ask questions about them.",
     "docs.remove": "Remove",
@@ -132,6 +135,7 @@ window.MUSE_I18N = {
     "model.bilingual": "中英双语",
     "lang.chinese": "未发送：这条消息是中文，但这里的 Muse 只运行 {model}，它是只懂英文的模型，会答非所问。请用英文提问，或请运行 Muse 的人加上双语模型。",
     "lang.banner": "这里的 Muse 只运行 {model}，它只懂英文，无法回答中文消息。你仍可以用英文提问。若要用中文对话，需要运行 Muse 的人加上双语模型。",
+    "lang.toChinese": "未发送：译成中文需要懂中文的模型，但这里的 Muse 只运行 {model}，它只懂英文。请让运行 Muse 的人加上双语模型。",
     "lang.forAdmin": "给运行 Muse 服务器的人（在终端中执行）：",
     "lang.routed": "由 {model} 回答：所选的模型 {picked} 只懂英文。",
 
@@ -174,6 +178,8 @@ window.MUSE_I18N = {
 
     "docs.title": "文档",
     "docs.upload": "上传",
+    "docs.choose": "选择文件…",
+    "docs.noneChosen": "未选择文件",
     "docs.uploadHint": "支持 txt、md、html、pdf、docx，文件只保存在本机。",
     "docs.none": "还没有文档：上传文档后即可就其内容提问。",
     "docs.remove": "移除",
