@@ -54,6 +54,13 @@ def test_help_and_listing_commands_do_not_import_torch(args):
         assert heavy == [], f"muse {' '.join(args)} imported {heavy}"
 
 
+def test_write_help_does_not_import_the_model_code():
+    """`muse write` imports apps.writer for its options; SamplingParams comes from the torch-free
+    muse.sampling. (numpy still comes in through bm25s' stop words in muse.apps.text.)"""
+    heavy = imported("write", "--help")
+    assert not {"torch", "muse.model", "muse.generation", "transformers"} & set(heavy), heavy
+
+
 def test_import_muse_is_lazy_but_the_api_works():
     r = subprocess.run([sys.executable, "-c", "import sys, muse; a = 'torch' in sys.modules; "
                         "from muse import SamplingParams, load, Model, Transformer; "

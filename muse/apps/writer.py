@@ -36,7 +36,7 @@ from typing import Iterator
 from muse.apps.text import LanguageError, check_language, pack_spans, supports_chinese
 from muse.errors import MuseError
 from muse.fileio import replacing
-from muse.generation import GenerationChunk, SamplingParams
+from muse.sampling import GenerationChunk, SamplingParams
 
 PIECE_TOKENS = 1024   # largest piece a small model rewrites well in one go
 WHOLE_TOKENS = 3072   # outline/titles: condense texts longer than this first
