@@ -61,9 +61,10 @@ class ChatSession:
     """One `muse chat` run: the conversation (created at the first message), the in-chat commands."""
 
     def __init__(self, assistant, cid: Optional[str], persona: Optional[str], system: Optional[str], params,
-                 verbose: bool):
+                 verbose: bool, markdown: bool = False):
         self.a, self.cid, self.persona, self.system = assistant, cid, persona, system
         self.params, self.verbose = params, verbose
+        self.markdown = markdown  # render replies as Markdown (a terminal); else raw text, as pipes want it
         self.warned_language = False
 
     def conversation(self) -> str:
@@ -111,9 +112,10 @@ class ChatSession:
             return
         if stream.context.notice:
             err.print(f"[yellow]{escape(stream.context.notice)}[/]", highlight=False)
-        console.print("[bold green]muse>[/] ", end="")
+        # Markdown is redrawn in place below the prompt line; raw text follows it on the same line.
+        console.print("[bold green]muse>[/]", end="\n" if self.markdown else " ")
         try:
-            _stats(_stream_to_stdout(stream), self.verbose)
+            _stats(render_markdown(stream, console) if self.markdown else _stream_to_stdout(stream), self.verbose)
         except KeyboardInterrupt:
             stream.close()  # stores the partial reply, marked stopped
             sys.stdout.write("\n")
@@ -170,6 +172,39 @@ class ChatSession:
             raise MuseError("There is no answer to rate yet.")
         fid = self.a.rate(self.cid, rating, comment or None)
         err.print(f"[dim]thanks — feedback #{fid} saved[/]")
+
+
+class _Tail:
+    """The last screenful of a renderable, so a reply taller than the terminal streams with its
+    newest lines in view (a live region taller than the screen cannot be redrawn)."""
+
+    def __init__(self, renderable):
+        self.renderable = renderable
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+
+        lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+        for line in lines[-max(1, console.height - 1):]:
+            yield from line
+            yield Segment.line()
+
+
+def render_markdown(chunks, out) -> object:
+    """Show streamed `chunks` on console `out` as Markdown (bold, lists, code blocks), redrawn as
+    text arrives, then the whole reply; returns the last chunk (None if there was none)."""
+    from rich.live import Live
+    from rich.markdown import Markdown
+
+    text, last = "", None
+    with Live(console=out, refresh_per_second=8) as live:
+        try:
+            for last in chunks:
+                text += last.text
+                live.update(_Tail(Markdown(text)))
+        finally:  # also when stopped: the reply so far, whole
+            live.update(Markdown(text), refresh=True)
+    return last
 
 
 def _chat_lines(messages: Optional[list[str]]):
@@ -241,6 +276,8 @@ def chat_cmd(
     min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
+    markdown: bool = typer.Option(True, "--markdown/--plain", help="Render replies as Markdown in a terminal "
+                                                                   "(--plain: raw text, as pipes always get)."),
 ):
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None, 1)
     a = _assistant(policy=context)
@@ -249,7 +286,7 @@ def chat_cmd(
     if persona:
         a.get_persona(persona)  # fail before loading the model
     a.model = _load_for(conv, model, precision)
-    session = ChatSession(a, cid, persona, system, params, verbose)
+    session = ChatSession(a, cid, persona, system, params, verbose, markdown=markdown and console.is_terminal)
     if conv is not None:
         _show_resumed(conv)
         if persona:
