@@ -366,3 +366,50 @@ def test_server_thread_serves_concurrent_requests(live):
     for t in threads:
         t.join()
     assert sorted(results) == [(200, 5)] * 6
+
+
+def _serve_with(monkeypatch, tiny, default_model, args, bilingual_installed: bool, fail: bool = False):
+    """Run `muse serve ARGS` with muse.load and uvicorn.run stubbed; (names loaded, served ids, output)."""
+    from pathlib import Path
+
+    import uvicorn
+
+    import muse
+    from muse.checkpoints.registry import BundledModel
+    from muse.cli import app
+    from muse.errors import CheckpointError
+    from tests.helpers import tiny_model
+
+    bilingual = tiny_model(tiny.tokenizer, seed=1)
+    bilingual.info["name"] = "qwen2.5-0.5b"
+
+    def load(name, precision):
+        loaded.append(name)
+        if name == "qwen2.5-0.5b" and fail:
+            raise CheckpointError("the joined file does not match")
+        return bilingual if name == "qwen2.5-0.5b" else default_model
+
+    loaded, ran = [], {}
+    monkeypatch.setattr(muse, "load", load)
+    monkeypatch.setattr(uvicorn, "run", lambda server_app, host, port, **kw: ran.update(app=server_app))
+    monkeypatch.setattr(BundledModel, "installed_file", lambda self: Path("/x.gguf") if bilingual_installed else None)
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
+    assert result.exit_code == 0, result.output
+    return loaded, list(ran["app"].state.service.models), result.output
+
+
+def test_serve_without_a_model_also_serves_the_installed_bilingual_model(monkeypatch, tiny, default_model):
+    loaded, served, out = _serve_with(monkeypatch, tiny, default_model, [], bilingual_installed=True)
+    assert loaded == [None, "qwen2.5-0.5b"] and served == ["smollm2-135m", "qwen2.5-0.5b"]
+    assert "smollm2-135m (default)" in out and "Chinese goes to it" in out
+    assert "--model smollm2-135m` serves only the default" in " ".join(out.split())
+
+
+def test_serve_serves_only_what_it_is_told_or_what_is_installed(monkeypatch, tiny, default_model):
+    loaded, served, out = _serve_with(monkeypatch, tiny, default_model, ["-m", "smollm2-135m"], True)
+    assert loaded == ["smollm2-135m"] and served == ["smollm2-135m"] and "Chinese" not in out
+    loaded, served, out = _serve_with(monkeypatch, tiny, default_model, [], bilingual_installed=False)
+    assert loaded == [None] and served == ["smollm2-135m"] and "Chinese" not in out
+    # a bilingual model that fails to load is skipped with a word, the default is served
+    loaded, served, out = _serve_with(monkeypatch, tiny, default_model, [], True, fail=True)
+    assert served == ["smollm2-135m"] and "Not serving qwen2.5-0.5b too" in out

@@ -430,3 +430,48 @@ def test_with_a_key_the_page_is_public_and_the_api_is_not(tiny):
         error(c.get("/api/conversations"), 401)
         r = c.get("/api/conversations", headers={"Authorization": "Bearer sekrit"})
         assert r.status_code == 200 and r.json() == {"data": []}
+
+
+# -- Chinese goes to a served bilingual model ---------------------------------------------
+
+@pytest.fixture
+def two(tiny):
+    """A server with an English-only default (tiny) and a stand-in for the bilingual model."""
+    from tests.helpers import tiny_model
+
+    bilingual = tiny_model(tiny.tokenizer, seed=1)
+    bilingual.info["name"] = "qwen2.5-0.5b"  # the registry says it reads Chinese
+    app = create_app({"tiny": tiny, "qwen2.5-0.5b": bilingual}, embedder=None)
+    with TestClient(app, base_url=LOCAL) as c:
+        yield c
+
+
+def _answered_by(client, content: str, **body) -> str:
+    cid = new_conversation(client)
+    r = client.post(f"/api/conversations/{cid}/messages", json={"content": content, "stream": False,
+                                                                "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
+    return client.get(f"/api/conversations/{cid}").json()["messages"][1]["meta"]["model"]
+
+
+def test_chinese_without_a_model_name_goes_to_the_served_bilingual_model(two):
+    assert _answered_by(two, "你好，今天天气怎么样？") == "qwen2.5-0.5b"
+    assert _answered_by(two, "Hello, how are you?") == "tiny"
+    # a named model is kept, whatever the language
+    assert _answered_by(two, "Hello", model="qwen2.5-0.5b") == "qwen2.5-0.5b"
+    assert _answered_by(two, "你好，今天天气怎么样？", model="tiny") == "tiny"
+    # the other app endpoints route the same way: Chinese is answered instead of refused
+    r = two.post("/api/sentiment", json={"text": "这部电影非常好看，我很喜欢。"})
+    assert r.status_code == 200 and r.json()["label"] in ("positive", "negative", "neutral")
+    error(two.post("/api/sentiment", json={"text": "这部电影非常好看，我很喜欢。", "model": "tiny"}), 400)
+
+
+def test_chinese_output_goes_to_the_bilingual_model_and_english_only_servers_still_refuse(two, client):
+    from muse.server.apps import _for_chinese, _into_chinese
+
+    service = two.app.state.service
+    assert _for_chinese(service, True) == "qwen2.5-0.5b" and _for_chinese(service, False) is None
+    assert _into_chinese("zh") and _into_chinese("中文") and not _into_chinese("fr") and not _into_chinese(None)
+    assert not _into_chinese("klingon")  # the writer refuses it itself
+    assert _for_chinese(client.app.state.service, True) is None  # nothing reads Chinese: the default answers
+    error(client.post("/api/sentiment", json={"text": "这部电影非常好看，我很喜欢。"}), 400)

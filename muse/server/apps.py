@@ -47,6 +47,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
+from muse.apps.text import language, supports_chinese
 from muse.errors import MuseError
 from muse.fileio import remove_stale_temps, replacing
 from muse.generation import SamplingParams
@@ -144,7 +145,12 @@ class Work:
         self._pending: concurrent.futures.Future | None = None
         self._streams: set = set()
 
-    def model(self, name: str | None = None) -> "ServedModel":
+    def model(self, name: str | None = None, text: str = "", chinese: bool = False) -> "ServedModel":
+        """The served model `name`. With no name, a request in Chinese (`text` is, or the output is
+        to be: `chinese`) goes to a served model that reads Chinese when the default does not, as the
+        web app routes it from /api/info."""
+        if name is None and (chinese or text):
+            name = _for_chinese(self.service, chinese or language(text) == "zh")
         return ServedModel(self.service.model(name), self.service.scheduler(name), self)
 
     def stop(self) -> None:
@@ -232,6 +238,14 @@ class Work:
                 yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
         finally:
             self.stop()
+
+
+def _for_chinese(service, chinese: bool) -> str | None:
+    """The served model for a request without a model name: the default, unless the request is in
+    Chinese, the default reads English only and another served model reads Chinese."""
+    if not chinese or supports_chinese(service.model()):
+        return None
+    return next((name for name, m in service.models.items() if supports_chinese(m)), None)
 
 
 def _last(events: Iterator[dict]) -> dict:
@@ -464,7 +478,7 @@ def export_conversation(cid: str, request: Request, format: Literal["json", "mar
 async def send_message(cid: str, body: NewMessage, request: Request):
     _check_chars(request, len(body.content), "content")
     work = Work(request)
-    assistant = _assistant(request, work.model(body.model))
+    assistant = _assistant(request, work.model(body.model, body.content))
     with _NotFound("conversation"):
         cid = assistant.resolve(cid)
     reply = await work.call(assistant.stream_reply, cid, body.content, body.params())
@@ -679,7 +693,7 @@ async def ask(body: Question, request: Request):
 
     _check_chars(request, len(body.question), "question")
     work = Work(request)
-    answer = await work.call(stream_ask, work.model(body.model), _state(request).kb, body.question,
+    answer = await work.call(stream_ask, work.model(body.model, body.question), _state(request).kb, body.question,
                              body.params(SamplingParams(temperature=0.0)), body.k)
     return await work.respond(_ask_events(answer), body.stream)
 
@@ -727,9 +741,20 @@ async def write(body: WriteBody, request: Request):
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
-    chunks = await work.call(stream_write, work.model(body.model), body.action, body.text, tone=body.tone,
+    model = work.model(body.model, body.text, chinese=_into_chinese(body.to))
+    chunks = await work.call(stream_write, model, body.action, body.text, tone=body.tone,
                              to=body.to, length=body.length, params=body.params(DEFAULT_PARAMS))
     return await work.respond(_write_events(_state(request).store, body, chunks), body.stream)
+
+
+def _into_chinese(to: str | None) -> bool:
+    """Whether a translation's target is Chinese (an unknown target is refused by the writer)."""
+    from muse.apps.writer import language_code
+
+    try:
+        return bool(to) and language_code(to).startswith("zh")
+    except ValueError:
+        return False
 
 
 def _write_events(store, body: WriteBody, chunks) -> Iterator[dict]:
@@ -850,11 +875,12 @@ class SentimentBody(_Body):
 
 @router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
 async def create(body: CreateBody, request: Request):
-    from muse.apps.creative import create as make
+    from muse.apps.creative import FORMS, create as make
 
     work = Work(request)
     # Fixed forms are decoded line by line with the model's forward pass (guided), hence _direct.
-    c = await work.call(_direct, make, work.model(body.model), body.kind, body.topic, body.form,
+    model = work.model(body.model, body.topic, chinese=body.form in FORMS and FORMS[body.form].chinese)
+    c = await work.call(_direct, make, model, body.kind, body.topic, body.form,
                         body.params(), body.attempts)
     return {"text": c.text, "form": c.form, "ok": c.ok, "problems": list(c.problems), "tries": c.tries}
 
@@ -865,7 +891,8 @@ async def classify(body: ClassifyBody, request: Request):
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
-    probs = await work.call(_direct, scores, work.model(body.model), body.text, body.labels, body.calibrate)
+    model = work.model(body.model, body.text + " " + " ".join(body.labels))
+    probs = await work.call(_direct, scores, model, body.text, body.labels, body.calibrate)
     return {"label": max(probs, key=probs.get), "scores": probs}
 
 
@@ -875,7 +902,7 @@ async def sentiment(body: SentimentBody, request: Request):
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
-    return await work.call(_direct, judge, work.model(body.model), body.text)
+    return await work.call(_direct, judge, work.model(body.model, body.text), body.text)
 
 
 def _direct(fn: Callable, *args):
