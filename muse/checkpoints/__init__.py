@@ -3,6 +3,10 @@
 `load_checkpoint(name_or_path, precision)` is the one entry point. A GGUF is
 converted once into Muse's format under `MUSE_HOME/cache/` (or `MUSE_CACHE`) (keyed by the file's
 path, size and mtime, and the precision) so later loads only memory-map safetensors.
+
+Loading reports its steps to a `Progress` callback, `progress(what, done, total)` (total 0: a
+step of unknown length), passed to `load_checkpoint` or set for a block with
+`reporting(progress)` by a caller that reaches it through `muse.load` (the CLI's progress bars).
 """
 
 from __future__ import annotations
@@ -10,14 +14,34 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from muse.checkpoints.files import PICKLE_HINT, read_tokenizer
 from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home, find_bundled, verify
 from muse.config import ModelConfig
 from muse.errors import CheckpointError, ModelNotFoundError
+
+
+Progress = Callable[[str, int, int], None]  # (what is happening, done, total; 0 = unknown)
+_reporter: ContextVar[Progress | None] = ContextVar("muse_checkpoint_progress", default=None)
+
+
+@contextmanager
+def reporting(progress: Progress | None) -> Iterator[None]:
+    """Send the progress of every checkpoint load in this block (and this context) to `progress`."""
+    token = _reporter.set(progress)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
+
+
+def _silent(what: str, done: int, total: int) -> None:
+    pass
 
 
 @dataclass
@@ -75,28 +99,36 @@ def _cache_dir(src: Source, precision: str) -> Path:
     return cache_home() / f"{stem}-{precision}-{key}"
 
 
-def _convert_gguf(src: Source, precision: str):
+def _convert_gguf(src: Source, precision: str, progress: Progress = _silent):
     from muse.checkpoints.gguf_file import open_reader, read_gguf_config, read_gguf_weights
     from muse.checkpoints.weights import build_model
     from muse.tokenizer import Tokenizer
 
+    progress(f"Opening {src.path.name}", 0, 0)
     reader = open_reader(src.path)
     config = read_gguf_config(reader, src.path)
-    weights = read_gguf_weights(reader, config, keep_packed=precision != "fp32", path=src.path)
+    weights = read_gguf_weights(reader, config, keep_packed=precision != "fp32", path=src.path, progress=progress)
+    progress("Building the model", 0, 0)
     model, quant = build_model(config, weights, precision, where=str(src.path))
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
+        progress("Reading the tokenizer", 0, 0)
         tokenizer = read_tokenizer(lambda: Tokenizer.from_gguf(reader), src.path)
     return model, tokenizer, quant
 
 
-def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "auto") -> Checkpoint:
-    """Load any supported checkpoint as (model, tokenizer, info)."""
+def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "auto",
+                    progress: Progress | None = None) -> Checkpoint:
+    """Load any supported checkpoint as (model, tokenizer, info).
+
+    progress: called as `progress(what, done, total)` at each step (default: the one set by
+    `reporting`, else nothing); a first GGUF load reports every tensor it converts."""
     from muse.checkpoints.native import is_muse_dir, load_muse, save_muse
     from muse.checkpoints.weights import PRECISIONS, build_model
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    report = progress or _reporter.get() or _silent
     t0 = time.perf_counter()
     if name_or_path is not None and (Path(name_or_path).expanduser() / "adapter_config.json").is_file():
         from muse.training.lora import load_adapter_checkpoint  # a LoRA adapter: its base, adapted and merged
@@ -105,6 +137,7 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
     src = resolve(name_or_path)
     info: dict[str, Any] = {"name": src.name, "path": str(src.path), "format": src.kind, "precision": precision}
     if src.bundled is not None:
+        report(f"Verifying {src.bundled.name}", 0, 0)
         verify(src.bundled, src.path)  # cheap (≈0.05 s for the default) and catches tampering
     if src.kind == "muse":
         model, tokenizer, meta = load_muse(src.path)
@@ -114,6 +147,7 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
         from muse.tokenizer import Tokenizer
 
         config = read_hf_config(src.path)
+        report(f"Reading {src.path.name}", 0, 0)
         tensors = read_hf_tensors(src.path, config)
         model, quant = build_model(config, hf_to_muse(tensors, config), precision, where=str(src.path))
         has_tok = (src.path / "tokenizer.json").is_file()
@@ -126,7 +160,8 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
             info["quantization"] = meta.get("quantization", {})
             info["cached"] = True
         else:
-            model, tokenizer, quant = _convert_gguf(src, precision)
+            model, tokenizer, quant = _convert_gguf(src, precision, report)
+            report("Saving the converted model to the cache", 0, 0)
             save_muse(cache, model, tokenizer, quant, source={"gguf": str(src.path), "precision": precision})
             info["quantization"] = quant
             info["cached"] = False
@@ -165,4 +200,4 @@ def save_checkpoint(path: str | Path, model, tokenizer=None, quant: dict | None 
     return save_muse(path, model, tokenizer, quant, source=source)
 
 
-__all__ = ["Checkpoint", "Source", "load_checkpoint", "read_config", "resolve", "save_checkpoint"]
+__all__ = ["Checkpoint", "Progress", "Source", "load_checkpoint", "read_config", "reporting", "resolve", "save_checkpoint"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -383,21 +384,27 @@ def expected_gguf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def read_gguf_weights(reader, config: ModelConfig, keep_packed: bool = True, path: str | Path = "GGUF") -> dict:
+def read_gguf_weights(reader, config: ModelConfig, keep_packed: bool = True, path: str | Path = "GGUF",
+                      progress: "Callable[[str, int, int], None] | None" = None) -> dict:
     """All tensors under Muse's names: q/k/v and gate/up fused, llama q/k un-permuted.
 
-    Every tensor's name, shape and type is checked against `config` before any is read."""
+    Every tensor's name, shape and type is checked against `config` before any is read.
+    `progress(what, done, total)` is called before the first tensor and after each one."""
     found = {t.name: (tuple(int(x) for x in reversed(t.shape)), t.tensor_type.name)
              for t in reader.tensors if t.name not in _DERIVED}
     check_specs(str(path), found, expected_gguf_shapes(config), dtypes=_weight_types())
     by_layer: dict[int, dict[str, object]] = {}
     out: dict[str, object] = {}
-    for t in reader.tensors:
+    report = progress or (lambda what, done, total: None)
+    total = len(reader.tensors)
+    report("Reading tensors", 0, total)
+    for done, t in enumerate(reader.tensors, 1):
         if t.name in _TOP_NAMES:
             out[_TOP_NAMES[t.name]] = _tensor(t, keep_packed, path)
         elif t.name.startswith("blk."):
             _, idx, rest = t.name.split(".", 2)
             by_layer.setdefault(int(idx), {})[rest] = _tensor(t, keep_packed, path)
+        report("Reading tensors", done, total)
     names = {**_LAYER_NAMES, **(_GPT2_LAYER_NAMES if config.arch == "gpt2" else {})}
     for i, parts in sorted(by_layer.items()):
         pre = f"layers.{i}."

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from muse.cli.common import MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params, _stats, _stream_to_stdout, app, console, friendly, models_app, read_argument
+from muse.cli.progress import Activity, counting_steps, loading, until_first
 
 
 @app.command()
@@ -27,9 +28,17 @@ def generate(
 
     prompt = read_argument(prompt)
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
-    m = muse.load(model, precision=precision)
-    chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
-    _stats(_stream_to_stdout(chunks), verbose)
+    with Activity() as activity:
+        with loading(activity, model):
+            m = muse.load(model, precision=precision)
+        chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
+        if num_beams == 1:
+            activity.step("Reading the prompt")
+            _stats(_stream_to_stdout(until_first(chunks, activity)), verbose)
+            return
+        # one forward pass for the prompt, then one per generated token
+        with counting_steps(activity, m.model, f"Beam search, {num_beams} beams", max_tokens + 1):
+            _stats(_stream_to_stdout(until_first(chunks, activity)), verbose)
 
 
 @models_app.callback()
@@ -89,7 +98,8 @@ def info(
     """Architecture, parameters, context length and quantization of a model."""
     import muse
 
-    m = muse.load(model or model_opt, precision=precision)
+    with Activity() as activity, loading(activity, model or model_opt):
+        m = muse.load(model or model_opt, precision=precision)
     table = Table(show_header=False, title=m.name)
     for key, value in m.describe().items():
         if key == "parameters":

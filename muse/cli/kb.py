@@ -10,6 +10,7 @@ from rich.table import Table
 
 from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, TopP, _stream_to_stdout, app,
                              console, err, friendly)
+from muse.cli.progress import Activity, loading, until_first
 
 kb_app = MuseTyper(help="Your knowledge base: the documents `muse ask` answers from (txt, md, html, pdf, docx).",
                      no_args_is_help=True)
@@ -33,7 +34,8 @@ def kb_add(
 ):
     """Add documents; re-adding updates only the files that changed."""
     kb = _kb(no_embeddings)
-    with console.status("Reading and indexing…"):
+    with Activity() as activity:
+        activity.step("Reading and indexing" + (" (embedding passages)" if kb.dense else ""))
         report = kb.add(paths)
     for label, colour, items in (("added", "green", report.added), ("updated", "cyan", report.updated),
                                  ("unchanged", "dim", report.unchanged)):
@@ -84,7 +86,9 @@ def kb_search(
     no_embeddings: bool = NoEmbeddings,
 ):
     """Show the passages that best match a query, without asking a model."""
-    hits = _kb(no_embeddings).search(query, k=k)
+    with Activity() as activity:
+        activity.step("Searching the knowledge base")
+        hits = _kb(no_embeddings).search(query, k=k)
     if not hits:
         console.print("No matching passages.")
     for n, h in enumerate(hits, 1):
@@ -117,8 +121,13 @@ def ask(
     kb = _kb(no_embeddings)
     if not kb.list():
         raise MuseError("The knowledge base is empty: add documents first with `muse kb add PATH...`.")
-    stream = stream_ask(muse.load(model, precision=precision), kb, question, params, k=k)
-    _stream_to_stdout(stream)
+    with Activity() as activity:
+        with loading(activity, model):
+            m = muse.load(model, precision=precision)
+        activity.step("Searching the knowledge base" + (" (embeddings)" if kb.dense else ""))
+        stream = stream_ask(m, kb, question, params, k=k)
+        activity.step(f"Reading {len(stream.citations)} passages" if stream.citations else "Answering")
+        _stream_to_stdout(until_first(stream, activity))
     answer = stream.answer
     if answer.citations:
         console.print("\n[bold]Sources[/]")

@@ -1,0 +1,112 @@
+"""What a long command is doing, shown on stderr so stdout stays clean for pipes.
+
+`Activity` takes the library's progress callbacks, `activity(what, done, total)` (total 0 = a
+step of unknown length), and steps set by the command itself (`activity.step("Searching…")`).
+On a terminal it is one transient rich progress line: spinner, step, bar, count, elapsed, ETA.
+Elsewhere it is silent, unless MUSE_PROGRESS=1 asks for one plain line per step (logs, CI);
+MUSE_PROGRESS=0 silences it on a terminal too.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+
+from muse.cli.common import err
+
+T = TypeVar("T")
+
+
+class Activity:
+    """A live view of one command's steps (a context manager; see the module docstring)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or err
+        wanted = os.environ.get("MUSE_PROGRESS", "")
+        self.live = self.console.is_terminal and wanted != "0"
+        self.lines = not self.live and wanted == "1"
+        self._progress = None  # a rich.progress.Progress while live
+        self._task = None
+        self._what: str | None = None
+
+    def __enter__(self) -> "Activity":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+                refresh_per_second=8)
+            self._progress.start()  # draws at once: the first step shows within a refresh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Take the progress line away (before the command writes its answer)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def step(self, what: str) -> None:
+        """A step of unknown length: a spinner and the elapsed time."""
+        self(what, 0, 0)
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if what != self._what:
+            self._what = what
+            if self.lines:
+                self.console.print(f"{what}…", style="dim", highlight=False, soft_wrap=True)
+            if self._progress is not None:
+                if self._task is not None:
+                    self._progress.remove_task(self._task)
+                self._task = self._progress.add_task(what, total=total or None, completed=done)
+                self._progress.refresh()
+                return
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done, total=total or None)
+
+
+@contextmanager
+def loading(activity: Activity, name: str | None) -> Iterator[None]:
+    """Show `Loading NAME…` and, on a first use, each step of converting it (`muse.load` inside)."""
+    from muse.checkpoints import reporting  # light: muse.checkpoints imports no torch at the top
+    from muse.checkpoints.registry import DEFAULT_MODEL
+
+    activity.step(f"Loading {name or os.environ.get('MUSE_MODEL') or DEFAULT_MODEL}")
+    with reporting(activity):
+        yield
+
+
+def until_first(items: Iterable[T], activity: Activity) -> Iterator[T]:
+    """Yield `items`, closing `activity` as the first one arrives (and when they end or fail)."""
+    try:
+        for item in items:
+            activity.close()
+            yield item
+    finally:
+        activity.close()
+
+
+@contextmanager
+def counting_steps(activity: Activity, net, what: str, total: int) -> Iterator[None]:
+    """Report each forward pass of `net` (a torch module) as one step of `what`, out of `total`.
+
+    Beam search decides its text only at the end; counting its decoding steps shows it moving."""
+    calls = [0]
+
+    def hook(module, args, output) -> None:
+        calls[0] += 1
+        activity(what, min(calls[0], total), total)
+
+    activity(what, 0, total)
+    handle = net.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
