@@ -17,7 +17,7 @@ def serve(
     model: Optional[list[str]] = typer.Option(
         None, "--model", "-m",
         help="Model to serve (repeatable; the first is the default): a bundled name, a .gguf file or a model "
-             "directory. Default: smollm2-135m."),
+             "directory. Default: smollm2-135m, and qwen2.5-0.5b too when it is installed (Chinese goes to it)."),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="MUSE_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on every API request."),
