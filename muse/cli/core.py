@@ -27,9 +27,9 @@ def generate(
     import muse
 
     prompt = read_argument(prompt)
-    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
     with Activity() as activity:
-        with loading(activity, model):
+        with loading(activity, model):  # shown before torch is imported (by SamplingParams): ~1 s
+            params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
             m = muse.load(model, precision=precision)
         chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
         if num_beams == 1:

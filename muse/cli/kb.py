@@ -33,9 +33,11 @@ def kb_add(
     no_embeddings: bool = NoEmbeddings,
 ):
     """Add documents; re-adding updates only the files that changed."""
-    kb = _kb(no_embeddings)
     with Activity() as activity:
-        activity.step("Reading and indexing" + (" (embedding passages)" if kb.dense else ""))
+        activity.step("Reading and indexing")
+        kb = _kb(no_embeddings)
+        if kb.dense:
+            activity.step("Reading, embedding and indexing")
         report = kb.add(paths)
     for label, colour, items in (("added", "green", report.added), ("updated", "cyan", report.updated),
                                  ("unchanged", "dim", report.unchanged)):
@@ -113,16 +115,17 @@ def ask(
 ):
     """Answer a question from your documents, citing them as [1], [2] …"""
     import muse
-    from muse.apps.kb import stream_ask
     from muse.errors import MuseError
 
-    params = muse.SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    kb = _kb(no_embeddings)
-    if not kb.list():
-        raise MuseError("The knowledge base is empty: add documents first with `muse kb add PATH...`.")
     with Activity() as activity:
-        with loading(activity, model):
+        with loading(activity, model):  # shown before torch is imported: ~1 s
+            from muse.apps.kb import stream_ask
+
+            kb = _kb(no_embeddings)
+            if not kb.list():
+                raise MuseError("The knowledge base is empty: add documents first with `muse kb add PATH...`.")
+            params = muse.SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
             m = muse.load(model, precision=precision)
         activity.step("Searching the knowledge base" + (" (embeddings)" if kb.dense else ""))
         stream = stream_ask(m, kb, question, params, k=k)

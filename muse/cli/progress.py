@@ -38,8 +38,9 @@ class Activity:
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                _Known(MofNCompleteColumn()), TimeElapsedColumn(), _Known(TimeRemainingColumn()),
+                console=self.console, transient=True,
                 refresh_per_second=8)
             self._progress.start()  # draws at once: the first step shows within a refresh
         return self
@@ -70,6 +71,19 @@ class Activity:
                 return
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, total=total or None)
+
+
+class _Known:
+    """A progress column shown only for steps of known length (no `0/?` or `-:--:--` for the rest)."""
+
+    def __init__(self, column):
+        self.column = column
+
+    def __getattr__(self, name):
+        return getattr(self.column, name)
+
+    def __call__(self, task):
+        return self.column(task) if task.total is not None else ""
 
 
 @contextmanager
