@@ -129,7 +129,8 @@ def ask(
             m = muse.load(model, precision=precision)
         activity.step("Searching the knowledge base" + (" (embeddings)" if kb.dense else ""))
         stream = stream_ask(m, kb, question, params, k=k)
-        activity.step(f"Reading {len(stream.citations)} passages" if stream.citations else "Answering")
+        n = len(stream.citations)
+        activity.step(f"Reading {n} passage{'s' if n != 1 else ''}" if n else "Answering")
         _stream_to_stdout(until_first(stream, activity))
     answer = stream.answer
     if answer.citations:
