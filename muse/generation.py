@@ -126,35 +126,67 @@ class StopMatcher:
         return out
 
 
+# A loop: the output's tail is one span repeated, at least LOOP_REPEATS times in a row and over at
+# least LOOP_SPAN tokens (a 1-token cycle 32 times, a 4-token one 8 times, a ≥ 11-token one 3 times),
+# with a period of at most LOOP_MAX_PERIOD tokens. Nothing shorter than LOOP_SPAN can trip it.
+LOOP_SPAN, LOOP_REPEATS, LOOP_MAX_PERIOD = 32, 3, 128
+
+
+def loop_tail(ids: list[int]) -> tuple[int, int]:
+    """(period, run) when `ids` ends in a loop, else (0, 0): the shortest repeating span's length,
+    and how many tokens at the end the repetition covers (one copy is `ids[len - run:][:period]`)."""
+    n = len(ids)
+    for p in range(1, min(LOOP_MAX_PERIOD, n // LOOP_REPEATS) + 1):
+        need = max(LOOP_REPEATS * p, LOOP_SPAN)
+        if need > n or ids[-1] != ids[-1 - p]:
+            continue
+        if all(ids[i] == ids[i - p] for i in range(n - need + p, n - 1)):
+            start = n - need
+            while start > 0 and ids[start - 1] == ids[start - 1 + p]:
+                start -= 1
+            return p, n - start
+    return 0, 0
+
+
 class TokenText:
     """Turns sampled tokens, one at a time, into the text a stream emits and its finish reason.
 
-    UTF-8-safe incremental decoding, stop strings held back and never emitted, EOS and the
-    `max_new` limit: the per-token rules shared by `stream_generate` and the server's
-    batching scheduler, so both emit exactly the same text.
+    UTF-8-safe incremental decoding, stop strings held back and never emitted, EOS, the loop
+    guard and the `max_new` limit: the per-token rules shared by `stream_generate` and the
+    server's batching scheduler, so both emit exactly the same text.
     """
 
-    def __init__(self, tokenizer, stop: list[str], max_new: int):
+    def __init__(self, tokenizer, stop: list[str], max_new: int, loop_guard: bool = False):
         self.eos = tokenizer.eos_ids if tokenizer is not None else set()
         self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self.stops = StopMatcher(stop)
         self.max_new = max_new
         self.n = 0  # tokens pushed so far
+        self.ids: list[int] | None = [] if loop_guard else None  # the output so far, for the loop guard
+        self.looped = False  # the loop guard ended it
 
     def push(self, tok: int) -> tuple[str, str | None]:
-        """(text to emit, finish reason: None | "stop" (EOS or stop string) | "length")."""
+        """(text to emit, finish reason: None | "stop" (EOS, stop string or loop) | "length")."""
         self.n += 1
         decoder, stops = self.decoder, self.stops
         if tok in self.eos:
             tail = stops.push(decoder.flush())[0] if decoder else ""
             return tail + stops.flush(), "stop"
+        if self.ids is not None:
+            self.ids.append(tok)
+            self.looped = self.loops()
         safe, hit = stops.push(decoder.push(tok) if decoder else "")
         if hit:
             return safe, "stop"
-        if self.n >= self.max_new:
+        if self.n >= self.max_new or self.looped:
             tail, hit = stops.push(decoder.flush() if decoder else "")
-            return safe + tail + ("" if hit else stops.flush()), "stop" if hit else "length"
+            return safe + tail + ("" if hit else stops.flush()), "stop" if hit or self.looped else "length"
         return safe, None
+
+    def loops(self) -> bool:
+        """Whether the output just completed its LOOP_REPEATS-th copy of a span (cheap: most
+        periods fail on the last token)."""
+        return self.n >= LOOP_SPAN and loop_tail(self.ids)[0] > 0
 
 
 # -- the generation loop ----------------------------------------------------------
@@ -174,7 +206,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     if p.num_beams > 1:
         yield from _stream_beams(model, tokenizer, ids, p, max_new)
         return
-    text_of = TokenText(tokenizer, p.stop, max_new)
+    text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard)
     sampler = make_sampler(p)
     use_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
@@ -193,7 +225,8 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         tok = int(token)
         tps = (n - 1) / (time.perf_counter() - t1) if n > 1 else 0.0
         text, reason = text_of.push(tok)
-        yield GenerationChunk(text, tok, reason, **stats, generation_tokens=n, generation_tps=tps)
+        yield GenerationChunk(text, tok, reason, **stats, generation_tokens=n, generation_tps=tps,
+                              looped=text_of.looped)
         if reason:
             return
         if use_history:
@@ -241,6 +274,8 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
         beam, tok = idx // V, idx % V
         cand = torch.cat([seqs[beam], tok[:, None]], dim=1)  # (keep, n)
         hits = torch.isin(tok, eos_t) | (n == max_new)
+        if p.loop_guard and n >= LOOP_SPAN:  # a looping beam finishes (its repeats are cut in _stream_beams)
+            hits |= torch.tensor([loop_tail(c)[0] > 0 for c in cand.tolist()])
         if improvable:
             for j in range(nb):  # only the top num_beams candidates may finish
                 if hits[j]:
@@ -268,9 +303,13 @@ def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Ite
     dt = max(time.perf_counter() - t0, 1e-9)
     hit_eos = bool(out) and out[-1] in eos
     body = out[:-1] if hit_eos else out
+    period, run = loop_tail(body) if p.loop_guard and not hit_eos else (0, 0)
+    if period:  # keep one whole copy of the repeated span (copies end where the output ends)
+        body = out = body[:len(body) - (run // period - 1) * period]
     text = tokenizer.decode(body) if tokenizer is not None else ""
     stops = StopMatcher(p.stop)
     safe, hit = stops.push(text)
-    reason = "stop" if hit_eos or hit else "length"
+    reason = "stop" if hit_eos or hit or period else "length"
     yield GenerationChunk(safe + ("" if hit else stops.flush()), out[-1] if out else None, reason,
-                          prompt_tokens=len(ids), generation_tokens=len(out), generation_tps=len(out) / dt)
+                          prompt_tokens=len(ids), generation_tokens=len(out), generation_tps=len(out) / dt,
+                          looped=bool(period))

@@ -29,6 +29,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1 → beam search (deterministic)
     length_penalty: float = 1.0  # beam score = logprob sum / generated_len ** length_penalty
     truncate: str | None = None  # None: a too-long prompt is an error; "left": drop its oldest tokens
+    loop_guard: bool = True  # stop once the output repeats itself verbatim (see generation.loop_tail)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +48,7 @@ class SamplingParams:
             ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "None or an integer ≥ 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("truncate", self.truncate in TRUNCATE_POLICIES, f"one of {TRUNCATE_POLICIES}"),
+            ("loop_guard", isinstance(self.loop_guard, bool), "True or False"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -62,7 +64,8 @@ class GenerationChunk:
 
     text: str
     token: int | None
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None
+    finish_reason: str | None = None  # "stop" (EOS, stop string or loop) | "length" | None
+    looped: bool = False  # the loop guard ended it: the output had started repeating itself
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the server's prefix cache
     generation_tokens: int = 0

@@ -262,7 +262,7 @@ class Scheduler:
             ids = list(prompt)
         ids, max_new = fit_prompt(ids, self.model.config.block_size, p)
         penalized = bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
-        req = _Request(ids, p, Stream(loop), TokenText(tok, p.stop, max_new), make_sampler(p), penalized,
+        req = _Request(ids, p, Stream(loop), TokenText(tok, p.stop, max_new, p.loop_guard), make_sampler(p), penalized,
                        torch.tensor([ids], dtype=torch.long))
         with self._wake:
             if self._closed:
@@ -473,7 +473,7 @@ class Scheduler:
         n = r.text.n
         tps = (n - 1) / max(time.perf_counter() - r.first_token_at, 1e-9) if n > 1 else 0.0
         self._outbox.put(r.stream, GenerationChunk(text, tok, reason, **r.stats, generation_tokens=n,
-                                                   generation_tps=tps))
+                                                   generation_tps=tps, looped=r.text.looped))
         if reason:
             return False  # the caller ends the stream
         if r.penalized:

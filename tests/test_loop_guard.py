@@ -1,0 +1,86 @@
+"""The loop guard: generation stops once the output repeats itself verbatim, the same way in
+`stream_generate` and the batching scheduler, and never changes an output that does not loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from muse.api import Model
+from muse.generation import LOOP_SPAN, SamplingParams, loop_tail, stream_generate
+from muse.scheduler import Scheduler
+from tests.helpers import ScriptLM
+
+CYCLE = " The sea is calm tonight and the stars are out over the water."
+INTRO = "A short note about life."
+
+
+@pytest.fixture(scope="module")
+def tok(default_model):
+    return default_model.tokenizer
+
+
+def scripted(tok, text: str) -> tuple[Model, list[int]]:
+    prompt = tok.encode("Say it:")
+    return Model(ScriptLM(tok, len(prompt), text), tok, {"name": "scripted"}), prompt
+
+
+def run(model, prompt, **settings):
+    chunks = list(stream_generate(model.model, model.tokenizer, prompt,
+                                  SamplingParams(max_new_tokens=400, temperature=0, **settings)))
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+def test_loop_tail_finds_the_shortest_period_and_the_whole_run():
+    assert loop_tail([7] * (LOOP_SPAN - 1)) == (0, 0)  # too short to call a loop
+    assert loop_tail([1, 2] + [7] * LOOP_SPAN) == (1, LOOP_SPAN)
+    span = list(range(100, 112))  # 12 tokens: 3 copies are enough
+    assert loop_tail([1, 2] + span * 2) == (0, 0)
+    assert loop_tail([1, 2] + span * 3) == (12, 36)
+    assert loop_tail(span[5:] + span * 3) == (12, 43)  # the run starts inside an earlier partial copy
+    assert loop_tail([1, 2, 3, 4] * 7) == (0, 0)  # a 4-token cycle needs 8 copies (32 tokens)
+    assert loop_tail([9] + [1, 2, 3, 4] * 8) == (4, 32)
+
+
+def test_a_looping_script_stops_early_with_at_most_three_copies(tok):
+    model, prompt = scripted(tok, INTRO + CYCLE * 20)
+    text, last = run(model, prompt)
+    assert last.finish_reason == "stop" and last.looped
+    assert text.startswith(INTRO) and 1 <= text.count(CYCLE.strip()) <= 3
+    assert last.generation_tokens < 60
+    off, last_off = run(model, prompt, loop_guard=False)
+    assert off.count(CYCLE.strip()) == 20 and last_off.finish_reason == "stop" and not last_off.looped
+
+
+def test_a_script_that_does_not_loop_is_unchanged(tok):
+    words = " ".join(f"word{i}" for i in range(80))
+    model, prompt = scripted(tok, words)
+    on, last_on = run(model, prompt)
+    off, last_off = run(model, prompt, loop_guard=False)
+    assert on == off == words and not last_on.looped
+    assert last_on.generation_tokens == last_off.generation_tokens
+
+
+def test_the_scheduler_stops_a_loop_like_stream_generate(tok):
+    model, prompt = scripted(tok, INTRO + CYCLE * 20)
+    want, last = run(model, prompt)
+    sched = Scheduler(model)
+    try:
+        chunks = list(sched.submit(prompt, SamplingParams(max_new_tokens=400, temperature=0)))
+    finally:
+        sched.close()
+    assert "".join(c.text for c in chunks) == want
+    assert (chunks[-1].finish_reason, chunks[-1].looped, chunks[-1].generation_tokens) == (
+        "stop", True, last.generation_tokens)
+
+
+def test_beam_search_keeps_one_copy_of_a_loop(tok):
+    model, prompt = scripted(tok, INTRO + CYCLE * 20)
+    text, last = run(model, prompt, num_beams=3)
+    assert last.finish_reason == "stop" and last.looped
+    # one copy, in the phase the repetition was found in (here from the intro's final ".")
+    assert text.startswith(INTRO + CYCLE[:-1]) and text.count("The sea is calm") == 1
+
+
+def test_loop_guard_is_validated():
+    with pytest.raises(ValueError, match="loop_guard"):
+        SamplingParams(loop_guard="yes")
