@@ -36,6 +36,19 @@ class Model:
     def name(self) -> str:
         return self.info.get("name", "model")
 
+    @property
+    def recommended(self) -> dict:
+        """The sampling the checkpoint recommends (its generation_config.json), as `SamplingParams`
+        fields: {} when it recommends none."""
+        return dict(self.info.get("sampling") or {})
+
+    def params(self, params: SamplingParams | None = None, **kwargs) -> SamplingParams:
+        """The settings a call runs with: `params` as given, else `SamplingParams` defaults under the
+        model's recommended sampling; keyword arguments (the values a user set) override either.
+        `temperature=0` stays greedy."""
+        base = params if params is not None else SamplingParams(**self.recommended)
+        return base.replace(**kwargs) if kwargs else base
+
     def _need_tokenizer(self):
         if self.tokenizer is None:
             raise ValueError(f"{self.name} has no tokenizer; use token ids with Model.logits()")
@@ -46,11 +59,11 @@ class Model:
     def stream(self, prompt: "str | list[int]", params: SamplingParams | None = None,
                **kwargs) -> Iterator[GenerationChunk]:
         """Yield `GenerationChunk`s (text delta, token, finish reason, speeds)."""
-        return stream_generate(self.model, self.tokenizer, prompt, params, **kwargs)
+        return stream_generate(self.model, self.tokenizer, prompt, self.params(params, **kwargs))
 
     def generate(self, prompt: "str | list[int]", params: SamplingParams | None = None, **kwargs) -> str:
         """Complete `prompt`; keyword arguments are `SamplingParams` fields."""
-        return generate(self.model, self.tokenizer, prompt, params, **kwargs)
+        return generate(self.model, self.tokenizer, prompt, self.params(params, **kwargs))
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text the chat template renders for `messages`."""
@@ -120,4 +133,8 @@ def load(name_or_path: "str | Path | None" = None, precision: str = "auto") -> M
     Hugging Face / Muse directory. precision: auto (keep the file's quantization),
     fp32, bf16, int8 or int4."""
     ckpt = load_checkpoint(name_or_path, precision)
+    if ckpt.info.get("format") in ("hf", "muse") and "sampling" not in ckpt.info:
+        from muse.checkpoints.hf import read_generation_config
+
+        ckpt.info["sampling"] = read_generation_config(Path(ckpt.info["path"]))
     return Model(ckpt.model, ckpt.tokenizer, ckpt.info)

@@ -133,3 +133,37 @@ def test_beam_search_matches_transformers_on_tiny_model(tmp_path):
             ref.pop()
         assert ours == ref, f"prompt={prompt} length_penalty={lp}"
     assert beam_search(model, [7, 7, 7], SamplingParams(num_beams=5), 12, {5})[-1] == 5
+
+
+def test_generation_config_sampling_applies_when_the_user_sets_nothing(tmp_path, monkeypatch):
+    """A checkpoint's generation_config.json recommends sampling: it fills what the caller left
+    unset, a value the caller sets wins (temperature=0 stays greedy), do_sample false recommends nothing."""
+    import json
+
+    import muse.api
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.8, "top_k": 20, "repetition_penalty": 99.0,
+           "bos_token_id": 1}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    m = muse.load(tmp_path, precision="fp32")
+    assert m.recommended == {"temperature": 0.6, "top_p": 0.8, "top_k": 20}  # 99 is out of range: left out
+    assert (m.params().temperature, m.params().top_p, m.params().top_k) == (0.6, 0.8, 20)
+    assert m.params().max_new_tokens == SamplingParams().max_new_tokens
+    greedy = m.params(temperature=0)
+    assert (greedy.temperature, greedy.top_p) == (0.0, 0.8)
+    assert m.params(SamplingParams(top_p=0.5)) == SamplingParams(top_p=0.5)  # given params are used as given
+
+    seen = []
+    for name in ("generate", "stream_generate"):
+        monkeypatch.setattr(muse.api, name, lambda model, tok, prompt, p: seen.append(p) or "")
+    m.generate([1, 2, 3], max_new_tokens=4)
+    m.stream([1, 2, 3], temperature=0.0, top_p=1.0)
+    assert (seen[0].temperature, seen[0].top_p, seen[0].max_new_tokens) == (0.6, 0.8, 4)
+    assert (seen[1].temperature, seen[1].top_p, seen[1].top_k) == (0.0, 1.0, 20)
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}))
+    assert muse.load(tmp_path, precision="fp32").recommended == {}
