@@ -44,9 +44,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
-    from muse.api import Model, load
-    from muse.checkpoints import load_checkpoint, save_checkpoint
-    from muse.config import ModelConfig
-    from muse.errors import CheckpointError, ContextLengthError, ModelNotFoundError, MuseError
-    from muse.generation import GenerationChunk, SamplingParams, generate, stream_generate
-    from muse.model import KVCache, Transformer
+    from muse.api import Model, load  # noqa: F401
+    from muse.checkpoints import load_checkpoint, save_checkpoint  # noqa: F401
+    from muse.config import ModelConfig  # noqa: F401
+    from muse.errors import CheckpointError, ContextLengthError, ModelNotFoundError, MuseError  # noqa: F401
+    from muse.generation import GenerationChunk, SamplingParams, generate, stream_generate  # noqa: F401
+    from muse.model import KVCache, Transformer  # noqa: F401

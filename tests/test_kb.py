@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from muse.apps import embed as embedding
 from muse.apps import kb as kbm
-from muse.apps.extract import ExtractError, extract, extract_bytes
+from muse.apps.extract import ExtractError, extract
 from muse.apps.kb import NOT_FOUND, KnowledgeBase, ask, chunk_text, estimate_tokens, stream_ask, terms
 from muse.apps.text import LanguageError
 from muse.errors import MuseError

@@ -325,7 +325,7 @@ def _wait_idle(scheduler, limit_s: float = 60.0) -> None:
 
 def test_a_streaming_client_that_disconnects_frees_its_slot(live):
     sched = live.scheduler
-    body = chat_body("Go on", max_tokens=4000, temperature=0, stream=True)
+    body = chat_body("Go on", max_tokens=4000, temperature=0, stream=True, loop_guard=False)
     with httpx.Client(base_url=live.url) as c:
         with c.stream("POST", CHAT, json=body) as r:
             for line in r.iter_lines():
@@ -344,7 +344,7 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(live):
 
 def test_a_waiting_client_that_disconnects_frees_its_slot(live):
     sched = live.scheduler
-    body = chat_body("Go on", max_tokens=4000, temperature=0)
+    body = chat_body("Go on", max_tokens=4000, temperature=0, loop_guard=False)
     started = sched.steps
     with pytest.raises(httpx.ReadTimeout):  # gives up, closing the connection
         httpx.post(live.url + CHAT, json=body, timeout=httpx.Timeout(10.0, read=0.5))

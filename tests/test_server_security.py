@@ -268,7 +268,9 @@ def test_generation_beyond_the_queue_gets_429_with_retry_after(tiny):
     long = tiny_model(tiny.tokenizer, block_size=8192)  # room for a request that runs while the others arrive
     app = create_app({"tiny": long}, embedder=None, max_batch=1, limits=Limits(max_queued=1))
     # greedy: the same tokens every run, and this tiny model's greedy text never reaches its end-of-text
-    body = {"model": "tiny", "prompt": "a", "max_tokens": 8000, "temperature": 0, "stream": True}
+    # (it repeats itself, so the loop guard, which would end it, is off)
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 8000, "temperature": 0, "stream": True,
+            "loop_guard": False}
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as http:
         with http.stream("POST", "/v1/completions", json=body) as running:
             assert running.status_code == 200

@@ -161,7 +161,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, choice: int) -> Samp
     Choice i of n uses seed + i, so n seeded choices differ and each is reproducible.
     """
     given = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                 min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                 min_p=body.min_p, repetition_penalty=body.repetition_penalty, loop_guard=body.loop_guard,
                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                  seed=None if body.seed is None else (body.seed + choice) % 2**63,
                  stop=[body.stop] if isinstance(body.stop, str) else body.stop)

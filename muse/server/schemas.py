@@ -4,7 +4,7 @@ Field names, defaults and ranges follow OpenAI's API reference, so the official 
 unchanged; the range checks live here, in one table per request, and a violation becomes a
 400 naming the parameter. A sampling option left out keeps Muse's own default
 (`muse.SamplingParams`), not OpenAI's. Extensions that vLLM and mlx-lm also accept: `top_k`,
-`min_p`, `repetition_penalty`.
+`min_p`, `repetition_penalty`; and Muse's own `loop_guard`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class SamplingFields(_Request):
     top_k: Optional[int] = Field(None, ge=0, description="Muse extension: sample from the k most likely tokens.")
     min_p: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Muse extension.")
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0, description="Muse extension.")
+    loop_guard: Optional[bool] = Field(None, description="Muse extension: stop when the output starts repeating "
+                                                         "itself word for word (default true).")
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
