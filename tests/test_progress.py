@@ -120,3 +120,14 @@ def test_cli_beam_search_says_so_on_stderr_and_keeps_stdout_clean(default_model,
     assert "Loading smollm2-135m…" in r.stderr and "Beam search, 2 beams…" in r.stderr
     expected = default_model.generate("The capital of France is", max_new_tokens=4, num_beams=2)
     assert r.stdout == expected + "\n"  # the text and the newline after it, nothing else
+
+
+def test_commands_that_load_a_model_say_so_first(default_model, monkeypatch):
+    """write, create and chat load a model before their first word: stderr says so, stdout stays the answer."""
+    monkeypatch.setenv("MUSE_PROGRESS", "1")
+    for args in (["write", "polish", "i has a apple", "-n", "4"], ["create", "slogan", "tea", "-n", "4"]):
+        r = runner.invoke(app, args, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert "Loading smollm2-135m…" in r.stderr and "Loading" not in r.stdout
+    r = runner.invoke(app, ["chat", "-n", "4"], input="Hi\n", catch_exceptions=False)
+    assert r.exit_code == 0 and "Loading smollm2-135m…" in r.stderr

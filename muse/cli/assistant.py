@@ -18,6 +18,7 @@ from rich.text import Text
 from muse.errors import MuseError
 from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP,
                              _params, _stats, _stream_to_stdout, app, console, err, friendly)
+from muse.cli.progress import load_model
 
 CHAT_COMMANDS = {
     "/system TEXT": "set this conversation's system prompt (no text: back to the persona's)",
@@ -236,16 +237,15 @@ def _open_conversation(a, resume: Optional[str], last: bool) -> Optional[str]:
 
 def _load_for(conv: Optional[dict], model: Optional[str], precision: str):
     """The model asked for, else the one the resumed conversation used (the default if it is gone)."""
-    import muse
     from muse.errors import ModelNotFoundError
 
     if model is None and conv is not None and conv["model"]:
         try:
-            return muse.load(conv["model"], precision=precision)
+            return load_model(conv["model"], precision)
         except ModelNotFoundError:
             err.print(f"[yellow]{escape(conv['model'])} (this conversation's model) is not available; "
                       "using the default model.[/]", highlight=False)
-    return muse.load(model, precision=precision)
+    return load_model(model, precision)
 
 
 def _show_resumed(conv: dict) -> None:

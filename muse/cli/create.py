@@ -12,6 +12,7 @@ from rich.table import Table
 from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, app, console, err, friendly, read_argument,
 )
+from muse.cli.progress import load_model
 
 FORM_HELP = ("Poem form: 五言绝句 (五绝, wujue), 七言绝句 (七绝, qijue), 五言律诗 (五律, wulv), 七言律诗 (七律, qilv) — "
              "Chinese, need --model qwen2.5-0.5b — or haiku (俳句, 5-7-5), free (自由诗, the default).")
@@ -56,7 +57,7 @@ def create(
         max_new_tokens=max_tokens if max_tokens is not None else DEFAULT_TOKENS[kind], temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, seed=seed)
-    m = muse.load(model, precision=precision)
+    m = load_model(model, precision)
     with err.status(f"Writing a {kind}…"):
         c = make(m, kind, read_argument(topic), form=form, params=params, attempts=attempts, guided=guided)
     if as_json:
@@ -135,12 +136,11 @@ def classify(
     Examples: muse classify "The striker scored twice" --labels sports,business,health;
     muse classify -i news.csv -o labelled.csv --labels sports,business --column headline.
     """
-    import muse
     from muse.apps.analysis import check_labels, classify as score
 
     _check_source(text, path_in, path_out)
     names = check_labels(labels)  # bad labels fail before the model loads
-    m = muse.load(model, precision=precision)
+    m = load_model(model, precision)
     if path_in is not None:
         _run_file(m, path_in, path_out, labels=names, task="classify", column=column, calibrate=calibrate)
         return
@@ -162,11 +162,10 @@ def sentiment(
 
     Examples: muse sentiment "Terrible service, never again."; muse sentiment -i reviews.jsonl -o scored.jsonl.
     """
-    import muse
     from muse.apps.analysis import sentiment as score
 
     _check_source(text, path_in, path_out)
-    m = muse.load(model, precision=precision)
+    m = load_model(model, precision)
     if path_in is not None:
         _run_file(m, path_in, path_out, task="sentiment", column=column, calibrate=calibrate)
         return

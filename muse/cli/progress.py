@@ -124,3 +124,11 @@ def counting_steps(activity: Activity, net, what: str, total: int) -> Iterator[N
         yield
     finally:
         handle.remove()
+
+
+def load_model(name: str | None, precision: str = "auto"):
+    """`muse.load(name)` with `Loading NAME…` (and a first use's conversion steps) on stderr."""
+    import muse
+
+    with Activity() as activity, loading(activity, name):
+        return muse.load(name, precision=precision)

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from muse.cli.common import PRECISION_HELP, app, console, friendly
+from muse.cli.progress import load_model
 
 
 @app.command()
@@ -47,7 +48,6 @@ def serve(
     """
     import uvicorn
 
-    import muse
     from muse.server import create_app, uvicorn_settings
     from muse.server.security import Limits, api_key_from, check_bind
 
@@ -64,7 +64,7 @@ def serve(
     names = list(dict.fromkeys(model or [None]))  # repeated names served once
     models = {}
     for name in names:
-        m = muse.load(name, precision=precision)
+        m = load_model(name, precision)
         models[name or m.name] = m
     bilingual = None if model else _add_bilingual(models, precision)
     server_app = create_app(models, api_key=key, cors_origins=cors_origin or (), limits=limits,
@@ -86,7 +86,6 @@ def serve(
 def _add_bilingual(models: dict, precision: str) -> str | None:
     """With no --model: also serve the installed bilingual model, unless the default reads Chinese
     already; its name if it was added. A bilingual model that fails to load is skipped, with a word."""
-    import muse
     from muse.apps.text import supports_chinese
     from muse.checkpoints.registry import BUNDLED
     from muse.errors import MuseError
@@ -96,7 +95,7 @@ def _add_bilingual(models: dict, precision: str) -> str | None:
     if bundled.installed_file() is None or any(supports_chinese(m) for m in models.values()):
         return None
     try:
-        models[bundled.name] = muse.load(bundled.name, precision=precision)
+        models[bundled.name] = load_model(bundled.name, precision)
     except MuseError as e:
         console.print(f"[yellow]Not serving {bundled.name} too: {escape(str(e))}[/]", highlight=False)
         return None

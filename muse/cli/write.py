@@ -14,6 +14,7 @@ from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params,
     MuseGroup, MuseTyper, _stats, app, console, err, friendly, read_argument,
 )
+from muse.cli.progress import load_model
 
 
 class WriteGroup(MuseGroup):
@@ -134,7 +135,7 @@ def _run(action, text, input, output, in_place, params, model, precision, verbos
 
     source = _read_input(text, input)
     target = _target(input, output, in_place)
-    m = muse.load(model, precision=precision)
+    m = load_model(model, precision)
     parts, last = [], None
     for chunk in stream_write(m, action, source, params=params, **options):
         sys.stdout.write(chunk.text)
