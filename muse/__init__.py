@@ -22,6 +22,7 @@ _LAZY = {
     "ModelConfig": "muse.config",
     "CheckpointError": "muse.errors", "ContextLengthError": "muse.errors",
     "ModelNotFoundError": "muse.errors", "MuseError": "muse.errors",
+    "Constraint": "muse.sampling", "ConstraintError": "muse.constrain",
     "GenerationChunk": "muse.generation", "SamplingParams": "muse.generation",
     "generate": "muse.generation", "stream_generate": "muse.generation",
     "KVCache": "muse.model", "Transformer": "muse.model",
@@ -48,5 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from muse.checkpoints import load_checkpoint, save_checkpoint  # noqa: F401
     from muse.config import ModelConfig  # noqa: F401
     from muse.errors import CheckpointError, ContextLengthError, ModelNotFoundError, MuseError  # noqa: F401
+    from muse.constrain import ConstraintError  # noqa: F401
+    from muse.sampling import Constraint  # noqa: F401
     from muse.generation import GenerationChunk, SamplingParams, generate, stream_generate  # noqa: F401
     from muse.model import KVCache, Transformer  # noqa: F401

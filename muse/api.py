@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from muse.checkpoints import load_checkpoint
-from muse.generation import GenerationChunk, SamplingParams, generate, stream_generate
+from muse.generation import GenerationChunk, SamplingParams, generate, score, stream_generate
 
 
 class Model:
@@ -79,6 +79,22 @@ class Model:
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **kwargs) -> str:
         """The assistant's reply to an OpenAI-style list of {"role", "content"} messages."""
         return "".join(c.text for c in self.stream_chat(messages, params, **kwargs))
+
+    def score(self, prompt: "str | list[int]", continuations: "list[str]") -> list[float]:
+        """Total log-probability of each continuation right after `prompt` (text or ids; text gets
+        the tokenizer's BOS as `generate` does). A continuation's tokens are those of the whole
+        text prompt + continuation past the prompt's, so a word that merges with the prompt's
+        last characters is scored as the model would really see it."""
+        tok = self._need_tokenizer()
+        prefix = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        conts = []
+        for c in continuations:
+            if not isinstance(c, str) or not c:
+                raise ValueError("continuations must be non-empty strings")
+            full = tok.encode(prompt + c) if isinstance(prompt, str) else None
+            ids = full[len(prefix):] if full and full[:len(prefix)] == prefix else tok.encode(c, add_special_tokens=False)
+            conts.append(ids or tok.encode(c, add_special_tokens=False))
+        return [sum(lp) for lp in score(self.model, prefix, conts)]
 
     # -- inspection ---------------------------------------------------------------
 

@@ -34,6 +34,65 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, generated: torc
     return logits
 
 
+class LogitsProcessors:
+    """One request's logits processors, run on the logits (1, V) before sampling, in this order:
+    repetition / presence / frequency penalties → `logit_bias` → the constraint's token mask.
+
+    Built once per request from its `SamplingParams`; `stream_generate` and the server's
+    `Scheduler` both run it, so a request picks the same tokens either way. `accept(token)`
+    advances the state (the token history, the constraint's parser) after each sampled token.
+    """
+
+    def __init__(self, p: SamplingParams, tokenizer, vocab_size: int, prompt: list[int], device=None):
+        self.params = p
+        self.penalized = bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+        self.prompt_len = len(prompt)
+        self.device = device
+        self.history = torch.tensor([prompt], dtype=torch.long, device=device) if self.penalized else None  # (1, T)
+        self.bias = None
+        if p.logit_bias:
+            bad = [t for t in p.logit_bias if t >= vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias names token id {bad[0]}, but the vocabulary has {vocab_size} tokens")
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+            self.bias = (ids, torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
+        self.mask = None
+        if p.constraint is not None:
+            from muse.constrain import TokenMask
+
+            self.mask = TokenMask(p.constraint, tokenizer, vocab_size)
+
+    @property
+    def active(self) -> bool:
+        """False when the chain would leave every logit as it is (the fast greedy path applies)."""
+        return self.penalized or self.bias is not None or self.mask is not None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.penalized:
+            logits = apply_penalties(logits, self.history, self.history[:, self.prompt_len:], self.params)
+        if self.bias is not None:
+            ids, values = self.bias
+            logits = logits.float().index_add(1, ids.to(logits.device), values[None].to(logits.device))
+        if self.mask is not None:
+            logits = self.mask.apply(logits)
+        return logits
+
+    def accept(self, token: int) -> None:
+        if self.penalized:
+            self.history = torch.cat([self.history, torch.tensor([[token]], device=self.device)], dim=1)
+        if self.mask is not None:
+            self.mask.accept(token)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` and its k most likely (token, logprob), best first,
+    from the raw logits (1, V), before any penalty, bias or mask (what OpenAI's API reports)."""
+    logp = F.log_softmax(logits[0].float(), dim=-1)  # (V,)
+    top = torch.topk(logp, k) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(logp[token]), pairs
+
+
 def is_greedy(p: SamplingParams) -> bool:
     """temperature 0 → argmax. Below 1e-5 too: sampling that cold is argmax anyway, and 1/T would overflow fp32."""
     return p.temperature < 1e-5
@@ -204,33 +263,33 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         ids = list(prompt)
     ids, max_new = fit_prompt(ids, model.config.block_size, p)
     if p.num_beams > 1:
+        if p.constraint is not None or p.logit_bias or p.logprobs is not None:
+            raise ValueError("constraint, logit_bias and logprobs need num_beams=1 (beam search does not take them)")
         yield from _stream_beams(model, tokenizer, ids, p, max_new)
         return
     text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard)
     sampler = make_sampler(p)
-    use_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    procs = LogitsProcessors(p, tokenizer, model.config.vocab_size, ids, model.device)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
-    history = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
 
     t0 = time.perf_counter()
-    logits, _ = model(history, cache=cache, last_only=True)  # (1, 1, V)
+    logits, _ = model(torch.tensor([ids], dtype=torch.long, device=model.device), cache=cache,
+                      last_only=True)  # (1, 1, V)
     t_prefill = time.perf_counter() - t0
     stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(t_prefill, 1e-9))
     t1 = time.perf_counter()  # the first token comes from the prefill logits: time the rest
     for n in range(1, max_new + 1):
-        next_logits = logits[:, -1, :]
-        if use_history:
-            next_logits = apply_penalties(next_logits, history, history[:, len(ids):], p)
-        token = sampler(next_logits)  # (1,)
+        raw = logits[:, -1, :]  # (1, V)
+        token = sampler(procs(raw) if procs.active else raw)  # (1,)
         tok = int(token)
         tps = (n - 1) / (time.perf_counter() - t1) if n > 1 else 0.0
         text, reason = text_of.push(tok)
+        lp, top = token_logprobs(raw, tok, p.logprobs) if p.logprobs is not None else (None, None)
         yield GenerationChunk(text, tok, reason, **stats, generation_tokens=n, generation_tps=tps,
-                              looped=text_of.looped)
+                              looped=text_of.looped, logprob=lp, top_logprobs=top)
         if reason:
             return
-        if use_history:
-            history = torch.cat([history, token[:, None]], dim=1)
+        procs.accept(tok)
         logits, _ = model(token[:, None], cache=cache, last_only=True)
 
 
@@ -238,6 +297,39 @@ def generate(model: Transformer, tokenizer, prompt: "str | list[int]",
              params: SamplingParams | None = None, **kwargs) -> str:
     """The whole completion as one string (a loop over `stream_generate`)."""
     return "".join(c.text for c in stream_generate(model, tokenizer, prompt, params, **kwargs))
+
+
+# -- scoring ----------------------------------------------------------------------
+
+@torch.inference_mode()
+def score(model: Transformer, prefix: list[int], continuations: list[list[int]]) -> list[list[float]]:
+    """Log-probability of each token of each continuation after `prefix`: one list per continuation.
+
+    The likelihood primitive (label scoring, choice ranking): one forward of the prefix fills a KV
+    cache, copied to N rows; the continuations, right-padded to the longest (M tokens), go through
+    together. Padding sits after each continuation's real tokens, so the causal mask keeps it away
+    from the positions that are scored.
+    """
+    if not prefix:
+        raise ValueError("prefix must not be empty")
+    if not continuations or any(not c for c in continuations):
+        raise ValueError("continuations must be a non-empty list of non-empty token lists")
+    n, m = len(continuations), max(len(c) for c in continuations)
+    if len(prefix) + m > model.config.block_size:
+        raise ContextLengthError(len(prefix) + m, model.config.block_size)
+    dev = model.device
+    cache = KVCache(model.config, 1, len(prefix) + m - 1 if m > 1 else len(prefix), model.dtype, dev)
+    first, _ = model(torch.tensor([prefix], device=dev), cache=cache, last_only=True)  # (1, 1, V)
+    logits = first.expand(n, 1, -1)
+    targets = torch.zeros(n, m, dtype=torch.long, device=dev)  # (N, M)
+    for i, c in enumerate(continuations):
+        targets[i, :len(c)] = torch.tensor(c)
+    if m > 1:
+        cache.reorder(torch.zeros(n, dtype=torch.long, device=dev))
+        rest, _ = model(targets[:, :-1], cache=cache)  # (N, M-1, V)
+        logits = torch.cat([logits, rest], dim=1)  # (N, M, V): logits[:, j] predicts targets[:, j]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets[:, :, None])[:, :, 0].cpu()  # (N, M)
+    return [logp[i, :len(c)].tolist() for i, c in enumerate(continuations)]
 
 
 # -- beam search ------------------------------------------------------------------

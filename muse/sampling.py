@@ -10,6 +10,59 @@ import dataclasses
 from dataclasses import dataclass, field
 
 TRUNCATE_POLICIES = (None, "left")
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_TOP_LOGPROBS = 20  # OpenAI's own limit
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match; `muse.constrain` turns it into a token mask at every step.
+
+    >>> Constraint.json_schema({"type": "object", "properties": {"name": {"type": "string"}}})
+    >>> Constraint.choice(["positive", "negative"])
+    >>> Constraint.regex(r"\\d{4}-\\d{2}-\\d{2}")
+    >>> Constraint.grammar('start: "yes" | "no"')      # a Lark grammar (llguidance's dialect)
+    """
+
+    kind: str
+    value: object = None
+
+    def __post_init__(self) -> None:
+        ok = {
+            "json_schema": isinstance(self.value, (dict, bool)),
+            "json_object": self.value is None,
+            "regex": isinstance(self.value, str) and bool(self.value),
+            "choice": isinstance(self.value, (list, tuple)) and bool(self.value)
+            and all(isinstance(c, str) and c for c in self.value),
+            "grammar": isinstance(self.value, str) and bool(self.value.strip()),
+        }
+        if self.kind not in ok:
+            raise ValueError(f"constraint kind must be one of {CONSTRAINT_KINDS}, got {self.kind!r}")
+        if not ok[self.kind]:
+            want = {"json_schema": "a JSON schema (a dict)", "json_object": "nothing",
+                    "regex": "a non-empty regular expression", "choice": "a non-empty list of non-empty strings",
+                    "grammar": "a non-empty Lark grammar"}[self.kind]
+            raise ValueError(f"a {self.kind} constraint takes {want}, got {self.value!r}")
+
+    @classmethod
+    def json_schema(cls, schema: dict) -> "Constraint":
+        return cls("json_schema", schema)
+
+    @classmethod
+    def json_object(cls) -> "Constraint":
+        return cls("json_object")
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Constraint":
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, options: "list[str]") -> "Constraint":
+        return cls("choice", tuple(options))
+
+    @classmethod
+    def grammar(cls, lark: str) -> "Constraint":
+        return cls("grammar", lark)
 
 
 @dataclass
@@ -30,6 +83,9 @@ class SamplingParams:
     length_penalty: float = 1.0  # beam score = logprob sum / generated_len ** length_penalty
     truncate: str | None = None  # None: a too-long prompt is an error; "left": drop its oldest tokens
     loop_guard: bool = True  # stop once the output repeats itself verbatim (see generation.loop_tail)
+    constraint: Constraint | None = None  # the output must match it (JSON schema, regex, choice, grammar)
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
+    logprobs: int | None = None  # None: off; k ≥ 0: each chunk carries its token's logprob and the top k
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +105,14 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("truncate", self.truncate in TRUNCATE_POLICIES, f"one of {TRUNCATE_POLICIES}"),
             ("loop_guard", isinstance(self.loop_guard, bool), "True or False"),
+            ("constraint", self.constraint is None or isinstance(self.constraint, Constraint),
+             "None or a muse.Constraint"),
+            ("logit_bias", self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+                for k, v in self.logit_bias.items())), "a dict of token id (≥ 0) → bias in [-100, 100]"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(
+                self.logprobs, bool) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -71,3 +135,5 @@ class GenerationChunk:
     generation_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
+    logprob: float | None = None  # with SamplingParams.logprobs: log-probability of `token` under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # the k most likely (token, logprob), best first

@@ -43,7 +43,8 @@ import torch
 from muse.api import Model
 from muse.errors import MuseError
 from muse.generation import (
-    GenerationChunk, SamplingParams, TokenText, apply_penalties, fit_prompt, is_greedy, make_sampler,
+    GenerationChunk, LogitsProcessors, SamplingParams, TokenText, fit_prompt, is_greedy, make_sampler,
+    token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
@@ -136,8 +137,7 @@ class _Request:
     stream: Stream
     text: TokenText
     sampler: object
-    penalized: bool  # repetition / presence / frequency penalty: needs the token history
-    history: torch.Tensor  # (1, T) prompt + generated ids (only grown when penalized)
+    procs: LogitsProcessors  # penalties, logit bias, constraint: the same chain as stream_generate's
     prefill: KVCache | None = None
     prefilled: int = 0  # prompt tokens in `prefill` so far
     cached: int = 0  # of them, taken from the prefix cache
@@ -261,9 +261,8 @@ class Scheduler:
         else:
             ids = list(prompt)
         ids, max_new = fit_prompt(ids, self.model.config.block_size, p)
-        penalized = bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
-        req = _Request(ids, p, Stream(loop), TokenText(tok, p.stop, max_new, p.loop_guard), make_sampler(p), penalized,
-                       torch.tensor([ids], dtype=torch.long))
+        procs = LogitsProcessors(p, tok, self.model.config.vocab_size, ids, self.model.model.device)
+        req = _Request(ids, p, Stream(loop), TokenText(tok, p.stop, max_new, p.loop_guard), make_sampler(p), procs)
         with self._wake:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down; retry on another instance")
@@ -399,7 +398,7 @@ class Scheduler:
                        prompt_tps=len(r.ids) / max(r.prefill_seconds, 1e-9))
         r.first_token_at = time.perf_counter()
         try:
-            going = self._emit(r, self._sample_one(r, logits))
+            going = self._emit(r, self._sample_one(r, logits), logits)
         except Exception as e:  # this request's sampling failed: only it fails
             self._finish(r, e)
             return
@@ -440,7 +439,8 @@ class Scheduler:
         idx = torch.tensor([[r.last] for r in self._rows], dtype=torch.long, device=model.device)  # (rows, 1)
         logits, _ = model(idx, cache=self._cache, last_only=True)  # (rows, 1, V); failing here fails the batch
         logits = logits[:, -1]
-        greedy = [b for b, r in enumerate(self._rows) if is_greedy(r.params) and not r.penalized]
+        greedy = [b for b, r in enumerate(self._rows)
+                  if is_greedy(r.params) and not r.procs.active and r.params.logprobs is None]
         if len(greedy) == len(self._rows):  # every row greedy: one argmax, no copy
             tokens = dict(enumerate(logits.argmax(dim=-1).tolist()))
         else:
@@ -449,7 +449,7 @@ class Scheduler:
         for b, r in enumerate(self._rows):
             try:
                 tok = tokens[b] if b in tokens else self._sample_one(r, logits[b:b + 1])
-                if not self._emit(r, tok):
+                if not self._emit(r, tok, logits[b:b + 1]):
                     ended.append((b, None))
             except Exception as e:  # one row's sampling failed: only that request fails
                 ended.append((b, e))
@@ -463,21 +463,22 @@ class Scheduler:
 
     def _sample_one(self, r: _Request, logits: torch.Tensor) -> int:
         """logits (1, V) for one request → its next token, as stream_generate picks it."""
-        if r.penalized:
-            logits = apply_penalties(logits, r.history, r.history[:, len(r.ids):], r.params)
-        return int(r.sampler(logits))
+        return int(r.sampler(r.procs(logits) if r.procs.active else logits))
 
-    def _emit(self, r: _Request, tok: int) -> bool:
-        """Send the text for `tok` to the request's stream; False once the request is finished."""
+    def _emit(self, r: _Request, tok: int, logits: torch.Tensor | None = None) -> bool:
+        """Send the text for `tok` (sampled from the raw logits (1, V)) to the request's stream;
+        False once the request is finished."""
         text, reason = r.text.push(tok)
         n = r.text.n
         tps = (n - 1) / max(time.perf_counter() - r.first_token_at, 1e-9) if n > 1 else 0.0
+        k = r.params.logprobs
+        lp, top = token_logprobs(logits, tok, k) if k is not None else (None, None)
         self._outbox.put(r.stream, GenerationChunk(text, tok, reason, **r.stats, generation_tokens=n,
-                                                   generation_tps=tps, looped=r.text.looped))
+                                                   generation_tps=tps, looped=r.text.looped,
+                                                   logprob=lp, top_logprobs=top))
         if reason:
             return False  # the caller ends the stream
-        if r.penalized:
-            r.history = torch.cat([r.history, torch.tensor([[tok]], dtype=torch.long)], dim=1)
+        r.procs.accept(tok)
         r.last = tok
         return True
 

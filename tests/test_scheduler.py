@@ -197,9 +197,9 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_keep_decoding(tiny, m
     log: list[tuple[str, int]] = []  # (which request, scheduler step) for every token emitted
     emit = sched._emit
 
-    def logged(r, tok):
+    def logged(r, tok, logits=None):
         log.append(("long" if len(r.ids) > 100 else "running", sched.steps))
-        return emit(r, tok)
+        return emit(r, tok, logits)
 
     monkeypatch.setattr(sched, "_emit", logged)
     greedy = SamplingParams(temperature=0)
