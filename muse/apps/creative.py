@@ -1,9 +1,9 @@
 """Creative writing with form checks: poems (绝句, 律诗, haiku, free verse), stories, slogans, ad copy.
 
 Small models cannot count characters or syllables, so a poem in a fixed form goes through three steps:
-- guided decoding (Chinese lines): only tokens made wholly of Chinese characters that still fit the line
-  may be sampled, and the line ends with punctuation exactly when it is full, so 五言 lines have five
-  characters by construction;
+- guided decoding: Chinese lines are generated under a grammar constraint (lines of exactly N Chinese
+  characters, each ending in its punctuation), so 五言 lines have five characters by construction; a
+  haiku is written line by line, each line resampled until it scans;
 - repair: titles, numbering, markdown and commentary are stripped, a one-line 绝句 is split at its
   punctuation, and a haiku whose words add up to 5-7-5 syllables is reflowed at word boundaries;
 - check and retry: `check_form` lists what is still wrong, and another attempt (a new seed) follows,
@@ -16,17 +16,13 @@ Small models cannot count characters or syllables, so a poem in a fixed form goe
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
-import weakref
 from dataclasses import dataclass, field
 
-import torch
-
 from muse.apps.text import HAN_RE, LanguageError, check_language, supports_chinese
-from muse.errors import ContextLengthError
-from muse.generation import SamplingParams, apply_penalties, make_sampler
-from muse.model import KVCache
+from muse.sampling import Constraint, SamplingParams
 
 KINDS = ("poem", "story", "slogan", "product")
 
@@ -352,57 +348,30 @@ def instruction(kind: str, form: Form, topic: str, lang: str) -> str:
 
 # -- guided decoding --------------------------------------------------------------
 
-_WIDTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_ALL_HAN = re.compile(r"^[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+$")
+def verse_grammar(lengths: tuple[int, ...], ends: list[str]) -> str:
+    """A Lark grammar for lines of exactly `lengths` Chinese characters, each followed by its `ends`
+    text (punctuation + newline; the last line's newline dropped, so the poem ends where it is full):
+    `start: /[<Han>]{5}/ "，\\n" /[<Han>]{5}/ "。"` for two lines of 五言."""
+    last = len(lengths) - 1
+    parts = [f"/{HAN_RE.pattern}{{{n}}}/ " + json.dumps(end.rstrip("\n") if i == last else end, ensure_ascii=False)
+             for i, (n, end) in enumerate(zip(lengths, ends))]
+    return "start: " + " ".join(parts)
 
 
-def _han_widths(model) -> torch.Tensor:
-    """(vocab,) long: how many Chinese characters each token spells, 0 when it holds anything else
-    (punctuation, letters, part of a UTF-8 character). Built once per tokenizer."""
-    tok = model.tokenizer
-    if tok not in _WIDTHS:
-        texts = tok.backend.decode_batch([[i] for i in range(tok.vocab_size)], skip_special_tokens=False)
-        widths = torch.zeros(max(model.config.vocab_size, tok.vocab_size), dtype=torch.long)
-        widths[:len(texts)] = torch.tensor([len(t) if _ALL_HAN.match(t) else 0 for t in texts])
-        _WIDTHS[tok] = widths[:model.config.vocab_size]
-    return _WIDTHS[tok]
-
-
-@torch.inference_mode()
 def guided_lines(model, prompt_ids: list[int], lengths: tuple[int, ...], ends: list[str],
                  params: SamplingParams) -> str:
     """Sample lines of exactly `lengths` Chinese characters after `prompt_ids`, each followed by its
-    `ends` text (punctuation + newline), which is fed to the model rather than sampled.
-
-    At each step only tokens of whole Chinese characters that fit what is left of the line are allowed:
-    logits (1, V) masked to -inf elsewhere, then the usual sampler (temperature, top-p, seed).
+    `ends` text: one generation under `Constraint.grammar(verse_grammar(...))`, so the engine masks
+    every token that would break the form (a token may hold several characters, or a character and
+    its punctuation) and ends the poem when it is full. The usual sampler runs on what is left
+    (temperature, top-p, penalties, seed); through a server it batches like any other request.
     """
-    net, tok = model.model, model.tokenizer
-    widths = _han_widths(model).to(net.device)
-    end_ids = [tok.encode(e, add_special_tokens=False) for e in ends]
-    total = len(prompt_ids) + sum(lengths) + sum(len(e) for e in end_ids)
-    if total > net.config.block_size:
-        raise ContextLengthError(total, net.config.block_size)
-    sampler = make_sampler(params)
-    cache = KVCache(net.config, 1, total, net.dtype, net.device)
-    history = torch.tensor([prompt_ids], device=net.device)  # (1, T) for repetition penalties
-    logits, _ = net(history, cache=cache, last_only=True)  # (1, 1, V)
-    text = []
-    for n, end, eids in zip(lengths, ends, end_ids):
-        left = n
-        while left:
-            allowed = (widths >= 1) & (widths <= left)
-            step = apply_penalties(logits[:, -1], history, history[:, len(prompt_ids):], params)
-            token = sampler(step.masked_fill(~allowed, float("-inf")))  # (1,)
-            left -= int(widths[token])
-            text.append(tok.decode([int(token)]))
-            history = torch.cat([history, token[:, None]], dim=1)
-            logits, _ = net(token[:, None], cache=cache, last_only=True)
-        text.append(end)
-        ids = torch.tensor([eids], device=net.device)
-        history = torch.cat([history, ids], dim=1)
-        logits, _ = net(ids, cache=cache, last_only=True)
-    return "".join(text).rstrip("\n")
+    grammar = Constraint.grammar(verse_grammar(lengths, ends))
+    # Every token spells at least one byte (a Chinese character is 3), and EOS ends it: this bound
+    # always fits the poem; the loop guard is off because the grammar already bounds the output.
+    budget = 3 * sum(lengths) + sum(len(e.encode("utf-8")) for e in ends) + 1
+    p = params.replace(constraint=grammar, max_new_tokens=budget, stop=[], loop_guard=False)
+    return model.generate(list(prompt_ids), p)
 
 
 def guided_syllables(model, prompt_ids: list[int], lengths: tuple[int, ...], params: SamplingParams,
@@ -437,8 +406,9 @@ def _line_ends(form: Form) -> list[str]:
 
 
 def _can_guide(model) -> bool:
-    # Masking needs a tokenizer with single-character tokens, so every line can always be completed.
-    return hasattr(model.tokenizer, "backend") and bool((_han_widths(model) == 1).any())
+    # The constraint engine reads a Hugging Face tokenizer (Muse's, GGUF ones included) with an EOS.
+    tok = model.tokenizer
+    return hasattr(tok, "backend") and bool(getattr(tok, "eos_ids", None))
 
 
 # -- creating ---------------------------------------------------------------------
