@@ -20,6 +20,7 @@ import json
 import threading
 import weakref
 
+import numpy as np
 import torch
 
 from muse.errors import MuseError
@@ -99,20 +100,27 @@ class TokenMask:
         if self.matcher.is_error():
             raise ConstraintError(f"The {constraint.kind.replace('_', ' ')} constraint is not usable: "
                                   f"{self.matcher.get_error()}")
-        self._words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)  # (W,) 32 tokens a word
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._words = np.zeros((vocab_size + 31) // 32, dtype=np.uint32)  # (W,) 32 tokens a word
 
-    def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens that keep the output valid (only EOS once it is complete)."""
+    def allowed(self) -> np.ndarray:
+        """(V,) bool: the tokens that keep the output valid (only EOS once it is complete).
+
+        numpy, not torch, on purpose: these are ~50k-element ops, past torch's grain size, so
+        torch would wake its OpenMP pool for each one, which on a busy machine costs tens of ms."""
         w = self._words
-        self.matcher.unsafe_compute_mask_ptr(w.data_ptr(), w.numel() * 4)
+        self.matcher.unsafe_compute_mask_ptr(w.ctypes.data, w.nbytes)
         self._raise_if_broken()
-        bits = (w[:, None] >> self._shifts) & 1  # (W, 32): bit j of word i is token 32·i + j
-        return bits.view(-1)[: self.vocab_size].bool()
+        # bit j of word i is token 32·i + j; words are little-endian, so bytes in order, bits LSB first
+        return np.unpackbits(w.view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (1, V) → the same with every token the constraint forbids at -inf."""
-        return logits.masked_fill(~self.allowed().to(logits.device), float("-inf"))
+        allowed = self.allowed()
+        if logits.device.type != "cpu":
+            return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+        out = logits.float().numpy().copy()  # (1, V)
+        out[:, ~allowed] = -np.inf
+        return torch.from_numpy(out)
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(token)
