@@ -136,12 +136,17 @@ class Model:
 
 
 def _check_messages(messages) -> None:
+    """OpenAI-style messages: string content, except an assistant message that makes tool calls
+    (`tool_calls`, a non-empty list), whose content may be None; `tool` messages carry results."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{i}] must be a dict with role system|user|assistant|tool and string content")
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list) \
+            and bool(m["tool_calls"])
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or (calls and m.get("content") is None)) \
+                or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"messages[{i}] must be a dict with role system|user|assistant|tool and string content "
+                             "(None only on an assistant message with tool_calls)")
 
 
 def load(name_or_path: "str | Path | None" = None, precision: str = "auto") -> Model:

@@ -28,7 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from muse.api import Model
 from muse.errors import ModelNotFoundError
 from muse.scheduler import Scheduler, release_openmp_pool
-from muse.server import errors
+from muse.server import errors, metrics
 from muse.server.security import (APIKeyMiddleware, BodyLimitMiddleware, BrowserGuardMiddleware, Limits,
                                   SecurityHeadersMiddleware, new_launch_token)
 
@@ -150,6 +150,7 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
         return {"status": "ok"}
 
     app.include_router(openai_routes.router)
+    app.include_router(openai_routes.tokens_router)  # /tokenize, /detokenize (vLLM's)
     app.include_router(app_routes.router)  # the app endpoints (/api/...) and the web app (/, /static/...)
 
     # Middleware: the last added runs first. Security headers go on every answer; CORS answers
@@ -166,6 +167,7 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(SecurityHeadersMiddleware)
+    metrics.install(app)  # /metrics, and the middleware that counts every answer (outermost)
     app.openapi = _openapi_without_422(app)
     return app
 

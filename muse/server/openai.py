@@ -5,6 +5,14 @@ Request → prompt token ids and `SamplingParams` (one job per prompt and choice
 then `data: [DONE]`). Greedy requests (temperature 0) give exactly what `Model.generate` /
 `Model.chat` give in-process. A client that goes away cancels its jobs at once, streaming
 or not, so its batch rows are freed for the others.
+
+Structured output: `response_format` (json_object, json_schema) and `tools` become a
+`Constraint` (`muse.constrain`, llguidance) checked before anything is queued, so a schema the
+engine cannot use is a 400 naming the field. Tool calls use the Hermes `<tool_call>` format
+(`muse.tools`): rendered by the model's chat template when it knows tools, else described in
+the system message; the output is parsed into `message.tool_calls` (streamed as
+`delta.tool_calls`). `logprobs` come from the model's raw logits, before any penalty, bias or
+constraint, as OpenAI reports them.
 """
 
 from __future__ import annotations
@@ -23,12 +31,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from muse import tools as tool_calls
 from muse.generation import GenerationChunk, SamplingParams
+from muse.sampling import Constraint
 from muse.scheduler import Scheduler, Stream
 from muse.server.errors import APIError, error_body, from_exception
 from muse.server.schemas import (
-    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, EmbeddingList, EmbeddingRequest,
-    ErrorResponse, ModelCard, ModelList, SamplingFields,
+    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    EmbeddingList, EmbeddingRequest, ErrorResponse, ModelCard, ModelList, SamplingFields, TokenizeRequest,
+    TokenizeResponse,
 )
 
 MAX_JOBS = 64  # prompts × n in one request
@@ -42,6 +53,7 @@ _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, wha
 )}
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=_ERRORS)
+tokens_router = APIRouter(tags=["Tokens (vLLM-compatible)"], responses=_ERRORS)
 
 
 @dataclass
@@ -53,6 +65,22 @@ class Job:
     params: SamplingParams
     echo: str = ""
     prompt_index: int = 0  # which prompt (usage counts each prompt once)
+
+
+@dataclass
+class Output:
+    """How a request's tokens become its answer: tool calls parsed out of the text (chat with
+    tools), logprobs in the chat or the completions shape, and the names of tokens."""
+
+    chat: bool
+    parse_tools: bool = False
+    names: "TokenNames | None" = None  # set when logprobs were asked for
+    eos: frozenset = frozenset()  # end tokens: not part of the reply, so not in its logprobs
+
+    def scored(self, chunk: GenerationChunk) -> bool:
+        """Whether a chunk's token goes into logprobs: any but the end token that stopped generation."""
+        return (self.names is not None and chunk.logprob is not None
+                and not (chunk.finish_reason == "stop" and chunk.token in self.eos))
 
 
 # -- models -----------------------------------------------------------------------------
@@ -84,27 +112,133 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = request.app.state.service
     name = service.resolve(body.model)
     model = service.models[name]
-    _reject_unsupported(body)
-    if body.tools:
-        raise APIError(400, "tools (function calling) are not supported by this server; leave tools out.", "tools")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-                for m in body.messages]
-    _check_size(sum(len(m["content"]) for m in messages), service.limits, "messages")
-    ids = await run_in_threadpool(_chat_ids, model, messages)
+    _reject_unsupported_chat(body)
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    _check_size(sum(len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or "")) for m in messages),
+                service.limits, "messages")
+    tools = _parse(tool_calls.parse_tools, [t.model_dump(exclude_none=True) for t in body.tools or []], param="tools")
+    choice = _parse(tool_calls.choice_name, _dump(body.tool_choice), tools, param="tool_choice")
+    if tools and choice != "none" and body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "response_format cannot be combined with tools (unless tool_choice is 'none'): "
+                            "the reply is either tool calls or text.", "response_format")
+    ids = await run_in_threadpool(_chat_ids, model, messages, tools)
+    if choice != "none" and tools:
+        constraint = tool_calls.tool_constraint(tools, _dump(body.tool_choice) or "auto", model.tokenizer,
+                                                body.parallel_tool_calls is not False)
+        param = "tools"
+    else:
+        constraint, param = _response_constraint(body.response_format), "response_format"
+    await run_in_threadpool(_check_constraint, constraint, model, param)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    extra = dict(constraint=constraint, logit_bias=_logit_bias(body.logit_bias, model), logprobs=logprobs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    jobs = [Job(i, ids, _sampling(body, max_tokens, i)) for i in range(body.n)]
-    return await _run(request, service.scheduler(name), jobs, "messages", name, body, chat=True)
+    jobs = [Job(i, ids, _sampling(body, max_tokens, i, **extra)) for i in range(body.n)]
+    names = await run_in_threadpool(_token_names, model) if logprobs is not None else None
+    out = Output(chat=True, parse_tools=bool(tools) and choice != "none", names=names,
+                 eos=frozenset(model.tokenizer.eos_ids))
+    return await _run(request, service.scheduler(name), jobs, "messages", name, body, out)
 
 
-def _text(content) -> str:
+def _text(content) -> str | None:
     """A message's content: a string, or text parts joined (other part types fail validation)."""
-    return content if isinstance(content, str) else "\n".join(part.text for part in content)
+    return content if content is None or isinstance(content, str) else "\n".join(part.text for part in content)
 
 
-def _chat_ids(model, messages: list[dict]) -> list[int]:
+def _message(m, i: int) -> dict:
+    """A request message → the dict chat templates and `muse.tools` read."""
+    out = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise APIError(400, f"messages.{i}.tool_calls: only assistant messages carry tool calls.",
+                           f"messages.{i}.tool_calls")
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    elif out["content"] is None:
+        raise APIError(400, f"messages.{i}.content: required (it may be null only on an assistant message with "
+                            "tool_calls).", f"messages.{i}.content")
+    if m.role == "tool" and m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _dump(value):
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _parse(fn, *args, param: str):
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise APIError(400, str(e), param, "invalid_parameter") from None
+
+
+def _chat_ids(model, messages: list[dict], tools: list) -> list[int]:
     if model.tokenizer is None or not model.tokenizer.chat_template:
         raise APIError(400, f"{model.name} has no chat template; use /v1/completions with a plain prompt.", "model")
-    return model.tokenizer.encode(model.chat_prompt(messages), add_special_tokens=False)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        from muse.api import _check_messages
+
+        _check_messages(messages)
+        prompt = tool_calls.render_prompt(model.tokenizer, messages, tools, _renders_tools(model.tokenizer))
+    else:
+        prompt = model.chat_prompt(messages)
+    return model.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+_NATIVE_TOOLS: dict = {}  # id(tokenizer) → (tokenizer, whether its template renders tools)
+
+
+def _renders_tools(tokenizer) -> bool:
+    hit = _NATIVE_TOOLS.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        hit = _NATIVE_TOOLS[id(tokenizer)] = (tokenizer, tool_calls.template_renders_tools(tokenizer))
+    return hit[1]
+
+
+def _response_constraint(fmt) -> Constraint | None:
+    """response_format → a Constraint (None for text or no format)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint.json_object()
+    schema = fmt.json_schema.schema_
+    if schema is None:
+        raise APIError(400, "response_format.json_schema.schema is required: the JSON schema the reply must match.",
+                       "response_format")
+    # OpenAI's strict mode: an object lists every property it may have
+    return Constraint.json_schema(tool_calls.strict_schema(schema) if fmt.json_schema.strict else schema)
+
+
+def _check_constraint(constraint: Constraint | None, model, param: str) -> None:
+    """400 naming `param` when the engine cannot use the constraint: nothing gets queued."""
+    if constraint is None:
+        return
+    from muse.constrain import ConstraintError, check
+
+    try:
+        check(constraint, model.tokenizer, model.config.vocab_size)
+    except ConstraintError as e:
+        raise APIError(400, f"{param}: {e}", param, "invalid_parameter") from None
+    except Exception as e:  # the engine's own complaint about a schema it cannot take
+        raise APIError(400, f"{param}: not usable for constrained output ({type(e).__name__}: {e})", param,
+                       "invalid_parameter") from None
+
+
+def _logit_bias(bias: dict | None, model) -> dict[int, float] | None:
+    """{"token id": bias} → {id: bias}; 400 for keys that are not ids of this model's vocabulary."""
+    if not bias:
+        return None
+    vocab = model.config.vocab_size
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit() or int(key) >= vocab:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of {model.name} (0 to {vocab - 1}); "
+                                "POST /tokenize gives a text's ids.", "logit_bias", "invalid_parameter")
+        out[int(key)] = float(value)
+    return out
 
 
 # -- completions ------------------------------------------------------------------------
@@ -115,9 +249,11 @@ async def completions(body: CompletionRequest, request: Request):
     service = request.app.state.service
     name = service.resolve(body.model)
     model = service.models[name]
-    _reject_unsupported(body)
     if body.suffix is not None:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out.", "suffix")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "logprobs with echo is not supported (the prompt's own logprobs are not computed); "
+                            "leave one out.", "logprobs")
     prompts = _prompts(body.prompt)
     _check_size(sum(len(p) for p in prompts if isinstance(p, str)), service.limits, "prompt")
     vocab = model.config.vocab_size
@@ -126,11 +262,18 @@ async def completions(body: CompletionRequest, request: Request):
     if len(prompts) * body.n > MAX_JOBS:
         raise APIError(400, f"{len(prompts)} prompts × n={body.n} is more than {MAX_JOBS} completions per request; "
                             "split the request.", "n")
+    constraint = _response_constraint(body.response_format)
+    await run_in_threadpool(_check_constraint, constraint, model, "response_format")
+    extra = dict(constraint=constraint, logit_bias=_logit_bias(body.logit_bias, model), logprobs=body.logprobs)
     jobs = []
     for pi, p in enumerate(prompts):
         echo = (p if isinstance(p, str) else model.tokenizer.decode(p)) if body.echo else ""
-        jobs += [Job(pi * body.n + j, p, _sampling(body, body.max_tokens, j), echo, pi) for j in range(body.n)]
-    return await _run(request, service.scheduler(name), jobs, "prompt", name, body, chat=False)
+        jobs += [Job(pi * body.n + j, p, _sampling(body, body.max_tokens, j, **extra), echo, pi)
+                 for j in range(body.n)]
+    names = await run_in_threadpool(_token_names, model) if body.logprobs is not None else None
+    out = Output(chat=False, names=names,
+                 eos=frozenset(model.tokenizer.eos_ids if model.tokenizer else ()))
+    return await _run(request, service.scheduler(name), jobs, "prompt", name, body, out)
 
 
 def _prompts(prompt) -> list:
@@ -144,9 +287,22 @@ def _prompts(prompt) -> list:
 
 # -- shared by chat and completions ---------------------------------------------------
 
-def _reject_unsupported(body: SamplingFields) -> None:
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server; leave logprobs out.", "logprobs")
+_UNSUPPORTED = {  # chat fields that would change the reply, which this server cannot honour
+    "functions": "functions (deprecated) are not supported; send them as tools.",
+    "function_call": "function_call (deprecated) is not supported; use tool_choice with tools.",
+    "audio": "audio output is not supported: this server writes text only.",
+    "prediction": "prediction (predicted outputs) is not supported; leave it out.",
+    "web_search_options": "web search is not supported: the model answers from what it knows.",
+}
+
+
+def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
+    for field, why in _UNSUPPORTED.items():
+        if getattr(body, field) is not None:
+            raise APIError(400, why, field, "unsupported_parameter")
+    if body.modalities is not None and set(body.modalities) != {"text"}:
+        raise APIError(400, f"modalities must be [\"text\"]: this server writes text only, got {body.modalities}.",
+                       "modalities", "unsupported_parameter")
 
 
 def _check_size(chars: int, limits, param: str) -> None:
@@ -155,12 +311,13 @@ def _check_size(chars: int, limits, param: str) -> None:
                             f"{limits.max_prompt_chars} (muse serve --max-prompt-chars).", param, "prompt_too_large")
 
 
-def _sampling(body: SamplingFields, max_tokens: int | None, choice: int) -> SamplingParams:
-    """The request's sampling options; those left out keep SamplingParams' defaults.
+def _sampling(body: SamplingFields, max_tokens: int | None, choice: int, **extra) -> SamplingParams:
+    """The request's sampling options; those left out keep SamplingParams' defaults. `extra`:
+    constraint, logit_bias, logprobs.
 
     Choice i of n uses seed + i, so n seeded choices differ and each is reproducible.
     """
-    given = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+    given = dict(**extra, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                  min_p=body.min_p, repetition_penalty=body.repetition_penalty, loop_guard=body.loop_guard,
                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                  seed=None if body.seed is None else (body.seed + choice) % 2**63,
@@ -201,40 +358,70 @@ def _cancel(streams: list[Stream]) -> None:
 
 
 async def _run(request: Request, scheduler: Scheduler, jobs: list[Job], param: str, model_id: str,
-               body: SamplingFields, chat: bool) -> Response:
+               body: SamplingFields, out: Output) -> Response:
     explicit_max = body.max_tokens is not None or getattr(body, "max_completion_tokens", None) is not None
     loop = asyncio.get_running_loop()
+    metrics = getattr(request.app.state, "metrics", None)
+    started = time.perf_counter()
     streams = await run_in_threadpool(_submit, scheduler, jobs, param, explicit_max, loop)
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if metrics is not None:  # each prompt's tokens counted once, however many choices it has
+        firsts = {j.prompt_index: j.index for j in reversed(jobs)}
+        streams = [metrics.watch(model_id, s, started, firsts[j.prompt_index] == j.index)
+                   for j, s in zip(jobs, streams)]
+    rid = ("chatcmpl-" if out.chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = dict(id=rid, created=int(time.time()), model=model_id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events if chat else _completion_events
-        return EventStreamResponse(events(head, jobs, streams, include_usage), on_close=partial(_cancel, streams))
-    results = await _unless_client_leaves(request, _collect_all(streams), streams)
+        events = _chat_events if out.chat else _completion_events
+        return EventStreamResponse(events(head, jobs, streams, include_usage, out), on_close=partial(_cancel, streams))
+    results = await _unless_client_leaves(request, _collect_all(streams, out), streams)
     if results is None:
         return Response(status_code=499)  # nobody is listening
-    usage = _usage(jobs, [last for _, last in results])
-    if chat:
-        choices = [{"index": j.index, "message": {"role": "assistant", "content": text},
-                    "finish_reason": last.finish_reason, "logprobs": None} for j, (text, last) in zip(jobs, results)]
+    usage = _usage(jobs, [r.last for r in results])
+    if out.chat:
+        choices = [_chat_choice(j.index, r, out) for j, r in zip(jobs, results)]
         return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
-    choices = [{"index": j.index, "text": j.echo + text, "finish_reason": last.finish_reason, "logprobs": None}
-               for j, (text, last) in zip(jobs, results)]
+    choices = []
+    for j, r in zip(jobs, results):
+        lp = _completion_logprobs(r.chunks, out, len(j.echo)) if out.names else None
+        choices.append({"index": j.index, "text": j.echo + r.text, "finish_reason": r.last.finish_reason,
+                        "logprobs": lp})
     return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": usage})
 
 
-async def _collect_all(streams: list[Stream]) -> list[tuple[str, GenerationChunk]]:
-    return await asyncio.gather(*(_collect(s) for s in streams))
+def _chat_choice(index: int, r: "Result", out: Output) -> dict:
+    message: dict = {"role": "assistant", "content": r.text}
+    reason = r.last.finish_reason
+    if out.parse_tools:
+        content, calls = tool_calls.parse_output(r.text)
+        message["content"] = content
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
+            reason = "tool_calls" if reason == "stop" and all(c.complete for c in calls) else reason
+    lp = {"content": [_chat_logprob(c, out) for c in r.chunks]} if out.names else None
+    return {"index": index, "message": message, "finish_reason": reason, "logprobs": lp}
 
 
-async def _collect(stream: Stream) -> tuple[str, GenerationChunk]:
-    """(the whole text, the last chunk: finish reason and token counts) of one finished stream."""
-    parts, last = [], None
+@dataclass
+class Result:
+    text: str
+    last: GenerationChunk  # the finish reason and token counts
+    chunks: list[GenerationChunk]  # the chunks whose tokens carry logprobs (end tokens left out)
+
+
+async def _collect_all(streams: list[Stream], out: Output) -> list[Result]:
+    return await asyncio.gather(*(_collect(s, out) for s in streams))
+
+
+async def _collect(stream: Stream, out: Output) -> Result:
+    """The whole text, the last chunk and the chunks with logprobs of one finished stream."""
+    parts, chunks, last = [], [], None
     async for chunk in stream:
         parts.append(chunk.text)
+        if out.scored(chunk):
+            chunks.append(chunk)
         last = chunk
-    return "".join(parts), last
+    return Result("".join(parts), last, chunks)
 
 
 async def _unless_client_leaves(request: Request, work, streams: list[Stream]):
@@ -268,27 +455,110 @@ def _usage(jobs: list[Job], finals: list[GenerationChunk]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
+# -- logprobs ---------------------------------------------------------------------------
+
+class TokenNames:
+    """A token id's text and bytes, as logprobs report them: its own bytes (part of a character,
+    for some tokens of Chinese text), and their text (U+FFFD for an incomplete character)."""
+
+    def __init__(self, model):
+        from muse.constrain import ll_tokenizer
+
+        self.ll = ll_tokenizer(model.tokenizer, model.config.vocab_size)
+        self._memo: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        hit = self._memo.get(token)
+        if hit is None:
+            raw = self.ll.decode_bytes([token])
+            if raw.startswith(b"\xff") and self.ll.is_special_token(token):  # llguidance marks special tokens
+                raw = raw[1:]
+            hit = self._memo[token] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return hit
+
+
+_NAMES: dict = {}  # id(model) → (model, TokenNames)
+
+
+def _token_names(model) -> TokenNames:
+    hit = _NAMES.get(id(model))
+    if hit is None or hit[0] is not model:
+        hit = _NAMES[id(model)] = (model, TokenNames(model))
+    return hit[1]
+
+
+def _chat_logprob(chunk: GenerationChunk, out: Output) -> dict:
+    text, raw = out.names(chunk.token)
+    top = []
+    for t, lp in chunk.top_logprobs or []:
+        t_text, t_raw = out.names(t)
+        top.append({"token": t_text, "logprob": lp, "bytes": t_raw})
+    return {"token": text, "logprob": chunk.logprob, "bytes": raw, "top_logprobs": top}
+
+
+def _completion_logprobs(chunks: list[GenerationChunk], out: Output, offset: int) -> dict:
+    """OpenAI's legacy shape: parallel lists, and each token's character offset in the choice's text."""
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for c in chunks:
+        text = out.names(c.token)[0]
+        tokens.append(text)
+        logprobs.append(c.logprob)
+        tops.append({out.names(t)[0]: lp for t, lp in reversed(c.top_logprobs or [])})  # best wins a shared name
+        tops[-1] = dict(sorted(tops[-1].items(), key=lambda kv: -kv[1]))
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
 # -- streaming --------------------------------------------------------------------------
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], include_usage: bool):
-    def chunk(index, delta, reason=None):
+def _tool_deltas(events: list[tuple]) -> list[dict]:
+    """`ToolCallParser` events → chat deltas, as OpenAI streams them: content pieces; a call's
+    index, id, type and name with empty arguments first, then its arguments piece by piece."""
+    deltas = []
+    for e in events:
+        if e[0] == "content":
+            deltas.append({"content": e[1]})
+        elif e[0] == "call":
+            call = e[2]
+            deltas.append({"tool_calls": [{"index": e[1], "id": call.id, "type": "function",
+                                           "function": {"name": call.name, "arguments": ""}}]})
+        else:
+            deltas.append({"tool_calls": [{"index": e[1], "function": {"arguments": e[2]}}]})
+    return deltas
+
+
+async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], include_usage: bool, out: Output):
+    def chunk(index, delta, reason=None, logprobs=None):
         c = {**head, "object": "chat.completion.chunk",
-             "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+             "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]}
         return _sse({**c, "usage": None} if include_usage else c)
 
     finals = []
     try:
         for job, stream in zip(jobs, streams):  # all run at once in the scheduler; sent one after another
-            yield chunk(job.index, {"role": "assistant", "content": ""})
+            parser = tool_calls.ToolCallParser() if out.parse_tools else None
+            yield chunk(job.index, {"role": "assistant", "content": None if parser else ""})
             async for c in stream:
-                if c.text:
-                    yield chunk(job.index, {"content": c.text})
+                lp = {"content": [_chat_logprob(c, out)]} if out.scored(c) else None
+                if parser is not None:
+                    deltas = _tool_deltas(parser.feed(c.text) + (parser.finish() if c.finish_reason else []))
+                else:
+                    deltas = [{"content": c.text}] if c.text else []
+                if lp and not deltas:
+                    deltas = [{}]  # a token with no text of its own yet (part of a character, a held-back call)
+                for i, delta in enumerate(deltas):
+                    yield chunk(job.index, delta, logprobs=lp if i == 0 else None)
                 if c.finish_reason:
-                    yield chunk(job.index, {}, c.finish_reason)
+                    reason = c.finish_reason
+                    if parser is not None and parser.calls and reason == "stop" and all(
+                            call.complete for call in parser.calls):
+                        reason = "tool_calls"
+                    yield chunk(job.index, {}, reason)
                     finals.append(c)
         if include_usage:
             yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(jobs, finals)})
@@ -298,20 +568,24 @@ async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], inclu
         yield _sse(error_body(err.status, err.message, err.param, err.code))
 
 
-async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream], include_usage: bool):
-    def chunk(index, text, reason=None):
+async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream], include_usage: bool, out: Output):
+    def chunk(index, text, reason=None, logprobs=None):
         c = {**head, "object": "text_completion",
-             "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+             "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
         return _sse({**c, "usage": None} if include_usage else c)
 
     finals = []
     try:
         for job, stream in zip(jobs, streams):
+            offset = len(job.echo)
             if job.echo:
                 yield chunk(job.index, job.echo)
             async for c in stream:
-                if c.text or c.finish_reason:
-                    yield chunk(job.index, c.text, c.finish_reason)
+                lp = _completion_logprobs([c], out, offset) if out.scored(c) else None
+                if lp:
+                    offset += len(lp["tokens"][0])
+                if c.text or c.finish_reason or lp:
+                    yield chunk(job.index, c.text, c.finish_reason, lp)
                 if c.finish_reason:
                     finals.append(c)
         if include_usage:
@@ -353,6 +627,53 @@ class EventStreamResponse(StreamingResponse):
                 tg.start_soon(listen_then_stop)
         finally:
             self.on_close()
+
+
+# -- tokens (vLLM's /tokenize and /detokenize) --------------------------------------------
+
+@tokens_router.post("/tokenize", response_model=TokenizeResponse, summary="Token ids of a prompt or conversation")
+async def tokenize(body: TokenizeRequest, request: Request):
+    """A prompt's ids (with the tokenizer's BOS unless add_special_tokens is false), or those of
+    messages as the chat template renders them (add_generation_prompt: the assistant's header too)."""
+    service = request.app.state.service
+    model = service.models[service.resolve(body.model)]
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "Send either prompt (text) or messages (a conversation), not both.",
+                       "prompt" if body.prompt is None else "messages")
+    tok = _tokenizer(model)
+    if body.prompt is not None:
+        _check_size(len(body.prompt), service.limits, "prompt")
+        ids = await run_in_threadpool(tok.encode, body.prompt, body.add_special_tokens is not False)
+    else:
+        messages = [_message(m, i) for i, m in enumerate(body.messages)]
+        _check_size(sum(len(m.get("content") or "") for m in messages), service.limits, "messages")
+        prompt = await run_in_threadpool(_render, model, messages, body.add_generation_prompt)
+        ids = await run_in_threadpool(tok.encode, prompt, bool(body.add_special_tokens))
+    return {"count": len(ids), "max_model_len": model.config.block_size, "tokens": ids}
+
+
+def _render(model, messages: list[dict], add_generation_prompt: bool) -> str:
+    if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return tool_calls.render_prompt(model.tokenizer, messages, None, _renders_tools(model.tokenizer))
+    return model.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+
+
+@tokens_router.post("/detokenize", response_model=DetokenizeResponse, summary="The text of token ids")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    service = request.app.state.service
+    model = service.models[service.resolve(body.model)]
+    tok = _tokenizer(model)
+    vocab = model.config.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise APIError(400, f"tokens holds ids ≥ the vocabulary size ({vocab}).", "tokens")
+    _check_size(len(body.tokens), service.limits, "tokens")
+    return {"prompt": await run_in_threadpool(tok.decode, body.tokens)}
+
+
+def _tokenizer(model):
+    if model.tokenizer is None:
+        raise APIError(400, f"{model.name} has no tokenizer.", "model")
+    return model.tokenizer
 
 
 # -- embeddings -------------------------------------------------------------------------

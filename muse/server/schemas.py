@@ -4,12 +4,16 @@ Field names, defaults and ranges follow OpenAI's API reference, so the official 
 unchanged; the range checks live here, in one table per request, and a violation becomes a
 400 naming the parameter. A sampling option left out keeps Muse's own default
 (`muse.SamplingParams`), not OpenAI's. Extensions that vLLM and mlx-lm also accept: `top_k`,
-`min_p`, `repetition_penalty`; and Muse's own `loop_guard`.
+`min_p`, `repetition_penalty`, `response_format` on /v1/completions; and Muse's own `loop_guard`.
+
+Fields that would change the output but are not supported (audio, prediction, web search,
+the deprecated functions) are declared, so they are documented and answered with a 400 naming
+them, never silently dropped.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +21,9 @@ MAX_CHOICES = 16  # n: choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOPS = 16
 MAX_EMBED_INPUTS = 2048  # OpenAI's own limit
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions (OpenAI's limit)
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 
@@ -50,7 +57,34 @@ class SamplingFields(_Request):
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[Union[bool, int]] = Field(None, description="Not supported: must be left out or false.")
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
+        None, description="Token id (as a string) → a bias in [-100, 100] added to its logit; ±100 bans or forces it.")
+    response_format: Optional["ResponseFormat"] = Field(
+        None, description="text, json_object (any JSON object) or json_schema (output valid under the schema; "
+                          "strict: objects without additionalProperties allow no other properties).")
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaResponseFormat], Field(discriminator="type")]
 
 
 class TextPart(BaseModel):
@@ -58,16 +92,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart]]
+    content: Union[str, list[TextPart], None] = Field(None, description="Null only on an assistant message "
+                                                                         "with tool_calls.")
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="On an assistant message: the calls it made.")
+    tool_call_id: Optional[str] = Field(None, description="On a tool message: the call it answers.")
+    name: Optional[str] = None
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="A JSON schema of the arguments.")
+    strict: Optional[bool] = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="Newer name for max_tokens.")
-    tools: Optional[list[dict]] = Field(None, description="Not supported: must be left out or empty.")
+    logprobs: Optional[bool] = Field(None, description="Return each output token's log-probability.")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="With logprobs: the most likely tokens at each position.")
+    tools: Optional[list[ToolDefinition]] = Field(None, max_length=MAX_TOOLS,
+                                                  description="Functions the model may call (Hermes <tool_call> "
+                                                              "format; arguments always match their schema).")
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = Field(None, description="Allow several calls in one reply (default true).")
+    # not supported: answered with a 400 naming the field
+    functions: Optional[Any] = Field(None, description="Not supported (deprecated): use tools.")
+    function_call: Optional[Any] = Field(None, description="Not supported (deprecated): use tool_choice.")
+    audio: Optional[Any] = Field(None, description="Not supported: text only.")
+    modalities: Optional[list[str]] = Field(None, description='Only ["text"].')
+    prediction: Optional[Any] = Field(None, description="Not supported (predicted outputs).")
+    web_search_options: Optional[Any] = Field(None, description="Not supported: no web search.")
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -77,6 +161,9 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+                                    description="Return each output token's log-probability and this many most "
+                                                "likely tokens at each position.")
     suffix: Optional[str] = Field(None, description="Not supported: must be left out.")
     best_of: Optional[int] = Field(None, ge=1, le=1, description="Only 1 is supported.")
 
@@ -103,14 +190,29 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str] = Field(description="Null when the reply is only tool calls.")
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = Field(description="The token's UTF-8 bytes (a token may hold part of a character).")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Optional[Literal["stop", "length"]]
-    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls"]]
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -122,11 +224,18 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: Optional[list[Optional[dict[str, float]]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[Literal["stop", "length"]]
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class Completion(BaseModel):
@@ -168,6 +277,31 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or messages rendered by the chat template."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    add_special_tokens: Optional[bool] = Field(None, description="Default: true for a prompt, false for messages.")
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Request):
+    model: Optional[str] = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -177,3 +311,8 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+SamplingFields.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
