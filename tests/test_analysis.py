@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import muse
+from muse.api import Model
 from muse.apps import analysis
 from muse.apps.analysis import AnalysisInputError, classify, classify_file, sentiment
 from muse.apps.text import LanguageError
@@ -20,28 +21,40 @@ LABELS = ["sports", "science fiction", "business news"]
 TEXT = "The striker scored twice in the second half and the fans sang until midnight."
 
 
-def _reference_probs(model, text, labels, style):
-    """Brute force: each label appended to the prompt, the full text run through Model.logits."""
+def _reference_scores(model, text, labels, style, mean=True):
+    """Brute force: each label appended to the prompt, the whole text run through Model.logits, the
+    label's log-probabilities gathered from its log_softmax (the mean, or the total)."""
     prompt, conts = analysis.render(model, text, labels, "classify", "en", style)
-    scores = []
-    for cont in conts:
+    scores = {}
+    for label, cont in zip(labels, conts):
         prefix = model.tokenizer.encode(prompt, add_special_tokens=style == "plain")
         full = model.tokenizer.encode(prompt + cont, add_special_tokens=style == "plain")
         assert full[:len(prefix)] == prefix
         logp = torch.log_softmax(model.logits(full), dim=-1)  # (T, V)
-        label = full[len(prefix):]
-        scores.append(sum(logp[len(prefix) - 1 + j, t].item() for j, t in enumerate(label)) / len(label))
-    exp = [math.exp(s - max(scores)) for s in scores]
-    return {label: e / sum(exp) for label, e in zip(labels, exp)}
+        ids = full[len(prefix):]
+        total = sum(logp[len(prefix) - 1 + j, t].item() for j, t in enumerate(ids))
+        scores[label] = total / len(ids) if mean else total
+    return scores
+
+
+def _softmax(scores):
+    exp = {k: math.exp(v - max(scores.values())) for k, v in scores.items()}
+    return {k: e / sum(exp.values()) for k, e in exp.items()}
 
 
 @pytest.mark.parametrize("style", analysis.STYLES)
-def test_probabilities_match_a_brute_force_computation(default_model, style):
+def test_scores_and_probabilities_match_a_full_forward_pass(default_model, style):
+    # generation.score (one prefill, the labels batched on a copied KV cache) against one whole
+    # forward pass per label: the mean log-probability per token, as _mean_logprobs gave it.
+    expected = _reference_scores(default_model, TEXT, LABELS, style)
+    scores = analysis.label_logprobs(default_model, TEXT, LABELS, style=style)
+    assert list(scores) == LABELS
+    torch.testing.assert_close(torch.tensor(list(scores.values())), torch.tensor(list(expected.values())),
+                               atol=1e-4, rtol=0)
     probs = classify(default_model, TEXT, LABELS, calibrate=False, style=style)
     assert list(probs) == LABELS and math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
-    expected = _reference_probs(default_model, TEXT, LABELS, style)
-    torch.testing.assert_close(torch.tensor(list(probs.values())), torch.tensor(list(expected.values())),
-                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(torch.tensor(list(probs.values())),
+                               torch.tensor(list(_softmax(expected).values())), atol=1e-4, rtol=0)
 
 
 def test_calibration_divides_by_the_content_free_probabilities(default_model):
@@ -80,6 +93,48 @@ def test_bad_labels_and_languages(default_model):
     assert analysis.check_labels("体育，财经, 科技") == ["体育", "财经", "科技"]
 
 
+# -- constrained generation ----------------------------------------------------------
+
+TEXTS = [TEXT, "Shares fell after the bank reported lower profits.", "", "!!! ??? 12345"]
+
+
+@pytest.mark.parametrize("labels", [LABELS, ["sport", "sports", "sports news"], ["是", "否"]])
+def test_constrained_answer_is_always_one_of_the_labels(tiny, labels):
+    # A random model would write anything; under Constraint.choice its greedy reply is exactly one
+    # label, even where labels are prefixes of each other or need byte-level tokens.
+    for text in TEXTS:
+        if labels == ["是", "否"]:
+            m = Model(tiny.model, tiny.tokenizer, {"name": "qwen2.5-0.5b"})  # may read Chinese
+        else:
+            m = tiny
+        probs = classify(m, text, labels, method="constrained")
+        chosen = analysis.top_label(probs, "constrained")
+        assert chosen == next(iter(probs)) and chosen == analysis.choose(m, text, labels)
+        assert sorted(probs) == sorted(labels) and math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
+
+
+def test_constrained_probabilities_are_each_labels_likelihood_as_the_reply(default_model):
+    probs = classify(default_model, TEXT, LABELS, method="constrained")
+    assert next(iter(probs)) in LABELS
+    # Independently: Model.score of each label after the chat prompt, renormalised over the labels.
+    prompt = default_model.chat_prompt(analysis.messages(TEXT, LABELS))
+    totals = default_model.score(default_model.tokenizer.encode(prompt, add_special_tokens=False), LABELS)
+    expected = _softmax(dict(zip(LABELS, totals)))
+    assert probs == pytest.approx(expected, abs=1e-4)
+    assert _reference_scores(default_model, TEXT, LABELS, "chat", mean=False) == pytest.approx(
+        dict(zip(LABELS, totals)), abs=1e-3)
+    with pytest.raises(ValueError, match="method must be one of likelihood, constrained"):
+        classify(default_model, TEXT, LABELS, method="vote")
+
+
+def test_raw_prompt_baseline_reads_the_first_label_named(default_model, monkeypatch):
+    replies = iter(["I think it is Business news, or sports.", "sports news", "No idea."])
+    monkeypatch.setattr(Model, "chat", lambda self, messages, params=None, **kw: next(replies))
+    labels = ["sports", "business news", "sports news"]
+    assert [analysis.classify_raw(default_model, TEXT, labels) for _ in range(3)] == [
+        "business news", "sports news", None]
+
+
 @pytest.fixture(scope="module")
 def qwen(qwen_gguf):
     return muse.load(qwen_gguf)
@@ -93,6 +148,14 @@ def test_chinese_sentiment_on_the_bilingual_model(qwen):
     assert good["scores"]["positive"] > bad["scores"]["positive"]
     assert good["scores"]["negative"] < bad["scores"]["negative"]
     assert math.isclose(sum(good["scores"].values()), 1.0, abs_tol=1e-6)
+
+
+def test_constrained_chinese_labels_on_the_bilingual_model(qwen):
+    labels = ["体育", "财经", "科技"]
+    probs = classify(qwen, "主队在下半场连进两球，以三比一战胜了联赛领头羊。", labels, method="constrained")
+    assert next(iter(probs)) in labels and sorted(probs) == sorted(labels)
+    bad = sentiment(qwen, "质量太差了，用了两天就坏了，客服也不理人，非常失望。", method="constrained")
+    assert bad["label"] in ("positive", "negative", "neutral") and bad["label"] == next(iter(bad["scores"]))
 
 
 # -- files --------------------------------------------------------------------------
@@ -178,12 +241,36 @@ def test_sentiment_command_on_a_file(default_model, tmp_path, monkeypatch):
     assert [o["label"] for o in out] == [sentiment(default_model, row["text"])["label"] for row in ROWS]
 
 
+def test_constrained_method_on_files_and_the_command(tiny, tmp_path, monkeypatch):
+    from muse.cli import app
+
+    labels = ["sports", "business"]
+    _write_csv(tmp_path / "in.csv", ROWS)
+    assert classify_file(tiny, tmp_path / "in.csv", tmp_path / "out.jsonl", labels=labels, method="constrained") == 2
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for row, res in zip(ROWS, out):
+        probs = classify(tiny, row["text"], labels, method="constrained")
+        assert res["label"] == next(iter(probs)) and res["p_business"] == pytest.approx(probs["business"], abs=1e-5)
+
+    monkeypatch.setattr(muse, "load", lambda *a, **k: tiny)
+    r = CliRunner().invoke(app, ["classify", TEXT, "-l", ",".join(LABELS), "--method", "constrained", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["label"] == analysis.choose(tiny, TEXT, LABELS)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    r = CliRunner().invoke(app, ["sentiment", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                                 "--method", "constrained"])
+    assert r.exit_code == 0, r.output
+    got = [json.loads(line)["label"] for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert got == [sentiment(tiny, row["text"], method="constrained")["label"] for row in ROWS]
+
+
 @pytest.mark.parametrize("args,message", [
     (["classify", "hello", "--labels", "only"], "at least 2 labels"),
     (["classify", "hello", "--labels", "a,b,a"], "'a' is given twice"),
     (["classify", "--labels", "a,b"], "give the TEXT to score"),
     (["classify", "hi", "-i", "x.csv", "-o", "y.csv", "--labels", "a,b"], "either TEXT or --input"),
     (["sentiment", "-i", "x.csv"], "--input needs --output"),
+    (["sentiment", "fine", "--method", "vote"], "method must be one of likelihood, constrained"),
     (["sentiment", "-i", "missing.csv", "-o", "y.csv"], "missing.csv does not exist"),
 ])
 def test_commands_report_bad_input_in_one_line(args, message, tmp_path, monkeypatch):

@@ -1,9 +1,14 @@
-"""Classification and sentiment by likelihood: the model scores each label, it does not write an answer.
+"""Classification and sentiment, two ways: by likelihood (default) or by constrained generation.
 
-The prompt ends where the answer goes ("...Category:"); each label is scored as the continuation by the
-mean log-probability of its tokens (the mean, so a label of four tokens does not lose to one of a single
-token), and a softmax turns the scores into probabilities. The prompt runs through the model once; its
-KV cache is then copied to every label and all labels go through in one batched forward.
+Likelihood: the model scores each label, it does not write an answer. The prompt ends where the answer
+goes ("...Category:"); each label is scored as the continuation by the mean log-probability of its
+tokens (the mean, so a label of four tokens does not lose to one of a single token), and a softmax
+turns the scores into probabilities. `muse.generation.score` runs the prompt through the model once,
+copies its KV cache to every label and puts all labels through in one batched forward.
+
+Constrained (`method="constrained"`, `choose`): the model is asked in a chat and answers greedily under
+`Constraint.choice(labels)`, so its reply is always exactly one label. `classify_raw` is the same chat
+answered freely, the baseline `muse eval` compares both with.
 
 Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): a model prefers some labels whatever
 the text says. The probabilities it gives when the text is content-free ("N/A", "", "[MASK]") measure
@@ -26,14 +31,14 @@ import re
 import weakref
 from pathlib import Path
 
-import torch
-
 from muse.apps.text import check_language
-from muse.errors import ContextLengthError, MuseError
-from muse.model import KVCache
+from muse.errors import MuseError
+from muse.generation import score
+from muse.sampling import Constraint, SamplingParams
 
 TASKS = ("classify", "sentiment")
 STYLES = ("chat", "plain")
+METHODS = ("likelihood", "constrained")
 # Measured on muse/eval/data: the plain prompt scores best with both bundled models (topics, calibrated:
 # 0.94 and 0.94, against 0.59 and 0.91 through the chat template; default-model sentiment: 0.83 vs 0.33).
 DEFAULT_STYLE = "plain"
@@ -87,12 +92,21 @@ def render(model, text: str, labels: list[str], task: str = "classify", lang: st
     if style == "plain":
         examples = "".join(f"{body(t)}\n{field}{colon}{space}{label}\n\n" for t, label in shots)
         return f"{instruction}\n\n{examples}{body(text)}\n{field}{colon}", [space + label for label in labels]
-    messages = []
-    for t, label in shots + [(text, None)]:
-        messages.append({"role": "user", "content": f"{instruction}\n\n{body(t)}"})
+    return model.chat_prompt(messages(text, labels, task, lang)), list(labels)
+
+
+def messages(text: str, labels: list[str], task: str = "classify", lang: str = "en") -> list[dict]:
+    """The chat conversation that asks for the answer (the chat style's prompt, before its template):
+    the instruction and text as a user message, worked examples as earlier turns."""
+    instruction, _ = _TEMPLATES[(task, lang)]
+    instruction = instruction.format(labels=(", " if lang == "en" else "、").join(labels))
+    prefix = "Text: " if lang == "en" else "文本："
+    out = []
+    for t, label in _SHOTS.get((task, lang), []) + [(text, None)]:
+        out.append({"role": "user", "content": f"{instruction}\n\n{prefix}{t}"})
         if label is not None:
-            messages.append({"role": "assistant", "content": label})
-    return model.chat_prompt(messages), list(labels)
+            out.append({"role": "assistant", "content": label})
+    return out
 
 
 def _encode(model, text: str, style: str) -> list[int]:
@@ -115,33 +129,6 @@ def _label_ids(model, prompt: str, conts: list[str], style: str) -> tuple[list[i
 
 # -- scoring ----------------------------------------------------------------------
 
-@torch.inference_mode()
-def _mean_logprobs(net, prefix: list[int], labels: list[list[int]]) -> torch.Tensor:
-    """Mean log-probability of each label's ids after `prefix`: (N,) float32.
-
-    One forward of the prefix fills a KV cache; it is copied to N rows and the labels (right-padded
-    to the longest, M tokens) go through together. Padding sits after each label's real tokens, so the
-    causal mask keeps it from touching the positions that are scored.
-    """
-    n, m = len(labels), max(len(ids) for ids in labels)
-    if len(prefix) + m > net.config.block_size:
-        raise ContextLengthError(len(prefix) + m, net.config.block_size)
-    cache = KVCache(net.config, 1, len(prefix) + m - 1 if m > 1 else len(prefix), net.dtype, net.device)
-    first, _ = net(torch.tensor([prefix], device=net.device), cache=cache, last_only=True)  # (1, 1, V)
-    logits = first.expand(n, 1, -1)
-    targets = torch.zeros(n, m, dtype=torch.long, device=net.device)
-    for i, ids in enumerate(labels):
-        targets[i, :len(ids)] = torch.tensor(ids)
-    if m > 1:
-        cache.reorder(torch.zeros(n, dtype=torch.long, device=net.device))
-        rest, _ = net(targets[:, :-1], cache=cache)  # (N, M-1, V)
-        logits = torch.cat([logits, rest], dim=1)  # (N, M, V): logits[:, j] predicts targets[:, j]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets[:, :, None])[:, :, 0]  # (N, M)
-    lengths = torch.tensor([len(ids) for ids in labels], device=net.device)
-    mask = torch.arange(m, device=net.device)[None, :] < lengths[:, None]
-    return ((logp * mask).sum(1) / lengths).cpu()
-
-
 def label_logprobs(model, text: str, labels: list[str], task: str = "classify",
                    style: str = DEFAULT_STYLE) -> dict[str, float]:
     """Mean log-probability per token of each label as the answer for `text` (uncalibrated scores)."""
@@ -150,12 +137,15 @@ def label_logprobs(model, text: str, labels: list[str], task: str = "classify",
     return _scores(model, text, tuple(labels), task, lang, style)
 
 
-def _scores(model, text: str, labels: tuple[str, ...], task: str, lang: str, style: str) -> dict[str, float]:
+def _scores(model, text: str, labels: tuple[str, ...], task: str, lang: str, style: str,
+            mean: bool = True) -> dict[str, float]:
+    """Each label's log-probability as the answer: the mean over its tokens (so a label of four tokens
+    does not lose to one of a single token), or with mean=False the total (the reply's likelihood)."""
     prompt, conts = render(model, text, list(labels), task, lang, style)
     prefix, ids = _label_ids(model, prompt, conts, style)
     if any(not x for x in ids):
         raise ValueError("labels must not be empty strings")
-    return dict(zip(labels, _mean_logprobs(model.model, prefix, ids).tolist()))
+    return {label: sum(lp) / (len(lp) if mean else 1) for label, lp in zip(labels, score(model.model, prefix, ids))}
 
 
 def _softmax(scores: dict[str, float]) -> dict[str, float]:
@@ -213,36 +203,107 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def check_method(method: str) -> str:
+    """`method` when it is one of METHODS, else a ValueError listing them."""
+    _check_choice("method", method, METHODS)
+    return method
+
+
 def classify(model, text: str, labels: list[str], calibrate: bool = True, *, task: str = "classify",
-             style: str = DEFAULT_STYLE) -> dict[str, float]:
-    """Probabilities (summing to 1) that `text` belongs to each label, from the model's likelihood of
-    each label as the answer. `calibrate` applies contextual calibration (see the module docstring).
-    Chinese text needs a bilingual model (LanguageError otherwise)."""
+             style: str = DEFAULT_STYLE, method: str = "likelihood") -> dict[str, float]:
+    """Probabilities (summing to 1) that `text` belongs to each label. Chinese text needs a bilingual
+    model (LanguageError otherwise).
+
+    method "likelihood" (default): from the model's likelihood of each label as the answer, in the
+    labels' order; `calibrate` applies contextual calibration (see the module docstring).
+    method "constrained": the model is asked (see `choose`) and writes its answer under a constraint
+    that allows exactly the labels; the answer is the FIRST key, the rest follow by probability.
+    Probabilities are each label's total likelihood as the chat reply, renormalised over the labels
+    (`calibrate` and `style` do not apply); greedy decoding commits token by token, so on rare
+    occasions its answer is not the most likely label — the answer is still what the model wrote.
+    """
     _check_choice("task", task, TASKS)
     _check_choice("style", style, STYLES)
+    _check_choice("method", method, METHODS)
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     labels = tuple(check_labels(labels))
     lang = check_language(model, text + " " + " ".join(labels))
+    if method == "constrained":
+        chosen = _choose(model, text, labels, task, lang)
+        probs = _softmax(_scores(model, text, labels, task, lang, "chat", mean=False))
+        return {chosen: probs[chosen], **dict(sorted(probs.items(), key=lambda kv: -kv[1]))}
     probs = _softmax(_scores(model, text, labels, task, lang, style))
     if calibrate:
         probs = _calibrated(probs, content_free_probs(model, labels, task, lang, style))
     return probs
 
 
-def sentiment(model, text: str, calibrate: bool = False, style: str = DEFAULT_STYLE) -> dict:
+def choose(model, text: str, labels: list[str], task: str = "classify") -> str:
+    """Ask the model, and let it answer only with one of `labels`: the chat prompt of the chat style
+    (`messages`), decoded greedily under `Constraint.choice(labels)`, so the reply is always exactly
+    one label. Generation only (no scoring pass): through a server's scheduler it batches with
+    other requests."""
+    _check_choice("task", task, TASKS)
+    labels = tuple(check_labels(labels))
+    return _choose(model, text, labels, task, check_language(model, text + " " + " ".join(labels)))
+
+
+def _choose(model, text: str, labels: tuple[str, ...], task: str, lang: str) -> str:
+    # Every token spells at least one byte, and EOS ends it: a bound however the engine splits a label.
+    longest = max(len(label.encode("utf-8")) for label in labels) + 1
+    p = SamplingParams(temperature=0.0, max_new_tokens=longest, constraint=Constraint.choice(list(labels)),
+                       loop_guard=False)
+    answer = model.chat(messages(text, list(labels), task, lang), p)
+    if answer not in labels:  # the engine guarantees a label; anything else is a bug worth naming
+        raise MuseError(f"constrained decoding returned {answer!r}, which is not one of the labels")
+    return answer
+
+
+def sentiment(model, text: str, calibrate: bool = False, style: str = DEFAULT_STYLE,
+              method: str = "likelihood") -> dict:
     """{"label": positive|negative|neutral, "score": its probability, "scores": all three}.
 
     Chinese text is scored with the labels 积极/消极/中性 (bilingual model) and reported under the
     English names. Uncalibrated by default: on muse/eval/data calibration scored 0.70 / 0.67 / 0.77
     against 0.83 / 0.73 / 0.67 without (default model English; bilingual model English, Chinese).
+    method: "likelihood" or "constrained" (the model writes one of the three; see `classify`).
     """
     lang = check_language(model, text) if isinstance(text, str) else "en"
     local = SENTIMENT_LABELS[lang]
-    probs = classify(model, text, list(local), calibrate, task="sentiment", style=style)
-    scores = {name: probs[label] for name, label in zip(SENTIMENTS, local)}
-    best = max(scores, key=scores.get)
+    probs = classify(model, text, list(local), calibrate, task="sentiment", style=style, method=method)
+    name = dict(zip(local, SENTIMENTS))
+    scores = {name[label]: p for label, p in probs.items()}  # the answer first when constrained
+    best = top_label(scores, method)
     return {"label": best, "score": scores[best], "scores": scores}
+
+
+def classify_raw(model, text: str, labels: list[str], task: str = "classify", max_new_tokens: int = 16) -> str | None:
+    """The prompting baseline: the same chat prompt as `choose`, answered freely (greedy, no
+    constraint); the label the reply names first (the longest where two start together), or None
+    when it names none. For comparison (`muse eval`): the app's methods always give a label."""
+    _check_choice("task", task, TASKS)
+    labels = tuple(check_labels(labels))
+    lang = check_language(model, text + " " + " ".join(labels))
+    reply = model.chat(messages(text, list(labels), task, lang),
+                       SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)).casefold()
+    found = [(reply.find(label.casefold()), -len(label), label) for label in labels]
+    found = [f for f in found if f[0] >= 0]
+    return min(found)[2] if found else None
+
+
+def sentiment_raw(model, text: str, max_new_tokens: int = 16) -> str | None:
+    """`classify_raw` for sentiment: positive, negative, neutral or None (Chinese replies mapped)."""
+    lang = check_language(model, text) if isinstance(text, str) else "en"
+    local = SENTIMENT_LABELS[lang]
+    label = classify_raw(model, text, list(local), "sentiment", max_new_tokens)
+    return dict(zip(local, SENTIMENTS)).get(label)
+
+
+def top_label(probs: dict[str, float], method: str = "likelihood") -> str:
+    """The label a `classify` result answers: the most probable one (likelihood), or the one the
+    model wrote (constrained: the first key)."""
+    return next(iter(probs)) if method == "constrained" else max(probs, key=probs.get)
 
 
 # -- files ------------------------------------------------------------------------
@@ -338,15 +399,18 @@ def _cell(value):
 
 
 def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list[str] | None = None,
-                  task: str = "classify", column: str = "text", calibrate: bool | None = None) -> int:
+                  task: str = "classify", column: str = "text", calibrate: bool | None = None,
+                  method: str = "likelihood") -> int:
     """Classify (or score the sentiment of) the `column` of every record of a .csv/.jsonl file.
 
     Writes the same records to `path_out` (.csv or .jsonl, either way round) with fields added:
     `label`, `score`, and `p_<label>` for each label. Returns the number of records. Everything is
     read and checked before the model runs, and the output appears only when complete.
-    `calibrate` defaults to what `classify` (True) and `sentiment` (False) do.
+    `calibrate` defaults to what `classify` (True) and `sentiment` (False) do; `method` is
+    `classify`'s (constrained: `label` is what the model wrote).
     """
     _check_choice("task", task, TASKS)
+    _check_choice("method", method, METHODS)
     path_in, path_out = Path(path_in), Path(path_out)
     _format(path_out)
     if task == "classify":
@@ -363,11 +427,11 @@ def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list
     out = []
     for row in rows:
         if task == "classify":
-            probs = classify(model, row[column], labels, True if calibrate is None else calibrate)
+            probs = classify(model, row[column], labels, True if calibrate is None else calibrate, method=method)
         else:
-            probs = sentiment(model, row[column], bool(calibrate))["scores"]
-        best = max(probs, key=probs.get)
+            probs = sentiment(model, row[column], bool(calibrate), method=method)["scores"]
+        best = top_label(probs, method)
         out.append({**row, "label": best, "score": round(probs[best], 6),
-                    **{f"p_{k}": round(v, 6) for k, v in probs.items()}})
+                    **{f"p_{k}": round(probs[k], 6) for k in names}})
     _write_rows(path_out, out, fields + added)
     return len(out)

@@ -381,6 +381,11 @@ def guided_syllables(model, prompt_ids: list[int], lengths: tuple[int, ...], par
     Syllables span several tokens, so instead of masking tokens each line is sampled up to its newline,
     and sampled again (a new seed) while its count is wrong, up to `samples` times; then the closest
     line is kept and `check_form` reports it.
+
+    Not a grammar constraint like `guided_lines`: a syllable is not a property of characters. A grammar
+    would have to list every word with its count (a vocabulary of word → syllables, open-ended, with
+    `syllables()`'s rules compiled into alternatives), and a line of 5 would be a sum over any split
+    into words — a huge grammar per form that still could not spell a word outside its list.
     """
     lines: list[str] = []
     for i, want in enumerate(lengths):

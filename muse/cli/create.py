@@ -95,9 +95,11 @@ def _check_source(text: Optional[str], path_in: Optional[Path], path_out: Option
         raise ValueError("--output goes with --input; for a single TEXT the result is printed")
 
 
-def _show(probs: dict[str, float], as_json: bool) -> None:
-    ranked = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
-    best = next(iter(ranked))
+def _show(probs: dict[str, float], as_json: bool, method: str = "likelihood") -> None:
+    from muse.apps.analysis import top_label
+
+    best = top_label(probs, method)  # constrained: the label the model wrote
+    ranked = {best: probs[best], **dict(sorted(probs.items(), key=lambda kv: -kv[1]))}
     if as_json:
         print(json.dumps({"label": best, "score": ranked[best], "scores": ranked},
                          ensure_ascii=False, indent=2))
@@ -117,6 +119,10 @@ OutputOpt = typer.Option(None, "--output", "-o",
                          help="Where to write the rows with label, score and p_<label> added (.csv or .jsonl).")
 ColumnOpt = typer.Option("text", "--column", help="The field holding the text in --input.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
+MethodOpt = typer.Option("likelihood", "--method",
+                         help="likelihood: score each label as the answer (default); constrained: the model "
+                              "answers in a chat, allowed to write only one of the labels (probabilities: "
+                              "each label's likelihood as that reply).")
 
 
 @app.command()
@@ -126,7 +132,9 @@ def classify(
     labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, e.g. sports,business,health."),
     path_in: Optional[Path] = InputOpt, path_out: Optional[Path] = OutputOpt, column: str = ColumnOpt,
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
-                                   help="Correct the model's bias towards some labels (contextual calibration)."),
+                                   help="Correct the model's bias towards some labels (contextual calibration; "
+                                        "likelihood only)."),
+    method: str = MethodOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     as_json: bool = JsonOpt,
@@ -136,15 +144,17 @@ def classify(
     Examples: muse classify "The striker scored twice" --labels sports,business,health;
     muse classify -i news.csv -o labelled.csv --labels sports,business --column headline.
     """
-    from muse.apps.analysis import check_labels, classify as score
+    from muse.apps.analysis import check_labels, check_method, classify as score
 
     _check_source(text, path_in, path_out)
-    names = check_labels(labels)  # bad labels fail before the model loads
+    names = check_labels(labels)  # bad labels and methods fail before the model loads
+    check_method(method)
     m = load_model(model, precision)
     if path_in is not None:
-        _run_file(m, path_in, path_out, labels=names, task="classify", column=column, calibrate=calibrate)
+        _run_file(m, path_in, path_out, labels=names, task="classify", column=column, calibrate=calibrate,
+                  method=method)
         return
-    _show(score(m, read_argument(text), names, calibrate=calibrate), as_json)
+    _show(score(m, read_argument(text), names, calibrate=calibrate, method=method), as_json, method)
 
 
 @app.command()
@@ -154,6 +164,7 @@ def sentiment(
     path_in: Optional[Path] = InputOpt, path_out: Optional[Path] = OutputOpt, column: str = ColumnOpt,
     calibrate: bool = typer.Option(False, "--calibrate/--no-calibrate",
                                    help="Apply contextual calibration (off by default: it scored lower here)."),
+    method: str = MethodOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     as_json: bool = JsonOpt,
@@ -162,12 +173,13 @@ def sentiment(
 
     Examples: muse sentiment "Terrible service, never again."; muse sentiment -i reviews.jsonl -o scored.jsonl.
     """
-    from muse.apps.analysis import sentiment as score
+    from muse.apps.analysis import check_method, sentiment as score
 
     _check_source(text, path_in, path_out)
+    check_method(method)
     m = load_model(model, precision)
     if path_in is not None:
-        _run_file(m, path_in, path_out, task="sentiment", column=column, calibrate=calibrate)
+        _run_file(m, path_in, path_out, task="sentiment", column=column, calibrate=calibrate, method=method)
         return
-    result = score(m, read_argument(text), calibrate=calibrate)
-    _show(result["scores"], as_json)
+    result = score(m, read_argument(text), calibrate=calibrate, method=method)
+    _show(result["scores"], as_json, method)
