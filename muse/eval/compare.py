@@ -64,12 +64,24 @@ class Row:
 
 
 @dataclass
+class Best:
+    """Which method scored best on one suite, per model (suites that compare methods: the label
+    suites' likelihood / constrained / raw prompt, summarize's muse / raw prompt)."""
+
+    section: str  # the suite
+    metric: str  # its headline metric's label, e.g. "accuracy"
+    scores: list  # per model: {method: value} (empty: not run for that model)
+    best: list  # per model: the best method(s), ties joined by " = " ("" when not run)
+
+
+@dataclass
 class EvalReport:
     models: list[str]
     rows: list[Row] = field(default_factory=list)
     details: dict = field(default_factory=dict)  # model label -> {"info", "suites", "perplexity", "kl"}
     notes: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    best: list[Best] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,3 +208,23 @@ def _build_rows(report: EvalReport, names: list[str], sources: list[str]) -> Non
                                     f"(scored as wrong), e.g. {first}")
         signatures = {n for r in results for n in r["notes"]}
         report.notes += [f"{name}: {n}" for n in sorted(signatures)]
+        best = best_method(name, results)
+        if best is not None:
+            report.best.append(best)
+
+
+def best_method(name: str, results: list[dict]) -> "Best | None":
+    """The best of the methods a suite compares, per model, by its headline metric; None when the
+    suite compares none."""
+    primary = next((r["primary"] for r in results if r.get("methods")), None)
+    if primary is None:
+        return None
+    scores, best = [], []
+    for r in results:
+        values = {m: r["metrics"][primary + suffix] for m, suffix in r.get("methods", {}).items()
+                  if r["metrics"].get(primary + suffix) is not None}
+        top = max(values.values(), default=None)
+        scores.append(values)
+        best.append(" = ".join(m for m, v in values.items() if v == top) if values else "")
+    label = METRIC_NAMES.get(primary, primary).split(" (")[0]
+    return Best(name, label, scores, best)

