@@ -248,25 +248,31 @@ def extract_entities(model, text: str, types=None, *, extra_types=None, constrai
 
 
 def check_schema(schema) -> dict:
-    """A user's JSON schema for `extract_fields`: a dict (or JSON text / a .json path) describing an
-    object; ValueError otherwise. Whether the engine can compile it is checked when it runs."""
-    if isinstance(schema, (str, Path)):
+    """A user's JSON schema for `extract_fields`: a dict, JSON text, or the path of a JSON file,
+    describing an object; ValueError otherwise. Whether the engine can compile it is checked when it runs."""
+    if isinstance(schema, str) and schema.lstrip().startswith("{"):
+        schema = _parse_schema(schema, "the schema")
+    elif isinstance(schema, (str, Path)):
         path = Path(schema)
         try:
-            raw = path.read_text(encoding="utf-8") if path.suffix.lower() == ".json" else str(schema)
-        except FileNotFoundError:
+            raw = path.read_text(encoding="utf-8-sig")
+        except (FileNotFoundError, IsADirectoryError):
             raise ValueError(f"schema file {path} does not exist") from None
         except UnicodeDecodeError:
             raise ValueError(f"schema file {path} is not UTF-8 text") from None
-        try:
-            schema = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"the schema is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        schema = _parse_schema(raw, f"schema file {path}")
     if not isinstance(schema, dict):
         raise ValueError("the schema must be a JSON object, e.g. {\"type\": \"object\", \"properties\": {…}}")
     if schema.get("type", "object") != "object":
         raise ValueError(f"the schema must describe an object (\"type\": \"object\"), not {schema.get('type')!r}")
     return schema
+
+
+def _parse_schema(raw: str, what: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 _FIELDS_INSTRUCTION = {
@@ -285,7 +291,7 @@ def extract_fields(model, text: str, schema, *, max_new_tokens: int = 512) -> di
     schema = check_schema(schema)
     lang = check_language(model, text)
     constraint = Constraint.json_schema(schema)
-    _check_constraint(model, constraint)
+    check_constraint(constraint, model)
     messages = [{"role": "system", "content": _FIELDS_INSTRUCTION[lang].format(
                     schema=json.dumps(schema, ensure_ascii=False))},
                 {"role": "user", "content": _TEXT[lang].format(text=text)}]
@@ -297,13 +303,29 @@ def extract_fields(model, text: str, schema, *, max_new_tokens: int = 512) -> di
                               "allow more with --max-tokens or ask for fewer fields") from None
 
 
-def _check_constraint(model, constraint: Constraint) -> None:
-    from muse.constrain import check
+def check_constraint(constraint: Constraint, model=None) -> None:
+    """`muse.constrain.check` (against the model's tokenizer when given), its ConstraintError on one line."""
+    from muse.constrain import ConstraintError, check
 
-    check(constraint, model.tokenizer, model.model.config.vocab_size)
+    try:
+        if model is None:
+            check(constraint)
+        else:
+            check(constraint, model.tokenizer, model.model.config.vocab_size)
+    except ConstraintError as e:
+        raise ConstraintError(" ".join(str(e).split())) from None
 
 
 # -- files -----------------------------------------------------------------------------
+
+def read_batch(path_in: str | Path, column: str = "text") -> tuple[list[dict], list[str]]:
+    """`read_rows`, and an AnalysisInputError naming the first record whose text is empty."""
+    rows, fields = read_rows(path_in, column)
+    for i, row in enumerate(rows, 1):
+        if not row[column].strip():
+            raise AnalysisInputError(f"{path_in} record {i}: the '{column}' text is empty; remove the row or fill it in")
+    return rows, fields
+
 
 def extract_file(model_for: "Callable[[str], object] | object", path_in: str | Path, path_out: str | Path,
                  column: str = "text", types=None, extra_types=None, schema=None,
@@ -320,10 +342,7 @@ def extract_file(model_for: "Callable[[str], object] | object", path_in: str | P
     _format(path_out)
     types = check_types(types, extra_types)
     schema = check_schema(schema) if schema is not None else None
-    rows, fields = read_rows(path_in, column)
-    for i, row in enumerate(rows, 1):
-        if not row[column].strip():
-            raise AnalysisInputError(f"{path_in} record {i}: the '{column}' text is empty; remove the row or fill it in")
+    rows, fields = read_batch(path_in, column)
     added = ["fields" if schema is not None else "entities", "model"]
     clash = [name for name in added if name in fields]
     if clash:

@@ -4,7 +4,7 @@ Each module registers its commands on the one `app` in `muse.cli.common`.
 """
 
 from muse.cli import (  # noqa: F401  (importing a module registers its commands)
-    assistant, compress, core, create, eval, explain, kb, safety, serve, training, write,
+    assistant, compress, core, create, eval, explain, extract, kb, safety, serve, training, write,
 )
 from muse.cli.common import app
 

@@ -14,7 +14,7 @@ from typer.core import TyperCommand, TyperGroup
 PANELS: dict[str, tuple[str, ...]] = {
     "Chat & documents": ("chat", "ask", "kb", "conversations", "persona", "memory", "feedback"),
     "Writing": ("write", "create", "generate"),
-    "Analysis": ("classify", "sentiment"),
+    "Analysis": ("classify", "sentiment", "extract"),
     "Training": ("data", "tokenizer", "train", "finetune", "lora"),
     "Trust": ("eval", "safety", "explain", "quantize", "prune"),
     "Serving": ("serve",),
