@@ -12,9 +12,10 @@ document, persona, memory or version, 413 a text over the server's limit, 429 a 
 
 Generation: the apps run in a worker thread and see a `ServedModel`, whose `stream` queues the
 prompt on the server's `Scheduler` — so generation runs only on the scheduler's thread, batched
-with the OpenAI routes' requests. Classification and guided Chinese verse score with the model's
-forward pass directly (nothing the scheduler can batch): they run one at a time (`_direct_lock`);
-the forward pass keeps no state between calls, so it may overlap a scheduler step safely.
+with the OpenAI routes' requests (Chinese verse too: its form is a grammar constraint). Label scoring
+(classify, sentiment) runs the model's forward pass directly (nothing the scheduler can batch): one
+at a time (`_direct_lock`); the forward pass keeps no state between calls, so it may overlap a
+scheduler step safely.
 A client that goes away (or the web app's stop button, which aborts its fetch) stops the work at
 once: its scheduler rows are freed at the next step, and a reply being streamed is kept as far as
 it got (the assistant marks it "stopped").
@@ -78,8 +79,8 @@ router = APIRouter(responses=_ERRORS)
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-# Classification and guided Chinese verse use the model's forward pass directly (not a generation
-# the scheduler could batch); one such request at a time.
+# Label scoring (classify, sentiment) uses the model's forward pass directly (not a generation the
+# scheduler could batch); one such request at a time.
 _direct_lock = threading.Lock()
 _END = object()
 
@@ -878,10 +879,9 @@ async def create(body: CreateBody, request: Request):
     from muse.apps.creative import FORMS, create as make
 
     work = Work(request)
-    # Fixed forms are decoded line by line with the model's forward pass (guided), hence _direct.
+    # Every form is generated on the scheduler (Chinese verse under a grammar constraint): no _direct.
     model = work.model(body.model, body.topic, chinese=body.form in FORMS and FORMS[body.form].chinese)
-    c = await work.call(_direct, make, model, body.kind, body.topic, body.form,
-                        body.params(), body.attempts)
+    c = await work.call(make, model, body.kind, body.topic, body.form, body.params(), body.attempts)
     return {"text": c.text, "form": c.form, "ok": c.ok, "problems": list(c.problems), "tries": c.tries}
 
 
