@@ -64,6 +64,7 @@ class Metrics:
         self.ttft: dict[str, Histogram] = defaultdict(Histogram)
         self.prompt_tokens: dict[str, int] = defaultdict(int)
         self.completion_tokens: dict[str, int] = defaultdict(int)
+        self.cached_tokens: dict[str, int] = defaultdict(int)  # prompt tokens served by the prefix cache
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -80,6 +81,7 @@ class Metrics:
             latency = {k: _copy(h) for k, h in self.latency.items()}
             ttft = {k: _copy(h) for k, h in self.ttft.items()}
             prompt, completion = dict(self.prompt_tokens), dict(self.completion_tokens)
+            cached = dict(self.cached_tokens)
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str, samples: list[str]) -> None:
@@ -107,8 +109,7 @@ class Metrics:
                [f'muse_requests_running{{model="{_esc(m)}"}} {s.active if s else 0}' for m, s in queues.items()])
         family("muse_prefix_cache_hit_tokens_total", "counter",
                "Prompt tokens whose keys and values came from the prefix cache.",
-               [f'muse_prefix_cache_hit_tokens_total{{model="{_esc(m)}"}} {s.prefix_cache.hits if s else 0}'
-                for m, s in queues.items()])
+               [f'muse_prefix_cache_hit_tokens_total{{model="{_esc(m)}"}} {cached.get(m, 0)}' for m in queues])
         family("muse_prefix_cache_tokens", "gauge", "Prompt positions held in the prefix cache.",
                [f'muse_prefix_cache_tokens{{model="{_esc(m)}"}} {s.prefix_cache.tokens if s else 0}'
                 for m, s in queues.items()])
@@ -151,6 +152,7 @@ class WatchedStream:
                     m.completion_tokens[self.model] += chunk.generation_tokens
                     if self.count_prompt:
                         m.prompt_tokens[self.model] += chunk.prompt_tokens
+                        m.cached_tokens[self.model] += chunk.cached_tokens
             yield chunk
 
 
