@@ -237,6 +237,13 @@ def test_grammar_constrained_verse_conforms_even_from_a_random_model(tiny, form)
         assert c.text.endswith("。")
 
 
+def test_a_chinese_haiku_is_guided_by_characters_too(tiny):
+    # 汉俳: a haiku on a Chinese topic has lines of 5, 7 and 5 characters, no punctuation required
+    m = Model(tiny.model, tiny.tokenizer, {"name": "qwen2.5-0.5b"})
+    c = create(m, "poem", "春天", form="haiku", attempts=1, params=muse.SamplingParams(temperature=1.5, seed=0))
+    assert c.ok and [len(line) for line in c.text.splitlines()] == [5, 7, 5], c.text
+
+
 # -- the command ------------------------------------------------------------------
 
 def test_create_command_warns_when_the_form_is_not_met(default_model, monkeypatch):

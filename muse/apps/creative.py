@@ -352,9 +352,9 @@ def verse_grammar(lengths: tuple[int, ...], ends: list[str]) -> str:
     """A Lark grammar for lines of exactly `lengths` Chinese characters, each followed by its `ends`
     text (punctuation + newline; the last line's newline dropped, so the poem ends where it is full):
     `start: /[<Han>]{5}/ "，\\n" /[<Han>]{5}/ "。"` for two lines of 五言."""
-    last = len(lengths) - 1
-    parts = [f"/{HAN_RE.pattern}{{{n}}}/ " + json.dumps(end.rstrip("\n") if i == last else end, ensure_ascii=False)
-             for i, (n, end) in enumerate(zip(lengths, ends))]
+    ends = [*ends[:-1], ends[-1].rstrip("\n")]
+    parts = [f"/{HAN_RE.pattern}{{{n}}}/" + (" " + json.dumps(end, ensure_ascii=False) if end else "")
+             for n, end in zip(lengths, ends)]  # an empty end (a 汉俳's last line) is no literal at all
     return "start: " + " ".join(parts)
 
 
