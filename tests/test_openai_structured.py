@@ -356,3 +356,12 @@ def test_tokenize_detokenize_round_trip(http, default_model):
     assert ids == default_model.tokenizer.encode(default_model.chat_prompt(messages), add_special_tokens=False)
     assert http.post("/detokenize", json={"tokens": [10**7]}).json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"prompt": "x", "messages": messages}).status_code == 400
+
+
+def test_new_paths_are_guarded_like_the_api(server):
+    """A web page cannot reach /tokenize, /detokenize or /metrics (cross-origin, or without the key)."""
+    evil = {"Origin": "http://evil.example", "Authorization": f"Bearer {KEY}"}
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        assert httpx.post(server.url + path, json=body, headers=evil).status_code == 403
+        assert httpx.post(server.url + path, json=body).status_code == 401
+    assert httpx.get(server.url + "/metrics", headers={**evil, "Sec-Fetch-Site": "cross-site"}).status_code == 403

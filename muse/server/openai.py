@@ -22,6 +22,7 @@ import base64
 import json
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -188,14 +189,14 @@ def _chat_ids(model, messages: list[dict], tools: list) -> list[int]:
     return model.tokenizer.encode(prompt, add_special_tokens=False)
 
 
-_NATIVE_TOOLS: dict = {}  # id(tokenizer) → (tokenizer, whether its template renders tools)
+_NATIVE_TOOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer → its template renders tools
 
 
 def _renders_tools(tokenizer) -> bool:
-    hit = _NATIVE_TOOLS.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        hit = _NATIVE_TOOLS[id(tokenizer)] = (tokenizer, tool_calls.template_renders_tools(tokenizer))
-    return hit[1]
+    hit = _NATIVE_TOOLS.get(tokenizer)
+    if hit is None:
+        hit = _NATIVE_TOOLS[tokenizer] = tool_calls.template_renders_tools(tokenizer)
+    return hit
 
 
 def _response_constraint(fmt) -> Constraint | None:
@@ -477,14 +478,14 @@ class TokenNames:
         return hit
 
 
-_NAMES: dict = {}  # id(model) → (model, TokenNames)
+_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → its TokenNames
 
 
 def _token_names(model) -> TokenNames:
-    hit = _NAMES.get(id(model))
-    if hit is None or hit[0] is not model:
-        hit = _NAMES[id(model)] = (model, TokenNames(model))
-    return hit[1]
+    hit = _NAMES.get(model)
+    if hit is None:
+        hit = _NAMES[model] = TokenNames(model)
+    return hit
 
 
 def _chat_logprob(chunk: GenerationChunk, out: Output) -> dict:
