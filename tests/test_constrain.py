@@ -220,3 +220,31 @@ def test_bad_parameters_name_themselves(tiny):
         generate(tiny.model, tiny.tokenizer, "x", SamplingParams(logit_bias={10**7: 1.0}, max_new_tokens=2))
     with pytest.raises(ValueError, match="num_beams"):
         generate(tiny.model, tiny.tokenizer, "x", SamplingParams(num_beams=2, constraint=Constraint.json_object()))
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+def test_cli_generate_with_a_schema_choice_and_bad_files(default_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from muse.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["generate", "-t", "0", *args], catch_exceptions=False)
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps({**PERSON, "additionalProperties": False}))
+    out = run("--chat", "--schema", str(schema), "-n", "60", "Ann is 31.")
+    assert out.exit_code == 0
+    jsonschema.validate(json.loads(out.stdout), json.loads(schema.read_text()))
+    out = run("--chat", "--choice", "yes", "--choice", "no", "Is water wet?")
+    assert out.exit_code == 0 and out.stdout.strip() in ("yes", "no")
+    short = run("--chat", "--schema", str(schema), "-n", "3", "Ann is 31.")
+    assert short.exit_code == 2 and "raise --max-tokens" in short.stderr
+    (tmp_path / "bad.json").write_text("{bad")
+    for args, words in [(("--schema", str(tmp_path / "nope.json")), "no file at"),
+                        (("--schema", str(tmp_path / "bad.json")), "not valid JSON"),
+                        (("--regex", "[a-"), "regex constraint is not usable"),
+                        (("--json", "--regex", "a"), "not several")]:
+        out = run(*args, "x")
+        assert out.exit_code != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr

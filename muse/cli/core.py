@@ -20,25 +20,82 @@ def generate(
     max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
     min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
     stop: Optional[list[str]] = Stop, num_beams: int = Beams,
+    schema: Optional[str] = typer.Option(None, "--schema", help="The output must be JSON valid against the JSON "
+                                         "schema in this file.", rich_help_panel="Structured output"),
+    json_out: bool = typer.Option(False, "--json", help="The output must be one JSON object.",
+                                  rich_help_panel="Structured output"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="The output must match this regular expression.",
+                                        rich_help_panel="Structured output"),
+    choice: Optional[list[str]] = typer.Option(None, "--choice", help="The output must be exactly one of these "
+                                               "(repeat the option).", rich_help_panel="Structured output"),
+    grammar: Optional[str] = typer.Option(None, "--grammar", help="The output must follow the Lark grammar in this "
+                                          "file (llguidance's dialect).", rich_help_panel="Structured output"),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
 ):
-    """Continue a prompt, streaming the text as it is generated."""
+    """Continue a prompt, streaming the text as it is generated.
+
+    With --schema, --json, --regex, --choice or --grammar the output is guaranteed to match: every token that
+    would break it is masked while generating (e.g. `muse generate --chat --schema person.json "Ann is 31"`).
+    """
     import muse
 
     prompt = read_argument(prompt)
+    constraint = _constraint(schema, json_out, regex, choice, grammar)
     with Activity() as activity:
         with loading(activity, model):  # shown before torch is imported (by SamplingParams): ~1 s
             params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+            params = params.replace(constraint=constraint)
             m = muse.load(model, precision=precision)
         chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
         if num_beams == 1:
             activity.step("Reading the prompt")
-            _stats(_stream_to_stdout(until_first(chunks, activity)), verbose)
+            last = _stream_to_stdout(until_first(chunks, activity))
+            _stats(last, verbose)
+            if constraint is not None and last is not None and last.finish_reason == "length":
+                raise ValueError(f"the output stopped at --max-tokens {max_tokens} before it was complete, so it "
+                                 "does not match yet; raise --max-tokens")
             return
         # one forward pass for the prompt, then one per generated token
         with counting_steps(activity, m.model, f"Beam search, {num_beams} beams", max_tokens + 1):
             _stats(_stream_to_stdout(until_first(chunks, activity)), verbose)
+
+
+def _constraint(schema: str | None, json_out: bool, regex: str | None, choice: list[str] | None,
+                grammar: str | None):
+    """The one constraint the options ask for (None without any); a bad file is a clear error."""
+    given = [name for name, v in (("--schema", schema), ("--json", json_out), ("--regex", regex),
+                                  ("--choice", choice), ("--grammar", grammar)) if v]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"use one of {', '.join(given)}, not several")
+    from muse.sampling import Constraint
+
+    if schema:
+        import json
+
+        try:
+            return Constraint.json_schema(json.loads(_read_file(schema, "--schema")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{schema} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if grammar:
+        return Constraint.grammar(_read_file(grammar, "--grammar"))
+    return Constraint.json_object() if json_out else Constraint.regex(regex) if regex else Constraint.choice(choice)
+
+
+def _read_file(path: str, option: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{option}: no file at {path}")
+    if p.stat().st_size > 1_000_000:
+        raise ValueError(f"{option}: {path} is over 1 MB; a schema or grammar that large is not supported")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{option}: {path} is not UTF-8 text") from None
 
 
 @models_app.callback()
