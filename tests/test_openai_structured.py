@@ -365,3 +365,50 @@ def test_new_paths_are_guarded_like_the_api(server):
         assert httpx.post(server.url + path, json=body, headers=evil).status_code == 403
         assert httpx.post(server.url + path, json=body).status_code == 401
     assert httpx.get(server.url + "/metrics", headers={**evil, "Sec-Fetch-Site": "cross-site"}).status_code == 403
+
+
+# -- /v1/responses --------------------------------------------------------------------------
+
+ADD_FLAT = {"type": "function", **ADD["function"]}  # the Responses API's tool shape
+
+
+def test_responses_text_streamed_and_not(client, default_model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.responses.create(model=MODEL, input=messages[0]["content"], max_output_tokens=8, temperature=0)
+    want = default_model.chat(messages, max_new_tokens=8, temperature=0)
+    assert r.output_text == want and r.usage.output_tokens > 0
+    assert r.status in ("completed", "incomplete")
+    with client.responses.stream(model=MODEL, input=messages, max_output_tokens=8, temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == want and final.status == r.status
+
+
+def test_responses_function_calls_and_their_outputs(client):
+    kw = dict(model=MODEL, input="What is 2 plus 3?", tools=[ADD_FLAT], tool_choice="required",
+              parallel_tool_calls=False, max_output_tokens=40, temperature=0)
+    r = client.responses.create(**kw)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "add" and json.loads(call.arguments) == {"a": 2, "b": 3}
+    with client.responses.stream(**kw) as stream:
+        final = stream.get_final_response()
+    assert [(o.type, o.name, o.arguments) for o in final.output] == [("function_call", "add", call.arguments)]
+    after = client.responses.create(model=MODEL, tools=[ADD_FLAT], max_output_tokens=6, temperature=0, input=[
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"type": "function_call", "call_id": call.call_id, "name": "add", "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "5"}])
+    assert after.output[0].type == "message" and after.output_text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0"),
+    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+    ({"background": True}, "background"),
+])
+def test_responses_unsupported_fields_are_a_400_naming_them(http, body, param):
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 1, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -125,7 +125,7 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
     prompt positions per model whose keys and values are kept for prompts that start the same
     way (0: off).
     """
-    from muse.server import apps as app_routes, openai as openai_routes
+    from muse.server import apps as app_routes, openai as openai_routes, responses as responses_routes
 
     if isinstance(models, Model):
         models = [models]
@@ -150,6 +150,7 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
         return {"status": "ok"}
 
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)  # /v1/responses
     app.include_router(openai_routes.tokens_router)  # /tokenize, /detokenize (vLLM's)
     app.include_router(app_routes.router)  # the app endpoints (/api/...) and the web app (/, /static/...)
 

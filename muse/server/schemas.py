@@ -277,6 +277,34 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ResponsesRequest(_Request):
+    """POST /v1/responses: text in (a string, or message, function_call and function_call_output
+    items), text or function calls out. Nothing is stored: previous_response_id is not supported."""
+
+    model: str = Field(description="A model id from GET /v1/models.")
+    input: Union[str, Annotated[list[dict[str, Any]], Field(min_length=1)]]
+    instructions: Optional[str] = Field(None, description="A system message put before the input.")
+    max_output_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Muse extension.")
+    loop_guard: Optional[bool] = Field(None, description="Muse extension (default true).")
+    tools: Optional[list[dict[str, Any]]] = Field(None, max_length=MAX_TOOLS,
+                                                  description="Function tools: {type, name, description, parameters}.")
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[dict[str, Any]] = Field(None, description="{format: {type: text | json_object | json_schema}}.")
+    stream: bool = False
+    # not supported: answered with a 400 naming the field
+    previous_response_id: Optional[str] = Field(None, description="Not supported: nothing is stored.")
+    conversation: Optional[Any] = Field(None, description="Not supported: nothing is stored.")
+    background: Optional[bool] = Field(None, description="Not supported.")
+    prompt: Optional[Any] = Field(None, description="Not supported (stored prompt templates).")
+    include: Optional[list[str]] = Field(None, description="Not supported: must be empty.")
+    top_logprobs: Optional[int] = Field(None, description="Not supported on /v1/responses.")
+    truncation: Optional[Literal["auto", "disabled"]] = Field(None, description='Only "disabled".')
+
+
 class TokenizeRequest(_Request):
     """vLLM's /tokenize: a prompt, or messages rendered by the chat template."""
 
