@@ -224,7 +224,7 @@ def classify(model, text: str, labels: list[str], calibrate: bool = True, *, tas
     """
     _check_choice("task", task, TASKS)
     _check_choice("style", style, STYLES)
-    _check_choice("method", method, METHODS)
+    check_method(method)
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     labels = tuple(check_labels(labels))
@@ -410,7 +410,7 @@ def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list
     `classify`'s (constrained: `label` is what the model wrote).
     """
     _check_choice("task", task, TASKS)
-    _check_choice("method", method, METHODS)
+    check_method(method)
     path_in, path_out = Path(path_in), Path(path_out)
     _format(path_out)
     if task == "classify":
