@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
@@ -220,6 +221,7 @@ class Scheduler:
         self.max_batch, self.prefill_chunk, self.max_waiting = max_batch, prefill_chunk, max_waiting
         self.steps = 0  # scheduler iterations that did work (tests watch requests leave)
         self._waiting: collections.deque[_Request] = collections.deque()
+        self._calls: collections.deque = collections.deque()  # (fn, args, Future): model work between steps
         self._prefilling: list[_Request] = []
         self._rows: list[_Request] = []  # _rows[b] owns row b of the batch cache
         self._cache = BatchKVCache(model.config, model.model.dtype, model.model.device)
@@ -273,6 +275,25 @@ class Scheduler:
             self._wake.notify()
         return req.stream
 
+    def call(self, fn, *args) -> concurrent.futures.Future:
+        """Run `fn(*args)` on the scheduler thread between two steps; its result (or error) arrives
+        in the returned Future.
+
+        For model work that is not a token stream, such as `generation.score` for label
+        likelihoods: it runs on the one thread that owns the model, in turn with generation,
+        so no lock is needed and running streams pause for one call, not for a queue of them.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down; retry on another instance")
+            if len(self._calls) >= self.max_waiting:
+                raise SchedulerBusy(f"{len(self._calls)} calls are already waiting for {self.model.name}; "
+                                    "retry in a moment")
+            self._calls.append((fn, args, future))
+            self._wake.notify()
+        return future
+
     def generate(self, prompt: "str | list[int]", params: SamplingParams | None = None) -> str:
         """The whole completion (blocking), generated in the shared batch."""
         return "".join(c.text for c in self.submit(prompt, params))
@@ -291,20 +312,41 @@ class Scheduler:
         trimmed = 0
         while True:
             with self._wake:
-                if not (self._closed or self._waiting or self._prefilling or self._rows) and self.steps != trimmed:
+                if not (self._closed or self._calls or self._waiting or self._prefilling or self._rows) \
+                        and self.steps != trimmed:
                     trimmed = self.steps
                     release_heap()  # idle now: the batch's memory goes back to the system
-                while not self._closed and not (self._waiting or self._prefilling or self._rows):
+                while not self._closed and not (self._calls or self._waiting or self._prefilling or self._rows):
                     self._wake.wait()
                 if self._closed:
                     break
+                call = self._calls.popleft() if self._calls else None
                 while self._waiting and self.active < self.max_batch:
                     self._prefilling.append(self._waiting.popleft())
+            if call is not None:
+                self._run_call(*call)
+                if not (self._prefilling or self._rows):
+                    continue
             try:
                 self._step()
             except Exception as e:  # a bug or out of memory: fail what was running, keep serving
                 self._fail_all(e)
         self._fail_all(SchedulerClosed("the server shut down before this request finished"))
+        with self._wake:
+            calls, self._calls = list(self._calls), collections.deque()
+        for _, _, future in calls:
+            future.set_exception(SchedulerClosed("the server shut down before this call ran"))
+
+    def _run_call(self, fn, args, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # cancelled while waiting
+        try:
+            with torch.inference_mode():
+                result = fn(*args)
+        except BaseException as e:  # the caller's error, delivered to the caller
+            future.set_exception(e)
+        else:
+            future.set_result(result)
 
     def _step(self) -> None:
         try:

@@ -248,3 +248,27 @@ def test_cli_generate_with_a_schema_choice_and_bad_files(default_model, tmp_path
                         (("--json", "--regex", "a"), "not several")]:
         out = run(*args, "x")
         assert out.exit_code != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_scheduler_call_runs_model_work_between_steps(tiny):
+    """Scoring through Scheduler.call (the scheduler thread owns the model) while streams run
+    gives the same numbers as scoring directly, and errors reach the caller."""
+    from muse.generation import score
+
+    prefix = tiny.tokenizer.encode("The weather today")
+    conts = [tiny.tokenizer.encode(" is sunny", add_special_tokens=False), [5, 6, 7]]
+    want = score(tiny.model, prefix, conts)
+    sched = Scheduler(tiny, max_batch=2)
+    try:
+        stream = sched.submit("Once", SamplingParams(temperature=0, max_new_tokens=30, loop_guard=False))
+        futures = [sched.call(score, tiny.model, prefix, conts) for _ in range(3)]
+        got = [f.result() for f in futures]
+        text = "".join(c.text for c in stream)
+        assert text == generate(tiny.model, tiny.tokenizer, "Once", SamplingParams(temperature=0, max_new_tokens=30,
+                                                                                    loop_guard=False))
+        for g in got:
+            assert g == [pytest.approx(w, abs=1e-5) for w in want]
+        with pytest.raises(ValueError, match="prefix"):
+            sched.call(score, tiny.model, [], conts).result()
+    finally:
+        sched.close()
