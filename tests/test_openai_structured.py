@@ -412,3 +412,32 @@ def test_responses_unsupported_fields_are_a_400_naming_them(http, body, param):
     r = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 1, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# -- muse.tools from Python -----------------------------------------------------------------
+
+def test_tools_from_the_python_api(default_model):
+    tools = tool_calls.parse_tools([ADD, WEATHER])
+    prompt = tool_calls.render_prompt(default_model.tokenizer, SUM, tools)
+    assert '"name": "add"' in prompt and "<tool_call>" in prompt  # SmolLM2: described in the system message
+    ids = default_model.tokenizer.encode(prompt, add_special_tokens=False)
+    text = default_model.generate(ids, temperature=0, max_new_tokens=40,
+                                  constraint=tool_calls.tool_constraint(tools, "required", default_model.tokenizer,
+                                                                        parallel=False))
+    content, [call] = tool_calls.parse_output(text)
+    assert content is None and call.complete and json.loads(call.arguments) == {"a": 2, "b": 3}
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_parser_gives_the_same_calls_however_the_text_arrives(step):
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "n": {"a": 1}}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>')
+    p = tool_calls.ToolCallParser()
+    events = [e for i in range(0, len(text), step) for e in p.feed(text[i:i + step])] + p.finish()
+    assert "".join(e[1] for e in events if e[0] == "content") == "Let me check." == p.text
+    args = ["".join(e[2] for e in events if e[0] == "arguments" and e[1] == i) for i in range(2)]
+    assert args == ['{"city": "Paris", "n": {"a": 1}}', "{}"] == [c.arguments for c in p.calls]
+    assert [c.name for c in p.calls] == ["get_weather", "add"]
+    assert tool_calls.parse_output("  just text ") == ("just text", [])
+    content, [cut] = tool_calls.parse_output('<tool_call>\n{"name": "add", "arguments": {"a": 1')
+    assert content is None and not cut.complete and cut.arguments == '{"a": 1'
