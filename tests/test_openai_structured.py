@@ -257,6 +257,22 @@ def test_completion_logprobs_shape(client):
                                                                                         lp.token_logprobs))
 
 
+def test_echo_with_logprobs_scores_the_prompt_too(client, default_model):
+    prompt = "The capital of France is"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw).choices[0].logprobs
+    echoed = client.completions.create(**kw, echo=True).choices[0]
+    lp, ids = echoed.logprobs, default_model.tokenizer.encode(prompt)
+    n = len(ids)
+    assert "".join(lp.tokens) == echoed.text and echoed.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before the first token
+    logp = torch.log_softmax(default_model.logits(ids).float(), dim=-1)  # (n, V)
+    assert lp.token_logprobs[1:n] == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, n)], abs=1e-3)
+    assert lp.tokens[n:] == plain.tokens and lp.token_logprobs[n:] == pytest.approx(plain.token_logprobs, abs=1e-3)
+    streamed = [c.choices[0] for c in client.completions.create(**kw, echo=True, stream=True)]
+    assert streamed[0].text == prompt and streamed[0].logprobs.tokens == lp.tokens[:n]
+
+
 def test_logit_bias_bans_and_forces_tokens(client, http):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     kw = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0)
@@ -301,7 +317,7 @@ def chat(**kw):
     (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
     (CHAT, chat(messages=[{"role": "user", "content": None}]), "messages.0.content"),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 6}, "logprobs"),
-    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 1, "echo": True}, "logprobs"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "word " * 1100, "logprobs": 1, "echo": True}, "prompt"),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "best_of": 2}, "best_of"),
 ])
 def test_unsupported_or_bad_fields_are_a_400_naming_them(http, path, body, param):

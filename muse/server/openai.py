@@ -66,6 +66,7 @@ class Job:
     params: SamplingParams
     echo: str = ""
     prompt_index: int = 0  # which prompt (usage counts each prompt once)
+    echo_logprobs: list[GenerationChunk] | None = None  # echo with logprobs: the prompt's tokens, scored
 
 
 @dataclass
@@ -252,9 +253,6 @@ async def completions(body: CompletionRequest, request: Request):
     model = service.models[name]
     if body.suffix is not None:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out.", "suffix")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "logprobs with echo is not supported (the prompt's own logprobs are not computed); "
-                            "leave one out.", "logprobs")
     prompts = _prompts(body.prompt)
     _check_size(sum(len(p) for p in prompts if isinstance(p, str)), service.limits, "prompt")
     vocab = model.config.vocab_size
@@ -269,12 +267,40 @@ async def completions(body: CompletionRequest, request: Request):
     jobs = []
     for pi, p in enumerate(prompts):
         echo = (p if isinstance(p, str) else model.tokenizer.decode(p)) if body.echo else ""
-        jobs += [Job(pi * body.n + j, p, _sampling(body, body.max_tokens, j, **extra), echo, pi)
+        scored = None
+        if body.echo and body.logprobs is not None:
+            scored = await _prompt_logprobs(service.scheduler(name), p, body.logprobs)
+        jobs += [Job(pi * body.n + j, p, _sampling(body, body.max_tokens, j, **extra), echo, pi, scored)
                  for j in range(body.n)]
     names = await run_in_threadpool(_token_names, model) if body.logprobs is not None else None
     out = Output(chat=False, names=names,
                  eos=frozenset(model.tokenizer.eos_ids if model.tokenizer else ()))
     return await _run(request, service.scheduler(name), jobs, "prompt", name, body, out)
+
+
+MAX_ECHO_LOGPROBS = 1024  # prompt tokens scored for echo + logprobs: (T, vocab) logits are held at once
+
+
+async def _prompt_logprobs(scheduler: Scheduler, prompt: "str | list[int]", k: int) -> list[GenerationChunk]:
+    """echo with logprobs: each prompt token's logprob after those before it (none for the first),
+    and the k most likely there, computed on the scheduler thread in turn with generation."""
+    model = scheduler.model
+    ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if len(ids) > MAX_ECHO_LOGPROBS:
+        raise APIError(400, f"echo with logprobs scores prompts of at most {MAX_ECHO_LOGPROBS} tokens; this one has "
+                            f"{len(ids)}.", "prompt")
+
+    def score() -> list[GenerationChunk]:
+        from muse.generation import token_logprobs
+
+        logits = model.logits(ids)  # (T, V): row t predicts token t + 1
+        out = [GenerationChunk("", ids[0])]
+        for t in range(1, len(ids)):
+            lp, top = token_logprobs(logits[t - 1:t], ids[t], k)
+            out.append(GenerationChunk("", ids[t], logprob=lp, top_logprobs=top))
+        return out
+
+    return await asyncio.wrap_future(scheduler.call(score))
 
 
 def _prompts(prompt) -> list:
@@ -384,7 +410,7 @@ async def _run(request: Request, scheduler: Scheduler, jobs: list[Job], param: s
         return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
     choices = []
     for j, r in zip(jobs, results):
-        lp = _completion_logprobs(r.chunks, out, len(j.echo)) if out.names else None
+        lp = _completion_logprobs((j.echo_logprobs or []) + r.chunks, out, 0) if out.names else None
         choices.append({"index": j.index, "text": j.echo + r.text, "finish_reason": r.last.finish_reason,
                         "logprobs": lp})
     return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": usage})
@@ -504,8 +530,8 @@ def _completion_logprobs(chunks: list[GenerationChunk], out: Output, offset: int
         text = out.names(c.token)[0]
         tokens.append(text)
         logprobs.append(c.logprob)
-        tops.append({out.names(t)[0]: lp for t, lp in reversed(c.top_logprobs or [])})  # best wins a shared name
-        tops[-1] = dict(sorted(tops[-1].items(), key=lambda kv: -kv[1]))
+        top = {out.names(t)[0]: lp for t, lp in reversed(c.top_logprobs or [])}  # the best wins a shared name
+        tops.append(None if c.logprob is None else dict(sorted(top.items(), key=lambda kv: -kv[1])))
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
@@ -580,7 +606,8 @@ async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream],
         for job, stream in zip(jobs, streams):
             offset = len(job.echo)
             if job.echo:
-                yield chunk(job.index, job.echo)
+                scored = _completion_logprobs(job.echo_logprobs, out, 0) if job.echo_logprobs else None
+                yield chunk(job.index, job.echo, logprobs=scored)
             async for c in stream:
                 lp = _completion_logprobs([c], out, offset) if out.scored(c) else None
                 if lp:
