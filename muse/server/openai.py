@@ -286,6 +286,8 @@ async def _prompt_logprobs(scheduler: Scheduler, prompt: "str | list[int]", k: i
     and the k most likely there, computed on the scheduler thread in turn with generation."""
     model = scheduler.model
     ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or len(ids) >= model.config.block_size:
+        return []  # no room to generate: queuing the job gives the right 400
     if len(ids) > MAX_ECHO_LOGPROBS:
         raise APIError(400, f"echo with logprobs scores prompts of at most {MAX_ECHO_LOGPROBS} tokens; this one has "
                             f"{len(ids)}.", "prompt")
