@@ -31,7 +31,12 @@ DEFAULT_TYPES = ("person", "organization", "location", "time", "money")
 TYPE_ALIASES = {"place": "location", "org": "organization", "date": "time", "per": "person", "loc": "location"}
 MAX_ENTITIES = 24     # schema maxItems: bounds the output of a model that would list forever
 MAX_ENTITY_CHARS = 64  # schema maxLength of one entity's text: names, not sentences
+MAX_SPAN_WORDS = 12    # an entity's text is at most this many words (Han characters count one each)
+MAX_SPAN_CHOICES = 4000  # beyond this many candidate spans the text is a free string (maxLength bound)
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_PIECE = re.compile(rf"[{_HAN}]|[^\W{_HAN}]+|[^\w\s]")  # a Han character, a word, or one symbol
+_EDGE = set(",;:!?()[]{}\"'“”‘’，。、；：！？（）《》【】")  # no span starts or ends with these
 
 # What each default type covers, per instruction language; a user's own type is described by its name.
 _DESCRIBE = {
@@ -105,14 +110,31 @@ def check_types(types=None, extra=None) -> list[str]:
     return out
 
 
-def entity_schema(types: list[str], max_items: int = MAX_ENTITIES, max_chars: int = MAX_ENTITY_CHARS) -> dict:
+def candidate_spans(text: str, max_words: int = MAX_SPAN_WORDS) -> list[str]:
+    """Every run of 1..max_words words of `text` (Han characters one word each; punctuation its own),
+    not starting or ending with punctuation such as , ( 。: what an entity's text may be."""
+    pieces = [(m.start(), m.end()) for m in _PIECE.finditer(text)]
+    out: dict[str, None] = {}
+    for i, (start, _) in enumerate(pieces):
+        if text[start] in _EDGE:
+            continue
+        for j in range(i, min(i + max_words, len(pieces))):
+            end = pieces[j][1]
+            if text[end - 1] not in _EDGE:
+                out[text[start:end]] = None
+    return list(out)
+
+
+def entity_schema(types: list[str], max_items: int = MAX_ENTITIES, max_chars: int = MAX_ENTITY_CHARS,
+                  spans: list[str] | None = None) -> dict:
     """The JSON schema of the model's reply: {"entities": [{"text", "type"}, …]}.
 
     "text" comes first so the model copies the span before it names its type; both bounds keep a
-    small model that would go on listing (or copy the whole sentence) from running long."""
+    small model that would go on listing (or copy the whole sentence) from running long. With
+    `spans` the text must be one of them (the input's own words: nothing made up)."""
+    text = {"enum": spans} if spans else {"type": "string", "minLength": 1, "maxLength": max_chars}
     item = {"type": "object",
-            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": max_chars},
-                           "type": {"enum": list(types)}},
+            "properties": {"text": text, "type": {"enum": list(types)}},
             "required": ["text", "type"], "additionalProperties": False}
     return {"type": "object", "properties": {"entities": {"type": "array", "items": item, "maxItems": max_items}},
             "required": ["entities"], "additionalProperties": False}
@@ -219,7 +241,8 @@ def locate(text: str, found: list[dict]) -> tuple[list[dict], list[dict]]:
 
 # -- public API ------------------------------------------------------------------------
 
-def _check_text(text) -> str:
+def check_text(text) -> str:
+    """`text` if it is a string with something in it; ValueError otherwise."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -228,17 +251,27 @@ def _check_text(text) -> str:
 
 
 def extract_entities(model, text: str, types=None, *, extra_types=None, constrained: bool = True,
-                     max_new_tokens: int | None = None, max_items: int = MAX_ENTITIES) -> Extraction:
+                     spans: bool = True, max_new_tokens: int | None = None,
+                     max_items: int | None = None) -> Extraction:
     """Named entities of `text` with offsets (see the module docstring), greedy decoding.
+
+    spans (constrained only): the schema allows as an entity's text only runs of the input's own
+    words (`candidate_spans`, while there are at most MAX_SPAN_CHOICES), so the model cannot make
+    one up; otherwise any string up to MAX_ENTITY_CHARS.
+    max_items: the most entities the reply may list; default one per four words of the text (at
+    least 6, at most MAX_ENTITIES), so a model that repeats itself stops soon.
 
     types: default DEFAULT_TYPES; extra_types are added to them (e.g. ["product", "drug"]).
     constrained=False asks the same prompt without the schema and salvages what parses (for
     comparison: `valid` then says whether the reply was valid JSON of the right shape).
     Chinese text needs a bilingual model (LanguageError otherwise)."""
-    text = _check_text(text)
+    text = check_text(text)
     types = check_types(types, extra_types)
     lang = check_language(model, text)
-    schema = entity_schema(types, max_items)
+    if max_items is None:
+        max_items = max(6, min(MAX_ENTITIES, len(_PIECE.findall(text)) // 4))
+    choices = candidate_spans(text) if constrained and spans else None
+    schema = entity_schema(types, max_items, spans=choices if choices and len(choices) <= MAX_SPAN_CHOICES else None)
     kwargs = {"constraint": Constraint.json_schema(schema)} if constrained else {}
     budget = max_new_tokens if max_new_tokens is not None else _token_budget(text, max_items)
     raw = model.chat(messages_for(text, types, lang), temperature=0, max_new_tokens=budget, **kwargs)
@@ -287,11 +320,11 @@ def extract_fields(model, text: str, schema, *, max_new_tokens: int = 512) -> di
 
     A schema the engine cannot use is a `muse.constrain.ConstraintError`; a reply the token limit
     cut off is an ExtractionError (raise max_new_tokens)."""
-    text = _check_text(text)
+    text = check_text(text)
     schema = check_schema(schema)
     lang = check_language(model, text)
     constraint = Constraint.json_schema(schema)
-    check_constraint(constraint, model)
+    check_constraint(constraint)  # a clear one-line error before the prompt runs
     messages = [{"role": "system", "content": _FIELDS_INSTRUCTION[lang].format(
                     schema=json.dumps(schema, ensure_ascii=False))},
                 {"role": "user", "content": _TEXT[lang].format(text=text)}]
@@ -303,15 +336,12 @@ def extract_fields(model, text: str, schema, *, max_new_tokens: int = 512) -> di
                               "allow more with --max-tokens or ask for fewer fields") from None
 
 
-def check_constraint(constraint: Constraint, model=None) -> None:
-    """`muse.constrain.check` (against the model's tokenizer when given), its ConstraintError on one line."""
+def check_constraint(constraint: Constraint) -> None:
+    """`muse.constrain.check`, its ConstraintError on one line."""
     from muse.constrain import ConstraintError, check
 
     try:
-        if model is None:
-            check(constraint)
-        else:
-            check(constraint, model.tokenizer, model.model.config.vocab_size)
+        check(constraint)
     except ConstraintError as e:
         raise ConstraintError(" ".join(str(e).split())) from None
 
@@ -342,6 +372,8 @@ def extract_file(model_for: "Callable[[str], object] | object", path_in: str | P
     _format(path_out)
     types = check_types(types, extra_types)
     schema = check_schema(schema) if schema is not None else None
+    if schema is not None:
+        check_constraint(Constraint.json_schema(schema))
     rows, fields = read_batch(path_in, column)
     added = ["fields" if schema is not None else "entities", "model"]
     clash = [name for name in added if name in fields]

@@ -112,7 +112,7 @@ def extract(
     muse extract --schema person.json bio.txt;
     muse extract reviews.csv -o entities.jsonl --column text.
     """
-    from muse.apps.entities import check_schema, check_types, extract_entities, extract_fields, extract_file, read_batch
+    from muse.apps.entities import check_schema, check_text, check_types, extract_entities, extract_fields, extract_file, read_batch
     from muse.apps.text import language
 
     if only and not types:
@@ -138,7 +138,7 @@ def extract(
         err.print(f"[green]{n} records[/] → {path_out}", highlight=False)
         return
 
-    body = _read_source(source, text)
+    body = check_text(_read_source(source, text))
     m = models(language(body))
     with err.status("Extracting…"):
         if user_schema is not None:
