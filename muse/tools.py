@@ -239,8 +239,8 @@ def tool_constraint(tools: list[Tool], choice: "str | dict" = "auto", tokenizer=
     more = (f' ("\\n" {open_} body)*' if parallel else "") + ' "\\n"?'
     if name != "auto":
         start = [f"start: {open_} body{more}"]
-    elif open_.startswith("<["):  # a special token starts a call: text cannot contain it anyway
-        start = [f"start: TEXT | TEXT? {open_} body{more}", r"TEXT: /(.|\n)+/"]
+    elif open_.startswith("<["):  # the marker is one token: text never holds its text, then the token may follow
+        start = [f"start: TEXT | TEXT? {open_} body{more}", r"TEXT: /(.|\n)+/ & ~/(.|\n)*<tool_call>(.|\n)*/"]
     else:  # text never holding the marker; or text up to the first marker, then calls
         start = [f"start: TEXT | head body{more}",
                  r"TEXT: /(.|\n)*/ & ~/(.|\n)*<tool_call>(.|\n)*/",
