@@ -5,7 +5,8 @@
     .venv/bin/python bench/extract.py --models smollm2-135m --langs en --errors
 
 Data: muse/eval/data/ner_{en,zh}_{dev,test}.jsonl (written for Muse; see NER.md there). Prompts are
-tuned on dev only. Both methods use the same prompt, greedy decoding and token budget; "free" parses
+tuned on dev only. "constrained": the reply is held to the schema and each entity's text to a run of
+the input's words; "strings": the schema with any text; "free": no constraint. All use the same prompt, greedy decoding and token budget; "free" parses
 the reply as JSON as best it can (a fenced block, else every complete {...} item), and "JSON valid"
 says whether the raw reply was JSON of the requested shape. Offsets are Muse's in both (the model
 gives type and text). P/R/F1: entity-level, micro-averaged; exact = same type and span, partial =
@@ -27,12 +28,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 from muse.apps.entities import MATCHES, Counts, extract_entities, load_ner, match_counts  # noqa: E402
 
 
-def run(model, items: list[dict], constrained: bool, errors: bool) -> dict:
+METHODS = {"constrained": dict(constrained=True), "strings": dict(constrained=True, spans=False),
+           "free": dict(constrained=False)}
+
+
+def run(model, items: list[dict], method: str, errors: bool) -> dict:
     totals = {m: Counts() for m in MATCHES}
     valid = dropped = 0
     t0 = time.perf_counter()
     for item in items:
-        x = extract_entities(model, item["text"], constrained=constrained)
+        x = extract_entities(model, item["text"], **METHODS[method])
         valid += x.valid
         dropped += len(x.dropped)
         for m in MATCHES:
@@ -59,7 +64,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N sentences of each language")
     ap.add_argument("--models", default=None, help="comma-separated (default: every bundled model installed)")
     ap.add_argument("--langs", default="en,zh")
-    ap.add_argument("--methods", default="constrained,free")
+    ap.add_argument("--methods", default="constrained,free",
+                    help="constrained (entity texts: runs of the input's words), strings (schema, any text), free")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--errors", action="store_true", help="print the sentences a method gets wrong (stderr)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -86,7 +92,7 @@ def main() -> None:
                 continue
             items = load_ner(lang, args.split)[: args.limit]
             for method in args.methods.split(","):
-                r = run(model, items, method == "constrained", args.errors)
+                r = run(model, items, method, args.errors)
                 ex = r["exact"]
                 print(f"{model.name:<14} {lang:<4} {method:<11} {r['n']:>3} {100 * r['valid'] / r['n']:>6.0f}% "
                       f"{r['dropped']:>4} {ex.precision:>5.2f} {ex.recall:>5.2f} {ex.f1:>5.2f} "

@@ -20,6 +20,7 @@ from muse.apps.entities import (
 from muse.apps.text import LanguageError
 from muse.checkpoints.registry import BundledModel
 from muse.constrain import ConstraintError
+from tests.helpers import LOCAL
 
 EN = "Tim Cook met Angela Merkel in Berlin on Monday."
 ZH = "马云昨天在杭州宣布阿里巴巴投资五亿元。"
@@ -334,3 +335,26 @@ def test_command_reports_bad_input_in_one_line_and_writes_nothing(args, message,
     assert r.exit_code in (1, 2) and "Traceback" not in r.output, r.output
     assert message in " ".join(r.stderr.split())
     assert set(tmp_path.iterdir()) == before
+
+
+# -- the server ----------------------------------------------------------------------
+
+def test_server_extract_route(tiny):
+    from fastapi.testclient import TestClient
+
+    from muse.server import create_app
+
+    with TestClient(create_app({"tiny": tiny}, embedder=None), base_url=LOCAL) as c:
+        r = c.post("/api/extract", json={"text": EN, "types": ["product"]})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["model"] == "tiny" and set(out) == {"entities", "model", "dropped"}
+        _assert_offsets(EN, out["entities"])
+        assert all(e["type"] in check_types(None, ["product"]) for e in out["entities"])
+        r = c.post("/api/extract", json={"text": EN, "schema": PERSON, "max_tokens": 200})
+        assert r.status_code == 200, r.text
+        jsonschema.validate(r.json()["fields"], PERSON)
+        bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)a"}}}
+        for body in ({"text": EN, "schema": bad}, {"text": ""}, {"text": "  "}, {"text": EN, "types": ["two words"]}):
+            r = c.post("/api/extract", json=body)
+            assert r.status_code == 400 and r.json()["error"]["message"], (body, r.text)

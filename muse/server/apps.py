@@ -4,7 +4,7 @@
     personas       /api/personas, memories /api/memories, feedback /api/feedback
     documents      /api/kb/documents, /api/kb/search, /api/kb/ask   (muse.apps.kb)
     writing desk   /api/write, /api/write/versions …                (muse.apps.writer)
-    creative       /api/create; analysis /api/classify, /api/sentiment
+    creative       /api/create; analysis /api/classify, /api/sentiment, /api/extract (muse.apps.entities)
 
 Requests are pydantic models with their ranges; every error has the OpenAI routes' JSON shape
 (`muse.server.errors`): 400 a bad value (named in `error.param`), 404 an unknown conversation,
@@ -903,6 +903,30 @@ async def sentiment(body: SentimentBody, request: Request):
     _check_chars(request, len(body.text), "text")
     work = Work(request)
     return await work.call(_direct, judge, work.model(body.model, body.text), body.text)
+
+
+class ExtractBody(_Body):
+    model: Optional[str] = None
+    text: str = Field(min_length=1)
+    types: Optional[list[str]] = Field(None, max_length=MAX_LABELS,
+                                       description="Entity types added to the five defaults (or, with only, instead).")
+    only: bool = False
+    json_schema: Optional[dict] = Field(None, alias="schema", description="Extract these fields instead of entities.")
+    max_tokens: int = Field(512, ge=1, le=4096, description="Most tokens for a schema answer.")
+
+
+@router.post("/api/extract", tags=["Analysis"], summary="Named entities with offsets, or fields of a JSON schema")
+async def extract(body: ExtractBody, request: Request):
+    from muse.apps.entities import check_types, extract_entities, extract_fields
+
+    _check_chars(request, len(body.text), "text")
+    types = check_types(body.types) if body.only else check_types(None, body.types)
+    work = Work(request)
+    model = work.model(body.model, body.text)  # generation goes through the scheduler, constrained
+    if body.json_schema is not None:
+        fields = await work.call(extract_fields, model, body.text, body.json_schema, max_new_tokens=body.max_tokens)
+        return {"fields": fields, "model": model.name}
+    return (await work.call(extract_entities, model, body.text, types)).to_dict()
 
 
 def _direct(fn: Callable, *args):
