@@ -4,13 +4,14 @@
     .venv/bin/python bench/extract.py --split dev --limit 10 # what prompt changes are measured on
     .venv/bin/python bench/extract.py --models smollm2-135m --langs en --errors
 
-Data: muse/eval/data/ner_{en,zh}_{dev,test}.jsonl (written for Muse; see NER.md there). Prompts are
-tuned on dev only. "constrained": the reply is held to the schema and each entity's text to a run of
-the input's words; "strings": the schema with any text; "free": no constraint. All use the same prompt, greedy decoding and token budget; "free" parses
-the reply as JSON as best it can (a fenced block, else every complete {...} item), and "JSON valid"
-says whether the raw reply was JSON of the requested shape. Offsets are Muse's in both (the model
-gives type and text). P/R/F1: entity-level, micro-averaged; exact = same type and span, partial =
-same type and overlapping span, text = same type and text (offsets ignored).
+Data: muse/eval/data/ner_{en,zh}_{dev,test}.jsonl (written for Muse; see NER.md there). Prompt changes
+are measured on dev; test is not tuned on. Methods, all with the same prompt, greedy decoding and token
+budget: "constrained" holds the reply to the schema and each entity's text to a run of the input's
+words; "strings" holds it to the schema with any text; "free" has no constraint, and its reply is
+parsed as best it can be (a fenced block, else every complete {...} item). "JSON ok": the raw reply
+was JSON of the requested shape. Offsets are Muse's in every method (the model gives type and text);
+"drop": entities whose text is not in the input. P/R/F1: entity-level, micro-averaged; exact = same
+type and span, partial = same type and overlapping span, text = same type and text (offsets ignored).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def run(model, items: list[dict], method: str, errors: bool) -> dict:
         if errors and match_counts(item["entities"], x.entities).f1 < 1:
             gold = [(e["type"], e["text"]) for e in item["entities"]]
             got = [(e["type"], e["text"]) for e in x.entities]
-            print(f"  {item['text']}\n    gold {gold}\n    got  {got}" + (f"\n    dropped {x.dropped}" if x.dropped else ""),
-                  file=sys.stderr)
+            extra = f"\n    dropped {x.dropped}" if x.dropped else ""
+            print(f"  {item['text']}\n    gold {gold}\n    got  {got}{extra}", file=sys.stderr)
     return {"n": len(items), "valid": valid, "dropped": dropped, "seconds": time.perf_counter() - t0,
             **{m: totals[m] for m in MATCHES}}
 

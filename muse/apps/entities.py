@@ -255,13 +255,12 @@ def extract_entities(model, text: str, types=None, *, extra_types=None, constrai
                      max_items: int | None = None) -> Extraction:
     """Named entities of `text` with offsets (see the module docstring), greedy decoding.
 
+    types: default DEFAULT_TYPES; extra_types are added to them (e.g. ["product", "drug"]).
     spans (constrained only): the schema allows as an entity's text only runs of the input's own
     words (`candidate_spans`, while there are at most MAX_SPAN_CHOICES), so the model cannot make
     one up; otherwise any string up to MAX_ENTITY_CHARS.
     max_items: the most entities the reply may list; default one per four words of the text (at
     least 6, at most MAX_ENTITIES), so a model that repeats itself stops soon.
-
-    types: default DEFAULT_TYPES; extra_types are added to them (e.g. ["product", "drug"]).
     constrained=False asks the same prompt without the schema and salvages what parses (for
     comparison: `valid` then says whether the reply was valid JSON of the right shape).
     Chinese text needs a bilingual model (LanguageError otherwise)."""
@@ -353,7 +352,8 @@ def read_batch(path_in: str | Path, column: str = "text") -> tuple[list[dict], l
     rows, fields = read_rows(path_in, column)
     for i, row in enumerate(rows, 1):
         if not row[column].strip():
-            raise AnalysisInputError(f"{path_in} record {i}: the '{column}' text is empty; remove the row or fill it in")
+            raise AnalysisInputError(f"{path_in} record {i}: the '{column}' text is empty; "
+                                     "remove the row or fill it in")
     return rows, fields
 
 

@@ -112,7 +112,9 @@ def extract(
     muse extract --schema person.json bio.txt;
     muse extract reviews.csv -o entities.jsonl --column text.
     """
-    from muse.apps.entities import check_schema, check_text, check_types, extract_entities, extract_fields, extract_file, read_batch
+    from muse.apps.entities import (
+        check_schema, check_text, check_types, extract_entities, extract_fields, extract_file, read_batch,
+    )
     from muse.apps.text import language
 
     if only and not types:
