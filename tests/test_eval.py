@@ -391,8 +391,8 @@ def test_suite_names_and_sampling():
 
 
 def test_real_sentiment_suite_on_the_default_model(default_model):
-    r = S.run_suite(default_model, "sentiment-en", limit=3)
-    assert r.n == 3 and r.errors == 0 and r.skipped is None
+    r = S.run_suite(default_model, "sentiment-en", limit=2)  # three methods per item: keep it short
+    assert r.n == 2 and r.errors == 0 and r.skipped is None
     gold = [e["label"] for e in r.examples]
     for key in ("", "_constrained", "_raw"):
         pred = [e[f"predicted{key}"] for e in r.examples]
