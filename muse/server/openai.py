@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings;
+and vLLM's /tokenize and /detokenize (/v1/responses is in `responses.py`).
 
 Request → prompt token ids and `SamplingParams` (one job per prompt and choice) → the model's
 `Scheduler` → `GenerationChunk`s → one JSON body, or server-sent events (`data: {...}` lines,
