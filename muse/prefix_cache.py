@@ -59,7 +59,6 @@ class PrefixCache:
         self._entries: collections.OrderedDict[Prefix, None] = collections.OrderedDict()  # LRU order
         self._index: dict[int, Prefix] = {}  # chained hash of ids[:k] (k a block boundary) → entry
         self.tokens = 0  # positions held
-        self.hits = 0  # prompt tokens served from the cache so far
 
     def _hashes(self, ids: list[int] | tuple[int, ...]) -> list[int]:
         """Chained hashes of ids[:k] for k = block, 2·block, … ≤ len(ids) - 1."""
