@@ -141,8 +141,12 @@ def entity_schema(types: list[str], max_items: int = MAX_ENTITIES, max_chars: in
 
 
 def _token_budget(text: str, max_items: int) -> int:
-    # ~20 tokens per item of compact JSON plus its text; generous, and salvage covers a cut-off anyway.
-    return min(48 + max_items * 24, 64 + 2 * len(text) + 16 * max_items)
+    """Enough tokens for `max_items` entities of compact JSON, each as long as the text's longest
+    candidate span (in characters: a token is at least one character for the texts a model takes),
+    so a constrained reply ends complete rather than cut off. Greedy decoding under the schema
+    stops at the closing brace, so a generous budget costs nothing there."""
+    longest = max((len(c) for c in candidate_spans(text)), default=1)
+    return 24 + max_items * (24 + min(longest, MAX_ENTITY_CHARS))
 
 
 # -- prompt ----------------------------------------------------------------------------
