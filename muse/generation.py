@@ -61,6 +61,10 @@ class LogitsProcessors:
             from muse.constrain import TokenMask
 
             self.mask = TokenMask(p.constraint, tokenizer, vocab_size)
+        # Under a constraint the loop guard lives here, not in TokenText: stopping mid-loop would leave
+        # output that does not parse, so a loop switches the mask to finishing it instead.
+        self.output: list[int] | None = [] if self.mask is not None and p.loop_guard else None
+        self.looped = False
 
     @property
     def active(self) -> bool:
@@ -82,6 +86,11 @@ class LogitsProcessors:
             self.history = torch.cat([self.history, torch.tensor([[token]], device=self.device)], dim=1)
         if self.mask is not None:
             self.mask.accept(token)
+        if self.output is not None and not self.looped:
+            self.output.append(token)
+            if len(self.output) >= LOOP_SPAN and loop_tail(self.output)[0]:
+                self.looped = True
+                self.mask.finish()
 
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
@@ -267,9 +276,9 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
             raise ValueError("constraint, logit_bias and logprobs need num_beams=1 (beam search does not take them)")
         yield from _stream_beams(model, tokenizer, ids, p, max_new)
         return
-    text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard)
-    sampler = make_sampler(p)
     procs = LogitsProcessors(p, tokenizer, model.config.vocab_size, ids, model.device)
+    text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard and procs.output is None)
+    sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
 
     t0 = time.perf_counter()
@@ -286,7 +295,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         text, reason = text_of.push(tok)
         lp, top = token_logprobs(raw, tok, p.logprobs) if p.logprobs is not None else (None, None)
         yield GenerationChunk(text, tok, reason, **stats, generation_tokens=n, generation_tps=tps,
-                              looped=text_of.looped, logprob=lp, top_logprobs=top)
+                              looped=text_of.looped or procs.looped, logprob=lp, top_logprobs=top)
         if reason:
             return
         procs.accept(tok)

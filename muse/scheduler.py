@@ -264,7 +264,8 @@ class Scheduler:
             ids = list(prompt)
         ids, max_new = fit_prompt(ids, self.model.config.block_size, p)
         procs = LogitsProcessors(p, tok, self.model.config.vocab_size, ids, self.model.model.device)
-        req = _Request(ids, p, Stream(loop), TokenText(tok, p.stop, max_new, p.loop_guard), make_sampler(p), procs)
+        text = TokenText(tok, p.stop, max_new, p.loop_guard and procs.output is None)  # as stream_generate
+        req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs)
         with self._wake:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down; retry on another instance")
@@ -516,7 +517,7 @@ class Scheduler:
         k = r.params.logprobs
         lp, top = token_logprobs(logits, tok, k) if k is not None else (None, None)
         self._outbox.put(r.stream, GenerationChunk(text, tok, reason, **r.stats, generation_tokens=n,
-                                                   generation_tps=tps, looped=r.text.looped,
+                                                   generation_tps=tps, looped=r.text.looped or r.procs.looped,
                                                    logprob=lp, top_logprobs=top))
         if reason:
             return False  # the caller ends the stream

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import torch
 
-from muse import Constraint, ConstraintError, SamplingParams
+from muse import Constraint, ConstraintError, Model, SamplingParams
 from muse.generation import generate, stream_generate
 from muse.scheduler import Scheduler
 
@@ -270,5 +270,28 @@ def test_scheduler_call_runs_model_work_between_steps(tiny):
             assert g == [pytest.approx(w, abs=1e-5) for w in want]
         with pytest.raises(ValueError, match="prefix"):
             sched.call(score, tiny.model, [], conts).result()
+    finally:
+        sched.close()
+
+
+def test_a_looping_constrained_output_is_closed_not_cut(default_model):
+    """A model stuck repeating one token inside a JSON string: the loop guard, instead of stopping
+    there (output that does not parse), steers the mask to the nearest valid end."""
+    from tests.helpers import ScriptLM
+
+    tok = default_model.tokenizer
+    stuck = ScriptLM(tok, 1, "a" * 4000)  # "aaaa…": the same token at every step, whatever came before
+    schema = {"type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["s", "n"], "additionalProperties": False}
+    p = SamplingParams(temperature=0, max_new_tokens=300, constraint=Constraint.json_schema(schema))
+    chunks = list(stream_generate(stuck, tok, "x", p))
+    out = "".join(c.text for c in chunks)
+    jsonschema.validate(json.loads(out), schema)
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].looped and len(chunks) < 100
+    cut = list(stream_generate(stuck, tok, "x", p.replace(loop_guard=False)))
+    assert cut[-1].finish_reason == "length" and not cut[-1].looped  # without the guard: runs out, unparseable
+    sched = Scheduler(Model(stuck, tok, {"name": "stuck"}))
+    try:
+        assert "".join(c.text for c in sched.submit("x", p)) == out  # the scheduler does the same
     finally:
         sched.close()
