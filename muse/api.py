@@ -94,7 +94,11 @@ class Model:
             full = tok.encode(prompt + c) if isinstance(prompt, str) else None
             ids = full[len(prefix):] if full and full[:len(prefix)] == prefix else tok.encode(c, add_special_tokens=False)
             conts.append(ids or tok.encode(c, add_special_tokens=False))
-        return [sum(lp) for lp in score(self.model, prefix, conts)]
+        return [sum(lp) for lp in self.score_ids(prefix, conts)]
+
+    def score_ids(self, prefix: list[int], continuations: list[list[int]]) -> list[list[float]]:
+        """Each continuation's per-token log-probabilities after `prefix` (`generation.score`)."""
+        return score(self.model, prefix, continuations)
 
     # -- inspection ---------------------------------------------------------------
 

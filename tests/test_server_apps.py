@@ -390,6 +390,12 @@ def test_classify_and_sentiment_equal_the_python_api(client, tiny):
     r = client.post("/api/sentiment", json={"text": "I love it."}).json()
     expected = sentiment(tiny, "I love it.")
     assert r["label"] == expected["label"] and r["scores"] == pytest.approx(expected["scores"])
+    r = client.post("/api/classify", json={"text": text, "labels": labels, "method": "constrained"}).json()
+    expected = classify(tiny, text, labels, method="constrained")  # label scoring ran on the scheduler thread
+    assert r["label"] == next(iter(expected)) and r["scores"] == pytest.approx(expected)
+    r = client.post("/api/sentiment", json={"text": "I love it.", "method": "constrained"}).json()
+    assert r["label"] == sentiment(tiny, "I love it.", method="constrained")["label"]
+    error(client.post("/api/classify", json={"text": text, "labels": labels, "method": "vote"}), 400, "method")
     error(client.post("/api/classify", json={"text": text, "labels": ["only"]}), 400, "labels")
     error(client.post("/api/classify", json={"text": "", "labels": labels}), 400, "text")
     error(client.post("/api/sentiment", json={"text": "x" * 5_001}), 413, "text")

@@ -33,7 +33,6 @@ from pathlib import Path
 
 from muse.apps.text import check_language
 from muse.errors import MuseError
-from muse.generation import score
 from muse.sampling import Constraint, SamplingParams
 
 TASKS = ("classify", "sentiment")
@@ -150,7 +149,8 @@ def _scores(model, text: str, labels: tuple[str, ...], task: str, lang: str, sty
     prefix, ids = _label_ids(model, prompt, conts, style)
     if any(not x for x in ids):
         raise ValueError("labels must not be empty strings")
-    return {label: sum(lp) / (len(lp) if mean else 1) for label, lp in zip(labels, score(model.model, prefix, ids))}
+    # through the model object: a served model runs it on its scheduler's thread (Scheduler.call)
+    return {label: sum(lp) / (len(lp) if mean else 1) for label, lp in zip(labels, model.score_ids(prefix, ids))}
 
 
 def _softmax(scores: dict[str, float]) -> dict[str, float]:

@@ -13,9 +13,8 @@ document, persona, memory or version, 413 a text over the server's limit, 429 a 
 Generation: the apps run in a worker thread and see a `ServedModel`, whose `stream` queues the
 prompt on the server's `Scheduler` — so generation runs only on the scheduler's thread, batched
 with the OpenAI routes' requests (Chinese verse too: its form is a grammar constraint). Label scoring
-(classify, sentiment) runs the model's forward pass directly (nothing the scheduler can batch): one
-at a time (`_direct_lock`); the forward pass keeps no state between calls, so it may overlap a
-scheduler step safely.
+(classify, sentiment) is a forward pass, not a stream: `ServedModel.score_ids` hands it to the
+scheduler thread too (`Scheduler.call`), between two steps, so only that thread ever runs the model.
 A client that goes away (or the web app's stop button, which aborts its fetch) stops the work at
 once: its scheduler rows are freed at the next step, and a reply being streamed is kept as far as
 it got (the assistant marks it "stopped").
@@ -52,7 +51,6 @@ from muse.apps.text import language, supports_chinese
 from muse.errors import MuseError
 from muse.fileio import remove_stale_temps, replacing
 from muse.generation import SamplingParams
-from muse.scheduler import release_openmp_pool
 from muse.server.errors import APIError, error_body, from_exception, too_busy
 from muse.server.openai import EventStreamResponse
 from muse.server.schemas import ErrorResponse
@@ -79,9 +77,6 @@ router = APIRouter(responses=_ERRORS)
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-# Label scoring (classify, sentiment) uses the model's forward pass directly (not a generation the
-# scheduler could batch); one such request at a time.
-_direct_lock = threading.Lock()
 _END = object()
 
 
@@ -276,6 +271,11 @@ class ServedModel(Model):
 
     def generate(self, prompt, params: SamplingParams | None = None, **kwargs) -> str:
         return "".join(c.text for c in self.stream(prompt, params, **kwargs))
+
+    def score_ids(self, prefix: list[int], continuations: list[list[int]]) -> list[list[float]]:
+        from muse.generation import score
+
+        return self.scheduler.call(score, self.model, prefix, continuations).result()
 
 
 # -- shared state and request pieces -------------------------------------------------------
@@ -867,11 +867,14 @@ class ClassifyBody(_Body):
     text: str = Field(min_length=1)
     labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
     calibrate: bool = True
+    method: Literal["likelihood", "constrained"] = Field(
+        "likelihood", description="likelihood: score each label; constrained: the model answers, held to the labels.")
 
 
 class SentimentBody(_Body):
     model: Optional[str] = None
     text: str = Field(min_length=1)
+    method: Literal["likelihood", "constrained"] = "likelihood"
 
 
 @router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
@@ -879,7 +882,7 @@ async def create(body: CreateBody, request: Request):
     from muse.apps.creative import FORMS, create as make
 
     work = Work(request)
-    # Every form is generated on the scheduler (Chinese verse under a grammar constraint): no _direct.
+    # Every form is generated on the scheduler (Chinese verse under a grammar constraint).
     model = work.model(body.model, body.topic, chinese=body.form in FORMS and FORMS[body.form].chinese)
     c = await work.call(make, model, body.kind, body.topic, body.form, body.params(), body.attempts)
     return {"text": c.text, "form": c.form, "ok": c.ok, "problems": list(c.problems), "tries": c.tries}
@@ -887,13 +890,13 @@ async def create(body: CreateBody, request: Request):
 
 @router.post("/api/classify", tags=["Analysis"], summary="Probabilities of labels for a text")
 async def classify(body: ClassifyBody, request: Request):
-    from muse.apps.analysis import classify as scores
+    from muse.apps.analysis import classify as scores, top_label
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
     model = work.model(body.model, body.text + " " + " ".join(body.labels))
-    probs = await work.call(_direct, scores, model, body.text, body.labels, body.calibrate)
-    return {"label": max(probs, key=probs.get), "scores": probs}
+    probs = await work.call(scores, model, body.text, body.labels, body.calibrate, method=body.method)
+    return {"label": top_label(probs, body.method), "scores": probs}
 
 
 @router.post("/api/sentiment", tags=["Analysis"], summary="Positive, negative or neutral")
@@ -902,7 +905,7 @@ async def sentiment(body: SentimentBody, request: Request):
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
-    return await work.call(_direct, judge, work.model(body.model, body.text), body.text)
+    return await work.call(judge, work.model(body.model, body.text), body.text, method=body.method)
 
 
 class ExtractBody(_Body):
@@ -927,14 +930,6 @@ async def extract(body: ExtractBody, request: Request):
         fields = await work.call(extract_fields, model, body.text, body.json_schema, max_new_tokens=body.max_tokens)
         return {"fields": fields, "model": model.name}
     return (await work.call(extract_entities, model, body.text, types)).to_dict()
-
-
-def _direct(fn: Callable, *args):
-    with _direct_lock:
-        try:
-            return fn(*args)
-        finally:
-            release_openmp_pool()  # this worker thread's pool would slow the scheduler's (see there)
 
 
 # -- the web app ------------------------------------------------------------------------------
