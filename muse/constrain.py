@@ -24,11 +24,7 @@ import numpy as np
 import torch
 
 from muse.errors import MuseError
-from muse.sampling import Constraint
-
-# Whitespace a JSON value may hold between tokens: enough for pretty-printed nesting, bounded so a
-# model cannot stall in an endless run of spaces (llguidance's default is unbounded).
-JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}", "lenient": False}
+from muse.sampling import JSON_OPTIONS, Constraint
 
 
 class ConstraintError(MuseError, ValueError):

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 TRUNCATE_POLICIES = (None, "left")
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_TOP_LOGPROBS = 20  # OpenAI's own limit
+# How llguidance compiles JSON schemas (muse.constrain, and tool arguments in muse.tools): whitespace
+# between tokens is enough for pretty-printed nesting but bounded, so a model cannot stall in an endless
+# run of spaces (llguidance's default is unbounded); unknown schema keywords are errors, not ignored.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}", "lenient": False}
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,11 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from muse.sampling import Constraint
+from muse.sampling import JSON_OPTIONS, Constraint
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 TOOL_CHOICES = ("none", "auto", "required")
-# Whitespace JSON may hold between tokens (as muse.constrain.JSON_OPTIONS): bounded, so a model cannot stall.
-JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}", "lenient": False}
 
 SYSTEM_PROMPT = """# Tools
 
