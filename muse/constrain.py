@@ -63,7 +63,7 @@ def grammar_of(constraint: Constraint) -> str:
     if kind in ("json_schema", "json_object"):
         schema = {"type": "object"} if kind == "json_object" else value
         try:
-            return LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+            return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)  # a schema's own x-guidance wins
         except ValueError as e:
             raise ConstraintError(f"The JSON schema is not usable: {e}") from None
     if kind == "regex":
