@@ -266,14 +266,7 @@ class Scheduler:
         procs = LogitsProcessors(p, tok, self.model.config.vocab_size, ids, self.model.model.device)
         text = TokenText(tok, p.stop, max_new, p.loop_guard and procs.output is None)  # as stream_generate
         req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs)
-        with self._wake:
-            if self._closed:
-                raise SchedulerClosed("the server is shutting down; retry on another instance")
-            if len(self._waiting) >= self.max_waiting:
-                raise SchedulerBusy(f"{len(self._waiting)} requests are already waiting for {self.model.name}; "
-                                    "retry in a moment")
-            self._waiting.append(req)
-            self._wake.notify()
+        self._enqueue(self._waiting, req, "requests")
         return req.stream
 
     def call(self, fn, *args) -> concurrent.futures.Future:
@@ -285,15 +278,19 @@ class Scheduler:
         so no lock is needed and running streams pause for one call, not for a queue of them.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
+        self._enqueue(self._calls, (fn, args, future), "calls")
+        return future
+
+    def _enqueue(self, queue: collections.deque, item, what: str) -> None:
+        """Append to one of the waiting queues and wake the thread; refused once closed or full."""
         with self._wake:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down; retry on another instance")
-            if len(self._calls) >= self.max_waiting:
-                raise SchedulerBusy(f"{len(self._calls)} calls are already waiting for {self.model.name}; "
+            if len(queue) >= self.max_waiting:
+                raise SchedulerBusy(f"{len(queue)} {what} are already waiting for {self.model.name}; "
                                     "retry in a moment")
-            self._calls.append((fn, args, future))
+            queue.append(item)
             self._wake.notify()
-        return future
 
     def generate(self, prompt: "str | list[int]", params: SamplingParams | None = None) -> str:
         """The whole completion (blocking), generated in the shared batch."""

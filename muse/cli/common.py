@@ -24,7 +24,9 @@ _ORDER = {name: i for i, name in enumerate(n for names in PANELS.values() for n 
 _PANEL = {name: panel for panel, names in PANELS.items() for name in names}
 
 
-class MuseCommand(TyperCommand):
+class _RichHelp:
+    """Installs Muse's help formatting (muse.cli.help) only when help is shown: start-up stays fast."""
+
     def format_help(self, ctx, formatter):
         from muse.cli import help
 
@@ -32,19 +34,17 @@ class MuseCommand(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-class MuseGroup(TyperGroup):
+class MuseCommand(_RichHelp, TyperCommand):
+    pass
+
+
+class MuseGroup(_RichHelp, TyperGroup):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for command in self.commands.values():  # a docstring's line breaks are not the list's
             first = inspect.cleandoc(command.help or "").split("\n\n")[0]
             if command.short_help is None and first and not first.startswith("\b"):
                 command.short_help = " ".join(first.split())
-
-    def format_help(self, ctx, formatter):
-        from muse.cli import help
-
-        help.install()
-        return super().format_help(ctx, formatter)
 
 
 class RootGroup(MuseGroup):

@@ -125,13 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "response_format cannot be combined with tools (unless tool_choice is 'none'): "
                             "the reply is either tool calls or text.", "response_format")
     ids = await run_in_threadpool(_chat_ids, model, messages, tools)
-    if choice != "none" and tools:
-        constraint = tool_calls.tool_constraint(tools, _dump(body.tool_choice) or "auto", model.tokenizer,
-                                                body.parallel_tool_calls is not False)
-        param = "tools"
-    else:
-        constraint, param = _response_constraint(body.response_format), "response_format"
-    await run_in_threadpool(_check_constraint, constraint, model, param)
+    constraint = await _reply_constraint(model, tools, _dump(body.tool_choice), choice, body.parallel_tool_calls,
+                                         lambda: _response_constraint(body.response_format), "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -213,6 +208,19 @@ def _response_constraint(fmt) -> Constraint | None:
                        "response_format")
     # OpenAI's strict mode: an object lists every property it may have
     return Constraint.json_schema(tool_calls.strict_schema(schema) if fmt.json_schema.strict else schema)
+
+
+async def _reply_constraint(model, tools, tool_choice, choice_name: str, parallel: bool | None, fmt,
+                            fmt_param: str) -> Constraint | None:
+    """What a reply runs under: the tool-call grammar while tools are active (tool_choice not
+    "none"), else the requested format's constraint (`fmt()`); checked before anything is queued."""
+    if tools and choice_name != "none":
+        constraint, param = tool_calls.tool_constraint(tools, tool_choice or "auto", model.tokenizer,
+                                                       parallel is not False), "tools"
+    else:
+        constraint, param = fmt(), fmt_param
+    await run_in_threadpool(_check_constraint, constraint, model, param)
+    return constraint
 
 
 def _check_constraint(constraint: Constraint | None, model, param: str) -> None:

@@ -28,7 +28,7 @@ from muse.generation import SamplingParams
 from muse.sampling import Constraint
 from muse.server.errors import APIError, error_body, from_exception
 from muse.server.openai import (
-    _ERRORS, EventStreamResponse, Job, Output, _cancel, _chat_ids, _check_constraint, _check_size, _collect_all,
+    _ERRORS, EventStreamResponse, Job, Output, _cancel, _chat_ids, _check_size, _collect_all, _reply_constraint,
     _parse, _sse, _submit, _unless_client_leaves,
 )
 from muse.server.schemas import ResponsesRequest
@@ -62,13 +62,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     if tools and choice_name != "none" and fmt.get("type") != "text":
         raise APIError(400, "text.format cannot be combined with tools (unless tool_choice is 'none').", "text")
     ids = await run_in_threadpool(_chat_ids, model, messages, tools)
-    if tools and choice_name != "none":
-        constraint = tool_calls.tool_constraint(tools, choice or "auto", model.tokenizer,
-                                                body.parallel_tool_calls is not False)
-        param = "tools"
-    else:
-        constraint, param = _format_constraint(fmt), "text"
-    await run_in_threadpool(_check_constraint, constraint, model, param)
+    constraint = await _reply_constraint(model, tools, choice, choice_name, body.parallel_tool_calls,
+                                         lambda: _format_constraint(fmt), "text")
     given = {"max_new_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
              "seed": body.seed, "loop_guard": body.loop_guard}
     params = SamplingParams(constraint=constraint, **{k: v for k, v in given.items() if v is not None})
