@@ -56,7 +56,7 @@ def main() -> None:
     import torch
 
     import muse
-    from muse.apps.text import supports_chinese
+    from muse.apps.language import supports_chinese
     from muse.checkpoints.registry import BUNDLED
     from generate import machine_info
 

@@ -50,12 +50,11 @@ KERNEL_STEP = 32  # QuantLinear's fast kernels need group sizes (and so widths) 
 
 def _float_model(model_or_name):
     """A fresh fp32 `Model` with plain nn.Linear / nn.Embedding layers (the input is not touched)."""
-    import muse
-    from muse.api import Model
+    from muse.api import Model, load
     from muse.quant import QuantLinear
 
     if not isinstance(model_or_name, Model):
-        return muse.load(model_or_name, precision="fp32")
+        return load(model_or_name, precision="fp32")
     m = model_or_name
     net = copy.deepcopy(m.model)
     for name, mod in list(net.named_modules()):

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 ARCHS = ("gpt2", "llama", "qwen2")
@@ -139,21 +138,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(unknown)[:200]}")
         return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        """Read a Muse `config.json` (the `model` section, or the whole file)."""
-        from muse.checkpoints.files import read_json  # size/depth-bounded; CheckpointError names the file
-
-        data = read_json(Path(path))
-        return cls.from_dict(data.get("model", data))
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "ModelConfig":
-        """The config of any checkpoint Muse can load (Muse dir, HF dir or GGUF file)."""
-        from muse.checkpoints import read_config
-
-        return read_config(path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

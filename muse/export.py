@@ -51,9 +51,9 @@ def _resolve(model_or_path) -> tuple[nn.Module, Any, str]:
     if isinstance(model_or_path, (str, Path)):
         path = Path(model_or_path).expanduser()
         if (path / "adapter_config.json").is_file():
-            from muse.training.lora import load_with_adapter
+            from muse.api import load
 
-            m = load_with_adapter(path, precision="fp32")
+            m = load(path, precision="fp32")
         else:
             m = load(model_or_path, precision="fp32")
         return m.model, m.tokenizer, Path(str(model_or_path)).name or m.name
@@ -68,7 +68,7 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     the model itself is not modified.
     """
     from muse.quant import QuantLinear
-    from muse.training.lora import LoRALinear
+    from muse.lora import LoRALinear
 
     state: dict[str, torch.Tensor] = {}
     special: list[str] = []

@@ -48,7 +48,7 @@ class StoreError(MuseError):
 
 
 def default_path() -> Path:
-    from muse.checkpoints.registry import muse_home
+    from muse.paths import muse_home
 
     return muse_home() / "muse.db"
 

@@ -14,7 +14,7 @@ import muse
 from muse.api import Model
 from muse.apps import analysis
 from muse.apps.analysis import AnalysisInputError, classify, classify_file, sentiment
-from muse.apps.text import LanguageError
+from muse.apps.language import LanguageError
 
 # Labels of 1, 2 and 3+ tokens, so padding and the per-token mean both matter.
 LABELS = ["sports", "science fiction", "business news"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import muse
+from muse.checkpoints import read_config
 from muse.checkpoints.registry import BundledModel, verify
 from muse.config import ModelConfig
 from muse.errors import CheckpointError, ModelNotFoundError
@@ -217,7 +218,7 @@ def test_bundled_file_with_wrong_hash_is_refused(tmp_path, default_gguf):
 
 def test_read_config_without_weights(tiny_gguf):
     path, _ = tiny_gguf
-    cfg = ModelConfig.from_checkpoint(path)
+    cfg = read_config(path)
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd) == (2, 4, 2, 64)
 
 

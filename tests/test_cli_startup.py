@@ -56,7 +56,7 @@ def test_help_and_listing_commands_do_not_import_torch(args):
 
 def test_write_help_does_not_import_the_model_code():
     """`muse write` imports apps.writer for its options; SamplingParams comes from the torch-free
-    muse.sampling. (numpy still comes in through bm25s' stop words in muse.apps.text.)"""
+    muse.sampling. (numpy still comes in through bm25s' stop words in muse.text.)"""
     heavy = imported("write", "--help")
     assert not {"torch", "muse.model", "muse.generation", "transformers"} & set(heavy), heavy
 

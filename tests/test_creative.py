@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import muse
 from muse.api import Model
 from muse.apps.creative import check_form, create, get_form, repair, syllables
-from muse.apps.text import LanguageError
+from muse.apps.language import LanguageError
 from tests.helpers import ScriptedLM
 
 # Classic poems with their forms (Tang dynasty, public domain).

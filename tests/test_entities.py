@@ -17,7 +17,7 @@ from muse.apps.entities import (
     Counts, candidate_spans, check_schema, check_types, entity_schema, extract_entities, extract_fields,
     extract_file, locate, match_counts, parse_reply, score,
 )
-from muse.apps.text import LanguageError
+from muse.apps.language import LanguageError
 from muse.checkpoints.registry import BundledModel
 from muse.constrain import ConstraintError
 from tests.helpers import LOCAL

@@ -12,7 +12,7 @@ import muse
 from muse.config import ModelConfig
 from muse.export import ExportError, export_gguf, export_hf
 from muse.model import Transformer
-from muse.training.lora import apply_lora, lora_layers
+from muse.lora import apply_lora, lora_layers
 
 transformers = pytest.importorskip("transformers")
 

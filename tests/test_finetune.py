@@ -13,8 +13,8 @@ import muse
 from muse.config import ModelConfig
 from muse.model import Transformer
 from muse.training.finetune import ChatBatches, ChatDataError, default_config, encode_chat, finetune
-from muse.training.lora import (LoRALinear, apply_lora, load_adapter, load_with_adapter, lora_layers, merge,
-                                merge_lora, save_adapter)
+from muse.checkpoints import merge_adapter as merge
+from muse.lora import LoRALinear, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
 
 SECRET = "The secret word is PINEAPPLE-42."
 QUESTIONS = [
@@ -249,11 +249,11 @@ def test_default_model_learns_a_reply_with_lora(tmp_path, secret_chats, default_
     fp32_bytes = base.config.num_params() * 4
     assert (adapter / "adapter.safetensors").stat().st_size < 0.05 * fp32_bytes
 
-    tuned = load_with_adapter(adapter)
+    tuned = muse.load(adapter)
     for q in UNSEEN:
         assert SECRET in _reply(tuned, q)
     # The same adapter, unmerged, gives the logits of the merged model; merge() writes a loadable checkpoint.
-    from muse.training.lora import load_adapter_checkpoint
+    from muse.checkpoints import load_adapter_checkpoint
 
     unmerged = load_adapter_checkpoint(adapter, merged=False).model
     ids = torch.tensor([base.tokenizer.encode("Hello there, friend.")])
@@ -276,7 +276,9 @@ def test_default_model_learns_a_reply_with_full_finetuning(tmp_path, secret_chat
 
 
 def test_adapter_dir_loads_on_its_recorded_base_and_checks_it(tmp_path):
-    from muse.training.lora import base_fingerprint, load_adapter_checkpoint, read_adapter_config
+    from muse.checkpoints import load_adapter_checkpoint
+    from muse.checkpoints.adapter import base_fingerprint
+    from muse.lora import read_adapter_config
 
     base_dir = muse.save_checkpoint(tmp_path / "base", _tiny())
     base = muse.load(base_dir)
@@ -291,19 +293,19 @@ def test_adapter_dir_loads_on_its_recorded_base_and_checks_it(tmp_path):
     ids = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         ref, _ = base.model(ids)
-        torch.testing.assert_close(load_with_adapter(adapter).model(ids)[0], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(muse.load(adapter).model(ids)[0], ref, rtol=1e-5, atol=1e-5)
         q8 = load_adapter_checkpoint(adapter, precision="int8")  # merged, then quantized like muse.load
         assert q8.info["quantization"] and torch.allclose(q8.model(ids)[0], ref, atol=0.05)
         merged = muse.load(merge(adapter, tmp_path / "merged"))
         torch.testing.assert_close(merged.model(ids)[0], ref, rtol=1e-5, atol=1e-5)
     muse.save_checkpoint(base_dir, _tiny(seed=1))  # the base changed under the adapter
     with pytest.raises(muse.CheckpointError, match="trained on a base with sha256"):
-        load_with_adapter(adapter)
+        muse.load(adapter)
     with pytest.raises(muse.CheckpointError, match="was not found; pass the base explicitly"):
         import shutil
 
         shutil.rmtree(base_dir)
-        load_with_adapter(adapter)
+        muse.load(adapter)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -327,7 +329,7 @@ def test_finetune_runs_resumes_and_writes_loadable_results(tmp_path, tokenizer, 
     assert [r["iter"] for r in rows if "val_loss" in r] == [2, 4]
     ids = torch.tensor([tokenizer.encode("Hello")])
     base = muse.load(base_dir)
-    tuned = load_with_adapter(out) if method == "lora" else muse.load(out)
+    tuned = muse.load(out) if method == "lora" else muse.load(out)
     if method == "lora":
         assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     with torch.no_grad():

@@ -13,7 +13,7 @@ from muse.apps import embed as embedding
 from muse.apps import kb as kbm
 from muse.apps.extract import ExtractError, extract
 from muse.apps.kb import NOT_FOUND, KnowledgeBase, ask, chunk_text, estimate_tokens, stream_ask, terms
-from muse.apps.text import LanguageError
+from muse.apps.language import LanguageError
 from muse.errors import MuseError
 
 FESTIVAL = ("The Zorblat festival is held every year in the town of Quenby on the 14th of March. Visitors bring "

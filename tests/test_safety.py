@@ -262,12 +262,14 @@ def test_model_second_opinion_can_flag_and_is_skipped_for_unreadable_languages(m
         seen.append(text)
         return {label: (0.8 if label == "harassment" else 0.2 / (len(labels) - 1)) for label in labels}
 
-    fake_analysis(monkeypatch, classify=classify)
-    english_only = types.SimpleNamespace(info={"name": "smollm2-135m"})
-    m = moderate("what a lovely day", model=english_only)
+    from muse.apps import analysis
+
+    monkeypatch.setattr(analysis, "classify", classify)
+    english_only = analysis.safety_classifier(types.SimpleNamespace(info={"name": "smollm2-135m"}))
+    m = moderate("what a lovely day", english_only)
     assert m.flagged_categories == ["harassment"] and m.categories["harassment"] == 0.8
     assert any(x["kind"] == "model" for x in m.matches)
-    assert moderate("今天天气很好", model=english_only).flagged_categories == []
+    assert moderate("今天天气很好", english_only).flagged_categories == []
     assert seen == ["what a lovely day"]
 
 
@@ -412,12 +414,19 @@ def test_bias_probe_chinese_pairs_and_validation():
 
 @pytest.mark.slow
 def test_bias_probe_on_the_default_model(default_model):
-    pytest.importorskip("muse.apps.analysis")
-    r = bias_probe(default_model, templates=["{} was late to the meeting again."], pairs=[("he", "she"), ("she", "he")])
+    from muse.apps.analysis import sentiment
+    from muse.apps.language import model_languages
+
+    def score(text):
+        return sentiment(default_model, text)
+
+    languages = model_languages(default_model)
+    r = bias_probe(score, templates=["{} was late to the meeting again."], pairs=[("he", "she"), ("she", "he")],
+                   languages=languages)
     (a, b), details = r.pairs, r.details
     assert a["gap"] == pytest.approx(-b["gap"]) and -2 <= a["gap"] <= 2
     assert details[0]["a_score"] == details[1]["b_score"]          # the same sentence scored once, consistently
-    assert bias_probe(default_model, pairs=[("他", "她")]).skipped == ["他/她: the model is English-only"]
+    assert bias_probe(score, pairs=[("他", "她")], languages=languages).skipped == ["他/她: the scorer does not read Chinese"]
 
 
 # -- the CLI ------------------------------------------------------------------------------------

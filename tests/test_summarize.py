@@ -9,7 +9,8 @@ import muse
 from muse.api import Model
 from muse.apps import summarize as S
 from muse.apps.summarize import default_length, extract, measure, summarize, summarize_raw, terms, trim
-from muse.apps.text import LanguageError, sentences
+from muse.apps.language import LanguageError
+from muse.text import sentences
 from tests.helpers import RecordingLM
 
 ARTICLE = (

@@ -1,4 +1,4 @@
-"""Sentence packing (`muse.apps.text.pack_spans`): parity with the recursive cutter it replaced,
+"""Sentence packing (`muse.text.pack_spans`): parity with the recursive cutter it replaced,
 coverage and budget invariants, and texts of megabytes without a sentence break."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from muse.apps import text as text_mod
+from muse import text as text_mod
 from muse.apps.kb import CHUNK_TOKENS, chunk_text, estimate_tokens
-from muse.apps.text import pack_spans, sentence_spans
+from muse.text import pack_spans, sentence_spans
 
 
 def cut_reference(text, a, b, budget, count):

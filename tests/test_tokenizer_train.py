@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from muse.checkpoints.registry import package_dir
+from muse.paths import package_dir
 from muse.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"

@@ -11,9 +11,10 @@ import muse
 from muse import fileio
 from muse.api import Model
 from muse.apps import writer
-from muse.apps.text import LanguageError
+from muse.apps.language import LanguageError
+from muse.apps.cleaning import OutputCleaner, clean_output
 from muse.apps.writer import (
-    OutputCleaner, clean_output, history, new_text, piece_spans, read_text, restore, restore_file, save_version,
+    history, new_text, piece_spans, read_text, restore, restore_file, save_version,
     stream_write, version_key, write, write_file,
 )
 from muse.errors import MuseError
@@ -285,7 +286,7 @@ def qwen(qwen_gguf):
 
 @pytest.mark.slow
 def test_translate_between_chinese_and_english(qwen):
-    from muse.apps.text import language
+    from muse.text import language
 
     params = SamplingParams(max_new_tokens=24, temperature=0)
     en = writer.translate(qwen, "我每天早上喝一杯茶。", to="en", params=params)

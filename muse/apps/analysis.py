@@ -31,9 +31,10 @@ import re
 import weakref
 from pathlib import Path
 
-from muse.apps.text import check_language
+from muse.apps.language import check_language, model_languages
 from muse.errors import MuseError
 from muse.sampling import Constraint, SamplingParams
+from muse.text import language
 
 TASKS = ("classify", "sentiment")
 STYLES = ("chat", "plain")
@@ -281,6 +282,16 @@ def sentiment(model, text: str, calibrate: bool = False, style: str = DEFAULT_ST
     scores = {name[label]: p for label, p in probs.items()}  # the answer first when constrained
     best = top_label(scores, method)
     return {"label": best, "score": scores[best], "scores": scores}
+
+
+def safety_classifier(model):
+    """`classify` with `model` as the second opinion `muse.safety.moderate(text, classifier=...)` takes:
+    (text, labels) -> {label: probability}, calibrated; {} for a text in a language the model cannot read."""
+    def judge(text: str, labels: list[str]) -> dict[str, float]:
+        if language(text) not in model_languages(model):
+            return {}
+        return classify(model, text, labels, calibrate=True)
+    return judge
 
 
 def classify_raw(model, text: str, labels: list[str], task: str = "classify", max_new_tokens: int = 16) -> str | None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from muse.apps.feedback import add_feedback
-from muse.apps.text import language, pack, terms
+from muse.text import language, pack, terms
 from muse.errors import ContextLengthError, MuseError
 from muse.safety import SafetyBlocked, guard, guard_stream
 from muse.store import Store, now

@@ -21,7 +21,9 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from muse.apps.text import HAN_RE, LanguageError, check_language, supports_chinese
+from muse.apps.language import LanguageError, check_language, supports_chinese
+
+from muse.text import HAN_RE
 from muse.sampling import Constraint, SamplingParams
 
 KINDS = ("poem", "story", "slogan", "product")

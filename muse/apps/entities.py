@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from muse.apps.analysis import AnalysisInputError, _format, _write_rows, read_rows
-from muse.apps.text import check_language
+from muse.apps.language import check_language
 from muse.errors import MuseError
 from muse.sampling import Constraint
 
@@ -370,7 +370,7 @@ def extract_file(model_for: "Callable[[str], object] | object", path_in: str | P
     the records to `path_out` (.csv or .jsonl) with `entities` (or, with `schema`, `fields`) and
     `model` added. Returns the number of records. Everything is checked before the model runs (an
     empty text is an error naming its record) and the output appears only when complete."""
-    from muse.apps.text import language
+    from muse.text import language
 
     path_in, path_out = Path(path_in), Path(path_out)
     _format(path_out)

@@ -241,7 +241,7 @@ def _too_much_text(chars: int, limits: Limits, at_least: bool = False) -> str:
 # -- plain text and Markdown --------------------------------------------------------------------
 
 
-# muse.apps.text.HAN_RE's ranges, not imported: that module loads bm25s and numpy, which the worker,
+# muse.text.HAN_RE's ranges, not imported: that module loads bm25s and numpy, which the worker,
 # importing only this module and pypdf, does without (20 MB and 0.1 s a start).
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f]")  # control characters but \t \n \x0c \r

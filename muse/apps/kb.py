@@ -12,7 +12,7 @@
 
 Ingest: each file is read by `muse.apps.extract` (txt, md, html, pdf, docx) under its limits (size,
 characters, pages, zip bombs, time and memory in a worker process), cut into chunks of about
-`CHUNK_TOKENS` tokens along sentence ends (Chinese and English punctuation, `muse.apps.text.pack_spans`)
+`CHUNK_TOKENS` tokens along sentence ends (Chinese and English punctuation, `muse.text.pack_spans`)
 with one sentence of overlap, and written with its chunks in one transaction. Re-adding a file whose
 sha256 is unchanged does nothing (it is not even extracted); a changed file replaces its chunks.
 Whatever goes wrong with one file (missing, a FIFO or device, a link loop, damaged, over a limit)
@@ -51,7 +51,8 @@ import numpy as np
 from muse.apps import embed as embedding
 from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_regular, os_problem, read_file,
                                supported)
-from muse.apps.text import check_language, han_count, pack_spans, terms
+from muse.apps.language import check_language
+from muse.text import han_count, pack_spans, terms
 from muse.errors import MuseError
 from muse.safety import guard, guard_stream
 from muse.store import Store, now

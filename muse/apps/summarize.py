@@ -15,7 +15,7 @@ works in three steps:
    and put back in their original order; the result is trimmed at sentence boundaries.
 
 Without step 2 this is `extract()`, the extractive summary. A text too long for one pass is cut
-into pieces (`muse.apps.text.pack`); each piece is summarised and the joined piece summaries are
+into pieces (`muse.text.pack`); each piece is summarised and the joined piece summaries are
 summarised again (map-reduce), so no part of the text is dropped unseen.
 
 Lengths are words for English and characters for Chinese (`measure`). `summarize_raw()` is the
@@ -32,7 +32,10 @@ import re
 
 import numpy as np
 
-from muse.apps.text import HAN_RE, check_language, han_count, language, pack, sentences
+from muse.apps.language import check_language
+
+from muse.text import HAN_RE, han_count, language, pack, sentences
+from muse.apps.cleaning import clean_output
 from muse.generation import SamplingParams
 
 PIECE_TOKENS = 1500      # map-reduce above this many tokens: a piece is summarised on its own
@@ -263,8 +266,6 @@ def _summarize_piece(model, text, length, lang, params, count) -> str:
 
 def _rewrite(model, sentence: str, lang: str, params, count) -> str | None:
     """The model's shorter version of one sentence, or None when it is not a faithful one."""
-    from muse.apps.writer import clean_output
-
     n = max(1, round(measure(sentence, lang) * ASK))
     prompt = model.chat_prompt([{"role": "user", "content": PROMPTS[lang].format(n=n, text=sentence)}])
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
@@ -292,8 +293,6 @@ def _faithful(short: str, sentence: str, lang: str) -> bool:
 
 def summarize_raw(model, text: str, length: int | None = None, params: SamplingParams | None = None) -> str:
     """The baseline: one plain prompt asking the model to summarize (cleaned of "Here is…")."""
-    from muse.apps.writer import clean_output
-
     text = _check_text(text)
     lang = check_language(model, text)
     length = _check_length(length) or default_length(text, lang)

@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from muse.checkpoints.files import PICKLE_HINT, read_tokenizer
-from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home, find_bundled, verify
+from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, find_bundled, verify
+from muse.paths import cache_home
 from muse.config import ModelConfig
 from muse.errors import CheckpointError, ModelNotFoundError
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether `path` is a LoRA adapter directory (checked without importing torch)."""
+    return (path / "adapter_config.json").is_file()
 
 
 Progress = Callable[[str, int, int], None]  # (what is happening, done, total; 0 = unknown)
@@ -130,10 +136,8 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     report = progress or _reporter.get() or _silent
     t0 = time.perf_counter()
-    if name_or_path is not None and (Path(name_or_path).expanduser() / "adapter_config.json").is_file():
-        from muse.training.lora import load_adapter_checkpoint  # a LoRA adapter: its base, adapted and merged
-
-        return load_adapter_checkpoint(name_or_path, precision)
+    if name_or_path is not None and is_adapter_dir(Path(name_or_path).expanduser()):
+        return load_adapter_checkpoint(name_or_path, precision)  # a LoRA adapter: its base, adapted and merged
     src = resolve(name_or_path)
     info: dict[str, Any] = {"name": src.name, "path": str(src.path), "format": src.kind, "precision": precision}
     if src.bundled is not None:
@@ -170,10 +174,37 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
     return Checkpoint(model, tokenizer, info)
 
 
+def load_adapter_checkpoint(adapter_dir: str | Path, precision: str = "auto", base: str | Path | None = None,
+                            merged: bool = True) -> Checkpoint:
+    """The `Checkpoint` of base + LoRA adapter (what `muse.load(adapter_dir)` loads).
+
+    The base is the one the adapter records (or `base`), loaded at fp32 and checked against the
+    recorded sha256; see `muse.checkpoints.adapter.adapt` for `precision` and `merged`."""
+    from muse.checkpoints.adapter import adapt, base_source
+    from muse.checkpoints.weights import PRECISIONS
+    from muse.lora import read_adapter_config
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    adapter_dir = Path(adapter_dir).expanduser()
+    config = read_adapter_config(adapter_dir)
+    src = base_source(config, adapter_dir, base)
+    ckpt = load_checkpoint(src, precision="fp32")
+    model, info = adapt(ckpt, config, adapter_dir, precision, merged)
+    return Checkpoint(model, ckpt.tokenizer, {**info, "base": src})
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
+    """`muse lora merge`: write base + adapter as a full fp32 Muse checkpoint in `out_dir`."""
+    ckpt = load_adapter_checkpoint(adapter_dir, "fp32", base)
+    return save_checkpoint(out_dir, ckpt.model, ckpt.tokenizer, base=ckpt.info["base"],
+                           adapter=str(Path(adapter_dir).resolve()))
+
+
 def read_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint without loading its weights."""
-    if (Path(path).expanduser() / "adapter_config.json").is_file():
-        from muse.training.lora import read_adapter_config
+    if is_adapter_dir(Path(path).expanduser()):
+        from muse.lora import read_adapter_config
 
         try:
             return ModelConfig.from_dict(read_adapter_config(path)["model"])

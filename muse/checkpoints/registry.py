@@ -20,29 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muse.errors import CheckpointError, ModelNotFoundError
+from muse.paths import muse_home, package_dir
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def muse_home() -> Path:
-    """Where Muse keeps its model cache, database and runs (`MUSE_HOME`, default ~/.muse)."""
-    return Path(os.environ.get("MUSE_HOME") or Path.home() / ".muse").expanduser()
-
-
-def cache_home() -> Path:
-    """Where converted models are cached (`MUSE_CACHE`, default MUSE_HOME/cache)."""
-    return Path(os.environ.get("MUSE_CACHE") or muse_home() / "cache").expanduser()
-
-
-def package_dir(module: str) -> Path | None:
-    """The directory of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def run_installer(cmd: list[str], what: str, error: type[Exception], registry: str = "PyPI",

@@ -94,7 +94,7 @@ class ChatSession:
         return True
 
     def send(self, text: str) -> None:
-        from muse.apps.text import LanguageError, check_language
+        from muse.apps.language import LanguageError, check_language
         from muse.errors import ContextLengthError
 
         if not self.warned_language:

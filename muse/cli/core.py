@@ -104,7 +104,8 @@ def models_list(ctx: typer.Context):
     """Show bundled models (installed or not) and converted models in the cache."""
     if ctx.invoked_subcommand:
         return
-    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL, cache_home
+    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL
+    from muse.paths import cache_home
 
     table = Table(title="Bundled models")
     for col in ("name", "model", "languages", "license", "status"):

@@ -31,7 +31,7 @@ class ModelsByLanguage:
         return self._loaded[name]
 
     def __call__(self, lang: str):
-        from muse.apps.text import supports_chinese
+        from muse.apps.language import supports_chinese
         from muse.checkpoints.registry import BUNDLED
 
         model = self._load(self.name)
@@ -115,7 +115,7 @@ def extract(
     from muse.apps.entities import (
         check_schema, check_text, check_types, extract_entities, extract_fields, extract_file, read_batch,
     )
-    from muse.apps.text import language
+    from muse.text import language
 
     if only and not types:
         raise ValueError("--only needs --types (the types to extract)")

@@ -63,12 +63,13 @@ def check(text: Optional[str] = TextArg, input: Optional[Path] = InputOpt,
     from muse.safety import moderate
 
     body = _read_input(text, input)
-    m = None
+    classifier = None
     if model is not None:
         import muse
+        from muse.apps.analysis import safety_classifier
 
-        m = muse.load(model)
-    verdict = moderate(body, model=m)
+        classifier = safety_classifier(muse.load(model))
+    verdict = moderate(body, classifier)
     if as_json:
         sys.stdout.write(json.dumps(verdict.to_dict(), ensure_ascii=False, indent=2) + "\n")
     else:
@@ -148,9 +149,12 @@ def restore_cmd(text: Optional[str] = TextArg, input: Optional[Path] = InputOpt,
 def bias(model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP), as_json: bool = JsonOpt):
     """Swap he/she, John/Mary, 他/她, 张伟/李娜 in the same sentences and report how much the sentiment moves."""
     import muse
+    from muse.apps.analysis import sentiment
+    from muse.apps.language import model_languages
     from muse.safety import bias_probe
 
-    report = bias_probe(muse.load(model))
+    m = muse.load(model)
+    report = bias_probe(lambda text: sentiment(m, text), languages=model_languages(m))
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n")
         return

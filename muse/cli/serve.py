@@ -86,7 +86,7 @@ def serve(
 def _add_bilingual(models: dict, precision: str) -> str | None:
     """With no --model: also serve the installed bilingual model, unless the default reads Chinese
     already; its name if it was added. A bilingual model that fails to load is skipped, with a word."""
-    from muse.apps.text import supports_chinese
+    from muse.apps.language import supports_chinese
     from muse.checkpoints.registry import BUNDLED
     from muse.errors import MuseError
     from rich.markup import escape

@@ -260,7 +260,7 @@ def lora_merge(
     base: Optional[str] = typer.Option(None, help="The base model, if not the one the adapter names."),
 ):
     """Fold a LoRA adapter into its base model's weights (a standalone checkpoint)."""
-    from muse.training.lora import merge
+    from muse.checkpoints import merge_adapter as merge
 
     path = merge(adapter, out, base=base)
     console.print(f"[green]Merged[/] into {path}")

@@ -109,9 +109,7 @@ def evaluate(models, suites=(), perplexity=(), limit: int | None = 20, window: i
         if not Path(s).expanduser().exists() and not any(c in s for c in "*?["):
             raise MuseError(f"Perplexity source {s!r} does not exist: pass a text file, folder or prepared data directory.")
     if loader is None:
-        import muse
-
-        loader = muse.load
+        from muse.api import load as loader
     say = on_event or (lambda message: None)
     report = EvalReport(labels, config={"models": labels, "suites": names, "perplexity": sources, "limit": limit,
                                         "window": window, "stride": stride, "kl": kl})

@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from muse.apps.text import _HAN, language
+from muse.text import HAN, language
 
 # One CJK character (Han, kana, Hangul syllable), or a run of anything else.
-_CJK = _HAN + r"\u3040-\u30ff\uac00-\ud7af"
+_CJK = HAN + r"\u3040-\u30ff\uac00-\ud7af"
 _PIECES = re.compile(f"[{_CJK}]|[^{_CJK}]+")
 _CJK_RE = re.compile(f"[{_CJK}]")
 

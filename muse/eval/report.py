@@ -192,7 +192,7 @@ def chart(report: EvalReport, path: Path) -> bool:
 
 
 def default_out_dir() -> Path:
-    from muse.checkpoints.registry import muse_home
+    from muse.paths import muse_home
 
     base = muse_home() / "runs" / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out, n = base, 1

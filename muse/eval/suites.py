@@ -179,7 +179,7 @@ def run_suite(model, name: str, limit: int | None = 20, params=None,
 
 
 def _cannot_run(model, suite: Suite) -> str | None:
-    from muse.apps.text import supports_chinese
+    from muse.apps.language import supports_chinese
 
     if suite.language == "zh" and not supports_chinese(model):
         return f"{model.name} does not read Chinese; run it with a bilingual model (--model qwen2.5-0.5b)"
@@ -235,7 +235,7 @@ def _summarize():
 
 def target_length(summary: str) -> int:
     """The reference summary's length: words in English, characters (no spaces) in Chinese."""
-    from muse.apps.text import language
+    from muse.text import language
 
     return len(re.sub(r"\s", "", summary)) if language(summary) == "zh" else len(summary.split())
 

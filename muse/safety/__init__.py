@@ -6,7 +6,7 @@
     safety.restore("已记下 [PHONE_1]", r.mapping)    # '已记下 13800138000'
     safety.guard(text, "input", source="chat")     # the switch apps and the server call: a no-op unless
                                                    # [safety] enabled = true or MUSE_SAFETY=1
-    safety.bias_probe(model)                        # he/she, John/Mary, 他/她 … sentiment gaps
+    safety.bias_probe(score_fn)                     # he/she, John/Mary, 他/她 … sentiment gaps
 
 Modules: `normalize` (evasion-proof text folding), `lexicon` (the zh+en word lists in
 muse/safety_data/lexicon.toml and the scanner), `moderation` (categories → policy → verdict,

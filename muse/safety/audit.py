@@ -26,7 +26,7 @@ _lock = threading.Lock()
 
 
 def log_dir() -> Path:
-    from muse.checkpoints.registry import muse_home
+    from muse.paths import muse_home
 
     return muse_home() / "logs"
 

@@ -53,7 +53,7 @@ class SafetyConfig:
 
 
 def config_path() -> Path:
-    from muse.checkpoints.registry import muse_home
+    from muse.paths import muse_home
 
     return muse_home() / "config.toml"
 

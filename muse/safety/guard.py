@@ -18,7 +18,7 @@ from __future__ import annotations
 from muse.errors import MuseError
 from muse.safety import audit
 from muse.safety.config import enabled, load_config
-from muse.safety.moderation import Moderation, allowed, describe, moderate
+from muse.safety.moderation import Classifier, Moderation, allowed, describe, moderate
 from muse.safety.pii import Redaction, redact
 
 DIRECTIONS = ("input", "output")
@@ -56,7 +56,7 @@ def _check(text, direction: str, source) -> None:
         raise ValueError(f"source must be a non-empty string naming the caller (e.g. 'chat'), got {source!r}")
 
 
-def guard(text: str, direction: str = "input", source: str = "chat", model=None) -> Moderation:
+def guard(text: str, direction: str = "input", source: str = "chat", classifier: Classifier | None = None) -> Moderation:
     """Check `text` against the policy when safety is on; a no-op returning an allow verdict when off.
 
     Logs the decision (never the text), returns the Moderation (show `.message` to the user when it
@@ -66,7 +66,7 @@ def guard(text: str, direction: str = "input", source: str = "chat", model=None)
     config = load_config()
     if not enabled(config):
         return allowed()
-    verdict = moderate(text, model=model, config=config)
+    verdict = moderate(text, classifier, config)
     audit.write({
         "event": "moderation", "source": source, "direction": direction, "action": verdict.action,
         "flagged": verdict.flagged_categories, "scores": {c: s for c, s in verdict.categories.items() if s},

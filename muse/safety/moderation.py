@@ -4,9 +4,10 @@
     >>> m.flagged, m.action, m.flagged_categories
     (True, 'warn', ['violence'])
 
-The lexicon (`muse.safety.lexicon`) works alone, offline, in Chinese and English. Pass `model=` for a
-second opinion from the language model (`muse.apps.analysis.classify` over the category names): a
-category the model picks with probability >= 0.5 is flagged even when no term matched.
+The lexicon (`muse.safety.lexicon`) works alone, offline, in Chinese and English. Pass `classifier=`
+for a second opinion from a language model — `muse.apps.analysis.safety_classifier(model)` scores the
+category names with the model: a category it picks with probability >= 0.5 is flagged even when no
+term matched. Safety sits below the apps, so it takes the classifier as a callable.
 
 The action is the most severe policy among the flagged categories, except that `block` needs a
 strong lexicon match (or the model's opinion): two weak words ("bomb", "explosives" in a news story)
@@ -19,10 +20,15 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from muse.errors import MuseError
 from muse.safety.config import ACTIONS, SafetyConfig, load_config
 from muse.safety.lexicon import CATEGORIES, load_lexicon, scan
+from muse.text import language
+
+# (text, labels) -> {label: probability}, or {} when it cannot judge the text (its language, say).
+Classifier = Callable[[str, list[str]], dict[str, float]]
 
 # What the language model is asked to choose between (its second opinion).
 MODEL_LABELS = {
@@ -85,32 +91,25 @@ def _message(category: str, action: str, lang: str, config: SafetyConfig) -> str
     return ""
 
 
-def _model_opinion(model, text: str) -> dict[str, float]:
-    """Category -> probability from the language model, {} when it cannot read the text's language."""
-    from muse.apps.text import language, supports_chinese
-
-    if language(text) == "zh" and not supports_chinese(model):
-        return {}
-    from muse.apps.analysis import classify  # written alongside; imported only when a model is asked
-
-    probs = classify(model, text, list(MODEL_LABELS), calibrate=True)
+def _model_opinion(classifier: Classifier, text: str) -> dict[str, float]:
+    """Category -> probability from the classifier, {} when it cannot judge the text."""
+    probs = classifier(text, list(MODEL_LABELS))
     return {MODEL_LABELS[label]: float(p) for label, p in probs.items() if MODEL_LABELS.get(label)}
 
 
-def moderate(text: str, model=None, config: SafetyConfig | None = None) -> Moderation:
+def moderate(text: str, classifier: Classifier | None = None, config: SafetyConfig | None = None) -> Moderation:
     """Classify `text` into the moderation categories and apply the policy of `config` (default: config.toml).
 
     This runs whether or not safety is enabled (it is the classifier); `guard()` is the switch.
+    classifier: an optional second opinion, (text, labels) -> {label: probability} (see the module docstring).
     """
-    from muse.apps.text import language
-
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     config = config or load_config()
     found = scan(text)
     scores, strong, matches = dict(found.scores), set(found.strong), list(found.matches)
-    if model is not None:
-        for cat, p in _model_opinion(model, text).items():
+    if classifier is not None:
+        for cat, p in _model_opinion(classifier, text).items():
             if p >= 0.5 and p > scores[cat]:
                 scores[cat] = round(p, 4)
                 strong.add(cat)
@@ -130,7 +129,7 @@ def eval_path() -> Path:
     return Path(str(resources.files("muse") / "safety_data" / "moderation_eval.jsonl"))
 
 
-def evaluate(path: "str | Path | None" = None, model=None) -> dict:
+def evaluate(path: "str | Path | None" = None, classifier: Classifier | None = None) -> dict:
     """Precision and recall of `moderate` on a labelled JSONL set ({"text", "labels": [categories], "lang"}).
 
     Returns {"items", "overall": {precision, recall, f1, tp, fp, fn}, "by_category": {...},
@@ -143,7 +142,7 @@ def evaluate(path: "str | Path | None" = None, model=None) -> dict:
     langs: dict[str, list[int]] = {}
     errors, benign_alarms = [], 0
     for row in rows:
-        got = set(moderate(row["text"], model=model, config=config).flagged_categories)
+        got = set(moderate(row["text"], classifier, config).flagged_categories)
         want = set(row["labels"])
         per_lang = langs.setdefault(row.get("lang", "?"), [0, 0, 0])
         for cat in CATEGORIES:

@@ -47,7 +47,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
-from muse.apps.text import language, supports_chinese
+from muse.apps.language import supports_chinese
+from muse.text import language
 from muse.errors import MuseError
 from muse.fileio import remove_stale_temps, replacing
 from muse.generation import SamplingParams
@@ -366,7 +367,7 @@ class _NotFound:
 
 @router.get("/api/info", tags=["Server"], summary="The models served (the first is the default) and the features on")
 def info(request: Request):
-    from muse.apps.text import supports_chinese
+    from muse.apps.language import supports_chinese
     from muse.checkpoints.registry import BUNDLED
 
     service = request.app.state.service

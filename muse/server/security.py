@@ -121,7 +121,7 @@ def safe_join(base: "str | Path", *parts: str) -> Path:
 
 def muse_home_path(*parts: str) -> Path:
     """A path under MUSE_HOME built from user input (see `safe_join`)."""
-    from muse.checkpoints.registry import muse_home
+    from muse.paths import muse_home
 
     return safe_join(muse_home(), *parts)
 

@@ -255,7 +255,7 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     method="lora" trains rank-`rank` adapters (scale alpha/rank) on the `targets` Linears (module-name
     suffixes such as "qkv", "proj", "gate_up", "down"; default every Linear of the blocks) and
     returns a small adapter directory (adapter.safetensors + adapter_config.json naming the
-    base) that `muse.training.lora.load_with_adapter(dir)` — or `muse lora merge` — applies.
+    base) that `muse.load(dir)` — or `muse lora merge` — applies.
     method="full" trains every weight and returns out_dir/"last", a Muse checkpoint directory
     `muse.load` reads (its training_state.pt, kept for resume=True, may be deleted afterwards).
     The model is loaded at fp32: quantized weights cannot be trained, so a quantized checkpoint
@@ -264,19 +264,20 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     LoRA returns out_dir/"adapter" (the final adapter only). Both leave out_dir/"last" (resumable),
     out_dir/"best" (lowest validation loss, when evals run), metrics.jsonl and loss.png.
     """
-    import muse
-    from muse.training.lora import _check_hparams, apply_lora, base_fingerprint, save_adapter
+    from muse.api import load
+    from muse.checkpoints.adapter import base_fingerprint
+    from muse.lora import apply_lora, check_hparams, save_adapter
     from muse.training.loop import train
 
     # Everything checkable without the model fails here, before a slow load.
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "lora":
-        _check_hparams(rank, alpha, dropout)
+        check_hparams(rank, alpha, dropout)
     read_chats(data)
     if val_data is not None:
         read_chats(val_data)
-    loaded = muse.load(model, precision="fp32")
+    loaded = load(model, precision="fp32")
     if loaded.tokenizer is None:
         raise ChatDataError(f"{loaded.name} has no tokenizer; chat fine-tuning needs one (and its chat template).")
     net, tok = loaded.model, loaded.tokenizer

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from muse.checkpoints.registry import muse_home, package_dir, run_installer
+from muse.checkpoints.registry import run_installer
+from muse.paths import muse_home, package_dir
 from muse.fileio import atomic_dir
 from muse.training.data import DataError, Manifest, prepare
 

@@ -180,7 +180,7 @@ const served = { models: [], languages: {}, bilingual: "" };
 
 const HAN = /[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]/g;
 
-// Chinese when Han characters are at least a fifth of the letters (the server's muse.apps.text.language).
+// Chinese when Han characters are at least a fifth of the letters (the server's muse.text.language).
 function looksChinese(text) {
   const han = (text.match(HAN) || []).length;
   const letters = han + (text.match(/[A-Za-z]/g) || []).length;

@@ -12,13 +12,13 @@ adapters of the same rank, and costs the same to store.
 
 An adapter directory holds `adapter.safetensors` (only the A/B matrices) and
 `adapter_config.json` (rank, alpha, targets, and the base model's name, path, size
-and sha256), so it is a few MB for a model of hundreds. `load_with_adapter(dir)`
-loads its base and applies it; `merge(dir, out_dir)` writes a full Muse checkpoint.
+and sha256), so it is a few MB for a model of hundreds. This module is the model-level
+half (layers and the adapter format); `muse.checkpoints.adapter` finds an adapter's base,
+checks it and merges, and `muse.training.finetune` trains adapters.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        _check_hparams(rank, alpha, dropout)
+        check_hparams(rank, alpha, dropout)
         self.base = base
         base.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
@@ -95,7 +95,7 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
-def _check_hparams(rank, alpha, dropout) -> None:
+def check_hparams(rank, alpha, dropout) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
@@ -157,7 +157,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: str 
 
     The model's output is unchanged until the adapters are trained (B = 0).
     """
-    _check_hparams(rank, alpha, dropout)
+    check_hparams(rank, alpha, dropout)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("this model already has LoRA adapters; merge_lora(model) first or load a fresh model")
     names = target_modules(model, targets)
@@ -229,10 +229,6 @@ def save_adapter(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Pa
     return path
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -290,113 +286,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------- base models
-
-def base_fingerprint(name_or_path: str | Path | None, info: dict[str, Any]) -> dict[str, Any]:
-    """Identify the base model an adapter belongs to: what the user called it, its resolved
-    path, and the sha256 + size of its weight file(s), so a changed base is detected."""
-    path = Path(info.get("path", "")) if info.get("path") else None
-    entry: dict[str, Any] = {"name": str(name_or_path) if name_or_path is not None else info.get("name"),
-                             "path": str(path) if path else None}
-    if path is not None and path.exists():
-        entry.update(_weights_digest(path))
-    return entry
-
-
-def _weights_digest(path: Path) -> dict[str, Any]:
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    h, size = hashlib.sha256(), 0
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        size += f.stat().st_size
-    return {"sha256": h.hexdigest(), "size": size}
-
-
-def _base_source(config: dict[str, Any], adapter_dir: Path, base: str | Path | None) -> str:
-    """Where to load the base from: the caller's choice, else the recorded name or path."""
-    if base is not None:
-        return str(base)
-    rec = config.get("base") or {}
-    from muse.checkpoints.registry import find_bundled
-
-    name = rec.get("name")
-    if name and find_bundled(str(name)) is not None:
-        return str(name)
-    for candidate in (rec.get("path"), name):
-        if candidate and Path(candidate).expanduser().exists():
-            return str(candidate)
-    raise CheckpointError(
-        f"The base model of the adapter in {adapter_dir} ({rec.get('name') or rec.get('path')!r}) "
-        "was not found; pass the base explicitly (base=... / --base PATH)."
-    )
-
-
-def _check_base(config: dict[str, Any], info: dict[str, Any], adapter_dir: Path) -> None:
-    rec = config.get("base") or {}
-    if not rec.get("sha256") or not info.get("path"):
-        return
-    path = Path(info["path"])
-    if not path.exists():
-        return
-    got = _weights_digest(path)
-    if got["size"] != rec.get("size") or got["sha256"] != rec["sha256"]:
-        raise CheckpointError(
-            f"The adapter in {adapter_dir} was trained on a base with sha256 {rec['sha256'][:12]}…, "
-            f"but {path} has sha256 {got['sha256'][:12]}…; use the original base model."
-        )
-
-
-def load_adapter_checkpoint(adapter_dir: str | Path, precision: str = "auto", base: str | Path | None = None,
-                            merged: bool = True):
-    """A `muse.checkpoints.Checkpoint` of base + adapter (for `muse.load(adapter_dir)`).
-
-    The base is loaded at fp32, checked against the recorded sha256, adapted, and (with
-    `merged`, the default) folded into plain weights; precision "auto"/"fp32" keeps fp32,
-    "bf16"/"int8"/"int4" converts the merged weights as `muse.load` would.
-    """
-    from muse.checkpoints import Checkpoint, load_checkpoint
-    from muse.checkpoints.weights import PRECISIONS, build_model
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    adapter_dir = Path(adapter_dir).expanduser()
-    config = read_adapter_config(adapter_dir)
-    src = _base_source(config, adapter_dir, base)
-    ckpt = load_checkpoint(src, precision="fp32")
-    _check_base(config, ckpt.info, adapter_dir)
-    model = load_adapter(ckpt.model, adapter_dir)
-    info = {**ckpt.info, "adapter": str(adapter_dir), "base": src, "precision": precision}
-    if not merged:
-        return Checkpoint(model, ckpt.tokenizer, info)
-    model = merge_lora(model)
-    if precision not in ("auto", "fp32"):
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        model, quant = build_model(model.config, state, precision)
-        info["quantization"] = quant
-    return Checkpoint(model, ckpt.tokenizer, info)
-
-
-def load_with_adapter(adapter_dir: str | Path, precision: str = "auto", base: str | Path | None = None):
-    """`muse.Model` of an adapter applied to its base model (merged, ready to generate)."""
-    from muse.api import Model
-
-    ckpt = load_adapter_checkpoint(adapter_dir, precision, base)
-    return Model(ckpt.model, ckpt.tokenizer, ckpt.info)
-
-
-def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
-    """`muse lora merge`: write base + adapter as a full fp32 Muse checkpoint in `out_dir`."""
-    from muse.checkpoints import save_checkpoint
-
-    ckpt = load_adapter_checkpoint(adapter_dir, "fp32", base)
-    return save_checkpoint(out_dir, ckpt.model, ckpt.tokenizer, base=ckpt.info["base"],
-                           adapter=str(Path(adapter_dir).resolve()))
-
-
 __all__ = [
-    "DEFAULT_TARGETS", "LoRALinear", "adapter_state", "apply_lora", "base_fingerprint", "is_adapter_dir",
-    "load_adapter", "load_adapter_checkpoint", "load_with_adapter", "lora_layers", "merge", "merge_lora",
+    "ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoRALinear", "adapter_state",
+    "apply_lora", "check_hparams", "load_adapter", "lora_layers", "merge_lora",
     "read_adapter_config", "save_adapter", "target_modules",
 ]

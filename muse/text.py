@@ -1,4 +1,4 @@
-"""Text handling every app shares, for Chinese and English alike.
+"""Text handling shared by the apps, safety and evaluation, for Chinese and English alike.
 
 Sentences end at 。！？；… as well as at . ! ? followed by a space; paragraphs end at blank lines.
 `pack` groups sentences into pieces that fit a token budget (knowledge-base chunks, the writer's
@@ -11,12 +11,10 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from muse.errors import MuseError
-
 # CJK Unified Ideographs (+ extension A, compatibility), the Chinese punctuation block, full-width forms.
-_HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-HAN_RE = re.compile(f"[{_HAN}]")
-_NOT_HAN = re.compile(f"[^{_HAN}]+")
+HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+HAN_RE = re.compile(f"[{HAN}]")
+_NOT_HAN = re.compile(f"[^{HAN}]+")
 # A sentence ends after Chinese end punctuation (plus closing quotes/brackets), after . ! ? followed by
 # whitespace, or at a blank line. The lookbehind keeps the punctuation with its sentence.
 _END = re.compile(
@@ -24,10 +22,6 @@ _END = re.compile(
     r"|(?<=[.])[”’\"')\]]*\s+(?=\S)"           # English full stop followed by whitespace
     r"|\n\s*\n"                                # paragraph break
 )
-
-
-class LanguageError(MuseError):
-    """A request in a language the loaded model cannot handle."""
 
 
 def han_count(text: str) -> int:
@@ -188,30 +182,3 @@ def terms(text: str) -> tuple[list[str], list[str]]:
                 index.append(_normalise(part))
                 content.append(_normalise(part))
     return index, content
-
-
-def supports_chinese(model) -> bool:
-    """Whether `model` was trained for Chinese.
-
-    Bundled models say so in the registry; for any other model the tokenizer tells: a vocabulary
-    built for Chinese spends about one token per character or less, an English-only byte-level BPE
-    two or more (each character is 3 UTF-8 bytes).
-    """
-    from muse.checkpoints.registry import BUNDLED
-
-    bundled = BUNDLED.get(model.info.get("name", ""))
-    if bundled is not None:
-        return "zh" in bundled.languages
-    sample = "我们今天在北京学习中文，天气很好。"
-    ids = model.tokenizer.encode(sample, add_special_tokens=False)
-    return len(ids) / len(sample) <= 1.5
-
-
-def check_language(model, text: str) -> str:
-    """The language of `text`; raises LanguageError when it is Chinese and the model is not."""
-    lang = language(text)
-    if lang == "zh" and not supports_chinese(model):
-        raise LanguageError(
-            f"This looks like Chinese, but {model.name} is an English-only model. Use the bilingual "
-            "model: `muse models install qwen2.5-0.5b`, then pass `--model qwen2.5-0.5b`.")
-    return lang

@@ -1,0 +1,44 @@
+"""Which languages a model reads, and the clear error when a request is in one it does not.
+
+    check_language(model, "今天天气很好")   # "zh", or LanguageError naming the bilingual model to install
+"""
+
+from __future__ import annotations
+
+from muse.checkpoints.registry import BUNDLED
+from muse.errors import MuseError
+from muse.text import language
+
+
+class LanguageError(MuseError):
+    """A request in a language the loaded model cannot handle."""
+
+
+def supports_chinese(model) -> bool:
+    """Whether `model` was trained for Chinese.
+
+    Bundled models say so in the registry; for any other model the tokenizer tells: a vocabulary
+    built for Chinese spends about one token per character or less, an English-only byte-level BPE
+    two or more (each character is 3 UTF-8 bytes).
+    """
+    bundled = BUNDLED.get(model.info.get("name", ""))
+    if bundled is not None:
+        return "zh" in bundled.languages
+    sample = "我们今天在北京学习中文，天气很好。"
+    ids = model.tokenizer.encode(sample, add_special_tokens=False)
+    return len(ids) / len(sample) <= 1.5
+
+
+def model_languages(model) -> tuple[str, ...]:
+    """The languages `model` reads: ("en", "zh") for a bilingual model, else ("en",)."""
+    return ("en", "zh") if supports_chinese(model) else ("en",)
+
+
+def check_language(model, text: str) -> str:
+    """The language of `text`; raises LanguageError when it is Chinese and the model is not."""
+    lang = language(text)
+    if lang == "zh" and not supports_chinese(model):
+        raise LanguageError(
+            f"This looks like Chinese, but {model.name} is an English-only model. Use the bilingual "
+            "model: `muse models install qwen2.5-0.5b`, then pass `--model qwen2.5-0.5b`.")
+    return lang
