@@ -12,6 +12,59 @@ from dataclasses import dataclass, field
 TRUNCATE_POLICIES = (None, "left")
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_TOP_LOGPROBS = 20  # OpenAI's own limit
+MAX_NEW_TOKENS = 32768  # the longest context of any supported model; more could never be generated
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric sampling option. `SamplingParams` checks against it and the
+    server's request schemas take their bounds from it (`bounds()`), so the two cannot disagree."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # (lo, … instead of [lo, …
+    hi_open: bool = False
+    integer: bool = False
+
+    def ok(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self) -> str:
+        kind = "an integer " if self.integer else ""
+        if self.hi is None or self.hi >= 2**53:  # "≥ 0", not "in [0, 9.22337e+18]"
+            return f"{kind}{'>' if self.lo_open else '≥'} {self.lo:g}"
+        return f"{kind}in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def bounds(self) -> dict[str, float]:
+        """As pydantic `Field` keywords: ge/gt/le/lt."""
+        out = {}
+        if self.lo is not None:
+            out["gt" if self.lo_open else "ge"] = self.lo
+        if self.hi is not None:
+            out["lt" if self.hi_open else "le"] = self.hi
+        return out
+
+
+# The one home of every numeric sampling range.
+RANGES = {
+    "max_new_tokens": Range(1, MAX_NEW_TOKENS, integer=True),
+    "temperature": Range(0.0, 2.0),  # OpenAI's range; above 2 a small model's output is noise
+    "top_k": Range(0, integer=True),
+    "top_p": Range(0.0, 1.0, lo_open=True),
+    "min_p": Range(0.0, 1.0, hi_open=True),
+    "repetition_penalty": Range(0.01, 10.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "num_beams": Range(1, 64, integer=True),
+    "length_penalty": Range(-10.0, 10.0),
+    "seed": Range(0, 2**63 - 1, integer=True),
+    "logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),
+}
+LOGIT_BIAS = Range(-100.0, 100.0)  # each value of logit_bias (OpenAI's range)
 # How llguidance compiles JSON schemas (muse.constrain, and tool arguments in muse.tools): whitespace
 # between tokens is enough for pretty-printed nesting but bounded, so a model cannot stall in an endless
 # run of spaces (llguidance's default is unbounded); unknown schema keywords are errors, not ignored.
@@ -94,29 +147,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer ≥ 1"),
-            ("temperature", 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer ≥ 0"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
-            ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
-            ("repetition_penalty", 0.01 <= self.repetition_penalty <= 10.0, "in [0.01, 10]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
-            ("num_beams", isinstance(self.num_beams, int) and 1 <= self.num_beams <= 64, "an integer in [1, 64]"),
-            ("length_penalty", -10.0 <= self.length_penalty <= 10.0, "in [-10, 10]"),
-            ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "None or an integer ≥ 0"),
+        optional = ("seed", "logprobs")  # None: off
+        checks = [(name, (name in optional and getattr(self, name) is None) or rng.ok(getattr(self, name)),
+                   ("None or " if name in optional else "") + rng.describe()) for name, rng in RANGES.items()]
+        checks += [
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("truncate", self.truncate in TRUNCATE_POLICIES, f"one of {TRUNCATE_POLICIES}"),
             ("loop_guard", isinstance(self.loop_guard, bool), "True or False"),
             ("constraint", self.constraint is None or isinstance(self.constraint, Constraint),
              "None or a muse.Constraint"),
             ("logit_bias", self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
-                isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
-                for k, v in self.logit_bias.items())), "a dict of token id (≥ 0) → bias in [-100, 100]"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(
-                self.logprobs, bool) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
-             f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
+                isinstance(k, int) and k >= 0 and LOGIT_BIAS.ok(v) for k, v in self.logit_bias.items())),
+             f"a dict of token id (≥ 0) → bias {LOGIT_BIAS.describe()}"),
         ]
         for name, ok, want in checks:
             if not ok:

@@ -162,3 +162,54 @@ def test_the_checks_catch_a_violation(monkeypatch, bad, why):
     check = test_imports_only_go_down_or_sideways if why == "upward" else test_no_import_cycles
     with pytest.raises(AssertionError, match=why):
         check()
+
+
+# -- one home for each sampling range ------------------------------------------------------------
+
+def _schema_bounds(model_cls, field: str) -> dict:
+    """The numeric bounds pydantic enforces on `field` (Optional[...] unwrapped)."""
+    schema = model_cls.model_json_schema()["properties"][field]
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") in ("integer", "number"):
+            return {k: option[k] for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum") if k in option}
+    raise AssertionError(f"{model_cls.__name__}.{field} has no numeric schema")
+
+
+def _range_bounds(rng) -> dict:
+    names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    return {names[k]: v for k, v in rng.bounds().items()}
+
+
+def test_server_sampling_ranges_come_from_sampling_params():
+    """Every sampling option a server route takes is bounded exactly as SamplingParams checks it."""
+    from muse.sampling import RANGES
+    from muse.server import schemas
+    from muse.server.apps import Sampling
+
+    # (/v1/completions' `logprobs` is OpenAI's narrower 0..5, checked in its own schema.)
+    server_name = {"max_new_tokens": ("max_tokens", "max_completion_tokens", "max_output_tokens"),
+                   "logprobs": ("top_logprobs",)}
+    checked = 0
+    for model_cls in (schemas.ChatCompletionRequest, schemas.CompletionRequest, schemas.ResponsesRequest, Sampling):
+        fields = model_cls.model_fields
+        for name, rng in RANGES.items():
+            for field in server_name.get(name, (name,)):
+                if field in fields and (model_cls, field) != (schemas.ResponsesRequest, "top_logprobs"):  # a 400
+                    assert _schema_bounds(model_cls, field) == _range_bounds(rng), f"{model_cls.__name__}.{field}"
+                    checked += 1
+    assert checked >= 20  # the chat, completion, responses and app routes all take sampling options
+
+
+def test_sampling_params_enforces_each_range_at_its_edges():
+    from muse.sampling import RANGES, SamplingParams
+
+    for name, rng in RANGES.items():
+        if rng.hi is not None and rng.hi < 2**53:
+            bad = rng.hi + (1 if rng.integer else 0.5) if not rng.hi_open else rng.hi
+            with pytest.raises(ValueError, match=name):
+                SamplingParams(**{name: bad})
+            if not rng.hi_open:
+                SamplingParams(**{name: rng.hi})
+        bad_low = rng.lo if rng.lo_open else rng.lo - 1
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: bad_low})

@@ -52,6 +52,7 @@ from muse.text import language
 from muse.errors import MuseError
 from muse.fileio import remove_stale_temps, replacing
 from muse.generation import SamplingParams
+from muse.sampling import RANGES
 from muse.server.errors import APIError, error_body, from_exception, too_busy
 from muse.server.openai import EventStreamResponse
 from muse.server.schemas import ErrorResponse
@@ -324,12 +325,12 @@ class Sampling(_Body):
     """Generation options; those left out keep the app's defaults."""
 
     model: Optional[str] = Field(None, description="A model id from GET /v1/models (default: the first served).")
-    max_tokens: Optional[int] = Field(None, ge=1, le=32768, description="Most tokens to generate.")
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    max_tokens: Optional[int] = Field(None, **RANGES["max_new_tokens"].bounds(), description="Most tokens to generate.")
+    temperature: Optional[float] = Field(None, **RANGES["temperature"].bounds(), description="0 = greedy.")
+    top_p: Optional[float] = Field(None, **RANGES["top_p"].bounds())
+    top_k: Optional[int] = Field(None, **RANGES["top_k"].bounds())
+    repetition_penalty: Optional[float] = Field(None, **RANGES["repetition_penalty"].bounds())
+    seed: Optional[int] = Field(None, **RANGES["seed"].bounds())
 
     def params(self, base: SamplingParams | None = None) -> SamplingParams | None:
         """The options given, over `base` (None and nothing given: None, the app's own default)."""

@@ -1,8 +1,8 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic).
 
 Field names, defaults and ranges follow OpenAI's API reference, so the official clients work
-unchanged; the range checks live here, in one table per request, and a violation becomes a
-400 naming the parameter. A sampling option left out keeps Muse's own default
+unchanged; a violation becomes a 400 naming the parameter. The bounds of every sampling
+option come from `muse.sampling.RANGES`, the table `SamplingParams` checks against. A sampling option left out keeps Muse's own default
 (`muse.SamplingParams`), not OpenAI's. Extensions that vLLM and mlx-lm also accept: `top_k`,
 `min_p`, `repetition_penalty`, `response_format` on /v1/completions; and Muse's own `loop_guard`.
 
@@ -17,12 +17,13 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from muse.sampling import LOGIT_BIAS, RANGES
+
 MAX_CHOICES = 16  # n: choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOPS = 16
 MAX_EMBED_INPUTS = 2048  # OpenAI's own limit
 MAX_TOOLS = 128  # OpenAI's own limit
-MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions (OpenAI's limit)
 
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -42,22 +43,22 @@ class SamplingFields(_Request):
     """The sampling options chat and completions share."""
 
     model: str = Field(description="A model id from GET /v1/models.")
-    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=0, description="Muse extension: sample from the k most likely tokens.")
-    min_p: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Muse extension.")
-    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0, description="Muse extension.")
+    max_tokens: Optional[int] = Field(None, **RANGES["max_new_tokens"].bounds(), description="Most tokens to generate.")
+    temperature: Optional[float] = Field(None, **RANGES["temperature"].bounds(), description="0 = greedy.")
+    top_p: Optional[float] = Field(None, **RANGES["top_p"].bounds())
+    top_k: Optional[int] = Field(None, **RANGES["top_k"].bounds(), description="Muse extension: sample from the k most likely tokens.")
+    min_p: Optional[float] = Field(None, **RANGES["min_p"].bounds(), description="Muse extension.")
+    repetition_penalty: Optional[float] = Field(None, **RANGES["repetition_penalty"].bounds(), description="Muse extension.")
     loop_guard: Optional[bool] = Field(None, description="Muse extension: stop when the output starts repeating "
                                                          "itself word for word (default true).")
-    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: Optional[float] = Field(None, **RANGES["presence_penalty"].bounds())
+    frequency_penalty: Optional[float] = Field(None, **RANGES["frequency_penalty"].bounds())
+    seed: Optional[int] = Field(None, **RANGES["seed"].bounds())
     stop: Union[NonEmpty, list[NonEmpty], None] = Field(None, max_length=MAX_STOPS)
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
+    logit_bias: Optional[dict[str, Annotated[float, Field(**LOGIT_BIAS.bounds())]]] = Field(
         None, description="Token id (as a string) → a bias in [-100, 100] added to its logit; ±100 bans or forces it.")
     response_format: Optional["ResponseFormat"] = Field(
         None, description="text, json_object (any JSON object) or json_schema (output valid under the schema; "
@@ -136,9 +137,9 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Newer name for max_tokens.")
+    max_completion_tokens: Optional[int] = Field(None, **RANGES["max_new_tokens"].bounds(), description="Newer name for max_tokens.")
     logprobs: Optional[bool] = Field(None, description="Return each output token's log-probability.")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    top_logprobs: Optional[int] = Field(None, **RANGES["logprobs"].bounds(),
                                         description="With logprobs: the most likely tokens at each position.")
     tools: Optional[list[ToolDefinition]] = Field(None, max_length=MAX_TOOLS,
                                                   description="Functions the model may call (Hermes <tool_call> "
@@ -284,10 +285,10 @@ class ResponsesRequest(_Request):
     model: str = Field(description="A model id from GET /v1/models.")
     input: Union[str, Annotated[list[dict[str, Any]], Field(min_length=1)]]
     instructions: Optional[str] = Field(None, description="A system message put before the input.")
-    max_output_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Muse extension.")
+    max_output_tokens: Optional[int] = Field(None, **RANGES["max_new_tokens"].bounds())
+    temperature: Optional[float] = Field(None, **RANGES["temperature"].bounds())
+    top_p: Optional[float] = Field(None, **RANGES["top_p"].bounds())
+    seed: Optional[int] = Field(None, **RANGES["seed"].bounds(), description="Muse extension.")
     loop_guard: Optional[bool] = Field(None, description="Muse extension (default true).")
     tools: Optional[list[dict[str, Any]]] = Field(None, max_length=MAX_TOOLS,
                                                   description="Function tools: {type, name, description, parameters}.")

@@ -265,6 +265,7 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     out_dir/"best" (lowest validation loss, when evals run), metrics.jsonl and loss.png.
     """
     from muse.api import load
+    from muse.checkpoints import save_checkpoint
     from muse.checkpoints.adapter import base_fingerprint
     from muse.lora import apply_lora, check_hparams, save_adapter
     from muse.training.loop import train
@@ -294,7 +295,7 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
                   "data": str(Path(data).resolve())}
 
         def save_full(path: Path, m, t) -> None:
-            muse.save_checkpoint(path, m, t, **source)
+            save_checkpoint(path, m, t, **source)
 
         train(net, batches, cfg, out_dir, tokenizer=tok, resume=resume, save_fn=save_full)
     else:
