@@ -8,6 +8,7 @@ at the budget and the pieces still cover every character.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
@@ -134,13 +135,14 @@ def _cut(text: str, a: int, b: int, budget: int, count: Callable[[str], int]) ->
 
 # -- search terms (BM25 for the knowledge base and the assistant's memory) -----------------
 
-def _stopwords() -> frozenset:
+@functools.cache
+def _stop_en() -> frozenset:
+    # On first use: importing bm25s brings numpy and scipy, which `muse kb list` and `muse write --help` never need.
     from bm25s.stopwords import STOPWORDS_EN_PLUS
 
     return frozenset(STOPWORDS_EN_PLUS)
 
 
-_STOP_EN = _stopwords()
 # Chinese function characters: a bigram containing one is a phrase boundary, not a word.
 _STOP_ZH = frozenset("的了是在吗呢吧啊么和与及或也就这那我你他她它们什哪谁怎很")
 _WORD = re.compile(r"[^\W_]+")
@@ -178,7 +180,7 @@ def terms(text: str) -> tuple[list[str], list[str]]:
                 i, c = _han_terms(part)
                 index += i
                 content += c
-            elif part not in _STOP_EN and (len(part) > 1 or part.isdigit()):
+            elif part not in _stop_en() and (len(part) > 1 or part.isdigit()):
                 index.append(_normalise(part))
                 content.append(_normalise(part))
     return index, content
