@@ -100,15 +100,8 @@ def wrap(model: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside DDP and/or torch.compile wrappers."""
-    module = getattr(module, "_orig_mod", module)  # torch.compile
-    module = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    return getattr(module, "_orig_mod", module)
-
-
 def no_sync(module: nn.Module, skip: bool):
-    """Skip the gradient all-reduce on accumulation micro-steps (DDP); FSDP syncs every backward."""
+    """Skip the gradient sync on accumulation micro-steps: DDP's all-reduce, FSDP2's reduce-scatter."""
     inner = getattr(module, "_orig_mod", module)
     if skip and isinstance(inner, nn.parallel.DistributedDataParallel):
         return inner.no_sync()
@@ -138,15 +131,6 @@ def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
-
-
-def broadcast_flag(flag: bool, env: DistEnv) -> bool:
-    """Rank 0's boolean on every rank (e.g. "val improved, save best")."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=env.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
 
 
 # -- FSDP checkpoints: full (unsharded) state gathered to rank 0 -----------------------------------
