@@ -52,6 +52,49 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def _read_fast_tokenizer(path: Path) -> "tokenizers.Tokenizer":
+    """The `tokenizer.json` of a Hugging Face directory; CheckpointError saying how to get one if not."""
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        hint = ""
+        if (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
+            hint = (
+                " This directory has a slow (sentencepiece / vocab.json) tokenizer only; convert it once with "
+                "`transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`."
+            )
+        raise CheckpointError(f"No tokenizer.json in {path}: Muse needs a Hugging Face 'fast' tokenizer file.{hint}")
+    try:
+        return tokenizers.Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON / unknown fields
+        raise CheckpointError(
+            f"Could not read {tok_file}: {e}. The file is corrupt or from an unsupported tokenizers version; "
+            f"re-download or re-export it."
+        ) from e
+
+
+def _check_training_inputs(files_or_texts, vocab_size, specials: list, min_frequency) -> list:
+    """`Tokenizer.train`'s arguments checked up front, before a long training run; the inputs as a list."""
+    if any(not isinstance(t, str) or not t for t in specials):
+        raise ValueError(f"special_tokens must be non-empty strings, got {specials!r}")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+    minimum = 256 + len(specials)
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: it must be at least {minimum} "
+            f"(256 byte symbols + {len(specials)} special tokens), and a few thousand is typical."
+        )
+    if not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+    items = [files_or_texts] if isinstance(files_or_texts, (str, Path)) else list(files_or_texts)
+    for item in items:
+        if isinstance(item, Path) and not item.is_file():
+            raise ValueError(f"files_or_texts: {item} is not a file")
+        if not isinstance(item, (str, Path)):
+            raise ValueError(f"files_or_texts must hold str (text) or pathlib.Path (file) items, got {item!r}")
+    return items
+
+
 class Tokenizer:
     """Text <-> token ids, chat templates, and streaming decode for one model.
 
@@ -109,25 +152,7 @@ class Tokenizer:
         in that order of preference.
         """
         path = Path(path)
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
-            hint = ""
-            if (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
-                hint = (
-                    " This directory has a slow (sentencepiece / vocab.json) tokenizer only; convert it once with "
-                    "`transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`."
-                )
-            raise CheckpointError(
-                f"No tokenizer.json in {path}: Muse needs a Hugging Face 'fast' tokenizer file.{hint}"
-            )
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tok_file))
-        except Exception as e:  # tokenizers raises a bare Exception for bad JSON / unknown fields
-            raise CheckpointError(
-                f"Could not read {tok_file}: {e}. The file is corrupt or from an unsupported tokenizers version; "
-                f"re-download or re-export it."
-            ) from e
-
+        backend = _read_fast_tokenizer(path)
         config = _read_json(path / "tokenizer_config.json")
         special = _read_json(path / "special_tokens_map.json")
         gen = _read_json(path / "generation_config.json")
@@ -255,26 +280,7 @@ class Tokenizer:
             tok.save("my_tokenizer")
         """
         specials = list(dict.fromkeys(special_tokens))
-        if any(not isinstance(t, str) or not t for t in specials):
-            raise ValueError(f"special_tokens must be non-empty strings, got {special_tokens!r}")
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-            raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
-        minimum = 256 + len(specials)
-        if vocab_size < minimum:
-            raise ValueError(
-                f"vocab_size={vocab_size} is too small: it must be at least {minimum} "
-                f"(256 byte symbols + {len(specials)} special tokens), and a few thousand is typical."
-            )
-        if not isinstance(min_frequency, int) or min_frequency < 1:
-            raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
-        if isinstance(files_or_texts, (str, Path)):
-            files_or_texts = [files_or_texts]
-        for item in files_or_texts:  # check every path up front, before a long training run
-            if isinstance(item, Path) and not item.is_file():
-                raise ValueError(f"files_or_texts: {item} is not a file")
-            if not isinstance(item, (str, Path)):
-                raise ValueError(f"files_or_texts must hold str (text) or pathlib.Path (file) items, got {item!r}")
-
+        files_or_texts = _check_training_inputs(files_or_texts, vocab_size, specials, min_frequency)
         backend = tokenizers.Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_TRAIN_SPLIT), behavior="isolated"),

@@ -114,8 +114,6 @@ def _skip_value(h: _Header, kind: int, key: str, budget: list[int]) -> None:
 
 def check_header(path: str | Path) -> None:
     """Walk a GGUF header with bounds before the `gguf` package parses it; raise CheckpointError."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         with open(path, "rb") as f:
             if f.seek(0, 2) < 24:
@@ -125,62 +123,85 @@ def check_header(path: str | Path) -> None:
         raise CheckpointError(f"{path} cannot be read ({e}).") from e
     with buf:
         h = _Header(buf, path)
-        if bytes(buf[:4]) != b"GGUF":
-            raise _corrupt(path, "bad magic")
-        h.pos = 4
-        version = h.u32("the version")
-        if version & 0xFFFF == 0:  # written on a big-endian machine
-            h.order = ">"
-            version = struct.unpack(">I", bytes(buf[4:8]))[0]
-        if version not in (2, 3):
-            raise _corrupt(path, f"GGUF version {version}; Muse reads versions 2 and 3")
-        n_tensors, n_keys = h.u64("the tensor count"), h.u64("the key count")
-        if n_tensors > MAX_TENSORS or n_keys > MAX_KEYS:
-            raise _corrupt(path, f"it claims {n_tensors:,} tensors and {n_keys:,} metadata keys "
-                           f"(at most {MAX_TENSORS:,} and {MAX_KEYS:,})")
-        keys, budget, alignment = set(), [MAX_ARRAY_TOTAL], 32
-        for _ in range(n_keys):
-            key = h.text("a metadata key", MAX_KEY_BYTES)
-            if key in keys:
-                raise _corrupt(path, f"the metadata key {key!r:.80} appears twice")
-            keys.add(key)
-            kind = h.u32(f"the type of {key}")
-            if key == "general.alignment":
-                if kind != _UINT32:
-                    raise _corrupt(path, "general.alignment must be a uint32")
-                alignment = struct.unpack_from(h.order + "I", buf, h.pos)[0] if h.pos + 4 <= h.end else 0
-                if alignment == 0 or alignment & (alignment - 1):
-                    raise _corrupt(path, f"general.alignment {alignment} is not a power of two")
-            _skip_value(h, kind, key, budget)
-        tensors = []
-        names = set()
-        for _ in range(n_tensors):
-            name = h.text("a tensor name", MAX_NAME_BYTES)
-            if name in names:
-                raise _corrupt(path, f"the tensor {name!r} appears twice")
-            names.add(name)
-            n_dims = h.u32(f"the rank of {name}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise _corrupt(path, f"the tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})")
-            dims = [h.u64(f"the shape of {name}") for _ in range(n_dims)]
-            raw_type = h.u32(f"the type of {name}")
-            offset = h.u64(f"the offset of {name}")
-            try:
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
-            except (ValueError, KeyError):
-                raise _corrupt(path, f"the tensor {name} has type {raw_type}, which GGUF does not define") from None
-            if 0 in dims or dims[0] % block:
-                raise _corrupt(path, f"the tensor {name} has shape {dims}, impossible for its type")
-            n_bytes = int(np.prod(dims, dtype=object)) // block * type_size
-            tensors.append((name, offset, n_bytes))
-        data_start = -(-h.pos // alignment) * alignment
-        for name, offset, n_bytes in tensors:
-            if offset % alignment:
-                raise _corrupt(path, f"the data of tensor {name} starts at offset {offset:,}, not a multiple of "
-                               f"the alignment {alignment}")
-            if data_start + offset + n_bytes > h.end:
-                raise _corrupt(path, f"the data of tensor {name} ({n_bytes:,} bytes at offset {offset:,}) "
-                               f"lies outside the file's {h.end - data_start:,} bytes of tensor data")
+        n_tensors, n_keys = _preamble(h)
+        alignment = _metadata(h, n_keys)
+        tensors = _tensor_infos(h, n_tensors)
+        _check_tensor_data(h, tensors, alignment)
+
+
+def _preamble(h: _Header) -> tuple[int, int]:
+    """Magic, version (and byte order) and the two counts: (tensors, metadata keys)."""
+    if bytes(h.buf[:4]) != b"GGUF":
+        raise _corrupt(h.path, "bad magic")
+    h.pos = 4
+    version = h.u32("the version")
+    if version & 0xFFFF == 0:  # written on a big-endian machine
+        h.order = ">"
+        version = struct.unpack(">I", bytes(h.buf[4:8]))[0]
+    if version not in (2, 3):
+        raise _corrupt(h.path, f"GGUF version {version}; Muse reads versions 2 and 3")
+    n_tensors, n_keys = h.u64("the tensor count"), h.u64("the key count")
+    if n_tensors > MAX_TENSORS or n_keys > MAX_KEYS:
+        raise _corrupt(h.path, f"it claims {n_tensors:,} tensors and {n_keys:,} metadata keys "
+                       f"(at most {MAX_TENSORS:,} and {MAX_KEYS:,})")
+    return n_tensors, n_keys
+
+
+def _metadata(h: _Header, n_keys: int) -> int:
+    """Skip over the metadata with bounds; the tensor data alignment it sets (default 32)."""
+    keys, budget, alignment = set(), [MAX_ARRAY_TOTAL], 32
+    for _ in range(n_keys):
+        key = h.text("a metadata key", MAX_KEY_BYTES)
+        if key in keys:
+            raise _corrupt(h.path, f"the metadata key {key!r:.80} appears twice")
+        keys.add(key)
+        kind = h.u32(f"the type of {key}")
+        if key == "general.alignment":
+            if kind != _UINT32:
+                raise _corrupt(h.path, "general.alignment must be a uint32")
+            alignment = struct.unpack_from(h.order + "I", h.buf, h.pos)[0] if h.pos + 4 <= h.end else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise _corrupt(h.path, f"general.alignment {alignment} is not a power of two")
+        _skip_value(h, kind, key, budget)
+    return alignment
+
+
+def _tensor_infos(h: _Header, n_tensors: int) -> list[tuple[str, int, int]]:
+    """(name, offset, bytes) of every tensor, each name, rank, shape and type checked."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    tensors, names = [], set()
+    for _ in range(n_tensors):
+        name = h.text("a tensor name", MAX_NAME_BYTES)
+        if name in names:
+            raise _corrupt(h.path, f"the tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = h.u32(f"the rank of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _corrupt(h.path, f"the tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})")
+        dims = [h.u64(f"the shape of {name}") for _ in range(n_dims)]
+        raw_type = h.u32(f"the type of {name}")
+        offset = h.u64(f"the offset of {name}")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        except (ValueError, KeyError):
+            raise _corrupt(h.path, f"the tensor {name} has type {raw_type}, which GGUF does not define") from None
+        if 0 in dims or dims[0] % block:
+            raise _corrupt(h.path, f"the tensor {name} has shape {dims}, impossible for its type")
+        tensors.append((name, offset, int(np.prod(dims, dtype=object)) // block * type_size))
+    return tensors
+
+
+def _check_tensor_data(h: _Header, tensors: list[tuple[str, int, int]], alignment: int) -> None:
+    """Every tensor's data is aligned and lies inside the file."""
+    data_start = -(-h.pos // alignment) * alignment
+    for name, offset, n_bytes in tensors:
+        if offset % alignment:
+            raise _corrupt(h.path, f"the data of tensor {name} starts at offset {offset:,}, not a multiple of "
+                           f"the alignment {alignment}")
+        if data_start + offset + n_bytes > h.end:
+            raise _corrupt(h.path, f"the data of tensor {name} ({n_bytes:,} bytes at offset {offset:,}) "
+                           f"lies outside the file's {h.end - data_start:,} bytes of tensor data")
 
 
 def open_reader(path: str | Path):
