@@ -268,6 +268,37 @@ def test_add_text_validates_and_is_idempotent(lexical):
     assert lexical.add_bytes("lighthouse.pdf", pdf_bytes(["Keepers rotate every month."]))["chunks"] == 1
 
 
+def test_uploads_are_added_whole_or_not_at_all(tmp_path, lexical):
+    from muse.apps.uploads import UnsafePathError, UploadError, add_uploads
+
+    folder = tmp_path / "uploads"
+    added = add_uploads(lexical, folder, [(" kettle.txt ", KETTLE.encode()), ("lighthouse.pdf", pdf_bytes(["Hi."]))])
+    assert [(d["name"], d["title"], d["status"]) for d in added] == [("kettle.txt", "kettle", "added"),
+                                                                    ("lighthouse.pdf", "Lighthouse", "added")]
+    assert (folder / "kettle.txt").read_text() == KETTLE and added[0]["path"] == str((folder / "kettle.txt").resolve())
+    assert add_uploads(lexical, folder, [("kettle.txt", KETTLE.encode())])[0]["status"] == "unchanged"
+    for name, code in (("../escape.txt", "invalid_name"), ("a/b.txt", "invalid_name"), ("", "invalid_name"),
+                       ("tool.exe", "unreadable_file")):
+        with pytest.raises(UploadError) as e:
+            add_uploads(lexical, folder, [("festival.txt", FESTIVAL.encode()), (name, b"MZ\x90\x00")])
+        assert e.value.code == code
+    with pytest.raises(UnsafePathError, match="shorter name"):
+        add_uploads(lexical, folder, [("a" * 250 + ".txt", b"text")])
+    assert [d["title"] for d in lexical.list()] == ["kettle", "Lighthouse"]  # nothing of a refused batch
+    assert sorted(p.name for p in folder.iterdir()) == ["kettle.txt", "lighthouse.pdf"]
+
+
+def test_a_cancelled_upload_writes_nothing(tmp_path, lexical):
+    from muse.apps.extract import Extractor
+    from muse.apps.uploads import add_uploads
+
+    extractor = Extractor()
+    extractor.cancel()
+    with pytest.raises(MuseError):
+        add_uploads(lexical, tmp_path, [("kettle.txt", KETTLE.encode())], extractor)
+    assert lexical.list() == [] and list(tmp_path.iterdir()) == []
+
+
 def test_search_validates_and_copes_with_term_free_chunks(lexical):
     lexical.add_text("shouting", "!!! ???")  # no indexable term at all: BM25 has nothing to build on
     assert lexical.search("anything") == []

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from muse.apps import writer
 from muse.apps.analysis import classify, sentiment
 from muse.apps.assistant import Assistant
+from muse.apps.diff import word_diff
 from muse.apps.creative import create
 from muse.apps.kb import KnowledgeBase, ask
 from muse.generation import SamplingParams
 from muse.server import ServerThread, create_app
-from muse.server.apps import _diff
 from muse.server.security import Limits
 from muse.store import Store
 from tests.helpers import LOCAL
@@ -355,12 +355,30 @@ def test_writer_bad_input(client):
     assert client.get("/api/write/versions?document=draft").json()["data"] == []  # nothing saved by the failures
 
 
+def test_an_empty_model_output_is_refused_not_saved_as_a_version(client, monkeypatch):
+    # It used to be saved: a "shorten" that returned nothing became an empty newest version.
+    from muse.generation import GenerationChunk
+
+    def nothing(model, action, text, **options):
+        yield GenerationChunk("  ", None)
+        yield GenerationChunk("", None, finish_reason="stop")
+
+    monkeypatch.setattr(writer, "stream_write", nothing)
+    body = {"action": "shorten", "text": TEXT, "document": "memo"}
+    err = error(client.post("/api/write", json={**body, "stream": False}), 400)
+    assert "returned nothing" in err["message"] and "memo" in err["message"]
+    last = events(client.post("/api/write", json=body))[-1]
+    assert last["type"] == "error" and "returned nothing" in last["error"]["message"]
+    versions = client.get("/api/write/versions?document=memo").json()["data"]
+    assert [(v["seq"], v["action"]) for v in versions] == [(1, "original")]  # the text is kept, nothing else
+
+
 def test_the_diff_works_word_by_word_and_character_by_character():
-    ops = _diff("The cat sat.", "The dog sat.")["ops"]
+    ops = word_diff("The cat sat.", "The dog sat.")["ops"]
     assert [o for o in ops if o["op"] != "equal"] == [{"op": "delete", "text": "cat"}, {"op": "insert", "text": "dog"}]
-    ops = _diff("今天天气很好。", "今天天气不好。")["ops"]
+    ops = word_diff("今天天气很好。", "今天天气不好。")["ops"]
     assert [o for o in ops if o["op"] != "equal"] == [{"op": "delete", "text": "很"}, {"op": "insert", "text": "不"}]
-    unified = _diff("a\nb\n", "a\nc\n")["unified"]
+    unified = word_diff("a\nb\n", "a\nc\n")["unified"]
     assert "-b" in unified.splitlines() and "+c" in unified.splitlines()
 
 

@@ -1,7 +1,8 @@
 """Thumbs up / down on answers, and the liked ones as fine-tuning data.
 
-    from muse.apps.feedback import add_feedback, export_feedback
+    from muse.apps.feedback import add_feedback, export_feedback, message_number
     add_feedback(store, +1, "Paris.", [{"role": "user", "content": "Capital of France?"}], comment="short, right")
+    assistant.rate(cid, -1, "wrong", message_number(assistant.get_conversation(cid), message_id))  # by its id
     export_feedback(store, "liked.jsonl")    # then: muse finetune --data liked.jsonl
 
 Each feedback row keeps its own copy of the exchange (the prompt messages and the answer), so it survives
@@ -47,6 +48,16 @@ def _check_prompt(prompt) -> None:
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"prompt[{i}] must be a dict with role {'|'.join(ROLES)} and string content")
+
+
+def message_number(conversation: dict, message_id: int) -> int:
+    """The position `n` (what `Assistant.rate` takes) of the message with id `message_id` (the ids the
+    server's API shows) in `conversation` (as `Assistant.get_conversation` returns it); MuseError if
+    that message is not in it."""
+    n = next((m["n"] for m in conversation["messages"] if m["id"] == message_id), None)
+    if n is None:
+        raise MuseError(f"Message {message_id} is not in conversation {conversation['id']}.")
+    return n
 
 
 def list_feedback(store: Store) -> list[dict]:

@@ -432,6 +432,51 @@ def restore(store, key: str, seq: int) -> str:
     return content
 
 
+class EmptyOutputError(MuseError):
+    """The model returned nothing for a writing action, so nothing was changed or saved."""
+
+
+def result_text(action: str, text: str, output: str, target: str = "the text") -> str:
+    """The document after `action` turned `text` into `output` (see `new_text`). An output that is
+    empty or only white space is refused (EmptyOutputError naming `target`): it would replace the
+    text with nothing, or record a "continue" that changed nothing."""
+    if not output.strip():
+        raise EmptyOutputError(f"The model returned nothing, so {target} was not changed. Try again, "
+                               "e.g. with another seed or temperature.")
+    return new_text(action, text, output)
+
+
+def keep_version(store, key: str, text: str) -> None:
+    """Save `text` as the next version of `key` unless it is the latest version already: "original"
+    when `key` has none yet, "edited" when it was changed since (outside Muse)."""
+    versions = history(store, key)
+    if not versions or get_version(store, key, versions[-1]["seq"]) != text:
+        save_version(store, key, text, "original" if not versions else "edited")
+
+
+def save_result(store, key: str, action: str, text: str, output: str, name: str | None = None) -> tuple[int, str]:
+    """Save what `action` made of `text` (the model's `output`) as the next version of `key`, with
+    `text` kept before it (`keep_version`). Returns (the new version's number, the new text).
+
+    An empty output is refused with EmptyOutputError (naming `name`, default `key`); only `text`
+    is kept then. For files use `write_file`, which also writes the file.
+    """
+    keep_version(store, key, text)
+    new = result_text(action, text, output, name or key)
+    return save_version(store, key, new, action), new
+
+
+def version_diff(store, key: str, seq: int) -> dict:
+    """What changed from version seq - 1 of `key` to version `seq` (from nothing for the first):
+    {"previous": its number or None, "ops", "unified"} (see `muse.apps.diff.word_diff`)."""
+    from muse.apps.diff import word_diff
+
+    new = get_version(store, key, seq)
+    previous = seq - 1 if seq > 1 else None
+    old = get_version(store, key, previous) if previous else ""
+    return {"previous": previous, **word_diff(old, new)}
+
+
 def restore_file(store, path: "str | Path", seq: int) -> int:
     """Write version `seq` back to the file (atomically), itself saved as a new version; returns that
     version's number, so the restore can be undone like any change."""

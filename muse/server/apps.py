@@ -33,12 +33,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import difflib
 import functools
-import json
-import re
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
@@ -50,13 +46,13 @@ from muse.api import Model
 from muse.apps.language import supports_chinese
 from muse.text import language
 from muse.errors import MuseError
-from muse.fileio import remove_stale_temps, replacing
+from muse.fileio import remove_stale_temps
 from muse.generation import SamplingParams
 from muse.sampling import RANGES
-from muse.server.errors import APIError, error_body, from_exception, too_busy
-from muse.server.openai import EventStreamResponse
+from muse.apps.uploads import safe_join
+from muse.server.errors import APIError, too_busy
 from muse.server.schemas import ErrorResponse
-from muse.server.security import safe_join
+from muse.server.streaming import EventStreamResponse, check_chars, client_gone, sse, stream_error, usage
 
 STATIC = Path(__file__).parent / "static"
 WORKERS = 32  # app requests working at once (more wait for a thread); the scheduler batches their generation
@@ -187,7 +183,7 @@ class Work:
         leave = _admission(self.request).enter()
         future = self.loop.run_in_executor(_workers(), functools.partial(fn, *args, **kwargs))
         future.add_done_callback(lambda f: leave() or f.cancelled() or f.exception())  # never "not retrieved"
-        gone = asyncio.ensure_future(_client_gone(self.request))
+        gone = asyncio.ensure_future(client_gone(self.request))
         done, _ = await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
         if future in done:
             gone.cancel()
@@ -231,9 +227,8 @@ class Work:
             self.loop.run_in_executor(_workers(), produce)
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
-                    err = from_exception(item)
-                    item = {"type": "error", **error_body(err.status, err.message, err.param, err.code)}
-                yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+                    item = {"type": "error", **stream_error(item)}
+                yield sse(item)
         finally:
             self.stop()
 
@@ -251,12 +246,6 @@ def _last(events: Iterator[dict]) -> dict:
     for last in events:
         pass
     return last
-
-
-async def _client_gone(request: Request) -> None:
-    # After the body has been read, the next message the server delivers is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 class ServedModel(Model):
@@ -343,10 +332,7 @@ class Sampling(_Body):
 
 
 def _check_chars(request: Request, chars: int, param: str) -> None:
-    limit = request.app.state.service.limits.max_prompt_chars
-    if chars > limit:
-        raise APIError(413, f"The {param} is {chars} characters; this server accepts at most {limit} "
-                            "(muse serve --max-prompt-chars).", param, "prompt_too_large")
+    check_chars(request.app.state.service.limits, chars, param)
 
 
 class _NotFound:
@@ -501,12 +487,7 @@ def _reply_events(cid: str, reply) -> Iterator[dict]:
     finally:
         reply.close()  # stored as it stands, if stopped
     yield {"type": "done", "conversation": cid, "message_id": reply.message_id, "content": reply.text,
-           "finish_reason": last.finish_reason if last else "stop", "usage": _usage(last)}
-
-
-def _usage(chunk) -> dict:
-    p, g = (chunk.prompt_tokens, chunk.generation_tokens) if chunk else (0, 0)
-    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+           "finish_reason": last.finish_reason if last else "stop", "usage": usage(last)}
 
 
 # -- personas, memories, feedback ---------------------------------------------------------
@@ -574,10 +555,10 @@ def add_feedback(body: NewFeedback, request: Request):
             conv = assistant.get_conversation(body.conversation)
         n = None
         if body.message_id is not None:
-            n = next((m["n"] for m in conv["messages"] if m["id"] == body.message_id), None)
-            if n is None:
-                raise APIError(404, f"Message {body.message_id} is not in conversation {conv['id']}.",
-                               "message_id", "not_found")
+            from muse.apps.feedback import message_number
+
+            with _NotFound("message_id"):
+                n = message_number(conv, body.message_id)
         fid = assistant.rate(conv["id"], body.rating, body.comment, n)
     elif body.response is not None and body.prompt is not None:
         from muse.apps.feedback import add_feedback as add
@@ -618,51 +599,20 @@ def list_documents(request: Request):
              summary="Upload files (txt, md, html, pdf, docx) into the knowledge base")
 async def upload_documents(request: Request, files: list[UploadFile] = File(description="One or more files.")):
     from muse.apps.extract import Extractor
+    from muse.apps.uploads import UploadError, add_uploads, upload_name
 
     state = _state(request)
-    uploads = [(_upload_name(f.filename), await f.read()) for f in files]
     extractor = Extractor()
     try:
-        return {"data": await Work(request).call(_add_uploads, state, uploads, extractor)}
+        uploads = [(upload_name(f.filename), await f.read()) for f in files]  # a bad name: before any body is read
+        return {"data": await Work(request).call(add_uploads, state.kb, state.uploads, uploads, extractor)}
+    except UploadError as e:
+        raise APIError(400, str(e), "files", _UPLOAD_CODES.get(e.code, e.code)) from None
     finally:
         extractor.cancel()  # a client that left (499) stops the extraction at once; after the work, a no-op
 
 
-def _upload_name(name: str | None) -> str:
-    """A plain file name (no folders), checked by `safe_join` later as well."""
-    name = (name or "").strip()
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise APIError(400, f"Upload file names must be plain names like notes.pdf, got {name!r}.", "files",
-                       "invalid_parameter")
-    return name
-
-
-def _add_uploads(state: _State, uploads: list[tuple[str, bytes]], extractor) -> list[dict]:
-    """Extract every file once (any that gives no text, a bomb or a file over a limit refuses the
-    request with 400 and its reason), then save them under uploads/ and add them: nothing half-added.
-    `extractor` (a muse.apps.extract.Extractor) is cancelled when the client leaves: nothing more is
-    extracted or written then."""
-    from muse.apps.extract import ExtractError
-
-    prepared = []
-    with extractor:
-        for name, data in uploads:
-            path = safe_join(state.uploads, name)
-            try:
-                prepared.append((name, data, path, state.kb.prepare(path, data, extractor)))
-            except ExtractError as e:
-                raise APIError(400, f"{name}: {e}", "files", "unreadable_file") from None
-    saved = []
-    for name, data, path, ready in prepared:
-        if extractor.cancelled:
-            raise Stopped()
-        # The file takes its name only once its document is committed: a kill before that leaves a
-        # temp sibling (removed at the next start, `_state`), never a file the knowledge base lacks.
-        with replacing(path, data):
-            status = state.kb.save(ready, mtime=time.time())[0]
-        saved.append((name, str(path), status))
-    docs = {d["path"]: d for d in state.kb.list()}
-    return [{**docs[path], "status": status, "name": name} for name, path, status in saved]
+_UPLOAD_CODES = {"invalid_name": "invalid_parameter"}  # the library's reasons → the API's error codes
 
 
 @router.post("/api/kb/text", tags=["Knowledge base"], status_code=201, summary="Add pasted text as a document")
@@ -761,55 +711,20 @@ def _into_chinese(to: str | None) -> bool:
 
 
 def _write_events(store, body: WriteBody, chunks) -> Iterator[dict]:
-    from muse.apps.writer import new_text, save_version
+    from muse.apps.diff import word_diff
+    from muse.apps.writer import keep_version, save_result
 
     key = DESK + body.document
-    before = _keep_current(store, key, body.text)
+    keep_version(store, key, body.text)  # first: the text is kept even if the action is stopped or fails
     parts, last = [], None
     for last in chunks:
         if last.text:
             parts.append(last.text)
             yield {"type": "delta", "text": last.text}
     output = "".join(parts)
-    text = new_text(body.action, body.text, output)
-    seq = save_version(store, key, text, body.action)
+    seq, text = save_result(store, key, body.action, body.text, output, f"the desk document {body.document!r}")
     yield {"type": "done", "document": body.document, "version": seq, "output": output, "text": text,
-           "finish_reason": last.finish_reason if last else "stop", "diff": _diff(before, text)}
-
-
-def _keep_current(store, key: str, text: str) -> str:
-    """Save the text the action starts from, unless it is the latest version already; returns it."""
-    from muse.apps.writer import get_version, history, save_version
-
-    versions = history(store, key)
-    if not versions or get_version(store, key, versions[-1]["seq"]) != text:
-        save_version(store, key, text, "original" if not versions else "edited")
-    return text
-
-
-# Latin words and numbers, runs of white space, and any other single character (so each Chinese
-# character is a token of its own: Chinese has no spaces between words).
-_DIFF_TOKEN = re.compile(r"\s+|[0-9A-Za-z\u00c0-\u024f]+|.", re.S)
-
-
-def _diff_tokens(text: str) -> list[str]:
-    return _DIFF_TOKEN.findall(text)
-
-
-def _diff(old: str, new: str) -> dict:
-    """Word-level edit operations (for showing) and a unified line diff (for tools), via difflib."""
-    a, b = _diff_tokens(old), _diff_tokens(new)
-    ops = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if tag == "equal":
-            ops.append({"op": "equal", "text": "".join(a[i1:i2])})
-            continue
-        if i2 > i1:
-            ops.append({"op": "delete", "text": "".join(a[i1:i2])})
-        if j2 > j1:
-            ops.append({"op": "insert", "text": "".join(b[j1:j2])})
-    unified = "\n".join(difflib.unified_diff(old.splitlines(), new.splitlines(), "before", "after", lineterm=""))
-    return {"ops": ops, "unified": unified}
+           "finish_reason": last.finish_reason if last else "stop", "diff": word_diff(body.text, text)}
 
 
 @router.get("/api/write/versions", tags=["Writing desk"], summary="A desk document's versions, oldest first")
@@ -830,13 +745,10 @@ def get_version(seq: int, request: Request, document: str = Query("draft", min_l
 @router.get("/api/write/versions/{seq}/diff", tags=["Writing desk"],
             summary="What changed from the previous version to this one")
 def diff_version(seq: int, request: Request, document: str = Query("draft", min_length=1, max_length=200)):
-    from muse.apps.writer import get_version as get
+    from muse.apps.writer import version_diff
 
-    store = _state(request).store
     with _NotFound("seq"):
-        new = get(store, DESK + document, seq)
-        old = get(store, DESK + document, seq - 1) if seq > 1 else ""
-    return {"document": document, "seq": seq, "previous": seq - 1 if seq > 1 else None, **_diff(old, new)}
+        return {"document": document, "seq": seq, **version_diff(_state(request).store, DESK + document, seq)}
 
 
 @router.post("/api/write/versions/{seq}/restore", tags=["Writing desk"],

@@ -27,22 +27,22 @@ import weakref
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
-import anyio
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from muse import tools as tool_calls
 from muse.generation import GenerationChunk, SamplingParams
 from muse.sampling import Constraint
 from muse.scheduler import Scheduler, Stream
-from muse.server.errors import APIError, error_body, from_exception
+from muse.server.errors import APIError
 from muse.server.schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
     EmbeddingList, EmbeddingRequest, ErrorResponse, ModelCard, ModelList, SamplingFields, TokenizeRequest,
     TokenizeResponse,
 )
+from muse.server.streaming import DONE, EventStreamResponse, check_chars, client_gone, sse, stream_error, usage_of
 
 MAX_JOBS = 64  # prompts × n in one request
 
@@ -117,8 +117,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = service.models[name]
     _reject_unsupported_chat(body)
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
-    _check_size(sum(len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or "")) for m in messages),
-                service.limits, "messages")
+    check_chars(service.limits, sum(len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or ""))
+                                    for m in messages), "messages", "prompt")
     tools = _parse(tool_calls.parse_tools, [t.model_dump(exclude_none=True) for t in body.tools or []], param="tools")
     choice = _parse(tool_calls.choice_name, _dump(body.tool_choice), tools, param="tool_choice")
     if tools and choice != "none" and body.response_format is not None and body.response_format.type != "text":
@@ -263,7 +263,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.suffix is not None:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out.", "suffix")
     prompts = _prompts(body.prompt)
-    _check_size(sum(len(p) for p in prompts if isinstance(p, str)), service.limits, "prompt")
+    check_chars(service.limits, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
     vocab = model.config.vocab_size
     if any(not isinstance(p, str) and max(p) >= vocab for p in prompts):
         raise APIError(400, f"prompt holds token ids ≥ the vocabulary size ({vocab}).", "prompt")
@@ -341,12 +341,6 @@ def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
     if body.modalities is not None and set(body.modalities) != {"text"}:
         raise APIError(400, f"modalities must be [\"text\"]: this server writes text only, got {body.modalities}.",
                        "modalities", "unsupported_parameter")
-
-
-def _check_size(chars: int, limits, param: str) -> None:
-    if chars > limits.max_prompt_chars:
-        raise APIError(413, f"The prompt is {chars} characters; this server accepts at most "
-                            f"{limits.max_prompt_chars} (muse serve --max-prompt-chars).", param, "prompt_too_large")
 
 
 def _sampling(body: SamplingFields, max_tokens: int | None, choice: int, **extra) -> SamplingParams:
@@ -465,7 +459,7 @@ async def _collect(stream: Stream, out: Output) -> Result:
 async def _unless_client_leaves(request: Request, work, streams: list[Stream]):
     """Await `work`, unless the client disconnects first: then cancel its jobs, return None."""
     work = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_client_gone(request))
+    gone = asyncio.ensure_future(client_gone(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -477,20 +471,11 @@ async def _unless_client_leaves(request: Request, work, streams: list[Stream]):
     return None if work.cancelled() else work.result()
 
 
-async def _client_gone(request: Request) -> None:
-    # The body has been read: the next message the server delivers is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _usage(jobs: list[Job], finals: list[GenerationChunk]) -> dict:
     """OpenAI's usage from each job's last chunk (prompt, cached and generated token counts)."""
     prompt = {j.prompt_index: c.prompt_tokens for j, c in zip(jobs, finals)}  # each prompt counted once
     cached = {j.prompt_index: c.cached_tokens for j, c in zip(jobs, finals)}
-    completion = sum(c.generation_tokens for c in finals)
-    return {"prompt_tokens": sum(prompt.values()), "completion_tokens": completion,
-            "total_tokens": sum(prompt.values()) + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
+    return usage_of(sum(prompt.values()), sum(c.generation_tokens for c in finals), sum(cached.values()))
 
 
 # -- logprobs ---------------------------------------------------------------------------
@@ -550,10 +535,6 @@ def _completion_logprobs(chunks: list[GenerationChunk], out: Output, offset: int
 
 # -- streaming --------------------------------------------------------------------------
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 def _tool_deltas(events: list[tuple]) -> list[dict]:
     """`ToolCallParser` events → chat deltas, as OpenAI streams them: content pieces; a call's
     index, id, type and name with empty arguments first, then its arguments piece by piece."""
@@ -574,7 +555,7 @@ async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], inclu
     def chunk(index, delta, reason=None, logprobs=None):
         c = {**head, "object": "chat.completion.chunk",
              "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]}
-        return _sse({**c, "usage": None} if include_usage else c)
+        return sse({**c, "usage": None} if include_usage else c)
 
     finals = []
     try:
@@ -599,18 +580,17 @@ async def _chat_events(head: dict, jobs: list[Job], streams: list[Stream], inclu
                     yield chunk(job.index, {}, reason)
                     finals.append(c)
         if include_usage:
-            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(jobs, finals)})
-        yield "data: [DONE]\n\n"
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(jobs, finals)})
+        yield DONE
     except Exception as e:  # mid-stream: the status is already sent, so the error goes in the stream
-        err = from_exception(e)
-        yield _sse(error_body(err.status, err.message, err.param, err.code))
+        yield sse(stream_error(e))
 
 
 async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream], include_usage: bool, out: Output):
     def chunk(index, text, reason=None, logprobs=None):
         c = {**head, "object": "text_completion",
              "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
-        return _sse({**c, "usage": None} if include_usage else c)
+        return sse({**c, "usage": None} if include_usage else c)
 
     finals = []
     try:
@@ -628,44 +608,10 @@ async def _completion_events(head: dict, jobs: list[Job], streams: list[Stream],
                 if c.finish_reason:
                     finals.append(c)
         if include_usage:
-            yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(jobs, finals)})
-        yield "data: [DONE]\n\n"
+            yield sse({**head, "object": "text_completion", "choices": [], "usage": _usage(jobs, finals)})
+        yield DONE
     except Exception as e:
-        err = from_exception(e)
-        yield _sse(error_body(err.status, err.message, err.param, err.code))
-
-
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events that notice a client leaving even between tokens.
-
-    Starlette (ASGI ≥ 2.4) only notices a disconnect when a send fails; this also listens for
-    `http.disconnect`, so a client that goes away while its tokens are still being computed
-    frees its batch rows at the scheduler's next step (`on_close` runs either way).
-    """
-
-    def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send):
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream_then_stop():
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away mid-send
-                        pass
-                    tg.cancel_scope.cancel()
-
-                async def listen_then_stop():
-                    await self.listen_for_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream_then_stop)
-                tg.start_soon(listen_then_stop)
-        finally:
-            self.on_close()
+        yield sse(stream_error(e))
 
 
 # -- tokens (vLLM's /tokenize and /detokenize) --------------------------------------------
@@ -681,11 +627,11 @@ async def tokenize(body: TokenizeRequest, request: Request):
                        "prompt" if body.prompt is None else "messages")
     tok = _tokenizer(model)
     if body.prompt is not None:
-        _check_size(len(body.prompt), service.limits, "prompt")
+        check_chars(service.limits, len(body.prompt), "prompt")
         ids = await run_in_threadpool(tok.encode, body.prompt, body.add_special_tokens is not False)
     else:
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
-        _check_size(sum(len(m.get("content") or "") for m in messages), service.limits, "messages")
+        check_chars(service.limits, sum(len(m.get("content") or "") for m in messages), "messages", "prompt")
         prompt = await run_in_threadpool(_render, model, messages, body.add_generation_prompt)
         ids = await run_in_threadpool(tok.encode, prompt, bool(body.add_special_tokens))
     return {"count": len(ids), "max_model_len": model.config.block_size, "tokens": ids}
@@ -705,7 +651,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     vocab = model.config.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(400, f"tokens holds ids ≥ the vocabulary size ({vocab}).", "tokens")
-    _check_size(len(body.tokens), service.limits, "tokens")
+    check_chars(service.limits, len(body.tokens), "tokens", "token list", "tokens")
     return {"prompt": await run_in_threadpool(tok.decode, body.tokens)}
 
 
@@ -730,7 +676,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if any(not t for t in texts):
         raise APIError(400, "input must not contain empty strings.", "input")
-    _check_size(sum(map(len, texts)), service.limits, "input")
+    check_chars(service.limits, sum(map(len, texts)), "input", "prompt")
     vectors = np.asarray(await run_in_threadpool(emb.embed, texts), dtype=np.float32)  # (N, D)
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise APIError(400, f"dimensions must be {vectors.shape[1]} for {emb.name} (it cannot shorten its vectors); "

@@ -26,12 +26,12 @@ from starlette.concurrency import run_in_threadpool
 from muse import tools as tool_calls
 from muse.generation import SamplingParams
 from muse.sampling import Constraint
-from muse.server.errors import APIError, error_body, from_exception
+from muse.server.errors import APIError
 from muse.server.openai import (
-    _ERRORS, EventStreamResponse, Job, Output, _cancel, _chat_ids, _check_size, _collect_all, _reply_constraint,
-    _parse, _sse, _submit, _unless_client_leaves,
+    _ERRORS, Job, Output, _cancel, _chat_ids, _collect_all, _parse, _reply_constraint, _submit, _unless_client_leaves,
 )
 from muse.server.schemas import ResponsesRequest
+from muse.server.streaming import EventStreamResponse, check_chars, sse, stream_error
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=_ERRORS)
 
@@ -52,7 +52,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     model = service.models[name]
     _reject_unsupported(body)
     messages = _messages(body)
-    _check_size(sum(len(m.get("content") or "") for m in messages), service.limits, "input")
+    check_chars(service.limits, sum(len(m.get("content") or "") for m in messages), "input", "prompt")
     tools = _parse(tool_calls.parse_tools, [_chat_tool(t, i) for i, t in enumerate(body.tools or [])], param="tools")
     choice = _chat_tool_choice(body.tool_choice)
     choice_name = _parse(tool_calls.choice_name, choice, tools, param="tool_choice")
@@ -285,7 +285,7 @@ async def _events(shell: dict, stream, out: Output):
     def send(event: dict) -> str:
         nonlocal seq
         seq += 1
-        return f"event: {event['type']}\n" + _sse({**event, "sequence_number": seq - 1})
+        return sse({**event, "sequence_number": seq - 1}, event=event["type"])
 
     try:
         yield send({"type": "response.created", "response": json.loads(json.dumps(shell))})
@@ -304,5 +304,4 @@ async def _events(shell: dict, stream, out: Output):
                 yield send(event)
             build.events.clear()
     except Exception as e:  # mid-stream: the error goes in the stream
-        err = from_exception(e)
-        yield send({"type": "error", **error_body(err.status, err.message, err.param, err.code)["error"]})
+        yield send({"type": "error", **stream_error(e)["error"]})

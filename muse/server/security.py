@@ -16,7 +16,8 @@
   be framed (`SecurityHeadersMiddleware`).
 - Bodies must arrive within `Limits.body_timeout_s` (else 408), and the bodies being received
   at once hold at most `Limits.max_buffered_bytes` (else 429 with `Retry-After`).
-- `safe_join` keeps paths built from user input (upload names) inside a base directory.
+- `safe_join` (defined in `muse.apps.uploads`, which the library's upload code uses too) keeps paths
+  built from user input (upload names) inside a base directory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from muse.apps.uploads import MAX_NAME_BYTES, UnsafePathError, safe_join  # noqa: F401 — re-exported
 from muse.errors import MuseError
 from muse.server.errors import error_body
 
@@ -64,14 +66,6 @@ class Limits:
                              f"({self.max_body_bytes}): one largest body must fit")
 
 
-# File systems allow 255 bytes a name; atomic writes add a ".NAME.tmp-PID-THREAD" sibling.
-MAX_NAME_BYTES = 200
-
-
-class UnsafePathError(MuseError):
-    """A user-supplied path that would leave the directory it must stay in."""
-
-
 def api_key_from(value: str | None) -> str | None:
     """The key given on the command line, else $MUSE_API_KEY, else None (empty counts as none)."""
     key = value if value is not None else os.environ.get(API_KEY_ENV)
@@ -96,27 +90,6 @@ def check_bind(host: str, api_key: str | None) -> None:
             f"Refusing to listen on {host} without an API key: anyone who can reach this machine could use it. "
             f"Pass --api-key KEY (or set {API_KEY_ENV}), or listen on 127.0.0.1 only."
         )
-
-
-def safe_join(base: "str | Path", *parts: str) -> Path:
-    """base / parts, guaranteed to stay inside `base` (for names that come from users).
-
-    Rejects absolute parts, `..` that climbs out, NUL bytes, and symlinks that point outside;
-    raises `UnsafePathError`. The directories need not exist yet.
-    """
-    root = Path(base).resolve()
-    for part in parts:
-        if not isinstance(part, str) or not part or "\x00" in part:
-            raise UnsafePathError(f"invalid path component {part!r}: use a plain, non-empty file name")
-        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise UnsafePathError(f"the name {part[:40]!r}… is {len(part.encode('utf-8', 'surrogatepass'))} bytes "
-                                  f"long; the limit is {MAX_NAME_BYTES} bytes: use a shorter name")
-        if Path(part).is_absolute() or part.startswith(("/", "\\")) or (part[1:2] == ":" and part[0].isalpha()):
-            raise UnsafePathError(f"absolute paths are not allowed here: {part!r}; give a name relative to {root}")
-    target = root.joinpath(*parts).resolve()  # resolves `..` and symlinks
-    if target != root and root not in target.parents:
-        raise UnsafePathError(f"{'/'.join(parts)!r} points outside {root}; use a name without '..' or links out")
-    return target
 
 
 def muse_home_path(*parts: str) -> Path:
