@@ -338,13 +338,15 @@ def test_finetune_runs_resumes_and_writes_loadable_results(tmp_path, tokenizer, 
 
 def test_derived_settings_follow_the_users_learning_rate_and_length():
     """`muse finetune --lr 5e-5` failed with "min_lr must be in [0, learning_rate=5e-05], got 0.0001", and
-    `--max-iters 1000` ended its cosine decay at step 100: both were derived from the defaults."""
-    from muse.cli.training import _train_config
-    from muse.training.finetune import default_settings
-
-    cfg = _train_config(default_settings("lora"), learning_rate=5e-5, max_iters=1000, min_lr=None)
+    `--max-iters 1000` ended its cosine decay at step 100: both were derived from the defaults.
+    (The CLI side: tests/test_train_settings.py.)"""
+    cfg = default_config("lora", learning_rate=5e-5, max_iters=1000).resolved()
     assert (cfg.learning_rate, cfg.min_lr, cfg.max_iters, cfg.lr_decay_iters) == (5e-5, 5e-6, 1000, 1000)
-    cfg = default_config("full", max_iters=1000)
+    cfg = default_config("full", max_iters=1000).resolved()
     assert cfg.lr_decay_iters == 1000 and cfg.min_lr == pytest.approx(5e-6)
-    with pytest.raises(ValueError, match="unknown training settings \\['max_iter'\\]"):
+    assert default_config("lora", val_conversations=30).eval_iters == 8  # 30 chats, 4 a batch
+    assert default_config("lora", val_conversations=30, batch_size=10).eval_iters == 3
+    assert default_config("lora", val_conversations=30, eval_iters=1).eval_iters == 1  # given: kept
+    assert default_config("lora", val_conversations=1000).eval_iters == 20  # at most 20 batches
+    with pytest.raises(ValueError, match=r"unknown training setting: max_iter \(did you mean max_iters\?\)"):
         default_config("lora", max_iter=10)

@@ -128,7 +128,7 @@ def test_presets_bring_their_measured_settings_and_given_ones_win():
 
     tuned = PRESET_TRAINING["shakespeare-char-cpu"]["learning_rate"]
     cfg = TrainConfig.for_preset("shakespeare-char-cpu", max_iters=50)
-    assert cfg.learning_rate == tuned and cfg.min_lr == pytest.approx(tuned / 10) and cfg.max_iters == 50
+    assert cfg.learning_rate == tuned and cfg.resolved().min_lr == pytest.approx(tuned / 10) and cfg.max_iters == 50
     assert TrainConfig.for_preset("shakespeare-char-cpu", learning_rate=1e-3).learning_rate == 1e-3
     assert TrainConfig.for_preset("gpt2") == TrainConfig()  # no measured settings: the defaults
 
@@ -173,8 +173,10 @@ def test_cpu_bf16_training_runs_attention_in_fp32_and_keeps_the_gradients(monkey
 
 def test_train_config_defaults_follow_other_fields():
     cfg = TrainConfig(learning_rate=6e-4, max_iters=500, eval_interval=50)
-    assert cfg.min_lr == pytest.approx(6e-5) and cfg.lr_decay_iters == 500 and cfg.save_interval == 50
+    resolved = cfg.resolved()
+    assert resolved.min_lr == pytest.approx(6e-5) and resolved.lr_decay_iters == 500 and resolved.save_interval == 50
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_dict(resolved.to_dict()) == resolved
 
 
 @pytest.mark.parametrize("field, value", [

@@ -141,26 +141,30 @@ def _parse_sets(items: Optional[list[str]]) -> dict:
     return out
 
 
-def _train_config(defaults: Optional[dict] = None, **options):
-    """A TrainConfig from the options the user gave; the rest keep TrainConfig's own defaults."""
-    from muse.training.loop import TrainConfig
-
+def _settings(sets: dict, **options) -> dict:
+    """The training settings the user gave: options left at None are not given, `--set` adds the rest.
+    Defaults and derived settings are not filled in here: `muse.training` does that, in one place."""
     given = {k: v for k, v in options.items() if v is not None}
-    return TrainConfig(**{**(defaults or {}), **given})
+    for key, value in sets.items():
+        if key in given:
+            raise ValueError(f"{key} is given twice, by an option and by --set {key}=...; give it once.")
+        given[key] = value
+    return given
 
 
-# Options shared by `train` and `finetune`; None means "TrainConfig's default".
+# Options shared by `train` and `finetune`; None means "not given": the default, or derived.
 MaxIters = typer.Option(None, "--max-iters", help="Optimizer steps.")
 BatchSize = typer.Option(None, "--batch-size", help="Sequences per micro-batch (per process).")
 GradAccum = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.")
 LearningRate = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine decay). Default 1e-3, or "
                                                 "the preset's measured one (shakespeare-char-cpu: 3e-3).")
-MinLr = typer.Option(None, "--min-lr", help="Learning rate at the end of the decay.")
+MinLr = typer.Option(None, "--min-lr", help="Learning rate at the end of the decay (default lr / 10).")
 Warmup = typer.Option(None, "--warmup-iters", help="Linear warmup steps.")
 EvalInterval = typer.Option(None, "--eval-interval", help="Evaluate (and keep the best checkpoint) every N steps.")
 EvalIters = typer.Option(None, "--eval-iters", help="Batches per evaluation (0 = no evaluation).")
 LogInterval = typer.Option(None, "--log-interval", help="Log the training loss every N steps.")
-SaveInterval = typer.Option(None, "--save-interval", help="Write out/last every N steps (for --resume).")
+SaveInterval = typer.Option(None, "--save-interval", help="Write out/last every N steps (for --resume; "
+                                                             "default eval-interval).")
 DType = typer.Option(None, "--dtype", help="Autocast dtype: auto (bf16 on GPUs and on CPUs with native bf16, "
                                            "else fp32), fp32, bf16 or fp16 (GPU only).")
 Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (eager if it fails).")
@@ -188,7 +192,8 @@ def train(
     out: str = typer.Option(..., "--out", "-o", help="Run directory: best/, last/, metrics.jsonl, loss.png."),
     preset: str = typer.Option("shakespeare-char-cpu", help="Model shape: shakespeare-char-cpu, shakespeare-char, "
                                                              "gpt2, gpt2-medium, llama-100m, tiny."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a model field, e.g. --set n_layer=4."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Set a model field or training setting, e.g. "
+                                                                   "--set n_layer=4 --set beta1=0.8."),
     max_iters: Optional[int] = MaxIters, batch_size: Optional[int] = BatchSize, grad_accum: Optional[int] = GradAccum,
     lr: Optional[float] = LearningRate, min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
     eval_interval: Optional[int] = EvalInterval, eval_iters: Optional[int] = EvalIters,
@@ -205,15 +210,17 @@ def train(
 ):
     """Train a GPT from scratch on your own corpus. Runs unchanged under
     `torchrun --nproc-per-node N .venv/bin/muse train ...` (DDP, or --distributed fsdp)."""
-    from muse.training.loop import PRESET_TRAINING, pretrain
+    from muse.training.loop import TrainConfig, pretrain, split_settings
 
-    cfg = _train_config(PRESET_TRAINING.get(preset), max_iters=max_iters, batch_size=batch_size,
-                        grad_accum=grad_accum, learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters,
-                        eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
-                        save_interval=save_interval, lr_decay_iters=lr_decay_iters, weight_decay=weight_decay,
-                        beta2=beta2, grad_clip=grad_clip, dtype=dtype, compile=compile, seed=seed,
-                        tensorboard=tensorboard, distributed=distributed, device=device, progress=progress)
-    _report(pretrain(data, out, preset, _parse_sets(set_), cfg, resume=resume))
+    model_settings, sets = split_settings(_parse_sets(set_))
+    settings = _settings(sets, max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum,
+                         learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
+                         eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval,
+                         lr_decay_iters=lr_decay_iters, weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip,
+                         dtype=dtype, compile=compile, seed=seed, tensorboard=tensorboard, distributed=distributed,
+                         device=device, progress=progress)
+    cfg = TrainConfig.for_preset(preset, **settings)
+    _report(pretrain(data, out, preset, model_settings, cfg, resume=resume))
 
 
 @app.command()
@@ -230,6 +237,8 @@ def finetune(
                                                                          "qkv, proj, gate_up, down."),
     val_data: Optional[str] = typer.Option(None, help="Validation chats JSONL (default: a slice of --data)."),
     block_size: int = typer.Option(512, help="Longest conversation in tokens."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Set any training setting, e.g. "
+                                                                   "--set weight_decay=0.01."),
     max_iters: Optional[int] = MaxIters, batch_size: Optional[int] = BatchSize, grad_accum: Optional[int] = GradAccum,
     lr: Optional[float] = LearningRate, min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
     eval_interval: Optional[int] = EvalInterval, eval_iters: Optional[int] = EvalIters,
@@ -238,17 +247,15 @@ def finetune(
     resume: bool = Resume,
 ):
     """Fine-tune a model on your own chats; the loss is on the assistant's replies only."""
-    from muse.training.finetune import default_settings
     from muse.training.finetune import finetune as run_finetune
 
-    if method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
-    cfg = _train_config(default_settings(method), max_iters=max_iters, batch_size=batch_size,
-                        grad_accum=grad_accum, learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters,
-                        eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
-                        save_interval=save_interval, dtype=dtype, seed=seed, device=device)
+    settings = _settings(_parse_sets(set_), max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum,
+                         learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
+                         eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval, dtype=dtype,
+                         seed=seed, device=device)
     path = run_finetune(model, data, out, method=method, rank=rank, alpha=alpha, dropout=lora_dropout,
-                        targets=target or None, cfg=cfg, val_data=val_data, block_size=block_size, resume=resume)
+                        targets=target or None, settings=settings, val_data=val_data, block_size=block_size,
+                        resume=resume)
     console.print(f"[green]Fine-tuned model:[/] {path}  (use it with --model {path})")
 
 

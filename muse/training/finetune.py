@@ -22,6 +22,7 @@ after truncation is skipped and counted too (`ChatBatches.stats`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -228,28 +229,30 @@ class ChatBatches:
 
 def default_settings(method: str) -> dict:
     """The fine-tuning settings that differ from `TrainConfig`'s: short, small batches, a higher LR
-    for LoRA. Derived settings (min_lr, lr_decay_iters) are left out on purpose: `TrainConfig`
-    derives them from the final learning rate and step count, whatever the user overrides."""
+    for LoRA. Derived settings (min_lr, lr_decay_iters, save_interval) are left out on purpose:
+    `TrainConfig.resolved()` derives them from the final values, whatever the user overrides."""
     return dict(max_iters=100, batch_size=4, grad_accum=1, learning_rate=1e-3 if method == "lora" else 5e-5,
                 warmup_iters=5, weight_decay=0.0, eval_interval=50, eval_iters=4, log_interval=10,
                 save_interval=0, dtype="fp32")
 
 
-def default_config(method: str, **overrides):
-    """The TrainConfig for fine-tuning: `default_settings(method)` with `overrides` on top (a name
-    TrainConfig does not have is an error, not silently dropped)."""
+def default_config(method: str, val_conversations: int | None = None, **settings):
+    """The TrainConfig for fine-tuning: `default_settings(method)` with `settings` on top (a name
+    TrainConfig does not have is an error, not silently dropped). Given the number of validation
+    conversations, eval_iters (unless set) is what covers them once, at most 20 batches."""
     from muse.training.loop import TrainConfig
 
-    unknown = sorted(set(overrides) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown training settings {unknown}; known: {sorted(TrainConfig.__dataclass_fields__)}")
-    return TrainConfig(**{**default_settings(method), **overrides})
+    cfg = TrainConfig.from_dict({**default_settings(method), **settings})
+    if val_conversations is not None and "eval_iters" not in settings:
+        cfg = dataclasses.replace(cfg, eval_iters=min(20, -(-val_conversations // cfg.batch_size)))
+    return cfg
 
 
 def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *, method: str = "lora",
              rank: int = 8, alpha: float = 16, dropout: float = 0.0,
              targets: str | Iterable[str] | None = None,
-             cfg=None, val_data: str | Path | None = None, block_size: int = 512, resume: bool = False) -> Path:
+             cfg=None, settings: dict[str, Any] | None = None, val_data: str | Path | None = None,
+             block_size: int = 512, resume: bool = False) -> Path:
     """Fine-tune `model` (default: the bundled default model) on chats JSONL `data`.
 
     method="lora" trains rank-`rank` adapters (scale alpha/rank) on the `targets` Linears (module-name
@@ -259,8 +262,9 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     method="full" trains every weight and returns out_dir/"last", a Muse checkpoint directory
     `muse.load` reads (its training_state.pt, kept for resume=True, may be deleted afterwards).
     The model is loaded at fp32: quantized weights cannot be trained, so a quantized checkpoint
-    (like the bundled GGUF) is dequantized first. `cfg` is a `TrainConfig` (defaults:
-    `default_config(method)`); `block_size` caps a conversation's length in tokens.
+    (like the bundled GGUF) is dequantized first. `cfg` is a `TrainConfig`, or else `settings`
+    (e.g. {"learning_rate": 5e-5}) go on top of `default_config(method)`, which also sizes the
+    evaluation to the validation set. `block_size` caps a conversation's length in tokens.
     LoRA returns out_dir/"adapter" (the final adapter only). Both leave out_dir/"last" (resumable),
     out_dir/"best" (lowest validation loss, when evals run), metrics.jsonl and loss.png.
     """
@@ -275,6 +279,11 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "lora":
         check_hparams(rank, alpha, dropout)
+    if cfg is not None and settings:
+        raise ValueError("pass cfg or settings, not both: settings go on top of the fine-tuning defaults")
+    settings = dict(settings or {})
+    if cfg is None:
+        default_config(method, **settings)  # checked now; built again below, when the validation set is known
     read_chats(data)
     if val_data is not None:
         read_chats(val_data)
@@ -284,9 +293,8 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     net, tok = loaded.model, loaded.tokenizer
     block = min(block_size, net.config.block_size)
     batches = ChatBatches(data, tok, block, val_path=val_data)
-    if cfg is None:  # enough eval batches to cover the validation set once, no more
-        n_val = batches.stats.conversations["val"]
-        cfg = default_config(method, eval_iters=min(20, -(-n_val // 4)))
+    if cfg is None:
+        cfg = default_config(method, batches.stats.conversations["val"], **settings)
     out_dir = Path(out_dir)
 
     if method == "full":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import io
 import json
@@ -29,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -60,18 +61,20 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """Optimisation and bookkeeping settings for `train()`. Every field is checked on creation.
 
-    Defaults follow nanoGPT's shakespeare_char recipe. `min_lr` defaults to learning_rate / 10,
-    `lr_decay_iters` to max_iters and `save_interval` to eval_interval. Per optimizer step the
-    loop consumes batch_size * grad_accum * world_size sequences.
+    Defaults follow nanoGPT's shakespeare_char recipe. Three settings are derived from others
+    unless given: min_lr (learning_rate / 10), lr_decay_iters (max_iters) and save_interval
+    (eval_interval). They stay None here, so they follow any later change (`dataclasses.replace`,
+    overrides on top of a recipe); `resolved()` fills them in, and `train()` runs on that.
+    Per optimizer step the loop consumes batch_size * grad_accum * world_size sequences.
     """
 
     max_iters: int = 2000
     batch_size: int = 12
     grad_accum: int = 1
     learning_rate: float = 1e-3
-    min_lr: float | None = None
+    min_lr: float | None = None  # None: learning_rate / 10
     warmup_iters: int = 100
-    lr_decay_iters: int | None = None
+    lr_decay_iters: int | None = None  # None: max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -79,7 +82,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 200  # 0 disables evaluation (and so the best checkpoint)
     log_interval: int = 10
-    save_interval: int | None = None  # 0 disables out_dir/last (a final one is still written)
+    save_interval: int | None = None  # None: eval_interval; 0 disables out_dir/last (a final one is still written)
     dtype: str = "auto"  # "auto": bf16 autocast on GPUs and CPUs with native bf16, else fp32
     compile: bool = False
     seed: int = 1337
@@ -91,16 +94,15 @@ class TrainConfig:
     @classmethod
     def for_preset(cls, preset: str, **settings) -> "TrainConfig":
         """The settings measured best for a model preset (`PRESET_TRAINING`), then `settings` on top."""
-        return cls(**{**PRESET_TRAINING.get(preset, {}), **settings})
+        return cls.from_dict({**PRESET_TRAINING.get(preset, {}), **settings})
 
     def __post_init__(self) -> None:
-        if self.min_lr is None:
-            self.min_lr = self.learning_rate / 10
-        if self.lr_decay_iters is None:
-            self.lr_decay_iters = self.max_iters
-        if self.save_interval is None:
-            self.save_interval = self.eval_interval
         self._validate()
+
+    def resolved(self) -> "TrainConfig":
+        """This config with its derived settings filled in: the one place they are derived."""
+        derived = {name: rule(self) for name, rule in _DERIVED.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **derived) if derived else self
 
     def _validate(self) -> None:
         def integer(name: str, low: int) -> None:
@@ -115,10 +117,14 @@ class TrainConfig:
 
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "log_interval"):
             integer(name, 1)
-        for name in ("warmup_iters", "lr_decay_iters", "eval_iters", "save_interval", "seed"):
+        for name in ("warmup_iters", "eval_iters", "seed"):
             integer(name, 0)
+        for name in ("lr_decay_iters", "save_interval"):
+            if getattr(self, name) is not None:  # None: derived (always valid when what it follows is)
+                integer(name, 0)
         number("learning_rate", lambda v: v > 0, "> 0")
-        number("min_lr", lambda v: 0 <= v <= self.learning_rate, f"in [0, learning_rate={self.learning_rate}]")
+        if self.min_lr is not None:
+            number("min_lr", lambda v: 0 <= v <= self.learning_rate, f"in [0, learning_rate={self.learning_rate}]")
         number("weight_decay", lambda v: v >= 0, ">= 0")
         number("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
         number("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
@@ -139,11 +145,38 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown training config field(s): {', '.join(unknown)}")
+        """A TrainConfig from settings by name; an unknown name is an error naming the known ones."""
+        check_names(data, {"training": cls.names()})
         return cls(**data)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(f.name for f in dataclasses.fields(cls))
+
+
+# The settings derived from others unless given (see TrainConfig).
+_DERIVED: dict[str, Callable[[TrainConfig], Any]] = {
+    "min_lr": lambda cfg: cfg.learning_rate / 10,
+    "lr_decay_iters": lambda cfg: cfg.max_iters,
+    "save_interval": lambda cfg: cfg.eval_interval,
+}
+
+
+def check_names(given: Iterable[str], known: dict[str, list[str]]) -> None:
+    """A ValueError naming each unknown setting (with the closest known one) and listing the known
+    settings, per kind: known = {"model": [...], "training": [...]}."""
+    everything = sorted(n for names in known.values() for n in names)
+    unknown = [n for n in given if n not in everything]
+    if not unknown:
+        return
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), everything, n=1)
+        named.append(f"{name} (did you mean {close[0]}?)" if close else str(name))
+    kinds = " or ".join(known)
+    lists = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in known.items())
+    raise ValueError(f"unknown {kinds} setting{'s' if len(unknown) > 1 else ''}: {', '.join(named)}. "
+                     f"Known settings, {lists}.")
 
 
 @dataclass
@@ -162,6 +195,7 @@ class TrainResult:
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
     """Learning rate of step `it`: linear warmup, cosine decay to min_lr, then min_lr (nanoGPT's schedule)."""
+    cfg = cfg.resolved()
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters or cfg.lr_decay_iters <= cfg.warmup_iters:
@@ -381,6 +415,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, out_dir: str | 
     """
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    cfg = cfg.resolved()
     if not callable(getattr(data, "batch", None)):
         raise ValueError(f"data must be a BatchSource (with a batch() method), got {type(data).__name__}")
     out_dir = Path(out_dir)
@@ -402,180 +437,225 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, out_dir: str | 
     env = dist_.setup(cfg.device)
     finished = False
     try:
-        result = _run(model, data, cfg, out_dir, tokenizer, state, params, save_fn, env)
+        run = _Run(model, data, cfg, out_dir, tokenizer, save_fn, env)
+        run.setup(params, state)
+        result = run.loop()
         finished = True
         return result
     finally:
         dist_.teardown(env, synchronize=finished)
 
 
-def _run(model, data, cfg, out_dir, tokenizer, state, params, save_fn, env) -> TrainResult:
-    device = env.device
-    amp_dtype = resolve_dtype(cfg.dtype, device)
-    model.to(device)
-    named = dict(model.named_parameters())
+class _Run:
+    """One call of train(): the state the loop carries from step to step, and the loop in named parts.
+
+    setup() builds everything in the order exact resume needs: weights are restored before DDP/FSDP
+    wraps the model, the optimizer, scaler and RNG states once the optimizer exists. Then
+    loop() runs step() every iteration, evaluate() and checkpoint() at their intervals.
+    """
+
+    def __init__(self, model, data, cfg: TrainConfig, out_dir: Path, tokenizer, save_fn, env: dist_.DistEnv):
+        self.model, self.data, self.cfg, self.out_dir = model, data, cfg, out_dir
+        self.tokenizer, self.save_fn, self.env, self.main = tokenizer, save_fn, env, env.is_main
+        self.start_iter, self.best_val, self.elapsed_before = 0, math.inf, 0.0
+        self.tokens_this_run = 0
+
+    # -- setup and restore
+
+    def setup(self, params: list[nn.Parameter] | None, state: dict[str, Any] | None) -> None:
+        cfg, env = self.cfg, self.env
+        self.amp_dtype = resolve_dtype(cfg.dtype, env.device)
+        self.model.to(env.device)
+        names = _trainable_names(self.model, params)
+        _seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data does not depend on it
+        if state is not None:
+            self.restore_weights(state, names)
+        self.module = dist_.wrap(self.model, env, cfg.distributed)
+        # FSDP replaces parameters with sharded ones: look the trainable ones up again by name.
+        named = dict(self.model.named_parameters())
+        self.trainable = {n: named[n] for n in names}
+        self.params = list(self.trainable.values())
+        # FSDP shards parameters and optimizer state across ranks: checkpoints gather them whole.
+        self.sharded = env.distributed and cfg.distributed == "fsdp"
+        self.optimizer = make_optimizer(self.params, cfg, env.device)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
+        if state is not None:
+            self.restore_optimizer(state)
+        self.forward = _CompiledOrEager(self.module) if cfg.compile else self.module
+        self.autocast = (torch.autocast(env.device.type, dtype=self.amp_dtype) if self.amp_dtype != torch.float32
+                         else contextlib.nullcontext())
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed_at = self.start_iter if state is not None else None
+        self.metrics = _Metrics(self.out_dir, resumed_at, cfg.tensorboard) if self.main else None
+        self.bar = _Progress(self.main and cfg.progress, cfg.max_iters, self.start_iter)
+        self.last_dir = None
+        self.best_dir = self.out_dir / "best" if (self.out_dir / "best").is_dir() else None  # from before a resume
+        self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * env.world * _seq_len(self.data, cfg)
+
+    def restore_weights(self, state: dict[str, Any], names: list[str]) -> None:
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                saved = state["params"].get(name)
+                if saved is None or saved.shape != named[name].shape:
+                    raise CheckpointError(f"The checkpoint's parameter {name} is missing or has another shape: "
+                                          "it was trained with a different model configuration.")
+                named[name].copy_(saved)
+        self.start_iter, self.best_val, self.elapsed_before = state["iter"], state["best_val_loss"], state["elapsed"]
+        _warn_if_changed(state, self.cfg, self.env)
+
+    def restore_optimizer(self, state: dict[str, Any]) -> None:
+        """The optimizer, scaler and this rank's RNG states, so the next step is the one the run would have taken."""
+        if state.get("sharded", False) != self.sharded:
+            raise CheckpointError("This checkpoint was written by a run with another sharding (FSDP vs not): resume "
+                                  "it with the same distributed strategy it was trained with.")
+        if self.sharded:
+            dist_.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        rank = self.env.rank
+        restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+
+    # -- the loop
+
+    def loop(self) -> TrainResult:
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        self.t_log, self.it_log = self.t0, self.start_iter
+        self.model.train()
+        done = self.start_iter
+        if self.start_iter >= cfg.max_iters:
+            self.last_dir = find_checkpoint(self.out_dir)  # nothing left to do: max_iters already reached
+        try:
+            for it in range(self.start_iter, cfg.max_iters):
+                self.step(it)
+                done = it + 1
+                last_step = done == cfg.max_iters
+                if cfg.eval_iters > 0 and (done % cfg.eval_interval == 0 or last_step):
+                    self.evaluate(done)
+                if (cfg.save_interval and done % cfg.save_interval == 0) or last_step:
+                    self.checkpoint(done)
+        finally:
+            self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return self.result(done)
+
+    def step(self, it: int) -> None:
+        """Optimizer step `it` (0-based), then its log line when one is due."""
+        lr = lr_at(it, self.cfg)
+        loss = self.optimizer_step(it, lr)
+        self.tokens_this_run += self.tokens_per_iter
+        done = it + 1
+        if done % self.cfg.log_interval != 0 and done != self.cfg.max_iters:
+            self.bar.update(done)
+            return
+        train_loss = float(dist_.mean_over_ranks(loss, self.env))
+        now = time.perf_counter()
+        tok_s = self.tokens_per_iter * (done - self.it_log) / max(now - self.t_log, 1e-9)
+        self.t_log, self.it_log = now, done
+        if self.main:
+            self.metrics.log({"iter": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
+                              "elapsed": self.elapsed_before + now - self.t0})
+            self.bar.update(done, f"loss {train_loss:.4f}  {tok_s:,.0f} tok/s")
+
+    def optimizer_step(self, it: int, lr: float) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean train loss (a tensor)."""
+        cfg, env, optimizer, scaler = self.cfg, self.env, self.optimizer, self.scaler
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.data.batch("train", it, micro, cfg.batch_size, env.rank, env.world)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
+            with dist_.no_sync(self.module, micro < cfg.grad_accum - 1):
+                with self.autocast:
+                    _, loss = self.forward(x, y)
+                scaler.scale(loss / cfg.grad_accum).backward()  # the mean over micro-batches
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / cfg.grad_accum
+
+    def evaluate(self, done: int) -> None:
+        """The val loss after `done` steps: logged, plotted, and out_dir/best when it improved."""
+        val = _evaluate(self.model, self.data, self.cfg, self.env, self.autocast)
+        improved = val < self.best_val
+        if improved:
+            self.best_val = val
+        to_save = self.model_to_save() if improved else None  # every rank computes the same `improved`
+        if self.main:
+            self.metrics.log({"iter": done, "val_loss": val, "val_ppl": math.exp(min(val, 700.0)),
+                              "elapsed": self.elapsed_before + time.perf_counter() - self.t0})
+            self.bar.print(f"iter {done}: val loss {val:.4f}" + ("  (best)" if improved else ""))
+            self.metrics.plot()
+            if improved:
+                self.best_dir = write_checkpoint(self.out_dir / "best",
+                                                 lambda tmp: self.save_fn(tmp, to_save, self.tokenizer))
+        dist_.barrier(self.env)
+
+    # -- checkpoints and the result
+
+    def checkpoint(self, done: int) -> None:
+        """out_dir/last: the model, and all `resume` needs to continue exactly after step `done`."""
+        rngs = _all_rng_states(self.env)  # collectives: every rank takes part
+        to_save = self.model_to_save()
+        optimizer = self.optimizer
+        optim_state = dist_.full_optimizer_state(self.model, optimizer) if self.sharded else optimizer.state_dict()
+        if self.main:
+            named_now = dict(to_save.named_parameters())
+            training_state = {
+                "iter": done, "best_val_loss": self.best_val,
+                "elapsed": self.elapsed_before + (time.perf_counter() - self.t0),
+                "params": {n: named_now[n].detach().cpu() for n in self.trainable},
+                "optimizer": optim_state, "scaler": self.scaler.state_dict(), "sharded": self.sharded,
+                "config": self.cfg.to_dict(), "world": self.env.world, "rng": rngs,
+            }
+            self.last_dir = save_training_checkpoint(self.out_dir / "last", training_state,
+                                                     lambda tmp: self.save_fn(tmp, to_save, self.tokenizer))
+        dist_.barrier(self.env)
+
+    def model_to_save(self) -> nn.Module | None:
+        """The model as save_fn sees it: itself, or under FSDP an unsharded copy on rank 0 (collective)."""
+        if not self.sharded:
+            return self.model
+        full = dist_.full_model_state(self.model)
+        if not self.main:
+            return None
+        plain = type(self.model)(self.model.config)  # FSDP checkpoints need a model rebuildable from its config
+        plain.load_state_dict(full)
+        return plain
+
+    def result(self, done: int) -> TrainResult:
+        train_time = time.perf_counter() - self.t0
+        plot = self.metrics.plot() if self.main else None
+        return TrainResult(
+            best_val_loss=self.best_val, iter=done, out_dir=self.out_dir, last=self.last_dir, best=self.best_dir,
+            metrics_file=self.out_dir / METRICS_FILE, plot_file=plot,
+            metrics=list(self.metrics.rows) if self.main else [],
+            tokens_per_s=self.tokens_this_run / train_time if train_time > 0 else 0.0,
+            elapsed=self.elapsed_before + train_time,
+        )
+
+
+def _trainable_names(model: nn.Module, params: list[nn.Parameter] | None) -> list[str]:
+    """The names of the parameters to train (default: those with requires_grad), in the model's order."""
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("params is empty: nothing to train (every parameter has requires_grad=False)")
     ids = {id(p) for p in params}
-    trainable = {n: p for n, p in named.items() if id(p) in ids}
-    if len(trainable) != len(ids):
+    names = [n for n, p in model.named_parameters() if id(p) in ids]
+    if len(names) != len(ids):
         raise ValueError("params must be parameters of model")
-
-    _seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data does not depend on it
-    start_iter, best_val, elapsed_before = 0, math.inf, 0.0
-    if state is not None:
-        with torch.no_grad():
-            for name, p in trainable.items():
-                saved = state["params"].get(name)
-                if saved is None or saved.shape != p.shape:
-                    raise CheckpointError(f"The checkpoint's parameter {name} is missing or has another shape: "
-                                          "it was trained with a different model configuration.")
-                p.copy_(saved)
-        start_iter, best_val, elapsed_before = state["iter"], state["best_val_loss"], state["elapsed"]
-        _warn_if_changed(state, cfg, env)
-
-    module = dist_.wrap(model, env, cfg.distributed)
-    # FSDP replaces parameters with sharded ones: look the trainable ones up again by name.
-    named = dict(model.named_parameters())
-    trainable = {n: named[n] for n in trainable}
-    params = list(trainable.values())
-    # FSDP shards parameters and optimizer state across ranks: checkpoints gather them whole.
-    sharded = env.distributed and cfg.distributed == "fsdp"
-    optimizer = make_optimizer(params, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if state is not None:
-        if state.get("sharded", False) != sharded:
-            raise CheckpointError("This checkpoint was written by a run with another sharding (FSDP vs not): resume "
-                                  "it with the same distributed strategy it was trained with.")
-        if sharded:
-            dist_.load_full_optimizer_state(model, optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
-    forward = _CompiledOrEager(module) if cfg.compile else module
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32
-                else contextlib.nullcontext())
-
-    main = env.is_main
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out_dir, start_iter if state is not None else None, cfg.tensorboard) if main else None
-    bar = _Progress(main and cfg.progress, cfg.max_iters, start_iter)
-    last_dir = None
-    best_dir = out_dir / "best" if (out_dir / "best").is_dir() else None  # from before a resume
-
-    def model_to_save() -> nn.Module | None:
-        """The model as save_fn sees it: itself, or under FSDP an unsharded copy on rank 0 (collective)."""
-        if not sharded:
-            return model
-        full = dist_.full_model_state(model)
-        if not main:
-            return None
-        plain = type(model)(model.config)  # FSDP checkpoints need a model rebuildable from its config
-        plain.load_state_dict(full)
-        return plain
-
-    def checkpoint(it: int) -> None:
-        nonlocal last_dir
-        rngs = _all_rng_states(env)  # collectives: every rank takes part
-        to_save = model_to_save()
-        optim_state = dist_.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
-        if main:
-            named_now = dict(to_save.named_parameters())
-            training_state = {
-                "iter": it, "best_val_loss": best_val, "elapsed": elapsed_before + (time.perf_counter() - t0),
-                "params": {n: named_now[n].detach().cpu() for n in trainable},
-                "optimizer": optim_state, "scaler": scaler.state_dict(), "sharded": sharded,
-                "config": cfg.to_dict(), "world": env.world, "rng": rngs,
-            }
-            last_dir = save_training_checkpoint(out_dir / "last", training_state,
-                                                lambda tmp: save_fn(tmp, to_save, tokenizer))
-        dist_.barrier(env)
-
-    tokens_per_iter = cfg.batch_size * cfg.grad_accum * env.world * _seq_len(data, cfg)
-    t0 = time.perf_counter()
-    t_log, it_log = t0, start_iter
-    tokens_this_run = 0
-    model.train()
-    done = start_iter
-    if start_iter >= cfg.max_iters:
-        last_dir = find_checkpoint(out_dir)  # nothing left to do: max_iters already reached
-    try:
-        for it in range(start_iter, cfg.max_iters):
-            lr = lr_at(it, cfg)
-            loss = _step(it, lr, forward, module, data, cfg, env, optimizer, scaler, params, autocast)
-            done = it + 1
-            tokens_this_run += tokens_per_iter
-
-            if done % cfg.log_interval == 0 or done == cfg.max_iters:
-                train_loss = float(dist_.mean_over_ranks(loss, env))
-                now = time.perf_counter()
-                tok_s = tokens_per_iter * (done - it_log) / max(now - t_log, 1e-9)
-                t_log, it_log = now, done
-                if main:
-                    metrics.log({"iter": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
-                                 "elapsed": elapsed_before + now - t0})
-                    bar.update(done, f"loss {train_loss:.4f}  {tok_s:,.0f} tok/s")
-            else:
-                bar.update(done)
-
-            last_step = done == cfg.max_iters
-            if cfg.eval_iters > 0 and (done % cfg.eval_interval == 0 or last_step):
-                val = _evaluate(model, data, cfg, env, autocast)
-                improved = val < best_val
-                if improved:
-                    best_val = val
-                to_save = model_to_save() if improved else None  # every rank computes the same `improved`
-                if main:
-                    metrics.log({"iter": done, "val_loss": val, "val_ppl": math.exp(min(val, 700.0)),
-                                 "elapsed": elapsed_before + time.perf_counter() - t0})
-                    bar.print(f"iter {done}: val loss {val:.4f}" + ("  (best)" if improved else ""))
-                    metrics.plot()
-                    if improved:
-                        best_dir = write_checkpoint(out_dir / "best", lambda tmp: save_fn(tmp, to_save, tokenizer))
-                dist_.barrier(env)
-            if (cfg.save_interval and done % cfg.save_interval == 0) or last_step:
-                checkpoint(done)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-
-    train_time = time.perf_counter() - t0
-    plot = metrics.plot() if main else None
-    return TrainResult(
-        best_val_loss=best_val, iter=done, out_dir=out_dir, last=last_dir, best=best_dir,
-        metrics_file=out_dir / METRICS_FILE, plot_file=plot, metrics=list(metrics.rows) if main else [],
-        tokens_per_s=tokens_this_run / train_time if train_time > 0 else 0.0,
-        elapsed=elapsed_before + train_time,
-    )
-
-
-def _step(it, lr, forward, module, data, cfg, env, optimizer, scaler, params, autocast) -> torch.Tensor:
-    """One optimizer step over grad_accum micro-batches; returns this rank's mean train loss (a tensor)."""
-    device = env.device
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum):
-        x, y = data.batch("train", it, micro, cfg.batch_size, env.rank, env.world)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
-        with dist_.no_sync(module, micro < cfg.grad_accum - 1):
-            with autocast:
-                _, loss = forward(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()  # the mean over micro-batches
-        loss_sum += loss.detach()
-    if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / cfg.grad_accum
+    return names
 
 
 def _evaluate(model, data, cfg, env, autocast) -> float:
@@ -614,7 +694,7 @@ def _warn_if_changed(state: dict[str, Any], cfg: TrainConfig, env: dist_.DistEnv
         changed.append(f"world size {state.get('world', 1)} -> {env.world}")
     if changed and env.is_main:
         warnings.warn("Resuming with changed settings (" + "; ".join(changed) + "): training continues, but not "
-                      "exactly as the interrupted run would have.", stacklevel=4)
+                      "exactly as the interrupted run would have.", stacklevel=5)
 
 
 def _seq_len(data: BatchSource, cfg: TrainConfig) -> int:
@@ -623,6 +703,22 @@ def _seq_len(data: BatchSource, cfg: TrainConfig) -> int:
     if block is None:
         block = data.batch("train", 0, 0, 1)[0].shape[1]
     return int(block)
+
+
+def model_setting_names() -> list[str]:
+    """The fields of a model preset that `pretrain(overrides=...)` (`muse train --set`) may change."""
+    from muse.config import ModelConfig
+
+    return sorted(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`muse train --set` values by name: (model overrides, training settings). An unknown name is an
+    error naming both kinds of setting."""
+    model_names = model_setting_names()
+    check_names(settings, {"model": model_names, "training": TrainConfig.names()})
+    model = {k: v for k, v in settings.items() if k in model_names}
+    return model, {k: v for k, v in settings.items() if k not in model}
 
 
 def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str, overrides: dict[str, Any] | None = None,
@@ -639,6 +735,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str, overrides: 
 
     cfg = cfg or TrainConfig.for_preset(preset)
     overrides = dict(overrides or {})
+    check_names(overrides, {"model": model_setting_names()})
     probe = ModelConfig.from_name(preset, **{k: v for k, v in overrides.items() if k != "vocab_size"})
     data = TokenBatches.from_dir(data_dir, probe.block_size, seed=cfg.seed)
     tokenizer = data.tokenizer
