@@ -47,12 +47,14 @@ from muse.apps.feedback import add_feedback
 from muse.text import language, pack, terms
 from muse.errors import ContextLengthError, MuseError
 from muse.safety import SafetyBlocked, guard, guard_stream
+from muse.sampling import SamplingParams
 from muse.store import Store, now
 
 if TYPE_CHECKING:  # muse.generation imports torch, which listing conversations does not need
-    from muse.generation import GenerationChunk, SamplingParams
+    from muse.generation import GenerationChunk
 
 POLICIES = ("summarize", "drop")
+DEFAULT_PARAMS = SamplingParams()  # a reply without params: the library's defaults (mildly varied, 256 tokens)
 ROLES = ("system", "user", "assistant", "tool")
 MEMORY_K = 3  # remembered facts brought into one prompt, at most
 SUMMARY_TOKENS = 200  # longest summary of earlier turns (less on small windows: block_size // 8)
@@ -302,10 +304,8 @@ class Assistant:
         Errors (unknown conversation, empty text, MessageTooLongError) are raised here, before anything is
         stored; summarizing older turns (policy "summarize") also happens here.
         """
-        from muse.generation import SamplingParams
-
         model = self._need_model()
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else DEFAULT_PARAMS
         if not isinstance(text, str) or not text.strip():
             raise ValueError("message must be non-empty text")
         cid = self.resolve(cid)
@@ -417,8 +417,6 @@ class Assistant:
 
     def _summarize(self, summary: str | None, turns: list[dict], lang: str) -> str:
         """Fold `turns` into `summary` with the model, one window-sized piece of transcript at a time."""
-        from muse.generation import SamplingParams
-
         model = self.model
         block = model.config.block_size
         params = SamplingParams(max_new_tokens=max(16, min(SUMMARY_TOKENS, block // 8)), temperature=0.0)

@@ -64,6 +64,8 @@ FORM_NAMES = {name: name for name in FORMS} | {
 # Tokens enough for each kind at the lengths the prompts ask for (a Chinese character is ~1 token).
 DEFAULT_TOKENS = {"poem": 160, "story": 450, "slogan": 48, "product": 260}
 PRESENCE_PENALTY = 1.0  # without it the small models repeat characters and whole lines (春雨绵绵绵)
+TEMPERATURE = 0.8  # varied enough that a retry differs; greedy would write the same piece every time
+TOP_P = 0.95  # but not from the long tail, where a small model drifts off the topic
 SLOGAN_MAX = {"en": 15, "zh": 25}  # words / characters; longer is not a slogan
 
 
@@ -443,11 +445,11 @@ def _attempt(model, kind: str, form: Form, messages: list[dict], lang: str, p: S
 
 def _retry_params(p: SamplingParams, attempt: int, offset: int = 0) -> SamplingParams:
     """A new seed for each retry (derived from the given one, so runs repeat); greedy would only
-    repeat itself, so a retry after temperature 0 samples at 0.8."""
+    repeat itself, so a retry after temperature 0 samples at TEMPERATURE."""
     if attempt == 0 and not offset:
         return p
     seed = None if p.seed is None else p.seed + offset + attempt
-    return p.replace(seed=seed, temperature=p.temperature or 0.8) if attempt else p.replace(seed=seed)
+    return p.replace(seed=seed, temperature=p.temperature or TEMPERATURE) if attempt else p.replace(seed=seed)
 
 
 def _guide(model, form: Form, lang: str) -> str | None:
@@ -457,6 +459,15 @@ def _guide(model, form: Form, lang: str) -> str | None:
     if form.chinese or lang == "zh":
         return "characters" if _can_guide(model) else None
     return "syllables"
+
+
+def default_params(kind: str) -> SamplingParams:
+    """The sampling `create` uses for `kind` without params: TEMPERATURE, TOP_P, PRESENCE_PENALTY
+    against the small models' loops, and DEFAULT_TOKENS[kind] tokens."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return SamplingParams(max_new_tokens=DEFAULT_TOKENS[kind], temperature=TEMPERATURE, top_p=TOP_P,
+                          presence_penalty=PRESENCE_PENALTY)
 
 
 def create(model, kind: str, topic: str, form: str | None = None, params: SamplingParams | None = None,
@@ -470,8 +481,7 @@ def create(model, kind: str, topic: str, form: str | None = None, params: Sampli
     a non-conforming result is retried with a new seed up to `attempts` times in all, and the best try
     comes back with ok=False and its problems if none conforms. `guided` builds fixed forms line by line
     (`guided_lines` for Chinese characters, `guided_syllables` for a haiku); False samples the whole
-    poem freely, then repairs it. Default sampling: temperature 0.8, a presence penalty against the
-    small models' loops, and max_new_tokens from DEFAULT_TOKENS.
+    poem freely, then repairs it. Default sampling: `default_params(kind)`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -489,8 +499,7 @@ def create(model, kind: str, topic: str, form: str | None = None, params: Sampli
                                 "model. Use the bilingual model: `--model qwen2.5-0.5b`.")
         lang = "zh"
     guide = _guide(model, f, lang) if guided else None
-    p = params or SamplingParams(max_new_tokens=DEFAULT_TOKENS[kind], temperature=0.8, top_p=0.95,
-                                 presence_penalty=PRESENCE_PENALTY)
+    p = params or default_params(kind)
     messages = [{"role": "user", "content": instruction(kind, f, topic.strip(), lang)}]
     best: Creation | None = None
     for i in range(attempts):

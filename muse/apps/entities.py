@@ -33,6 +33,7 @@ MAX_ENTITIES = 24     # schema maxItems: bounds the output of a model that would
 MAX_ENTITY_CHARS = 64  # schema maxLength of one entity's text: names, not sentences
 MAX_SPAN_WORDS = 12    # an entity's text is at most this many words (Han characters count one each)
 MAX_SPAN_CHOICES = 4000  # beyond this many candidate spans the text is a free string (maxLength bound)
+FIELDS_TOKENS = 512    # extract_fields' default token limit: room for a schema's worth of JSON
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _PIECE = re.compile(rf"[{_HAN}]|[^\W{_HAN}]+|[^\w\s]")  # a Han character, a word, or one symbol
@@ -318,7 +319,7 @@ _FIELDS_INSTRUCTION = {
 }
 
 
-def extract_fields(model, text: str, schema, *, max_new_tokens: int = 512) -> dict:
+def extract_fields(model, text: str, schema, *, max_new_tokens: int = FIELDS_TOKENS) -> dict:
     """A JSON object valid against the user's `schema`, filled from `text` (greedy, constrained).
 
     A schema the engine cannot use is a `muse.constrain.ConstraintError`; a reply the token limit

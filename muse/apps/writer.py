@@ -44,8 +44,9 @@ PIECE_TOKENS = 1024   # largest piece a small model rewrites well in one go
 WHOLE_TOKENS = 3072   # outline/titles: condense texts longer than this first
 CONTEXT_TOKENS = 2048 # continue: how much of the end of the text the model sees
 MARGIN = 8            # tokens of slack: a piece tokenizes slightly differently inside the prompt
-# Without params: greedy, a mild repetition penalty (small models loop), and max_new_tokens up to
-# 512 but at most a quarter of the context, so a small-context model still has room for the text.
+# The writer's defaults (`default_params(model)` caps them to the model): greedy, a mild repetition
+# penalty (small models loop), and max_new_tokens up to 512 but at most a quarter of the context,
+# so a small-context model still has room for the text.
 DEFAULT_PARAMS = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_new_tokens=512)
 
 
@@ -201,7 +202,8 @@ def _prompt_lang(act: Action, text_lang: str, opts: _Options) -> str:
     return text_lang
 
 
-def _default_params(model) -> SamplingParams:
+def default_params(model) -> SamplingParams:
+    """The sampling `stream_write` uses without params: DEFAULT_PARAMS, max_new_tokens capped to the model."""
     return DEFAULT_PARAMS.replace(max_new_tokens=min(DEFAULT_PARAMS.max_new_tokens, model.config.block_size // 4))
 
 
@@ -227,7 +229,7 @@ def stream_write(model, action: str, text: str, *, tone: str | None = None, to: 
     text_lang = check_language(model, text)
     if act.name == "translate":
         _check_target(model, opts.to)
-    params = params or _default_params(model)
+    params = params or default_params(model)
     lang = _prompt_lang(act, text_lang, opts)
     if act.kind == "summary":
         return _stream_summary(model, text, opts, params)
@@ -267,7 +269,7 @@ def piece_spans(model, action: str, text: str, *, tone: str | None = None, to: s
     if act.kind != "pieces":
         return [(0, len(text))]
     lang = _prompt_lang(act, check_language(model, text), opts)
-    return _pieces(text, _piece_budget(model, act, lang, opts, params or _default_params(model)), _counter(model))
+    return _pieces(text, _piece_budget(model, act, lang, opts, params or default_params(model)), _counter(model))
 
 
 def _pieces(text: str, budget: int, count) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from muse.errors import MuseError
 from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP,
-                             _params, _stats, _stream_to_stdout, app, console, err, friendly)
+                             _stats, _stream_to_stdout, app, console, err, friendly, given_sampling, over)
 from muse.cli.progress import load_model
 
 CHAT_COMMANDS = {
@@ -272,14 +272,19 @@ def chat_cmd(
     persona: Optional[str] = typer.Option(None, "--persona", "-p", help="Use this persona's system prompt "
                                                                         "(see `muse persona list`)."),
     context: str = typer.Option("summarize", "--context", help=CONTEXT_HELP),
-    max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
-    min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
+    max_tokens: Optional[int] = MaxTokens, temperature: Optional[float] = Temperature,
+    top_k: Optional[int] = TopK, top_p: Optional[float] = TopP, min_p: Optional[float] = MinP,
+    repetition_penalty: Optional[float] = RepPenalty, seed: Optional[int] = Seed,
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
     markdown: bool = typer.Option(True, "--markdown/--plain", help="Render replies as Markdown in a terminal "
                                                                    "(--plain: raw text, as pipes always get)."),
 ):
-    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None, 1)
+    from muse.apps.assistant import DEFAULT_PARAMS
+
+    params = over(DEFAULT_PARAMS, given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                                 seed=seed))
     a = _assistant(policy=context)
     cid = _open_conversation(a, resume, last)
     conv = a.get_conversation(cid) if cid else None

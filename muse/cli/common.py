@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -122,24 +123,75 @@ def read_argument(text: str) -> str:
                          "convert it first, e.g. with `iconv -f GBK -t UTF-8`") from None
 
 
-def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams):
-    from muse import SamplingParams
+# -- sampling options ---------------------------------------------------------------------
+# Every sampling option defaults to None, "not given": each app (muse.apps.*) owns its defaults and
+# the CLI lays only what the user gave over them — as the server's `Sampling.params` does, so
+# `muse write` and /api/write sample alike. `muse generate` (no app) uses SamplingParams' own defaults.
 
-    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                          stop=list(stop or []), num_beams=num_beams)
+THE_APPS = "the app's"  # what --help shows as the default of an option the app chooses
+
+# SamplingParams field → (the option's flags, its help)
+_SAMPLING = {
+    "max_new_tokens": (("--max-tokens", "-n"), "Most tokens to generate."),
+    "temperature": (("--temperature", "-t"), "0 = greedy; higher = more varied."),
+    "top_k": (("--top-k",), "Sample from the k most likely tokens (0 = off)."),
+    "top_p": (("--top-p",), "Nucleus sampling: smallest set with this probability mass (1 = off)."),
+    "min_p": (("--min-p",), "Drop tokens below min_p × the top token's probability (0 = off)."),
+    "repetition_penalty": (("--repetition-penalty",), "> 1 discourages repeating tokens."),
+    "presence_penalty": (("--presence-penalty",), "> 0 discourages reusing words already written (-2..2)."),
+    "seed": (("--seed",), "Same seed, same text."),
+    "stop": (("--stop",), "Stop before this text (repeatable)."),
+    "num_beams": (("--num-beams",), "Beam search with this many beams (deterministic)."),
+}
 
 
-# Shared sampling options (typer reads these defaults; SamplingParams validates them).
-MaxTokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate.")
-Temperature = typer.Option(0.2, "--temperature", "-t", help="0 = greedy; higher = more varied.")
-TopK = typer.Option(0, help="Sample from the k most likely tokens (0 = off).")
-TopP = typer.Option(0.9, help="Nucleus sampling: smallest set with this probability mass (1 = off).")
-MinP = typer.Option(0.0, help="Drop tokens below min_p × the top token's probability (0 = off).")
-RepPenalty = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens.")
-Seed = typer.Option(None, help="Same seed, same text.")
-Stop = typer.Option(None, "--stop", help="Stop before this text (repeatable).")
-Beams = typer.Option(1, "--num-beams", help="Beam search with this many beams (deterministic).")
+def sampling_option(field: str, default: str | None = THE_APPS):
+    """The option for SamplingParams `field`, None unless given; its help ends with `default`
+    (None: says nothing of a default)."""
+    flags, help = _SAMPLING[field]
+    return typer.Option(None, *flags, help=help if default is None else f"{help} Default: {default}.",
+                        show_default=False)
+
+
+def library_default(field: str) -> str:
+    """SamplingParams' own default for `field`, as --help shows it (for `muse generate`, which has no app)."""
+    from muse.sampling import SamplingParams  # torch-free
+
+    value = {f.name: f for f in dataclasses.fields(SamplingParams)}[field].default
+    return "none" if value is None else str(value)
+
+
+def given_sampling(**options) -> dict:
+    """The sampling options the user gave (not None, not empty), under SamplingParams' names
+    (max_tokens → max_new_tokens), checked now — before a model loads — against SamplingParams' ranges."""
+    from muse.sampling import SamplingParams  # torch-free
+
+    given = {("max_new_tokens" if k == "max_tokens" else k): (list(v) if k == "stop" else v)
+             for k, v in options.items() if v is not None and not (k == "stop" and not v)}
+    SamplingParams(**given)  # a bad value is a ValueError naming the option
+    return given
+
+
+def over(base, given: dict):
+    """`given` (from `given_sampling`) over `base`, the app's defaults: nothing given → `base` itself
+    (None: let the app choose); else base, or SamplingParams' defaults, with `given` replaced.
+    The same rule as the server's `muse.server.apps.Sampling.params`."""
+    if not given:
+        return base
+    from muse.sampling import SamplingParams
+
+    return (base if base is not None else SamplingParams()).replace(**given)
+
+
+MaxTokens = sampling_option("max_new_tokens")
+Temperature = sampling_option("temperature")
+TopK = sampling_option("top_k")
+TopP = sampling_option("top_p")
+MinP = sampling_option("min_p")
+RepPenalty = sampling_option("repetition_penalty")
+Seed = sampling_option("seed", None)
+Stop = sampling_option("stop", None)
+Beams = sampling_option("num_beams")
 
 
 def _stream_to_stdout(chunks) -> object:

@@ -7,8 +7,16 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params, _stats, _stream_to_stdout, app, console, friendly, models_app, read_argument
+from muse.cli.common import (
+    MODEL_HELP, PRECISION_HELP, Seed, Stop, _stats, _stream_to_stdout, app, console, friendly, given_sampling,
+    library_default, models_app, over, read_argument, sampling_option,
+)
 from muse.cli.progress import Activity, counting_steps, loading, until_first
+
+
+def _raw(field: str):
+    """`muse generate`'s option for `field`: no app, so SamplingParams' own default, shown in --help."""
+    return sampling_option(field, library_default(field))
 
 
 @app.command()
@@ -17,9 +25,10 @@ def generate(
     prompt: str = typer.Argument(..., help="The text to continue ('-' reads standard input)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-    max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
-    min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
-    stop: Optional[list[str]] = Stop, num_beams: int = Beams,
+    max_tokens: Optional[int] = _raw("max_new_tokens"), temperature: Optional[float] = _raw("temperature"),
+    top_k: Optional[int] = _raw("top_k"), top_p: Optional[float] = _raw("top_p"), min_p: Optional[float] = _raw("min_p"),
+    repetition_penalty: Optional[float] = _raw("repetition_penalty"), seed: Optional[int] = Seed,
+    stop: Optional[list[str]] = Stop, num_beams: Optional[int] = _raw("num_beams"),
     schema: Optional[str] = typer.Option(None, "--schema", help="The output must be JSON valid against the JSON "
                                          "schema in this file.", rich_help_panel="Structured output"),
     json_out: bool = typer.Option(False, "--json", help="The output must be one JSON object.",
@@ -44,20 +53,22 @@ def generate(
     constraint = _constraint(schema, json_out, regex, choice, grammar)
     with Activity() as activity:
         with loading(activity, model):  # shown before torch is imported (by SamplingParams): ~1 s
-            params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
-            params = params.replace(constraint=constraint)
+            given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                   num_beams=num_beams)
+            params = over(muse.SamplingParams(), given).replace(constraint=constraint)
             m = muse.load(model, precision=precision)
         chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
-        if num_beams == 1:
+        if params.num_beams == 1:
             activity.step("Reading the prompt")
             last = _stream_to_stdout(until_first(chunks, activity))
             _stats(last, verbose)
             if constraint is not None and last is not None and last.finish_reason == "length":
-                raise ValueError(f"the output stopped at --max-tokens {max_tokens} before it was complete, so it "
+                raise ValueError(f"the output stopped at --max-tokens {params.max_new_tokens} before it was complete, so it "
                                  "does not match yet; raise --max-tokens")
             return
         # one forward pass for the prompt, then one per generated token
-        with counting_steps(activity, m.model, f"Beam search, {num_beams} beams", max_tokens + 1):
+        with counting_steps(activity, m.model, f"Beam search, {params.num_beams} beams", params.max_new_tokens + 1):
             _stats(_stream_to_stdout(until_first(chunks, activity)), verbose)
 
 

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from muse.cli.common import (
-    MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, app, console, err, friendly, read_argument,
+    MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP, app, console, err,
+    friendly, given_sampling, over, read_argument, sampling_option,
 )
 from muse.cli.progress import load_model
 
@@ -30,15 +31,10 @@ def create(
                                 help="Build fixed forms line by line so each line has the right length "
                                      "(--no-guided: sample the whole poem, then repair and check)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
-                                             help="Most tokens to generate (default: enough for the kind)."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy; higher = more varied."),
-    top_k: int = TopK,
-    top_p: float = typer.Option(0.95, help="Nucleus sampling: smallest set with this probability mass (1 = off)."),
-    min_p: float = MinP, repetition_penalty: float = RepPenalty,
-    presence_penalty: float = typer.Option(1.0, "--presence-penalty",
-                                           help="> 0 discourages reusing words already written (-2..2)."),
-    seed: Optional[int] = Seed,
+    max_tokens: Optional[int] = MaxTokens, temperature: Optional[float] = Temperature,
+    top_k: Optional[int] = TopK, top_p: Optional[float] = TopP, min_p: Optional[float] = MinP,
+    repetition_penalty: Optional[float] = RepPenalty,
+    presence_penalty: Optional[float] = sampling_option("presence_penalty"), seed: Optional[int] = Seed,
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print {text, form, ok, problems, tries} as JSON."),
 ):
@@ -48,15 +44,11 @@ def create(
     muse create poem 春天 --form wujue --model qwen2.5-0.5b;
     muse create product "a steel water bottle that keeps drinks cold for 24 hours".
     """
-    import muse
-    from muse.apps.creative import DEFAULT_TOKENS, KINDS, create as make
+    from muse.apps.creative import create as make, default_params
 
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    params = muse.SamplingParams(
-        max_new_tokens=max_tokens if max_tokens is not None else DEFAULT_TOKENS[kind], temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty, seed=seed)
+    given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, seed=seed)
+    params = over(default_params(kind), given)  # an unknown kind fails here, before the model loads
     m = load_model(model, precision)
     with err.status(f"Writing a {kind}…"):
         c = make(m, kind, read_argument(topic), form=form, params=params, attempts=attempts, guided=guided)

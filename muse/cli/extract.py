@@ -10,7 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from muse.cli.common import MODEL_HELP, PRECISION_HELP, app, console, err, friendly, read_argument
+from muse.cli.common import (
+    MODEL_HELP, PRECISION_HELP, THE_APPS, app, console, err, friendly, given_sampling, read_argument,
+)
 from muse.cli.progress import Activity, load_model
 
 BATCH = (".csv", ".jsonl")
@@ -100,7 +102,8 @@ def extract(
     column: str = typer.Option("text", "--column", help="The field holding the text in a .csv/.jsonl FILE."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help=MODEL_HELP + " Without it, Chinese text goes to qwen2.5-0.5b when installed."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens for a --schema answer."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", show_default=False,
+                                             help=f"Most tokens for a --schema answer. Default: {THE_APPS}."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print entities as JSON, not a table."),
 ):
@@ -126,6 +129,7 @@ def extract(
         from muse.sampling import Constraint
 
         check_constraint(Constraint.json_schema(user_schema))  # a schema the engine rejects fails before loading too
+    limit = given_sampling(max_tokens=max_tokens)  # {} (the app's FIELDS_TOKENS) or {"max_new_tokens": n}, checked
     models = ModelsByLanguage(model, precision)
 
     if source is not None and text is None and Path(source).suffix.lower() in BATCH:
@@ -144,7 +148,7 @@ def extract(
     m = models(language(body))
     with err.status("Extracting…"):
         if user_schema is not None:
-            result = extract_fields(m, body, user_schema, max_new_tokens=max_tokens)
+            result = extract_fields(m, body, user_schema, **limit)
         else:
             result = extract_entities(m, body, kinds).to_dict()
     if path_out is not None:

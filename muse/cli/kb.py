@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MinP, RepPenalty, Seed, TopK, TopP, _stream_to_stdout, app,
-                             console, err, friendly)
+from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK,
+                             TopP, _stream_to_stdout, app, console, err, friendly, given_sampling, over)
 from muse.cli.progress import Activity, loading, until_first
 
 kb_app = MuseTyper(help="Your knowledge base: the documents `muse ask` answers from (txt, md, html, pdf, docx).",
@@ -107,10 +107,9 @@ def ask(
     k: int = typer.Option(4, "-k", help="Most passages to give the model."),
     show_sources: bool = typer.Option(False, "--show-sources", help="Print each cited passage after the answer."),
     no_embeddings: bool = NoEmbeddings,
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default here)."),
-    top_k: int = TopK, top_p: float = TopP, min_p: float = MinP, repetition_penalty: float = RepPenalty,
-    seed: Optional[int] = Seed,
+    max_tokens: Optional[int] = MaxTokens, temperature: Optional[float] = Temperature,
+    top_k: Optional[int] = TopK, top_p: Optional[float] = TopP, min_p: Optional[float] = MinP,
+    repetition_penalty: Optional[float] = RepPenalty, seed: Optional[int] = Seed,
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Answer a question from your documents, citing them as [1], [2] …"""
@@ -124,8 +123,11 @@ def ask(
             kb = _kb(no_embeddings)
             if not kb.list():
                 raise MuseError("The knowledge base is empty: add documents first with `muse kb add PATH...`.")
-            params = muse.SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+            given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+            # stream_ask's default (greedy: an answer from the documents, not a varied one). muse.apps.kb does
+            # not export it under a name yet; the server's /api/kb/ask uses this same base.
+            params = over(muse.SamplingParams(temperature=0.0), given) if given else None
             m = muse.load(model, precision=precision)
         activity.step("Searching the knowledge base" + (" (embeddings)" if kb.dense else ""))
         stream = stream_ask(m, kb, question, params, k=k)

@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from muse.cli.common import (
-    MODEL_HELP, PRECISION_HELP, Beams, MaxTokens, MinP, RepPenalty, Seed, Stop, Temperature, TopK, TopP, _params,
-    MuseGroup, MuseTyper, _stats, app, console, err, friendly, read_argument,
+    MODEL_HELP, PRECISION_HELP, MuseGroup, MuseTyper, Seed, Stop, _stats, app, console, err, friendly,
+    given_sampling, over, read_argument, sampling_option,
 )
 from muse.cli.progress import load_model
 
@@ -58,6 +58,15 @@ app.add_typer(write_app, name="write")
 TEXT_HELP = "The text to work on ('-' reads standard input). Or use -i FILE."
 
 
+def _writer_option(field: str):
+    """The sampling option for `field`, its help showing the writer's default (`writer.default_params`)."""
+    from muse.apps.writer import DEFAULT_PARAMS
+
+    value = getattr(DEFAULT_PARAMS, field)
+    return sampling_option(field, f"{value}, at most a quarter of the model's context" if field == "max_new_tokens"
+                           else str(value))
+
+
 def _command(act, tones, languages):
     def command(
         text: Optional[str] = typer.Argument(None, help=TEXT_HELP, show_default=False),
@@ -76,13 +85,17 @@ def _command(act, tones, languages):
                                                   "(default: about a quarter of the text)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
         precision: str = typer.Option("auto", help=PRECISION_HELP),
-        max_tokens: int = MaxTokens, temperature: float = Temperature, top_k: int = TopK, top_p: float = TopP,
-        min_p: float = MinP, repetition_penalty: float = RepPenalty, seed: Optional[int] = Seed,
-        stop: Optional[list[str]] = Stop, num_beams: int = Beams,
+        max_tokens: Optional[int] = _writer_option("max_new_tokens"),
+        temperature: Optional[float] = _writer_option("temperature"), top_k: Optional[int] = _writer_option("top_k"),
+        top_p: Optional[float] = _writer_option("top_p"), min_p: Optional[float] = _writer_option("min_p"),
+        repetition_penalty: Optional[float] = _writer_option("repetition_penalty"), seed: Optional[int] = Seed,
+        stop: Optional[list[str]] = Stop, num_beams: Optional[int] = _writer_option("num_beams"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
     ):
-        params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
-        _run(act.name, text, input, output, in_place, params, model, precision, verbose,
+        given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                               num_beams=num_beams)
+        _run(act.name, text, input, output, in_place, given, model, precision, verbose,
              tone=tone, to=to, length=length)
 
     command.__doc__ = act.help + (" Long texts are worked on piece by piece, so nothing is cut."
@@ -129,13 +142,14 @@ def _target(input: Optional[Path], output: Optional[Path], in_place: bool) -> Op
     return target
 
 
-def _run(action, text, input, output, in_place, params, model, precision, verbose, **options) -> None:
+def _run(action, text, input, output, in_place, given, model, precision, verbose, **options) -> None:
     import muse
-    from muse.apps.writer import new_text, stream_write
+    from muse.apps.writer import default_params, new_text, stream_write
 
     source = _read_input(text, input)
     target = _target(input, output, in_place)
     m = load_model(model, precision)
+    params = over(default_params(m), given)  # the writer's defaults (they depend on the model) + what was given
     parts, last = [], None
     for chunk in stream_write(m, action, source, params=params, **options):
         sys.stdout.write(chunk.text)
