@@ -19,6 +19,15 @@ from muse.model import KVCache, Transformer
 from muse.sampling import TRUNCATE_POLICIES, GenerationChunk, SamplingParams  # noqa: F401 (re-exported)
 
 
+# A step can end within the clock's resolution: a rate divides by at least this, never by 0.
+MIN_SECONDS = 1e-9
+
+
+def per_second(count: int, seconds: float) -> float:
+    """count / seconds: the tokens/s in a GenerationChunk's stats, even when no time was measured."""
+    return count / max(seconds, MIN_SECONDS)
+
+
 # -- sampling ---------------------------------------------------------------------
 
 def apply_penalties(logits: torch.Tensor, context: torch.Tensor, generated: torch.Tensor,
@@ -285,7 +294,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     logits, _ = model(torch.tensor([ids], dtype=torch.long, device=model.device), cache=cache,
                       last_only=True)  # (1, 1, V)
     t_prefill = time.perf_counter() - t0
-    stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(t_prefill, 1e-9))
+    stats = dict(prompt_tokens=len(ids), prompt_tps=per_second(len(ids), t_prefill))
     t1 = time.perf_counter()  # the first token comes from the prefill logits: time the rest
     for n in range(1, max_new + 1):
         raw = logits[:, -1, :]  # (1, V)
@@ -401,7 +410,7 @@ def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Ite
     eos = tokenizer.eos_ids if tokenizer is not None else set()
     t0 = time.perf_counter()
     out = beam_search(model, ids, p, max_new, eos)
-    dt = max(time.perf_counter() - t0, 1e-9)
+    dt = time.perf_counter() - t0
     hit_eos = bool(out) and out[-1] in eos
     body = out[:-1] if hit_eos else out
     period, run = loop_tail(body) if p.loop_guard and not hit_eos else (0, 0)
@@ -412,5 +421,5 @@ def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Ite
     safe, hit = stops.push(text)
     reason = "stop" if hit_eos or hit or period else "length"
     yield GenerationChunk(safe + ("" if hit else stops.flush()), out[-1] if out else None, reason,
-                          prompt_tokens=len(ids), generation_tokens=len(out), generation_tps=len(out) / dt,
+                          prompt_tokens=len(ids), generation_tokens=len(out), generation_tps=per_second(len(out), dt),
                           looped=bool(period))

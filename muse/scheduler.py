@@ -45,7 +45,7 @@ from muse.api import Model
 from muse.errors import MuseError
 from muse.generation import (
     GenerationChunk, LogitsProcessors, SamplingParams, TokenText, fit_prompt, is_greedy, make_sampler,
-    token_logprobs,
+    per_second, token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
@@ -435,7 +435,7 @@ class Scheduler:
         """r's prompt is in: emit its first token (from logits (1, V)) and `join()` the batch,
         or finish it if that token already ends it."""
         r.stats = dict(prompt_tokens=len(r.ids), cached_tokens=r.cached,
-                       prompt_tps=len(r.ids) / max(r.prefill_seconds, 1e-9))
+                       prompt_tps=per_second(len(r.ids), r.prefill_seconds))
         r.first_token_at = time.perf_counter()
         try:
             going = self._emit(r, self._sample_one(r, logits), logits)
@@ -510,7 +510,7 @@ class Scheduler:
         False once the request is finished."""
         text, reason = r.text.push(tok)
         n = r.text.n
-        tps = (n - 1) / max(time.perf_counter() - r.first_token_at, 1e-9) if n > 1 else 0.0
+        tps = per_second(n - 1, time.perf_counter() - r.first_token_at) if n > 1 else 0.0
         k = r.params.logprobs
         lp, top = token_logprobs(logits, tok, k) if k is not None else (None, None)
         self._outbox.put(r.stream, GenerationChunk(text, tok, reason, **r.stats, generation_tokens=n,

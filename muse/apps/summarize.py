@@ -36,7 +36,7 @@ from muse.apps.language import check_language
 
 from muse.text import HAN_RE, han_count, language, pack, sentences
 from muse.apps.cleaning import clean_output
-from muse.generation import SamplingParams
+from muse.sampling import SamplingParams
 
 PIECE_TOKENS = 1500      # map-reduce above this many tokens: a piece is summarised on its own
 DAMPING = 0.85           # TextRank's PageRank damping factor
@@ -46,6 +46,10 @@ POOL = 2.0               # rewrite the best sentences up to this many times the 
 ASK = 0.75               # ask for a sentence this share of the original's length (shorter loses facts)
 SHORTER = 0.9            # a rewritten sentence must be at most this share of the original's length
 SUPPORTED = 0.6          # … and take at least this share of its terms from the original
+NONZERO = 1e-9           # divides in place of a zero norm or row sum (a sentence with no terms, no neighbours)
+# Sampling without params: greedy, with a mild repetition penalty (small models loop); each call
+# sets max_new_tokens from the length it asks for.
+DEFAULT_PARAMS = SamplingParams(temperature=0.0, repetition_penalty=1.1)
 
 PROMPTS = {  # rewrite one sentence concisely; {n}: ASK × its length
     "en": ("Shorten this sentence to at most {n} words. Keep the names, numbers and key facts. "
@@ -144,7 +148,7 @@ def _tfidf(bags: list[list[str]]) -> np.ndarray:
     df = (x > 0).sum(0)
     x *= np.log((1 + len(bags)) / (1 + df)) + 1
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-9)
+    return x / np.maximum(norms, NONZERO)
 
 
 def _textrank(sim: np.ndarray, iters: int = 50) -> np.ndarray:
@@ -153,7 +157,7 @@ def _textrank(sim: np.ndarray, iters: int = 50) -> np.ndarray:
     w = sim.copy()
     np.fill_diagonal(w, 0)
     rows = w.sum(1, keepdims=True)
-    w = np.where(rows > 0, w / np.maximum(rows, 1e-9), 1.0 / n)  # a sentence with no neighbours links to all
+    w = np.where(rows > 0, w / np.maximum(rows, NONZERO), 1.0 / n)  # a sentence with no neighbours links to all
     p = np.full(n, 1.0 / n)
     for _ in range(iters):
         p = (1 - DAMPING) / n + DAMPING * (w.T @ p)
@@ -224,8 +228,8 @@ def _one_line(sentence: str) -> str:
 def summarize(model, text: str, length: int | None = None, params: SamplingParams | None = None) -> str:
     """A summary of `text` of at most `length` words (English) or characters (Chinese).
 
-    Default length: about a quarter of the input. `params` sets sampling (default: greedy with a
-    mild repetition penalty); max_new_tokens follows from the target length.
+    Default length: about a quarter of the input. `params` sets sampling (default: DEFAULT_PARAMS);
+    max_new_tokens follows from the target length.
     """
     text = _check_text(text)
     lang = check_language(model, text)
@@ -316,7 +320,7 @@ def condense(model, text: str, budget: int, params: SamplingParams | None = None
 # -- helpers --------------------------------------------------------------------------
 
 def _params(params: SamplingParams | None, max_new_tokens: int) -> SamplingParams:
-    base = params or SamplingParams(temperature=0.0, repetition_penalty=1.1)
+    base = params or DEFAULT_PARAMS
     return base.replace(max_new_tokens=max(1, max_new_tokens))
 
 

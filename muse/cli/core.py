@@ -26,7 +26,8 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     max_tokens: Optional[int] = _raw("max_new_tokens"), temperature: Optional[float] = _raw("temperature"),
-    top_k: Optional[int] = _raw("top_k"), top_p: Optional[float] = _raw("top_p"), min_p: Optional[float] = _raw("min_p"),
+    top_k: Optional[int] = _raw("top_k"), top_p: Optional[float] = _raw("top_p"),
+    min_p: Optional[float] = _raw("min_p"),
     repetition_penalty: Optional[float] = _raw("repetition_penalty"), seed: Optional[int] = Seed,
     stop: Optional[list[str]] = Stop, num_beams: Optional[int] = _raw("num_beams"),
     schema: Optional[str] = typer.Option(None, "--schema", help="The output must be JSON valid against the JSON "
@@ -64,8 +65,8 @@ def generate(
             last = _stream_to_stdout(until_first(chunks, activity))
             _stats(last, verbose)
             if constraint is not None and last is not None and last.finish_reason == "length":
-                raise ValueError(f"the output stopped at --max-tokens {params.max_new_tokens} before it was complete, so it "
-                                 "does not match yet; raise --max-tokens")
+                raise ValueError(f"the output stopped at --max-tokens {params.max_new_tokens} before it was complete, "
+                                 "so it does not match yet; raise --max-tokens")
             return
         # one forward pass for the prompt, then one per generated token
         with counting_steps(activity, m.model, f"Beam search, {params.num_beams} beams", params.max_new_tokens + 1):

@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK,
-                             TopP, _stream_to_stdout, app, console, err, friendly, given_sampling, over)
+from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature,
+                             TopK, TopP, _stream_to_stdout, app, console, err, friendly, given_sampling, over)
 from muse.cli.progress import Activity, loading, until_first
 
 kb_app = MuseTyper(help="Your knowledge base: the documents `muse ask` answers from (txt, md, html, pdf, docx).",
