@@ -97,10 +97,6 @@ class KVCache:
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
 
-    def crop(self, length: int) -> None:
-        """Forget positions from `length` on (the next write starts there)."""
-        self.pos = min(self.pos, length)
-
     @property
     def seq_len(self) -> int:
         return self.pos

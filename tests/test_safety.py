@@ -201,6 +201,45 @@ def test_traditional_chinese_is_folded_to_simplified():
     assert "violence" in flagged("我要殺了你") and "harassment" in flagged("你這個傻逼")
 
 
+@pytest.fixture
+def fake_opencc(monkeypatch):
+    """Installs `module` as opencc for normalize's converter (None: opencc not installed)."""
+    norm = sys.modules["muse.safety.normalize"]  # (muse.safety.normalize is also the function's name)
+
+    def install(module):
+        monkeypatch.setitem(sys.modules, "opencc", module)
+        norm._t2s.cache_clear()
+    yield install
+    norm._t2s.cache_clear()  # the real opencc again for later tests
+
+
+def _opencc_failing_with(error):
+    class OpenCC:
+        def __init__(self, conversion):
+            raise error
+    return types.SimpleNamespace(OpenCC=OpenCC)
+
+
+def test_a_broken_opencc_is_a_clear_error_not_a_silent_loss_of_folding(fake_opencc):
+    from muse.safety.normalize import FoldingTableError, normalize
+
+    fake_opencc(_opencc_failing_with(FileNotFoundError(2, "No such file", "config/t2s.json")))
+    with pytest.raises(FoldingTableError, match="opencc is installed but cannot load .*t2s.json.*Reinstall"):
+        normalize("我要殺了你")
+    # a bug elsewhere is not mistaken for a broken table
+    fake_opencc(_opencc_failing_with(TypeError("bug")))
+    with pytest.raises(TypeError, match="bug"):
+        normalize("我要殺了你")
+
+
+def test_without_opencc_moderation_still_works_without_folding(fake_opencc):
+    from muse.safety.normalize import normalize
+
+    fake_opencc(None)  # `import opencc` raises ImportError: it is optional
+    assert normalize("我要殺了你") == "我要殺了你"
+    assert "violence" in flagged("我要杀了你")
+
+
 @pytest.mark.parametrize("text", [
     "How do I kill a Python process that hangs?", "kill -9 the stuck worker process", "a killer app",
     "We'll shoot the wedding video on Saturday.", "She made bath bombs.", "I bombed the exam.",

@@ -134,14 +134,6 @@ def _label_ids(model, prompt: str, conts: list[str], style: str) -> tuple[list[i
 
 # -- scoring ----------------------------------------------------------------------
 
-def label_logprobs(model, text: str, labels: list[str], task: str = "classify",
-                   style: str = DEFAULT_STYLE) -> dict[str, float]:
-    """Mean log-probability per token of each label as the answer for `text` (uncalibrated scores)."""
-    labels = check_labels(labels)
-    lang = check_language(model, text + " " + " ".join(labels))
-    return _scores(model, text, tuple(labels), task, lang, style)
-
-
 def _scores(model, text: str, labels: tuple[str, ...], task: str, lang: str, style: str,
             mean: bool = True) -> dict[str, float]:
     """Each label's log-probability as the answer: the mean over its tokens (so a label of four tokens

@@ -21,7 +21,6 @@ from pathlib import Path
 from muse.errors import MuseError
 from muse.eval.compare import EvalReport, Row
 
-FILES = ("report.md", "report.json", "report.png")
 # Fonts that can draw Chinese, tried in order (a model or suite name may be Chinese).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
              "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "AR PL UMing CN",

@@ -19,6 +19,8 @@ import functools
 import re
 import unicodedata
 
+from muse.errors import MuseError
+
 # Characters that render as nothing and are used to split words invisibly.
 _INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad\u180e\u034f\u061c"
 # Cyrillic and Greek letters that look like Latin ones (the common homoglyph evasions), and the
@@ -46,17 +48,28 @@ _LEET_WORD = re.compile(r"[a-z0-9@$]+(?:!+[a-z0-9@$]+)*")
 _LEET_TABLE = str.maketrans("013457@$!", "oieastasi")
 
 
+class FoldingTableError(MuseError):
+    """opencc is installed but its traditional→simplified table cannot be loaded."""
+
+
 @functools.lru_cache(maxsize=1)
 def _t2s():
-    """opencc's traditional→simplified converter, or None when opencc is not installed (it is optional)."""
+    """opencc's traditional→simplified converter, or None when opencc is not installed (it is optional).
+
+    Installed but broken is a FoldingTableError, not None: carrying on without the table would let
+    "殺" through where "杀" is caught, and nobody would know moderation had weakened."""
     try:
         import opencc
     except ImportError:
         return None
     try:
         return opencc.OpenCC("t2s").convert
-    except Exception:  # a broken install: carry on without conversion rather than fail moderation
-        return None
+    # a missing or unreadable table file (OSError), a corrupt one (json: ValueError), the C++ binding's failure
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FoldingTableError(
+            f"opencc is installed but cannot load its traditional→simplified table ({type(e).__name__}: {e}), "
+            "which moderation needs to catch traditional Chinese. Reinstall it (`pip install --force-reinstall "
+            "opencc-python-reimplemented`), or uninstall it to moderate without that folding.") from e
 
 
 def fold(text: str) -> str:
