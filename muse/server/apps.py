@@ -2,8 +2,8 @@
 
     conversations  /api/conversations …        (muse.apps.assistant.Assistant)
     personas       /api/personas, memories /api/memories, feedback /api/feedback
-    documents      /api/kb/documents, /api/kb/search, /api/kb/ask   (muse.apps.kb)
-    writing desk   /api/write, /api/write/versions …                (muse.apps.writer)
+    documents      /api/kb/documents, /api/kb/search, /api/kb/ask   (muse.apps.kb, muse.apps.uploads)
+    writing desk   /api/write, /api/write/versions …                (muse.apps.writer, muse.apps.diff)
     creative       /api/create; analysis /api/classify, /api/sentiment, /api/extract (muse.apps.entities)
 
 Requests are pydantic models with their ranges; every error has the OpenAI routes' JSON shape
@@ -44,12 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
 from muse.apps.language import supports_chinese
-from muse.text import language
+from muse.apps.uploads import safe_join
 from muse.errors import MuseError
 from muse.fileio import remove_stale_temps
 from muse.generation import SamplingParams
 from muse.sampling import RANGES
-from muse.apps.uploads import safe_join
+from muse.text import language
 from muse.server.errors import APIError, too_busy
 from muse.server.schemas import ErrorResponse
 from muse.server.streaming import EventStreamResponse, check_chars, client_gone, sse, stream_error, usage
