@@ -159,3 +159,14 @@ def test_unknown_settings_in_the_python_api_name_themselves():
         TrainConfig.for_preset("tiny", max_iter=10)
     with pytest.raises(ValueError, match=r"unknown model setting: n_layr \(did you mean n_layer\?\).*n_embd"):
         loop.pretrain("nowhere", "out", "tiny", {"n_layr": 1})
+
+
+def test_finetune_help_states_the_real_default_learning_rates():
+    from muse.training.finetune import default_settings
+
+    import re
+
+    text = " ".join(run("finetune", "--help").output.replace("│", " ").split())
+    lora, full = re.search(r"Default (\S+) for lora, (\S+) for full", text).groups()
+    assert (float(lora), float(full)) == (default_settings("lora")["learning_rate"],
+                                          default_settings("full")["learning_rate"])

@@ -240,7 +240,9 @@ def finetune(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Set any training setting, e.g. "
                                                                    "--set weight_decay=0.01."),
     max_iters: Optional[int] = MaxIters, batch_size: Optional[int] = BatchSize, grad_accum: Optional[int] = GradAccum,
-    lr: Optional[float] = LearningRate, min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine decay). Default "
+                                                          "1e-3 for lora, 5e-5 for full."),
+    min_lr: Optional[float] = MinLr, warmup_iters: Optional[int] = Warmup,
     eval_interval: Optional[int] = EvalInterval, eval_iters: Optional[int] = EvalIters,
     log_interval: Optional[int] = LogInterval, save_interval: Optional[int] = SaveInterval,
     dtype: Optional[str] = DType, seed: Optional[int] = TrainSeed, device: Optional[str] = Device,
