@@ -201,3 +201,34 @@ def _fsync_dir(folder: Path) -> None:
 def write_text_atomic(path: "str | Path", text: str, private: bool = False) -> Path:
     """`write_bytes_atomic` for UTF-8 text (newlines written as given)."""
     return write_bytes_atomic(path, text.encode("utf-8"), private)
+
+
+# -- paths built from user input ----------------------------------------------------------
+
+# File systems allow 255 bytes a name; atomic writes add a ".NAME.tmp-PID-THREAD" sibling.
+MAX_NAME_BYTES = 200
+
+
+class UnsafePathError(MuseError):
+    """A user-supplied path that would leave the directory it must stay in."""
+
+
+def safe_join(base: "str | Path", *parts: str) -> Path:
+    """base / parts, guaranteed to stay inside `base` (for names that come from users).
+
+    Rejects absolute parts, `..` that climbs out, NUL bytes, and symlinks that point outside;
+    raises `UnsafePathError`. The directories need not exist yet.
+    """
+    root = Path(base).resolve()
+    for part in parts:
+        if not isinstance(part, str) or not part or "\x00" in part:
+            raise UnsafePathError(f"invalid path component {part!r}: use a plain, non-empty file name")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise UnsafePathError(f"the name {part[:40]!r}… is {len(part.encode('utf-8', 'surrogatepass'))} bytes "
+                                  f"long; the limit is {MAX_NAME_BYTES} bytes: use a shorter name")
+        if Path(part).is_absolute() or part.startswith(("/", "\\")) or (part[1:2] == ":" and part[0].isalpha()):
+            raise UnsafePathError(f"absolute paths are not allowed here: {part!r}; give a name relative to {root}")
+    target = root.joinpath(*parts).resolve()  # resolves `..` and symlinks
+    if target != root and root not in target.parents:
+        raise UnsafePathError(f"{'/'.join(parts)!r} points outside {root}; use a name without '..' or links out")
+    return target

@@ -269,7 +269,8 @@ def test_add_text_validates_and_is_idempotent(lexical):
 
 
 def test_uploads_are_added_whole_or_not_at_all(tmp_path, lexical):
-    from muse.apps.uploads import UnsafePathError, UploadError, add_uploads
+    from muse.apps.uploads import UploadError, add_uploads
+    from muse.fileio import UnsafePathError
 
     folder = tmp_path / "uploads"
     added = add_uploads(lexical, folder, [(" kettle.txt ", KETTLE.encode()), ("lighthouse.pdf", pdf_bytes(["Hi."]))])

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from muse.errors import MuseError
 from muse.server import Embedder, ServerThread, create_app
-from muse.server.security import Limits, UnsafePathError, api_key_from, check_bind, muse_home_path, safe_join
+from muse.fileio import UnsafePathError, safe_join
+from muse.server.security import Limits, api_key_from, check_bind, muse_home_path
 from tests.helpers import LOCAL, tiny_model
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"

@@ -20,7 +20,7 @@ from muse.apps import writer
 from muse.apps.analysis import classify, sentiment
 from muse.apps.assistant import Assistant
 from muse.apps.diff import word_diff
-from muse.apps.creative import create
+from muse.apps.creative import create, default_params as creative_defaults
 from muse.apps.kb import KnowledgeBase, ask
 from muse.generation import SamplingParams
 from muse.server import ServerThread, create_app
@@ -387,8 +387,9 @@ def test_the_diff_works_word_by_word_and_character_by_character():
 def test_create_equals_the_in_process_creation(smol, default_model, client):
     body = {"kind": "slogan", "topic": "fresh coffee", "attempts": 1, "max_tokens": 12, "temperature": 0}
     r = smol.post("/api/create", json=body).json()
+    # Options given go over the creative app's defaults (its presence penalty, top-p), as on the CLI.
     expected = create(default_model, "slogan", "fresh coffee", attempts=1,
-                      params=SamplingParams(max_new_tokens=12, temperature=0.0))
+                      params=creative_defaults("slogan").replace(max_new_tokens=12, temperature=0.0))
     assert (r["text"], r["ok"], r["problems"], r["tries"], r["form"]) == (
         expected.text, expected.ok, expected.problems, 1, None)
     assert r["ok"] == (r["problems"] == [])

@@ -21,7 +21,8 @@ from muse.scheduler import SchedulerBusy
 from muse.server import ServerThread, create_app
 from muse.server.apps import Admission
 from muse.server.errors import APIError, from_exception
-from muse.server.security import BodyLimitMiddleware, Limits, host_name, safe_join
+from muse.fileio import safe_join
+from muse.server.security import BodyLimitMiddleware, Limits, host_name
 from muse.store import Store
 from tests.helpers import LOCAL, tiny_model
 

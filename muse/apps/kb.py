@@ -55,10 +55,13 @@ from muse.apps.language import check_language
 from muse.text import han_count, pack_spans, terms
 from muse.errors import MuseError
 from muse.safety import guard, guard_stream
+from muse.sampling import SamplingParams
 from muse.store import Store, now
 
 if TYPE_CHECKING:  # muse.generation imports torch, which listing documents does not need
-    from muse.generation import GenerationChunk, SamplingParams
+    from muse.generation import GenerationChunk
+
+DEFAULT_PARAMS = SamplingParams(temperature=0.0)  # greedy: an answer from the documents, not a varied one
 
 CHUNK_TOKENS = 200   # chunk budget, in estimated embedding-model tokens (e5 reads at most 512)
 CHUNK_OVERLAP = 1    # sentences repeated at the start of the next chunk, so a fact keeps its context
@@ -568,16 +571,14 @@ def _finish(text: str, passages: list[Citation], lang: str) -> Answer:
 
 def stream_ask(model, kb: KnowledgeBase, question: str, params: SamplingParams | None = None,
                k: int = 4) -> AskStream:
-    """Retrieve, then stream an answer with citations (see AskStream). Greedy unless `params` says otherwise."""
+    """Retrieve, then stream an answer with citations (see AskStream). `DEFAULT_PARAMS` (greedy) unless `params`."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
     lang = check_language(model, question)
     guard(question, "input", source="ask")  # the safety switch: a no-op unless safety is on
     hits = [h for h in kb.search(question, k=k) if relevant(h)]
     citations = [Citation(n, h.title, h.path, h.chunk_id, h.text) for n, h in enumerate(hits, 1)]
-    from muse.generation import SamplingParams
-
-    return AskStream(model, question, citations, lang, params or SamplingParams(temperature=0.0))
+    return AskStream(model, question, citations, lang, params or DEFAULT_PARAMS)
 
 
 def ask(model, kb: KnowledgeBase, question: str, params: SamplingParams | None = None, k: int = 4) -> Answer:

@@ -5,8 +5,7 @@
 
 `add_uploads` is all or nothing: every file is extracted first, and one that gives no text (or is a
 bomb, or over a limit) refuses the whole batch with an `UploadError` naming it; only then are the
-files written to the folder and indexed. `safe_join` keeps any path built from a user's name
-inside its base folder (uploads here, the web app's static files in the server).
+files written to the folder and indexed, each path built with `muse.fileio.safe_join`.
 """
 
 from __future__ import annotations
@@ -15,15 +14,7 @@ import time
 from pathlib import Path
 
 from muse.errors import MuseError
-from muse.fileio import replacing
-
-# File systems allow 255 bytes a name; atomic writes add a ".NAME.tmp-PID-THREAD" sibling.
-MAX_NAME_BYTES = 200
-
-
-class UnsafePathError(MuseError):
-    """A user-supplied path that would leave the directory it must stay in."""
-
+from muse.fileio import replacing, safe_join
 
 class UploadError(MuseError):
     """An upload refused as a whole. `code`: "invalid_name" (not a plain file name) or
@@ -32,27 +23,6 @@ class UploadError(MuseError):
     def __init__(self, message: str, code: str):
         super().__init__(message)
         self.code = code
-
-
-def safe_join(base: "str | Path", *parts: str) -> Path:
-    """base / parts, guaranteed to stay inside `base` (for names that come from users).
-
-    Rejects absolute parts, `..` that climbs out, NUL bytes, and symlinks that point outside;
-    raises `UnsafePathError`. The directories need not exist yet.
-    """
-    root = Path(base).resolve()
-    for part in parts:
-        if not isinstance(part, str) or not part or "\x00" in part:
-            raise UnsafePathError(f"invalid path component {part!r}: use a plain, non-empty file name")
-        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise UnsafePathError(f"the name {part[:40]!r}… is {len(part.encode('utf-8', 'surrogatepass'))} bytes "
-                                  f"long; the limit is {MAX_NAME_BYTES} bytes: use a shorter name")
-        if Path(part).is_absolute() or part.startswith(("/", "\\")) or (part[1:2] == ":" and part[0].isalpha()):
-            raise UnsafePathError(f"absolute paths are not allowed here: {part!r}; give a name relative to {root}")
-    target = root.joinpath(*parts).resolve()  # resolves `..` and symlinks
-    if target != root and root not in target.parents:
-        raise UnsafePathError(f"{'/'.join(parts)!r} points outside {root}; use a name without '..' or links out")
-    return target
 
 
 def upload_name(name: str | None) -> str:

@@ -118,16 +118,14 @@ def ask(
 
     with Activity() as activity:
         with loading(activity, model):  # shown before torch is imported: ~1 s
-            from muse.apps.kb import stream_ask
+            from muse.apps.kb import DEFAULT_PARAMS, stream_ask
 
             kb = _kb(no_embeddings)
             if not kb.list():
                 raise MuseError("The knowledge base is empty: add documents first with `muse kb add PATH...`.")
             given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-            # stream_ask's default (greedy: an answer from the documents, not a varied one). muse.apps.kb does
-            # not export it under a name yet; the server's /api/kb/ask uses this same base.
-            params = over(muse.SamplingParams(temperature=0.0), given) if given else None
+            params = over(DEFAULT_PARAMS, given) if given else None
             m = muse.load(model, precision=precision)
         activity.step("Searching the knowledge base" + (" (embeddings)" if kb.dense else ""))
         stream = stream_ask(m, kb, question, params, k=k)

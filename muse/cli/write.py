@@ -143,8 +143,7 @@ def _target(input: Optional[Path], output: Optional[Path], in_place: bool) -> Op
 
 
 def _run(action, text, input, output, in_place, given, model, precision, verbose, **options) -> None:
-    import muse
-    from muse.apps.writer import default_params, new_text, stream_write
+    from muse.apps.writer import default_params, result_text, stream_write
 
     source = _read_input(text, input)
     target = _target(input, output, in_place)
@@ -162,11 +161,7 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
         err.print(f"[yellow]Warning:[/] the model stopped at --max-tokens ({params.max_new_tokens}) before "
                   "finishing (at least one piece); raise -n to get all of it.")
     if target is not None:
-        result = "".join(parts)
-        if not result.strip():
-            raise muse.MuseError(f"The model returned nothing, so {target} was not changed. Try again, "
-                                 "e.g. with another --seed or --temperature.")
-        _save(target, new_text(action, source, result), action)
+        _save(target, result_text(action, source, "".join(parts), str(target)), action)  # refuses an empty output
 
 
 def _save(target: Path, content: str, action: str) -> None:

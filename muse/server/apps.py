@@ -44,9 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from muse.api import Model
 from muse.apps.language import supports_chinese
-from muse.apps.uploads import safe_join
+from muse.apps.entities import FIELDS_TOKENS
 from muse.errors import MuseError
-from muse.fileio import remove_stale_temps
+from muse.fileio import remove_stale_temps, safe_join
 from muse.generation import SamplingParams
 from muse.sampling import RANGES
 from muse.text import language
@@ -642,12 +642,12 @@ async def search_documents(request: Request, q: str = Query(min_length=1, max_le
 @router.post("/api/kb/ask", tags=["Knowledge base"], responses=_SSE,
              summary="Answer a question from the documents, with numbered citations")
 async def ask(body: Question, request: Request):
-    from muse.apps.kb import stream_ask
+    from muse.apps.kb import DEFAULT_PARAMS, stream_ask
 
     _check_chars(request, len(body.question), "question")
     work = Work(request)
     answer = await work.call(stream_ask, work.model(body.model, body.question), _state(request).kb, body.question,
-                             body.params(SamplingParams(temperature=0.0)), body.k)
+                             body.params(DEFAULT_PARAMS), body.k)
     return await work.respond(_ask_events(answer), body.stream)
 
 
@@ -690,13 +690,13 @@ def write_actions():
 @router.post("/api/write", tags=["Writing desk"], responses=_SSE,
              summary="Run a writing action; the text and the result are saved as versions")
 async def write(body: WriteBody, request: Request):
-    from muse.apps.writer import DEFAULT_PARAMS, stream_write
+    from muse.apps.writer import default_params, stream_write
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
     model = work.model(body.model, body.text, chinese=_into_chinese(body.to))
     chunks = await work.call(stream_write, model, body.action, body.text, tone=body.tone,
-                             to=body.to, length=body.length, params=body.params(DEFAULT_PARAMS))
+                             to=body.to, length=body.length, params=body.params(default_params(model)))
     return await work.respond(_write_events(_state(request).store, body, chunks), body.stream)
 
 
@@ -766,8 +766,8 @@ def restore_version(seq: int, request: Request, document: str = Query("draft", m
 # -- creative writing and analysis -----------------------------------------------------------
 
 class CreateBody(Sampling):
-    """With no sampling option given, the creative app's own defaults apply (varied sampling, a length
-    per kind); options given start from Muse's general defaults."""
+    """Sampling options given go over the creative app's own defaults (varied sampling, a presence
+    penalty, a length per kind: `muse.apps.creative.default_params`), as on the CLI."""
 
     kind: Literal["poem", "story", "slogan", "product"]
     topic: str = Field(min_length=1, max_length=2000)
@@ -793,12 +793,13 @@ class SentimentBody(_Body):
 
 @router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
 async def create(body: CreateBody, request: Request):
-    from muse.apps.creative import FORMS, create as make
+    from muse.apps.creative import FORMS, create as make, default_params
 
     work = Work(request)
     # Every form is generated on the scheduler (Chinese verse under a grammar constraint).
     model = work.model(body.model, body.topic, chinese=body.form in FORMS and FORMS[body.form].chinese)
-    c = await work.call(make, model, body.kind, body.topic, body.form, body.params(), body.attempts)
+    c = await work.call(make, model, body.kind, body.topic, body.form, body.params(default_params(body.kind)),
+                        body.attempts)
     return {"text": c.text, "form": c.form, "ok": c.ok, "problems": list(c.problems), "tries": c.tries}
 
 
@@ -829,7 +830,7 @@ class ExtractBody(_Body):
                                        description="Entity types added to the five defaults (or, with only, instead).")
     only: bool = False
     json_schema: Optional[dict] = Field(None, alias="schema", description="Extract these fields instead of entities.")
-    max_tokens: int = Field(512, ge=1, le=4096, description="Most tokens for a schema answer.")
+    max_tokens: int = Field(FIELDS_TOKENS, ge=1, le=4096, description="Most tokens for a schema answer.")
 
 
 @router.post("/api/extract", tags=["Analysis"], summary="Named entities with offsets, or fields of a JSON schema")

@@ -16,7 +16,7 @@
   be framed (`SecurityHeadersMiddleware`).
 - Bodies must arrive within `Limits.body_timeout_s` (else 408), and the bodies being received
   at once hold at most `Limits.max_buffered_bytes` (else 429 with `Retry-After`).
-- `safe_join` (defined in `muse.apps.uploads`, which the library's upload code uses too) keeps paths
+- `safe_join` (defined in `muse.fileio`, which the library's upload code uses too) keeps paths
   built from user input (upload names) inside a base directory.
 """
 
@@ -31,7 +31,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from muse.apps.uploads import MAX_NAME_BYTES, UnsafePathError, safe_join  # noqa: F401 — re-exported
+from muse.fileio import safe_join
 from muse.errors import MuseError
 from muse.server.errors import error_body
 
