@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from muse.errors import CheckpointError, MuseError
 from muse.fileio import disk_full_is_an_error, write_bytes_atomic, write_text_atomic
+from muse.generation import per_second
 from muse.training import distributed as dist_
 from muse.training.batches import BatchSource
 from muse.training.state import (find_checkpoint, load_training_state, nothing_to_resume,
@@ -554,7 +555,7 @@ class _Run:
             return
         train_loss = float(dist_.mean_over_ranks(loss, self.env))
         now = time.perf_counter()
-        tok_s = self.tokens_per_iter * (done - self.it_log) / max(now - self.t_log, 1e-9)
+        tok_s = per_second(self.tokens_per_iter * (done - self.it_log), now - self.t_log)
         self.t_log, self.it_log = now, done
         if self.main:
             self.metrics.log({"iter": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
