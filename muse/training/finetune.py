@@ -269,12 +269,29 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     out_dir/"best" (lowest validation loss, when evals run), metrics.jsonl and loss.png.
     """
     from muse.api import load
-    from muse.checkpoints import save_checkpoint
     from muse.checkpoints.adapter import base_fingerprint
-    from muse.lora import apply_lora, check_hparams, save_adapter
-    from muse.training.loop import train
 
-    # Everything checkable without the model fails here, before a slow load.
+    settings = _check_before_loading(method, rank, alpha, dropout, cfg, settings, data, val_data)
+    loaded = load(model, precision="fp32")
+    if loaded.tokenizer is None:
+        raise ChatDataError(f"{loaded.name} has no tokenizer; chat fine-tuning needs one (and its chat template).")
+    net, tok = loaded.model, loaded.tokenizer
+    batches = ChatBatches(data, tok, min(block_size, net.config.block_size), val_path=val_data)
+    if cfg is None:
+        cfg = default_config(method, batches.stats.conversations["val"], **settings)
+    base = str(model) if model is not None else loaded.name
+    if method == "full":
+        source = {"base": base, "finetune": "full", "data": str(Path(data).resolve())}
+        return _train_full(net, tok, batches, cfg, Path(out_dir), resume, source)
+    meta = {"rank": rank, "alpha": alpha, "dropout": dropout, "base": base_fingerprint(model, loaded.info),
+            "model": net.config.to_dict(), "data": str(Path(data).resolve())}
+    return _train_lora(net, tok, batches, cfg, Path(out_dir), resume, targets, meta)
+
+
+def _check_before_loading(method, rank, alpha, dropout, cfg, settings, data, val_data) -> dict[str, Any]:
+    """Everything checkable without the model, so a mistake fails before a slow load; the settings."""
+    from muse.lora import check_hparams
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "lora":
@@ -283,43 +300,42 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
         raise ValueError("pass cfg or settings, not both: settings go on top of the fine-tuning defaults")
     settings = dict(settings or {})
     if cfg is None:
-        default_config(method, **settings)  # checked now; built again below, when the validation set is known
+        default_config(method, **settings)  # checked now; built again once the validation set is known
     read_chats(data)
     if val_data is not None:
         read_chats(val_data)
-    loaded = load(model, precision="fp32")
-    if loaded.tokenizer is None:
-        raise ChatDataError(f"{loaded.name} has no tokenizer; chat fine-tuning needs one (and its chat template).")
-    net, tok = loaded.model, loaded.tokenizer
-    block = min(block_size, net.config.block_size)
-    batches = ChatBatches(data, tok, block, val_path=val_data)
-    if cfg is None:
-        cfg = default_config(method, batches.stats.conversations["val"], **settings)
-    out_dir = Path(out_dir)
+    return settings
 
-    if method == "full":
-        net.requires_grad_(True)
-        source = {"base": str(model) if model is not None else loaded.name, "finetune": "full",
-                  "data": str(Path(data).resolve())}
 
-        def save_full(path: Path, m, t) -> None:
-            save_checkpoint(path, m, t, **source)
+def _train_full(net, tok, batches, cfg, out_dir: Path, resume: bool, source: dict[str, str]) -> Path:
+    """Train every weight; out_dir/"last" is a full Muse checkpoint recording `source`."""
+    from muse.checkpoints import save_checkpoint
+    from muse.training.loop import train
 
-        train(net, batches, cfg, out_dir, tokenizer=tok, resume=resume, save_fn=save_full)
-    else:
-        targets_list = None if targets is None else [targets] if isinstance(targets, str) else list(targets)
-        params = apply_lora(net, rank, alpha, targets_list, dropout)
-        meta = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets_list or "all block linears",
-                "base": base_fingerprint(model, loaded.info), "model": net.config.to_dict(),
-                "data": str(Path(data).resolve())}
+    net.requires_grad_(True)
 
-        def save_lora(path: Path, m, t) -> None:
-            save_adapter(path, m, meta)
+    def save_full(path: Path, m, t) -> None:
+        save_checkpoint(path, m, t, **source)
 
-        train(net, batches, cfg, out_dir, tokenizer=tok, resume=resume, params=params, save_fn=save_lora)
-        # out_dir/last also holds the optimizer state (for --resume); the adapter alone is what users share.
-        return save_adapter(out_dir / "adapter", net, meta)
+    train(net, batches, cfg, out_dir, tokenizer=tok, resume=resume, save_fn=save_full)
     return out_dir / "last"
+
+
+def _train_lora(net, tok, batches, cfg, out_dir: Path, resume: bool, targets, meta: dict[str, Any]) -> Path:
+    """Train LoRA adapters on `targets`; returns out_dir/"adapter", the adapter alone."""
+    from muse.lora import apply_lora, save_adapter
+    from muse.training.loop import train
+
+    targets_list = None if targets is None else [targets] if isinstance(targets, str) else list(targets)
+    params = apply_lora(net, meta["rank"], meta["alpha"], targets_list, meta["dropout"])
+    meta = {**meta, "targets": targets_list or "all block linears"}
+
+    def save_lora(path: Path, m, t) -> None:
+        save_adapter(path, m, meta)
+
+    train(net, batches, cfg, out_dir, tokenizer=tok, resume=resume, params=params, save_fn=save_lora)
+    # out_dir/last also holds the optimizer state (for --resume); the adapter alone is what users share.
+    return save_adapter(out_dir / "adapter", net, meta)
 
 
 __all__ = ["ChatBatches", "ChatDataError", "ChatStats", "default_config", "encode_chat", "finetune", "read_chats"]
