@@ -1,0 +1,392 @@
+"""Output gates: checks on a writing action's finished output against its input, run before the
+output is shown as done or saved (issue #15).
+
+    >>> check("translate", "预算是30万元。", "The budget is $30,000.")
+    [Problem(gate='invented', message='not in the text: 30,000 (numbers, dates, amounts)')]
+
+Each gate returns `Problem`s a user can read; an empty list means the output passed:
+- `repetition`: a line or sentence repeated (or nearly: ≥ 90 % alike), or a phrase looping, more
+  often than in the input;
+- `preamble`: a leftover "Here is…" / "The short answer is:" / "以下是…：" line or label
+  (the patterns of `muse.apps.cleaning`, applied to every line);
+- `invented`: numbers, dates and amounts (compared by value across scripts: 30万 = 300,000 =
+  300000 = 三十万) and names (capitalised words inside a sentence; Chinese place, firm and person
+  names before 路/公司/经理…) that the input does not have;
+- `length`: shorten ≤ 75 % of the input, expand ≥ 110 %, summarize within its requested length;
+- `shape`: titles = N distinct short lines, not prose; outline = bulleted or numbered lines.
+
+Which gates apply depends on the action (`GATES`). Lengths are words for English and Han
+characters for Chinese. The checks are plain string work: no model, no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+
+from muse.apps.cleaning import _PREAMBLES
+from muse.text import language, sentences
+
+SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
+EXPAND_MIN = 1.10    # expand: at least this share
+SUMMARY_SLACK = 1.5  # summarize: at most this times the requested length (default: SUMMARY_MAX of the input)
+SUMMARY_MAX = 0.6
+NEAR = 0.9           # two sentences this alike (difflib ratio) count as a repeat
+TITLES = 5           # what the titles prompt asks for
+
+# action → the gates that apply to it
+GATES: dict[str, tuple[str, ...]] = {
+    "rewrite": ("repetition", "preamble", "invented"),
+    "polish": ("repetition", "preamble", "invented"),
+    "shorten": ("repetition", "preamble", "invented", "length"),
+    "expand": ("repetition", "preamble", "numbers", "length"),
+    "summarize": ("repetition", "preamble", "invented", "length"),
+    "translate": ("repetition", "preamble", "numbers"),
+    "titles": ("preamble", "shape"),
+    "outline": ("repetition", "preamble", "numbers", "shape"),
+    "continue": ("repetition",),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    gate: str     # repetition | preamble | invented | length | shape
+    message: str  # what is wrong, for the user
+
+    def __str__(self) -> str:
+        return f"{self.gate}: {self.message}"
+
+
+def check(action: str, source: str, output: str, *, length: int | None = None, titles: int = TITLES) -> list[Problem]:
+    """The problems of `output`, what `action` made of `source` (empty: it passed). `length` is
+    summarize's requested length; `titles` how many titles were asked for."""
+    gates = GATES.get(action, ("repetition", "preamble"))
+    problems: list[Problem] = []
+    if not output.strip():
+        return [Problem("shape", "the output is empty")]
+    if "repetition" in gates:
+        problems += repetition(source, output)
+    if "preamble" in gates:
+        problems += preambles(source, output)
+    if "invented" in gates or "numbers" in gates:
+        problems += invented(source, output, names="invented" in gates and not _crosses_scripts(source, output))
+    if "length" in gates:
+        problems += length_target(action, source, output, length)
+    if action == "titles":
+        problems += titles_shape(source, output, titles)
+    elif action == "outline":
+        problems += outline_shape(output)
+    return problems
+
+
+def summary(problems: list[Problem]) -> str:
+    """The problems as one line."""
+    return "; ".join(str(p) for p in problems)
+
+
+# -- repetition -----------------------------------------------------------------------------
+
+def _norm(s: str) -> str:
+    return re.sub(r"[\W_]+", " ", s.lower()).strip()
+
+
+def _units(text: str) -> list[str]:
+    """Lines, and the sentences of each line, normalised; short ones (one word, < 4 Han) left out."""
+    out = []
+    for line in text.splitlines():
+        line = _strip_marker(line)
+        if not line.strip():
+            continue
+        parts = sentences(line) or [line]
+        for u in ([line] if len(parts) > 1 else []) + parts:
+            n = _norm(u)
+            if len(n.split()) >= 2 or _han(n) >= 4:
+                out.append(n)
+    return out
+
+
+def repetition(source: str, output: str) -> list[Problem]:
+    """A sentence or line the output repeats (exactly or ≥ NEAR alike) more often than the input, or
+    a phrase of ≥ 4 words / 8 characters looping three times or more."""
+    have = _units(source)
+    seen: list[str] = []
+    for u in _units(output):
+        twin = next((s for s in seen if s == u or (abs(len(s) - len(u)) < 0.2 * max(len(s), len(u))
+                                                   and SequenceMatcher(None, s, u).ratio() >= NEAR)), None)
+        if twin is not None and sum(1 for h in have if h == u) < 2:
+            times = 1 + sum(1 for s in _units(output) if s == twin or SequenceMatcher(None, s, twin).ratio() >= NEAR)
+            return [Problem("repetition", f"repeated {times - 1 if times > 2 else 2} times: "
+                                          f"{_quote(u)}")]
+        seen.append(u)
+    loop = _loop(output)
+    if loop and _loop(source) != loop:
+        return [Problem("repetition", f"a phrase loops: {_quote(loop)}")]
+    return []
+
+
+def _loop(text: str) -> str | None:
+    """A word 4-gram (English) or 8-character run (Chinese) occurring 3+ times."""
+    words = _norm(text).split()
+    counts: dict[str, int] = {}
+    for i in range(len(words) - 3):
+        g = " ".join(words[i:i + 4])
+        counts[g] = counts.get(g, 0) + 1
+        if counts[g] >= 3:
+            return g
+    han = re.sub(r"[^\u4e00-\u9fff]", "", text)
+    for i in range(len(han) - 7):
+        g = han[i:i + 8]
+        if han.count(g) >= 3:
+            return g
+    return None
+
+
+# -- preambles and labels -------------------------------------------------------------------
+
+_LABEL = re.compile(
+    r"^(?:(?:the|a|an|my|your)\s+)?(?:short|shortened|shorter|final|rewritten|revised|polished|corrected|"
+    r"formal|casual|expanded|new|improved|edited)?\s*(?:answer|version|text|result|response|output|rewrite|summary|"
+    r"outline|titles?|translation)(?:\s+(?:is|are|would be))?\s*[:：]", re.IGNORECASE)
+
+
+def preambles(source: str, output: str) -> list[Problem]:
+    """A line of the output (not also in the source) that is a preamble or label: "Here is…:",
+    "The short answer is:", "Sure!", "以下是…：", "译文：" — anywhere, not only at the start."""
+    src = _norm(source)
+    for line in output.splitlines():
+        s = _strip_marker(line).strip()
+        if not s or (_norm(s) and _norm(s) in src):
+            continue
+        head = s[:80]
+        if _LABEL.match(head) or any(p.match(head) for p in _PREAMBLES):
+            return [Problem("preamble", f"a leftover preamble or label: {_quote(s)}")]
+    return []
+
+
+# -- invented facts -------------------------------------------------------------------------
+
+_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
+_CN_BIG = {"万": 10_000, "亿": 100_000_000}
+_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_WORDS.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
+_WORDS.update({"dozen": 12, "hundred": 100, "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5})
+_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9,
+          "千": 1e3, "万": 1e4, "亿": 1e8, "百万": 1e6, "千万": 1e7, "万亿": 1e12}
+_NUM = re.compile(r"(\d+(?:[,，]\d{3})*(?:\.\d+)?)\s*(百万|千万|万亿|thousand|million|billion|bn|mn|k|千|万|亿)?",
+                  re.IGNORECASE)
+_CN_NUM = re.compile(r"[零〇一二两三四五六七八九十百千万亿]+")
+_CN_COUNTED = re.compile(r"[月日号年元块点岁页天周个人位次分秒%]")  # a Chinese numeral before one of these is a number
+_TIME = re.compile(r"\b(\d{1,2})(?::\d{2})?\s*(p\.?m\.?|pm)\b", re.IGNORECASE)
+
+
+def _cn_value(s: str) -> float | None:
+    """The value of a Chinese numeral such as 三百, 三十万, 两千五百, 一万二千; None if not one."""
+    total, section, digit = 0, 0, None
+    for ch in s:
+        if ch in _CN_DIGITS:
+            digit = _CN_DIGITS[ch]
+        elif ch in _CN_UNITS:
+            section += (1 if digit is None else digit) * _CN_UNITS[ch]
+            digit = None
+        elif ch in _CN_BIG:
+            total = (total + section + (digit or 0)) * _CN_BIG[ch]
+            section, digit = 0, None
+    return float(total + section + (digit or 0))
+
+
+def numbers(text: str, generous: bool = False) -> dict[float, str]:
+    """Value → how it is written, for each number, date part and amount in `text`. `generous` (the
+    input side) also reads number words (three, dozen), every Chinese numeral and 12 p.m. times as 24 h."""
+    out: dict[float, str] = {}
+    body = "\n".join(_strip_marker(line) for line in text.splitlines())
+    for m in _NUM.finditer(body):
+        raw, scale = m.group(1), (m.group(2) or "").lower()
+        if scale == "k" and re.match(r"[a-z]", body[m.end():m.end() + 1] or " ", re.IGNORECASE):
+            scale = ""  # "5 km", "3 min": a unit, not a multiplier
+        value = float(re.sub(r"[,，]", "", raw)) * _SCALE.get(scale, 1)
+        out.setdefault(value, m.group(0).strip())
+        if generous:
+            out.setdefault(float(re.sub(r"[,，]", "", raw)), raw)
+    for m in _CN_NUM.finditer(body):
+        s = m.group(0)
+        if s in ("万", "亿", "千", "百", "十"):
+            continue
+        after = body[m.end():m.end() + 1]
+        prev = body[m.start() - 1:m.start()]
+        if not generous and not (any(c in s for c in "十百千万亿") and len(s) > 1 or _CN_COUNTED.match(after or " ")):
+            continue  # 一起, 统一, 一些: words, not numbers
+        if prev.isdigit():
+            continue  # the 万 of 30万, read above
+        out.setdefault(_cn_value(s), s)
+    if generous:
+        for w in re.findall(r"[a-z]+", body.lower()):
+            if w in _WORDS:
+                out.setdefault(float(_WORDS[w]), w)
+        for m in _TIME.finditer(body):
+            out.setdefault(float(int(m.group(1)) % 12 + 12), m.group(0))
+        if "点半" in body or "half past" in body.lower():
+            out.setdefault(30.0, "半")
+    return out
+
+
+_NAME = re.compile(r"\b[A-Z][A-Za-z'’\-]*[A-Za-z]\b|\b[A-Z]{2,}\b")
+_HONORIFIC = {"Mr", "Mrs", "Ms", "Dr", "Dear", "I", "I'm", "I'll", "I've", "I'd", "OK", "Ok", "Hi", "Hello", "Thanks",
+              "Thank", "Please", "Best", "Regards", "Sincerely", "Note", "P.S", "PS", "Yes", "No", "Oh", "Wow"}
+_CN_NAME = re.compile(r"([\u4e00-\u9fff])(路|街|市|省|县|公司|餐馆|菜馆|饭店|酒店|大学|医院|银行|经理|先生|女士|老师|总监|小区|广场|中心)")
+_CN_NOT_NAME = set("的是在了和与到为由从向对把被给也都就还又总副各该本此这那个新老大小请")
+
+
+def invented(source: str, output: str, names: bool = True) -> list[Problem]:
+    """Numbers, dates and amounts in `output` whose value `source` does not have, and with `names`,
+    names it does not have (English: capitalised words not at a sentence's start; Chinese: the
+    character before 路, 公司, 经理 … with it)."""
+    have = numbers(source, generous=True)
+    new = [raw for value, raw in numbers(output).items()
+           if value not in have and value != 0 and not any(abs(value - v) < 1e-9 * max(1, v) for v in have)]
+    problems = []
+    if new:
+        problems.append(Problem("invented", f"not in the text: {', '.join(new[:6])} (numbers, dates, amounts)"))
+    if names:
+        extra = _new_names(source, output)
+        if extra:
+            problems.append(Problem("invented", f"names not in the text: {', '.join(extra[:6])}"))
+    return problems
+
+
+_SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesday", "thu": "thursday",
+          "thur": "thursday", "thurs": "thursday", "fri": "friday", "sat": "saturday", "sun": "sunday",
+          "jan": "january", "feb": "february", "mar": "march", "apr": "april", "jun": "june", "jul": "july",
+          "aug": "august", "sep": "september", "sept": "september", "oct": "october", "nov": "november",
+          "dec": "december"}
+
+
+def _new_names(source: str, output: str) -> list[str]:
+    words = {w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'’\-]*", source)}
+    words |= {_SHORT[w] for w in words if w in _SHORT}
+    stems = {w[:5] for w in words if len(w) >= 5}
+    extra: list[str] = []
+    for line in output.splitlines():
+        line = _strip_marker(line)
+        for sent in sentences(line) or [line]:
+            for m in _NAME.finditer(sent):
+                w = m.group(0)
+                lead = sent[:m.start()]
+                if not re.search(r"[A-Za-z0-9\u4e00-\u9fff]", lead) or re.search(r"[:：\"“(]\s*$", lead):
+                    continue  # the first word of a sentence, or after a colon or quote
+                key = w.lower().rstrip("'’s")
+                if (w in _HONORIFIC or key in words or w.lower() in words or (len(key) >= 5 and key[:5] in stems)
+                        or w in extra):
+                    continue
+                extra.append(w)
+    for m in _CN_NAME.finditer(output):
+        if m.group(1) in _CN_NOT_NAME or m.group(0) in source:
+            continue
+        if m.group(0) not in extra:
+            extra.append(m.group(0))
+    return extra
+
+
+def _crosses_scripts(source: str, output: str) -> bool:
+    """Whether the output is in another language than the source (a translation): names change
+    script then (王 → Wang), so only numbers can be compared."""
+    return language(source) != language(output)
+
+
+# -- length ---------------------------------------------------------------------------------
+
+def size(text: str) -> int:
+    """Han characters for Chinese text, words for any other."""
+    return _han(text) if language(text) == "zh" else len(re.findall(r"[\w'’-]+", text))
+
+
+def length_target(action: str, source: str, output: str, length: int | None = None) -> list[Problem]:
+    n_in, n_out = size(source), size(output)
+    unit = "characters" if language(source) == "zh" else "words"
+    if action == "shorten" and n_out > SHORTEN_MAX * n_in:
+        return [Problem("length", f"not clearly shorter: {n_out} of {n_in} {unit} "
+                                  f"({100 * n_out // max(n_in, 1)} %; at most {int(100 * SHORTEN_MAX)} %)")]
+    if action == "expand" and n_out < EXPAND_MIN * n_in:
+        return [Problem("length", f"not longer: {n_out} {unit} from {n_in}")]
+    if action == "summarize":
+        limit = int(SUMMARY_SLACK * length) if length else int(SUMMARY_MAX * n_in)
+        if n_out > max(limit, 1):
+            return [Problem("length", f"{n_out} {unit}, over the {length or limit} asked for")]
+    return []
+
+
+# -- shape ----------------------------------------------------------------------------------
+
+_MARKER = re.compile(r"^\s*(?:[-*•·+]|\d{1,2}[.)、]|[（(]?\d{1,2}[)）]|[一二三四五六七八九十]+[、.]|#{1,6})\s+|^\s*\d{1,2}[.、]")
+
+
+def _strip_marker(line: str) -> str:
+    return _MARKER.sub("", line, count=1)
+
+
+def title_lines(output: str) -> list[str]:
+    """The titles of a titles answer: its non-empty lines without list markers and quotes."""
+    out = []
+    for line in output.splitlines():
+        t = _strip_marker(line).strip().strip("\"“”「」'*")
+        if t:
+            out.append(t)
+    return out
+
+
+def titles_shape(source: str, output: str, n: int = TITLES) -> list[Problem]:
+    """`n` distinct titles, one per line: short (≤ 14 words / 30 characters), not sentences of prose."""
+    titles = title_lines(output)
+    problems = []
+    long = [t for t in titles if (_han(t) > 30 if language(t) == "zh" else len(t.split()) > 14)
+            or len(sentences(t)) > 1]
+    if long:
+        problems.append(Problem("shape", f"prose, not a title: {_quote(long[0])}"))
+    dupes = _near_duplicates(titles)
+    if dupes:
+        problems.append(Problem("shape", f"the same title more than once: {_quote(dupes[0])}"))
+    distinct = len(titles) - len(dupes)
+    if distinct != n:
+        problems.append(Problem("shape", f"{distinct} distinct title{'s' if distinct != 1 else ''}, not {n}"))
+    return problems
+
+
+def _near_duplicates(items: list[str]) -> list[str]:
+    seen, dupes = [], []
+    for t in items:
+        n = _norm(t)
+        if any(n == s or SequenceMatcher(None, n, s).ratio() >= NEAR for s in seen):
+            dupes.append(t)
+        else:
+            seen.append(n)
+    return dupes
+
+
+_BULLET = re.compile(r"^\s*(?:[-*•·+]|\d{1,2}[.)、]|[（(]?\d{1,2}[)）]|[一二三四五六七八九十]+[、.])\s*\S")
+
+
+def outline_shape(output: str) -> list[Problem]:
+    """At least two bullet or numbered lines, and no paragraph of prose outside them (a heading
+    line is fine)."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    bullets = [line for line in lines if _BULLET.match(line)]
+    if len(bullets) < 2:
+        return [Problem("shape", "not an outline: no bulleted or numbered list")]
+    prose = [line for line in lines if not _BULLET.match(line) and len(sentences(line)) > 1]
+    if prose:
+        return [Problem("shape", f"prose outside the list: {_quote(prose[0])}")]
+    return []
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _han(text: str) -> int:
+    return len(re.findall(r"[\u4e00-\u9fff]", text))
+
+
+def _quote(s: str, width: int = 60) -> str:
+    s = " ".join(s.split())
+    return f"“{s if len(s) <= width else s[:width - 1] + '…'}”"
