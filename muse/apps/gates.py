@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 from muse.apps.cleaning import _PREAMBLES
-from muse.text import language, sentences
+from muse.text import language, sentence_spans, sentences
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
 EXPAND_MIN = 1.10    # expand: at least this share
@@ -83,6 +83,44 @@ def check(action: str, source: str, output: str, *, length: int | None = None, t
 def summary(problems: list[Problem]) -> str:
     """The problems as one line."""
     return "; ".join(str(p) for p in problems)
+
+
+def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
+    """`output` with what can be fixed without the model fixed: a line or sentence repeated word for
+    word is kept once (unless the source repeats it too), a leftover label line ("The short answer
+    is:") is dropped, and titles keep the first `titles` distinct ones. What is left is for `check`."""
+    twice = {u for u in _units(source) if _units(source).count(u) > 1}
+    src = _norm(source)
+    seen: set[str] = set()
+    lines = []
+    for line in output.splitlines():
+        head = _strip_marker(line).strip()
+        m = _LABEL.match(head) or next((p.match(head) for p in _PREAMBLES if p.match(head)), None)
+        if m and m.end() > 0 and _norm(head[:m.end()]) not in src:
+            rest = head[m.end():].strip()
+            if not rest:
+                continue
+            line = line[:len(line) - len(line.lstrip())] + rest
+        kept, spans = [], sentence_spans(line)
+        for a, b in spans:
+            n = _norm(_strip_marker(line[a:b]))
+            if n and n in seen and n not in twice and (len(n.split()) >= 2 or _han(n) >= 4):
+                continue
+            seen.add(n)
+            kept.append(line[a:b])
+        if spans and not kept:
+            continue
+        lines.append(line[:spans[0][0]] + "".join(kept) if spans else line)
+    out = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    if action == "titles":
+        picked, seen_titles = [], []
+        for line in out.splitlines():
+            t = _norm(_strip_marker(line))
+            if t and not any(t == s or SequenceMatcher(None, t, s).ratio() >= NEAR for s in seen_titles):
+                seen_titles.append(t)
+                picked.append(line)
+        out = "\n".join(_strip_marker(line).strip() for line in picked[:titles])  # renumbered: plain lines
+    return out
 
 
 # -- repetition -----------------------------------------------------------------------------

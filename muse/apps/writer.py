@@ -20,6 +20,11 @@ Prompts exist in English and Chinese; the input's language picks one (translate:
 The model's output is cleaned of "Sure, here is…" preambles, wrapping quotes or code fences and
 "I hope this helps" epilogues, while it streams (`muse.apps.cleaning.OutputCleaner`).
 
+Checks: `stream_checked` / `checked_write` run the output's gates (`muse.apps.gates`: repetition,
+leftover preambles, invented numbers and names, length targets, the shape of titles and outlines)
+and retry with a repair note up to ATTEMPTS times; the CLI and the server save only an output that
+passed (`CheckFailedError` otherwise).
+
 Versions: `write_file` keeps every state of a file in the store's `versions` table (key = the
 absolute path): the original before the first change, then each result; `history` lists them,
 `restore` brings one back as a new version, so a restore can itself be undone.
@@ -33,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from muse.apps import gates
 from muse.apps.cleaning import OutputCleaner
+from muse.apps.gates import Problem
 from muse.apps.language import LanguageError, check_language, supports_chinese
 from muse.text import pack_spans
 from muse.errors import MuseError
@@ -141,6 +148,7 @@ class _Options:
     tone: str | None = None   # a key of TONES
     to: str | None = None     # a key of LANGUAGES
     length: int | None = None
+    note: str = ""            # a repair instruction added after a failed check (`stream_checked`)
 
 
 def _check_options(act: Action, tone, to, length) -> _Options:
@@ -193,7 +201,8 @@ def instruction(act: Action, lang: str, opts: _Options) -> str:
 
 def messages(act: Action, lang: str, opts: _Options, text: str) -> list[dict]:
     label = "原文" if lang == "zh" else "Text"
-    return [{"role": "user", "content": f"{instruction(act, lang, opts)}\n\n{label}:\n{text}"}]
+    note = f" {opts.note}" if opts.note else ""
+    return [{"role": "user", "content": f"{instruction(act, lang, opts)}{note}\n\n{label}:\n{text}"}]
 
 
 def _prompt_lang(act: Action, text_lang: str, opts: _Options) -> str:
@@ -215,16 +224,19 @@ def _counter(model):
 # -- the actions ----------------------------------------------------------------------------
 
 def stream_write(model, action: str, text: str, *, tone: str | None = None, to: str | None = None,
-                 length: int | None = None, params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
+                 length: int | None = None, params: SamplingParams | None = None,
+                 note: str = "") -> Iterator[GenerationChunk]:
     """Stream the result of a writing `action` on `text` as `GenerationChunk`s (cleaned text deltas).
 
     tone: rewrite/expand only (see TONES); to: translate only (a code such as "zh", "en", "fr");
     length: summarize only (words for English, characters for Chinese). The last chunk's
     finish_reason is "length" if any piece stopped at max_new_tokens (raise it), else "stop".
-    Bad options raise ValueError here, before anything is generated.
+    Bad options raise ValueError here, before anything is generated. `note` is added to the
+    instruction (`stream_checked` uses it to ask for a repair). The output is not checked: see
+    `stream_checked` / `checked_write`.
     """
     act = get_action(action)
-    opts = _check_options(act, tone, to, length)
+    opts = dataclasses.replace(_check_options(act, tone, to, length), note=note)
     text = _check_text(text)
     text_lang = check_language(model, text)
     if act.name == "translate":
@@ -252,6 +264,147 @@ def write(model, action: str, text: str, **options) -> str:
 def translate(model, text: str, to: str, params: SamplingParams | None = None) -> str:
     """`text` translated into the language `to` ("zh", "en", "ja", "fr", ... or its name)."""
     return write(model, "translate", text, to=to, params=params)
+
+
+# -- checked output ----------------------------------------------------------------------------
+
+ATTEMPTS = 3  # tries before an output that fails its checks is refused: as asked, then two repairs
+
+
+@dataclass(frozen=True)
+class Retry:
+    """`stream_checked` is about to try again: attempt `attempt` (2, 3, …) after these problems."""
+    attempt: int
+    problems: list[Problem]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What `stream_checked` settled on: the output (repaired where it could be, see
+    `gates.repair`), its problems (empty: it passed), how many attempts it took, and the problems
+    of the first attempt as generated (what an unchecked writer would have returned)."""
+    output: str
+    problems: list[Problem]
+    attempts: int
+    first_problems: list[Problem]
+    last: GenerationChunk | None = None  # the last chunk of the output's generation (stats, finish_reason)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class CheckFailedError(MuseError):
+    """An output failed its checks (`muse.apps.gates`) on every attempt, so nothing was saved."""
+
+    def __init__(self, checked: Checked, target: str | None = "the text", hint: str = ""):
+        self.checked = checked
+        tries = f"{checked.attempts} attempt{'s' if checked.attempts != 1 else ''}"
+        what = (f"Not saved: {target} was not changed. The output failed its checks after {tries}" if target
+                else f"The output failed its checks after {tries}")
+        super().__init__(f"{what}: {gates.summary(checked.problems)}.{' ' + hint if hint else ''}")
+
+
+def stream_checked(model, action: str, text: str, *, tone: str | None = None, to: str | None = None,
+                   length: int | None = None, params: SamplingParams | None = None,
+                   attempts: int = ATTEMPTS) -> Iterator["GenerationChunk | Retry | Checked"]:
+    """`stream_write`, then the output's checks (`muse.apps.gates.check`), retried until it passes.
+
+    Yields the first attempt's `GenerationChunk`s as they are generated (show them as a draft),
+    then for each further attempt a `Retry` naming what was wrong; retries are not streamed. The
+    last item is always a `Checked`: its `output` is what to show and save — only if `ok`.
+    Attempt k > 1 samples at temperature 0.4·(k−1) (at least the one given) with seed + k − 1,
+    and the instruction gets a repair note naming the problems ("do not add: $30,000", "at most
+    40 words", "exactly five different titles"). Before checking, what needs no model is fixed
+    (`gates.repair`: repeated lines kept once, leftover labels dropped, titles deduplicated);
+    titles also pool the distinct titles of all attempts. Bad options raise here, as in
+    `stream_write`, before anything is generated.
+    """
+    act = get_action(action)
+    params = params or default_params(model)
+    first = stream_write(model, action, text, tone=tone, to=to, length=length, params=params)
+    lang = _prompt_lang(act, check_language(model, text), _check_options(act, tone, to, length))
+    return _checked(model, act, text, dict(tone=tone, to=to, length=length), params, attempts, first, lang)
+
+
+def checked_write(model, action: str, text: str, **options) -> Checked:
+    """The `Checked` result of `stream_checked` (options: tone, to, length, params, attempts)."""
+    for item in stream_checked(model, action, text, **options):
+        pass
+    return item
+
+
+def _checked(model, act, text, options, params, attempts, first, lang) -> Iterator:
+    problems, first_problems, pool, best = [], [], [], None
+    for k in range(1, max(1, attempts) + 1):
+        if k == 1:
+            chunks = first
+        else:
+            yield Retry(k, problems)
+            retry = params.replace(temperature=max(params.temperature, 0.4 * (k - 1)), seed=(params.seed or 0) + k - 1)
+            chunks = stream_write(model, act.name, text, params=retry, note=_repair_note(act, lang, text, problems),
+                                  **options)
+        parts, last = [], None
+        for chunk in chunks:
+            if k == 1:
+                yield chunk
+            parts.append(chunk.text)
+            last = chunk
+        raw = "".join(parts)
+        if k == 1:
+            first_problems = gates.check(act.name, text, raw, length=options["length"])
+        output = gates.repair(act.name, text, raw)
+        problems = gates.check(act.name, text, output, length=options["length"])
+        if problems and act.name == "titles":
+            pool += [t for t in gates.title_lines(output) if not gates.titles_shape(text, t, 1)]
+            pooled = gates.repair("titles", text, "\n".join(pool))
+            if not gates.check("titles", text, pooled):
+                output, problems = pooled, []
+        if best is None or not problems or len(problems) < len(best.problems):
+            best = Checked(output, problems, k, first_problems, last)
+        if not problems:
+            break
+    yield dataclasses.replace(best, attempts=k)
+
+
+_NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
+    "repetition": ("Do not repeat any sentence.", "不要重复任何句子。"),
+    "preamble": ("Start directly with the text itself: no introduction, label or comment.",
+                 "直接输出正文，不要开场白、标签或说明。"),
+    "invented": ("Use only the numbers, dates, amounts and names that are in the text; do not add {x}.",
+                 "只使用原文中的数字、日期、金额和名称，不要添加{x}。"),
+    "shorten": ("Use at most {x} words.", "不超过{x}个字。"),
+    "expand": ("Write at least {x} words.", "至少写{x}个字。"),
+    "titles": ("Reply with exactly five different short titles, one per line, and nothing else.",
+               "只输出五个不同的简短标题，每行一个，不要其他内容。"),
+    "outline": ("Reply only with a bulleted list: every line starts with \"- \".",
+                "只输出项目列表，每行以“- ”开头。"),
+}
+
+
+def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> str:
+    """One repair instruction per kind of problem, in the prompt's language."""
+    zh = lang == "zh"
+    notes = []
+    for p in problems:
+        key = p.gate
+        if p.gate == "length":
+            key = act.name if act.name in ("shorten", "expand") else None
+        elif p.gate == "shape":
+            key = act.name if act.name in ("titles", "outline") else None
+        if key is None or key not in _NOTES:
+            continue
+        x = ""
+        if key == "invented":
+            x = p.message.split(": ", 1)[-1].split(" (")[0]
+        elif key == "shorten":
+            x = max(1, int(0.6 * gates.size(text)))
+        elif key == "expand":
+            x = int(1.5 * gates.size(text)) + 1
+        note = _NOTES[key][zh].format(x=x)
+        if note not in notes:
+            notes.append(note)
+    return "".join(notes) if zh else " ".join(notes)
 
 
 def new_text(action: str, text: str, output: str) -> str:

@@ -43,7 +43,8 @@ write_app = MuseTyper(
     help="Write with the model: continue, rewrite, polish (proofread), expand, shorten, outline, titles, "
          "summarize, translate.\n\n"
          "The text comes from an argument, standard input (-) or a file (-i draft.md); the result streams "
-         "to the terminal and, with -o FILE or --in-place, is written to a file. Every change to a file "
+         "to the terminal and, with -o FILE or --in-place, is written to a file — only if it passes its checks "
+         "(see --check). Every change to a file "
          "keeps the previous version: `muse write history FILE` lists them, `muse write restore FILE SEQ` "
          "brings one back.\n\n"
          "Examples:\n\n"
@@ -56,6 +57,11 @@ write_app = MuseTyper(
 app.add_typer(write_app, name="write")
 
 TEXT_HELP = "The text to work on ('-' reads standard input). Or use -i FILE."
+CHECKS_HELP = ("Check the output before it counts as done: no repeated lines, no leftover \"Here is…\", no "
+               "numbers or names the text does not have, shorten/expand/summarize lengths met, titles and "
+               "outlines as lists. A failing output is retried (up to 3 attempts, with a repair note); if it "
+               "still fails, the problems are printed, the exit code is 1 and no file is written. On a "
+               "terminal the first attempt streams as a draft. --no-check: one attempt, saved with a warning.")
 
 
 def _writer_option(field: str):
@@ -91,11 +97,12 @@ def _command(act, tones, languages):
         repetition_penalty: Optional[float] = _writer_option("repetition_penalty"), seed: Optional[int] = Seed,
         stop: Optional[list[str]] = Stop, num_beams: Optional[int] = _writer_option("num_beams"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speed."),
+        check: bool = typer.Option(True, "--check/--no-check", help=CHECKS_HELP),
     ):
         given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                                num_beams=num_beams)
-        _run(act.name, text, input, output, in_place, given, model, precision, verbose,
+        _run(act.name, text, input, output, in_place, given, model, precision, verbose, check,
              tone=tone, to=to, length=length)
 
     command.__doc__ = act.help + (" Long texts are worked on piece by piece, so nothing is cut."
@@ -142,26 +149,45 @@ def _target(input: Optional[Path], output: Optional[Path], in_place: bool) -> Op
     return target
 
 
-def _run(action, text, input, output, in_place, given, model, precision, verbose, **options) -> None:
-    from muse.apps.writer import default_params, result_text, stream_write
+def _run(action, text, input, output, in_place, given, model, precision, verbose, check=True, **options) -> None:
+    """Generate, check, retry, then print and save (see CHECKS_HELP). On a terminal the first attempt
+    streams as it is generated; a retry's text is printed whole once it passed. Piped, only the
+    final output is printed. An output that fails its checks is never written to a file."""
+    from muse.apps.gates import summary
+    from muse.apps.writer import ATTEMPTS, Checked, CheckFailedError, Retry, default_params, result_text, stream_checked
 
     source = _read_input(text, input)
     target = _target(input, output, in_place)
     m = load_model(model, precision)
     params = over(default_params(m), given)  # the writer's defaults (they depend on the model) + what was given
-    parts, last = [], None
-    for chunk in stream_write(m, action, source, params=params, **options):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        parts.append(chunk.text)
-        last = chunk
+    attempts = ATTEMPTS if check else 1
+    live = sys.stdout.isatty()
+    result = None
+    for item in stream_checked(m, action, source, params=params, attempts=attempts, **options):
+        if isinstance(item, Retry):
+            err.print(f"\n[yellow]✗ failed its checks[/] ({summary(item.problems)}); trying again "
+                      f"({item.attempt}/{attempts})…", highlight=False)
+        elif isinstance(item, Checked):
+            result = item
+        elif live:
+            sys.stdout.write(item.text)
+            sys.stdout.flush()
+    if live and result.attempts > 1:
+        err.print(f"[dim]attempt {result.attempts}:[/]", highlight=False)
+    if not live or result.attempts > 1:
+        sys.stdout.write(result.output)
     sys.stdout.write("\n")
-    _stats(last, verbose)
-    if last is not None and last.finish_reason == "length":
+    _stats(result.last, verbose)
+    if result.last is not None and result.last.finish_reason == "length":
         err.print(f"[yellow]Warning:[/] the model stopped at --max-tokens ({params.max_new_tokens}) before "
                   "finishing (at least one piece); raise -n to get all of it.")
+    if not result.ok and result.output.strip():  # an empty output: result_text says so, as before
+        if check:
+            raise CheckFailedError(result, str(target) if target is not None else None,
+                                   "Try another --seed or --temperature, or pass --no-check to keep it anyway.")
+        err.print(f"[yellow]Warning (--no-check):[/] {summary(result.problems)}", highlight=False)
     if target is not None:
-        _save(target, result_text(action, source, "".join(parts), str(target)), action)  # refuses an empty output
+        _save(target, result_text(action, source, result.output, str(target)), action)  # refuses an empty output
 
 
 def _save(target: Path, content: str, action: str) -> None:

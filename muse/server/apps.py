@@ -690,14 +690,18 @@ def write_actions():
 @router.post("/api/write", tags=["Writing desk"], responses=_SSE,
              summary="Run a writing action; the text and the result are saved as versions")
 async def write(body: WriteBody, request: Request):
-    from muse.apps.writer import default_params, stream_write
+    """The output is checked (`muse.apps.writer.stream_checked`) and retried before it is saved.
+    Events: "delta" (the first attempt, as it is generated: a draft), "retry" {attempt, problems}
+    when it failed its checks, then "done" whose `output` replaces the draft — or, when every
+    attempt failed, an "error" event (JSON: a 400) naming the problems, and no version is saved."""
+    from muse.apps.writer import default_params, stream_checked
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
     model = work.model(body.model, body.text, chinese=_into_chinese(body.to))
-    chunks = await work.call(stream_write, model, body.action, body.text, tone=body.tone,
-                             to=body.to, length=body.length, params=body.params(default_params(model)))
-    return await work.respond(_write_events(_state(request).store, body, chunks), body.stream)
+    items = await work.call(stream_checked, model, body.action, body.text, tone=body.tone,
+                            to=body.to, length=body.length, params=body.params(default_params(model)))
+    return await work.respond(_write_events(_state(request).store, body, items), body.stream)
 
 
 def _into_chinese(to: str | None) -> bool:
@@ -710,21 +714,28 @@ def _into_chinese(to: str | None) -> bool:
         return False
 
 
-def _write_events(store, body: WriteBody, chunks) -> Iterator[dict]:
+def _write_events(store, body: WriteBody, items) -> Iterator[dict]:
     from muse.apps.diff import word_diff
-    from muse.apps.writer import keep_version, save_result
+    from muse.apps.writer import Checked, CheckFailedError, Retry, keep_version, save_result
 
     key = DESK + body.document
     keep_version(store, key, body.text)  # first: the text is kept even if the action is stopped or fails
-    parts, last = [], None
-    for last in chunks:
-        if last.text:
-            parts.append(last.text)
-            yield {"type": "delta", "text": last.text}
-    output = "".join(parts)
-    seq, text = save_result(store, key, body.action, body.text, output, f"the desk document {body.document!r}")
-    yield {"type": "done", "document": body.document, "version": seq, "output": output, "text": text,
-           "finish_reason": last.finish_reason if last else "stop", "diff": word_diff(body.text, text)}
+    name = f"the desk document {body.document!r}"
+    result = None
+    for item in items:
+        if isinstance(item, Retry):
+            yield {"type": "retry", "attempt": item.attempt, "problems": [dataclasses.asdict(p) for p in item.problems]}
+        elif isinstance(item, Checked):
+            result = item
+        elif item.text:
+            yield {"type": "delta", "text": item.text}
+    if not result.ok and result.output.strip():  # an empty one is refused by save_result, as before
+        raise CheckFailedError(result, name, "Try again, e.g. with another seed or temperature.")
+    seq, text = save_result(store, key, body.action, body.text, result.output, name)
+    last = result.last
+    yield {"type": "done", "document": body.document, "version": seq, "output": result.output, "text": text,
+           "finish_reason": last.finish_reason if last else "stop", "attempts": result.attempts,
+           "diff": word_diff(body.text, text)}
 
 
 @router.get("/api/write/versions", tags=["Writing desk"], summary="A desk document's versions, oldest first")
