@@ -47,18 +47,18 @@ def test_probabilities_match_a_full_forward_pass(default_model, style):
     # generation.score (one prefill, the labels batched on a copied KV cache) against one whole
     # forward pass per label: the mean log-probability per token, as _mean_logprobs gave it.
     expected = _reference_scores(default_model, TEXT, LABELS, style)
-    probs = classify(default_model, TEXT, LABELS, calibrate=False, style=style)
+    probs = classify(default_model, TEXT, LABELS, calibrate=False, style=style, method="likelihood")
     assert list(probs) == LABELS and math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
     torch.testing.assert_close(torch.tensor(list(probs.values())),
                                torch.tensor(list(_softmax(expected).values())), atol=1e-4, rtol=0)
 
 
 def test_calibration_divides_by_the_content_free_probabilities(default_model):
-    raw = classify(default_model, TEXT, LABELS, calibrate=False)
-    prior = [classify(default_model, cf, LABELS, calibrate=False) for cf in analysis.CONTENT_FREE]
+    raw = classify(default_model, TEXT, LABELS, calibrate=False, method="likelihood")
+    prior = [classify(default_model, cf, LABELS, calibrate=False, method="likelihood") for cf in analysis.CONTENT_FREE]
     ratio = {k: raw[k] / (sum(p[k] for p in prior) / len(prior)) for k in LABELS}
     expected = {k: v / sum(ratio.values()) for k, v in ratio.items()}
-    calibrated = classify(default_model, TEXT, LABELS)
+    calibrated = classify(default_model, TEXT, LABELS, method="likelihood")
     assert math.isclose(sum(calibrated.values()), 1.0, abs_tol=1e-6)
     for k in LABELS:
         assert calibrated[k] == pytest.approx(expected[k], abs=1e-4)
@@ -119,7 +119,7 @@ def test_constrained_probabilities_are_each_labels_likelihood_as_the_reply(defau
     assert probs == pytest.approx(expected, abs=1e-4)
     assert _reference_scores(default_model, TEXT, LABELS, "chat", mean=False) == pytest.approx(
         dict(zip(LABELS, totals)), abs=1e-3)
-    with pytest.raises(ValueError, match="method must be one of likelihood, constrained"):
+    with pytest.raises(ValueError, match="method must be one of auto, likelihood, constrained"):
         classify(default_model, TEXT, LABELS, method="vote")
 
 
@@ -174,10 +174,10 @@ def test_csv_to_jsonl_and_back_keeps_rows_and_adds_results(default_model, tmp_pa
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     for row, res in zip(ROWS, out):
         assert {k: res[k] for k in row} == row  # the input fields, unchanged
-        probs = classify(default_model, row["text"], labels)
-        assert res["label"] == max(probs, key=probs.get)
+        probs = classify(default_model, row["text"], labels)  # both "auto": the table's method
+        assert res["label"] == analysis.top_label(probs)
         assert res["p_sports"] == pytest.approx(probs["sports"], abs=1e-5)
-        assert res["score"] == pytest.approx(max(probs.values()), abs=1e-5)
+        assert res["score"] == pytest.approx(probs[res["label"]], abs=1e-5)
 
     # JSONL in, CSV out, with a custom text field, for sentiment
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"n": i, "review": r["text"]}) + "\n\n"
@@ -220,7 +220,7 @@ def test_classify_command_matches_the_api(default_model, monkeypatch):
     r = CliRunner().invoke(app, ["classify", TEXT, "--labels", ",".join(LABELS), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    probs = classify(default_model, TEXT, LABELS)
+    probs = classify(default_model, TEXT, LABELS, method="likelihood")  # the command's default
     assert out["scores"] == pytest.approx(probs, abs=1e-6) and out["label"] == max(probs, key=probs.get)
     table = CliRunner().invoke(app, ["classify", TEXT, "-l", ",".join(LABELS)])
     assert table.exit_code == 0 and all(label in table.stdout for label in LABELS)
@@ -234,7 +234,8 @@ def test_sentiment_command_on_a_file(default_model, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["sentiment", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 0, r.output
     out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert [o["label"] for o in out] == [sentiment(default_model, row["text"])["label"] for row in ROWS]
+    assert [o["label"] for o in out] == [sentiment(default_model, row["text"], method="likelihood")["label"]
+                                         for row in ROWS]
 
 
 def test_constrained_method_on_files_and_the_command(tiny, tmp_path, monkeypatch):
@@ -266,7 +267,7 @@ def test_constrained_method_on_files_and_the_command(tiny, tmp_path, monkeypatch
     (["classify", "--labels", "a,b"], "give the TEXT to score"),
     (["classify", "hi", "-i", "x.csv", "-o", "y.csv", "--labels", "a,b"], "either TEXT or --input"),
     (["sentiment", "-i", "x.csv"], "--input needs --output"),
-    (["sentiment", "fine", "--method", "vote"], "method must be one of likelihood, constrained"),
+    (["sentiment", "fine", "--method", "vote"], "method must be one of auto, likelihood, constrained"),
     (["sentiment", "-i", "missing.csv", "-o", "y.csv"], "missing.csv does not exist"),
 ])
 def test_commands_report_bad_input_in_one_line(args, message, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import weakref
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from muse.apps.language import check_language, model_languages
@@ -43,11 +44,36 @@ STYLES = ("chat", "plain")
 # (it answers a chat poorly); bilingual model sentiment-en 73 / 90 / 90, sentiment-zh 67 / 80 / 80,
 # classify-en 94 / 75 / 56. The constrained answer was the most probable label on all 62 English items
 # with either model.
-METHODS = ("likelihood", "constrained")
+METHODS = ("auto", "likelihood", "constrained")
 # Measured on muse/eval/data: the plain prompt scores best with both bundled models (topics, calibrated:
 # 0.94 and 0.94, against 0.59 and 0.91 through the chat template; default-model sentiment: 0.83 vs 0.33).
 DEFAULT_STYLE = "plain"
 CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a label is picked. kind: "likelihood" (score each label as the answer) or "constrained" (the
+    model writes one label in a chat); style: the likelihood prompt, "plain" or "chat"; calibrate:
+    contextual calibration (likelihood only); shots: the worked examples (sentiment) in the prompt."""
+    kind: str = "likelihood"
+    style: str = "plain"
+    calibrate: bool = False
+    shots: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("likelihood", "constrained"):
+            raise ValueError(f"Method.kind must be likelihood or constrained, got {self.kind!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"Method.style must be one of {', '.join(STYLES)}, got {self.style!r}")
+
+
+# Bundled model → the family its measurements stand for.
+FAMILIES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2.5"}
+# (family, task, language) → the method measured best on the dev sets (bench/analysis_methods.py).
+DEFAULT_METHODS: dict[tuple[str, str, str], Method] = {}
+# Any other model or language: likelihood on the plain prompt, the method that needs no chat skill.
+FALLBACK = {"sentiment": Method("likelihood", "plain"), "classify": Method("likelihood", "plain", calibrate=True)}
 SENTIMENTS = ("positive", "negative", "neutral")
 SENTIMENT_LABELS = {"en": SENTIMENTS, "zh": ("积极", "消极", "中性")}  # same order as SENTIMENTS
 
@@ -79,7 +105,7 @@ _SHOTS = {
 
 
 def render(model, text: str, labels: list[str], task: str = "classify", lang: str = "en",
-           style: str = DEFAULT_STYLE) -> tuple[str, list[str]]:
+           style: str = DEFAULT_STYLE, shots: bool = True) -> tuple[str, list[str]]:
     """The prompt up to where the answer goes, and each label's continuation text.
 
     plain: "<instruction>\n\n[examples]Text: <text>\nCategory:" continued by " <label>";
@@ -89,25 +115,26 @@ def render(model, text: str, labels: list[str], task: str = "classify", lang: st
     instruction, field = _TEMPLATES[(task, lang)]
     instruction = instruction.format(labels=(", " if lang == "en" else "、").join(labels))
     colon, space = (":", " ") if lang == "en" else ("：", "")
-    shots = _SHOTS.get((task, lang), [])
+    examples = _SHOTS.get((task, lang), []) if shots else []
 
     def body(t: str) -> str:
         return f"Text: {t}" if lang == "en" else f"文本：{t}"
 
     if style == "plain":
-        examples = "".join(f"{body(t)}\n{field}{colon}{space}{label}\n\n" for t, label in shots)
-        return f"{instruction}\n\n{examples}{body(text)}\n{field}{colon}", [space + label for label in labels]
-    return model.chat_prompt(messages(text, labels, task, lang)), list(labels)
+        shown = "".join(f"{body(t)}\n{field}{colon}{space}{label}\n\n" for t, label in examples)
+        return f"{instruction}\n\n{shown}{body(text)}\n{field}{colon}", [space + label for label in labels]
+    return model.chat_prompt(messages(text, labels, task, lang, shots)), list(labels)
 
 
-def messages(text: str, labels: list[str], task: str = "classify", lang: str = "en") -> list[dict]:
+def messages(text: str, labels: list[str], task: str = "classify", lang: str = "en",
+             shots: bool = True) -> list[dict]:
     """The chat conversation that asks for the answer (the chat style's prompt, before its template):
     the instruction and text as a user message, worked examples as earlier turns."""
     instruction, _ = _TEMPLATES[(task, lang)]
     instruction = instruction.format(labels=(", " if lang == "en" else "、").join(labels))
     prefix = "Text: " if lang == "en" else "文本："
     out = []
-    for t, label in _SHOTS.get((task, lang), []) + [(text, None)]:
+    for t, label in (_SHOTS.get((task, lang), []) if shots else []) + [(text, None)]:
         out.append({"role": "user", "content": f"{instruction}\n\n{prefix}{t}"})
         if label is not None:
             out.append({"role": "assistant", "content": label})
@@ -135,10 +162,10 @@ def _label_ids(model, prompt: str, conts: list[str], style: str) -> tuple[list[i
 # -- scoring ----------------------------------------------------------------------
 
 def _scores(model, text: str, labels: tuple[str, ...], task: str, lang: str, style: str,
-            mean: bool = True) -> dict[str, float]:
+            mean: bool = True, shots: bool = True) -> dict[str, float]:
     """Each label's log-probability as the answer: the mean over its tokens (so a label of four tokens
     does not lose to one of a single token), or with mean=False the total (the reply's likelihood)."""
-    prompt, conts = render(model, text, list(labels), task, lang, style)
+    prompt, conts = render(model, text, list(labels), task, lang, style, shots)
     prefix, ids = _label_ids(model, prompt, conts, style)
     if any(not x for x in ids):
         raise ValueError("labels must not be empty strings")
@@ -158,12 +185,13 @@ def _softmax(scores: dict[str, float]) -> dict[str, float]:
 _PRIORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def content_free_probs(model, labels: tuple[str, ...], task: str, lang: str, style: str) -> dict[str, float]:
+def content_free_probs(model, labels: tuple[str, ...], task: str, lang: str, style: str,
+                       shots: bool = True) -> dict[str, float]:
     """The average probabilities the model gives each label for the content-free inputs."""
-    key = (labels, task, lang, style)
+    key = (labels, task, lang, style, shots)
     per_model = _PRIORS.setdefault(model, {})
     if key not in per_model:
-        runs = [_softmax(_scores(model, cf, labels, task, lang, style)) for cf in CONTENT_FREE]
+        runs = [_softmax(_scores(model, cf, labels, task, lang, style, shots=shots)) for cf in CONTENT_FREE]
         per_model[key] = {k: sum(r[k] for r in runs) / len(runs) for k in labels}
     return per_model[key]
 
@@ -207,71 +235,104 @@ def check_method(method: str) -> str:
     return method
 
 
-def classify(model, text: str, labels: list[str], calibrate: bool = True, *, task: str = "classify",
-             style: str = DEFAULT_STYLE, method: str = "likelihood") -> dict[str, float]:
+def family(model) -> str | None:
+    """The model family the method table knows `model` by (FAMILIES), or None for another model."""
+    return FAMILIES.get(model.info.get("name", ""))
+
+
+def default_method(model, task: str, lang: str) -> Method:
+    """The measured best Method for `model` on `task` in `lang` (DEFAULT_METHODS), FALLBACK for a model
+    or language the table does not know."""
+    return DEFAULT_METHODS.get((family(model), task, lang), FALLBACK[task])
+
+
+def resolve(model, task: str, lang: str, method: str = "auto", calibrate: bool | None = None,
+            style: str | None = None, shots: bool | None = None) -> Method:
+    """The Method a call runs: the table's choice for "auto", the named kind's usual settings otherwise;
+    `calibrate`, `style` and `shots` override what they are given as (None: keep)."""
+    check_method(method)
+    if method == "auto":
+        base = default_method(model, task, lang)
+    elif method == "constrained":
+        base = Method("constrained", "chat")
+    else:  # likelihood as it always was: plain prompt, calibrated for topics, not for sentiment
+        base = Method("likelihood", DEFAULT_STYLE, calibrate=task == "classify")
+    if style is not None:
+        _check_choice("style", style, STYLES)
+    return replace(base, **{k: v for k, v in (("calibrate", calibrate), ("style", style), ("shots", shots))
+                            if v is not None})
+
+
+def classify(model, text: str, labels: list[str], calibrate: bool | None = None, *, task: str = "classify",
+             style: str | None = None, method: str = "auto", shots: bool | None = None) -> dict[str, float]:
     """Probabilities (summing to 1) that `text` belongs to each label. Chinese text needs a bilingual
     model (LanguageError otherwise).
 
-    method "likelihood" (default): from the model's likelihood of each label as the answer, in the
-    labels' order; `calibrate` applies contextual calibration (see the module docstring).
+    method "auto" (default): the method measured best for this model and language (`default_method`);
+    the answer is the FIRST key, the rest follow by probability, whichever method ran.
+    method "likelihood": from the model's likelihood of each label as the answer, in the labels' order;
+    `calibrate` (default: on for topics) applies contextual calibration (see the module docstring).
     method "constrained": the model is asked (see `choose`) and writes its answer under a constraint
     that allows exactly the labels; the answer is the FIRST key, the rest follow by probability.
     Probabilities are each label's total likelihood as the chat reply, renormalised over the labels
     (`calibrate` and `style` do not apply); greedy decoding commits token by token, so on rare
     occasions its answer is not the most likely label — the answer is still what the model wrote.
+    `shots`: whether the worked examples (sentiment only) go into the prompt.
     """
     _check_choice("task", task, TASKS)
-    _check_choice("style", style, STYLES)
     check_method(method)
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     labels = tuple(check_labels(labels))
     lang = check_language(model, text + " " + " ".join(labels))
-    if method == "constrained":
-        chosen = _choose(model, text, labels, task, lang)
-        probs = _softmax(_scores(model, text, labels, task, lang, "chat", mean=False))
+    m = resolve(model, task, lang, method, calibrate, style, shots)
+    if m.kind == "constrained":
+        chosen = _choose(model, text, labels, task, lang, m.shots)
+        probs = _softmax(_scores(model, text, labels, task, lang, "chat", mean=False, shots=m.shots))
         return {chosen: probs[chosen], **dict(sorted(probs.items(), key=lambda kv: -kv[1]))}
-    probs = _softmax(_scores(model, text, labels, task, lang, style))
-    if calibrate:
-        probs = _calibrated(probs, content_free_probs(model, labels, task, lang, style))
+    probs = _softmax(_scores(model, text, labels, task, lang, m.style, shots=m.shots))
+    if m.calibrate:
+        probs = _calibrated(probs, content_free_probs(model, labels, task, lang, m.style, m.shots))
+    if method == "auto":  # the answer first, as constrained gives it, so top_label needs no kind
+        return dict(sorted(probs.items(), key=lambda kv: -kv[1]))
     return probs
 
 
-def choose(model, text: str, labels: list[str], task: str = "classify") -> str:
+def choose(model, text: str, labels: list[str], task: str = "classify", shots: bool = True) -> str:
     """Ask the model, and let it answer only with one of `labels`: the chat prompt of the chat style
     (`messages`), decoded greedily under `Constraint.choice(labels)`, so the reply is always exactly
     one label. Generation only (no scoring pass): through a server's scheduler it batches with
     other requests."""
     _check_choice("task", task, TASKS)
     labels = tuple(check_labels(labels))
-    return _choose(model, text, labels, task, check_language(model, text + " " + " ".join(labels)))
+    return _choose(model, text, labels, task, check_language(model, text + " " + " ".join(labels)), shots)
 
 
-def _choose(model, text: str, labels: tuple[str, ...], task: str, lang: str) -> str:
+def _choose(model, text: str, labels: tuple[str, ...], task: str, lang: str, shots: bool = True) -> str:
     # Every token spells at least one byte, and EOS ends it: a bound however the engine splits a label.
     longest = max(len(label.encode("utf-8")) for label in labels) + 1
     p = SamplingParams(temperature=0.0, max_new_tokens=longest, constraint=Constraint.choice(list(labels)),
                        loop_guard=False)
-    answer = model.chat(messages(text, list(labels), task, lang), p)
+    answer = model.chat(messages(text, list(labels), task, lang, shots), p)
     if answer not in labels:  # the engine guarantees a label; anything else is a bug worth naming
         raise MuseError(f"constrained decoding returned {answer!r}, which is not one of the labels")
     return answer
 
 
-def sentiment(model, text: str, calibrate: bool = False, style: str = DEFAULT_STYLE,
-              method: str = "likelihood") -> dict:
+def sentiment(model, text: str, calibrate: bool | None = None, style: str | None = None,
+              method: str = "auto", shots: bool | None = None) -> dict:
     """{"label": positive|negative|neutral, "score": its probability, "scores": all three}.
 
     Chinese text is scored with the labels 积极/消极/中性 (bilingual model) and reported under the
-    English names. Uncalibrated by default: on muse/eval/data calibration scored 0.70 / 0.67 / 0.77
-    against 0.83 / 0.73 / 0.67 without (default model English; bilingual model English, Chinese).
-    method: "likelihood" or "constrained" (the model writes one of the three; see `classify`).
+    English names. method "auto" (default) runs the method measured best for the model and language
+    (DEFAULT_METHODS); "likelihood" (uncalibrated unless `calibrate`) or "constrained" as in `classify`.
     """
     lang = check_language(model, text) if isinstance(text, str) else "en"
     local = SENTIMENT_LABELS[lang]
-    probs = classify(model, text, list(local), calibrate, task="sentiment", style=style, method=method)
+    probs = classify(model, text, list(local), calibrate, task="sentiment", style=style, method=method,
+                     shots=shots)
     name = dict(zip(local, SENTIMENTS))
-    scores = {name[label]: p for label, p in probs.items()}  # the answer first when constrained
+    scores = {name[label]: p for label, p in probs.items()}  # the answer first when constrained or auto
     best = top_label(scores, method)
     return {"label": best, "score": scores[best], "scores": scores}
 
@@ -282,36 +343,37 @@ def safety_classifier(model):
     def judge(text: str, labels: list[str]) -> dict[str, float]:
         if language(text) not in model_languages(model):
             return {}
-        return classify(model, text, labels, calibrate=True)
+        return classify(model, text, labels, calibrate=True, method="likelihood")
     return judge
 
 
-def classify_raw(model, text: str, labels: list[str], task: str = "classify", max_new_tokens: int = 16) -> str | None:
+def classify_raw(model, text: str, labels: list[str], task: str = "classify", max_new_tokens: int = 16,
+                 shots: bool = True) -> str | None:
     """The prompting baseline: the same chat prompt as `choose`, answered freely (greedy, no
     constraint); the label the reply names first (the longest where two start together), or None
     when it names none. For comparison (`muse eval`): the app's methods always give a label."""
     _check_choice("task", task, TASKS)
     labels = tuple(check_labels(labels))
     lang = check_language(model, text + " " + " ".join(labels))
-    reply = model.chat(messages(text, list(labels), task, lang),
+    reply = model.chat(messages(text, list(labels), task, lang, shots),
                        SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)).casefold()
     found = [(reply.find(label.casefold()), -len(label), label) for label in labels]
     found = [f for f in found if f[0] >= 0]
     return min(found)[2] if found else None
 
 
-def sentiment_raw(model, text: str, max_new_tokens: int = 16) -> str | None:
+def sentiment_raw(model, text: str, max_new_tokens: int = 16, shots: bool = True) -> str | None:
     """`classify_raw` for sentiment: positive, negative, neutral or None (Chinese replies mapped)."""
     lang = check_language(model, text) if isinstance(text, str) else "en"
     local = SENTIMENT_LABELS[lang]
-    label = classify_raw(model, text, list(local), "sentiment", max_new_tokens)
+    label = classify_raw(model, text, list(local), "sentiment", max_new_tokens, shots)
     return dict(zip(local, SENTIMENTS)).get(label)
 
 
-def top_label(probs: dict[str, float], method: str = "likelihood") -> str:
-    """The label a `classify` result answers: the most probable one (likelihood), or the one the
-    model wrote (constrained: the first key)."""
-    return next(iter(probs)) if method == "constrained" else max(probs, key=probs.get)
+def top_label(probs: dict[str, float], method: str = "auto") -> str:
+    """The label a `classify` result answers: the one the model wrote or the table's method put
+    first (constrained, auto: the first key), or the most probable one (likelihood)."""
+    return max(probs, key=probs.get) if method == "likelihood" else next(iter(probs))
 
 
 # -- files ------------------------------------------------------------------------
@@ -408,14 +470,14 @@ def _cell(value):
 
 def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list[str] | None = None,
                   task: str = "classify", column: str = "text", calibrate: bool | None = None,
-                  method: str = "likelihood") -> int:
+                  method: str = "auto") -> int:
     """Classify (or score the sentiment of) the `column` of every record of a .csv/.jsonl file.
 
     Writes the same records to `path_out` (.csv or .jsonl, either way round) with fields added:
     `label`, `score`, and `p_<label>` for each label. Returns the number of records. Everything is
     read and checked before the model runs, and the output appears only when complete.
-    `calibrate` defaults to what `classify` (True) and `sentiment` (False) do; `method` is
-    `classify`'s (constrained: `label` is what the model wrote).
+    `calibrate` (None: the method's own setting) and `method` are `classify`'s (constrained, auto:
+    `label` is the answer the method gave).
     """
     _check_choice("task", task, TASKS)
     check_method(method)
@@ -435,9 +497,9 @@ def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list
     out = []
     for row in rows:
         if task == "classify":
-            probs = classify(model, row[column], labels, True if calibrate is None else calibrate, method=method)
+            probs = classify(model, row[column], labels, calibrate, method=method)
         else:
-            probs = sentiment(model, row[column], bool(calibrate), method=method)["scores"]
+            probs = sentiment(model, row[column], calibrate, method=method)["scores"]
         best = top_label(probs, method)
         out.append({**row, "label": best, "score": round(probs[best], 6),
                     **{f"p_{k}": round(probs[k], 6) for k in names}})
