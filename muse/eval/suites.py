@@ -564,7 +564,7 @@ def kbqa_scores(items: list[dict], answers: list) -> dict[str, float]:
     for it, a in zip(items, answers):
         found = a is not None and a["found"]
         if it["source"] is None:
-            refusal.append(not found)
+            refusal.append(a is not None and not found)
         else:
             answer.append(found and any(_normal(x) in _normal(a["text"]) for x in it["answers"]))
         if found:
