@@ -112,6 +112,8 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
             continue
         lines.append(line[:spans[0][0]] + "".join(kept) if spans else line)
     out = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    if out == re.sub(r"\n{3,}", "\n\n", "\n".join(output.splitlines())).strip():
+        out = output  # nothing to fix: exactly as generated (its white space too)
     if action == "titles":
         picked, seen_titles = [], []
         for line in out.splitlines():

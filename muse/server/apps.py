@@ -675,6 +675,9 @@ class WriteBody(Sampling):
                                                                     "characters (Chinese).")
     document: str = Field("draft", min_length=1, max_length=200,
                           description="The desk document whose versions keep the text and the result.")
+    check: bool = Field(True, description="Check the output (repetition, preambles, invented facts, length, "
+                                          "shape), retry, and refuse to save one that still fails; false: "
+                                          "one attempt, saved as it is.")
     stream: bool = True
 
 
@@ -694,13 +697,14 @@ async def write(body: WriteBody, request: Request):
     Events: "delta" (the first attempt, as it is generated: a draft), "retry" {attempt, problems}
     when it failed its checks, then "done" whose `output` replaces the draft — or, when every
     attempt failed, an "error" event (JSON: a 400) naming the problems, and no version is saved."""
-    from muse.apps.writer import default_params, stream_checked
+    from muse.apps.writer import ATTEMPTS, default_params, stream_checked
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
     model = work.model(body.model, body.text, chinese=_into_chinese(body.to))
     items = await work.call(stream_checked, model, body.action, body.text, tone=body.tone,
-                            to=body.to, length=body.length, params=body.params(default_params(model)))
+                            to=body.to, length=body.length, params=body.params(default_params(model)),
+                            attempts=ATTEMPTS if body.check else 1)
     return await work.respond(_write_events(_state(request).store, body, items), body.stream)
 
 
@@ -729,7 +733,7 @@ def _write_events(store, body: WriteBody, items) -> Iterator[dict]:
             result = item
         elif item.text:
             yield {"type": "delta", "text": item.text}
-    if not result.ok and result.output.strip():  # an empty one is refused by save_result, as before
+    if body.check and not result.ok and result.output.strip():  # an empty one: save_result refuses it
         raise CheckFailedError(result, name, "Try again, e.g. with another seed or temperature.")
     seq, text = save_result(store, key, body.action, body.text, result.output, name)
     last = result.last
