@@ -50,9 +50,9 @@ def fake_apps(monkeypatch):
                  get_action=lambda name: types.SimpleNamespace(tone=name in ("rewrite", "expand")))
     _fake_module(monkeypatch, "muse.apps.analysis",
                  sentiment=lambda model, text, method="likelihood": {"label": "positive"},
-                 sentiment_raw=lambda model, text: "negative",
+                 sentiment_raw=lambda model, text, shots=True: "negative",
                  classify=lambda model, text, labels: {lab: 1.0 / len(labels) for lab in labels},
-                 choose=lambda model, text, labels: labels[0], classify_raw=lambda model, text, labels: None)
+                 top_label=lambda probs: next(iter(probs)), classify_raw=lambda model, text, labels, shots=True: None)
     monkeypatch.setattr(kbmod, "ask", lambda model, kb, question, params=None, k=4:
                         kbmod.Answer(kbmod.NOT_FOUND["en"], [], False))
     monkeypatch.setattr(kbmod.KnowledgeBase, "dense", property(lambda self: False))
@@ -90,7 +90,7 @@ def test_the_raw_prompt_runs_in_every_suite(fake_apps, name):
     model = FakeModel()
     r = S.run_suite(model, name, limit=2, split="dev")
     assert r.skipped is None and r.n == 2 and r.errors == 0, r.examples
-    assert r.methods["raw prompt"] == "_raw" and r.methods.get("muse", r.methods.get("likelihood")) == ""
+    assert r.methods == {"muse": "", "raw prompt": "_raw"}
     primary = r.primary
     assert primary in r.metrics and primary + "_raw" in r.metrics, r.metrics
     if r.task in ("sentiment", "classify"):  # the apps' own raw functions
@@ -205,21 +205,26 @@ def test_label_suites_use_the_six_topics(monkeypatch):
         seen.append(tuple(labels))
         return {lab: float(lab == truth[text]) for lab in labels}
 
-    _fake_module(monkeypatch, "muse.apps.analysis", classify=classify, choose=lambda model, text, labels: "sports",
-                 classify_raw=lambda model, text, labels: truth[text] if len(seen) % 2 else None)
+    def classify_raw(model, text, labels, shots=True):
+        assert shots is False  # the raw baseline is the plain question, without the app's worked examples
+        return truth[text] if len(seen) % 2 else None
+
+    _fake_module(monkeypatch, "muse.apps.analysis", classify=classify, classify_raw=classify_raw,
+                 top_label=lambda probs: max(probs, key=probs.get))
     r = S.run_suite(FakeModel(), "classify-zh", limit=6, split="dev")
     assert set(seen) == {("sports", "business", "technology", "health", "politics", "entertainment")}
     assert r.metrics["accuracy"] == 100 and r.metrics["accuracy_raw"] == 50
-    assert r.methods == {"likelihood": "", "constrained": "_constrained", "raw prompt": "_raw"}
+    assert r.methods == {"muse": "", "raw prompt": "_raw"}
 
 
 def test_failures_and_skips(monkeypatch):
     def sentiment(model, text, method="likelihood"):
         raise ValueError("text too long for the context")
 
-    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment, sentiment_raw=lambda model, text: "neutral")
+    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment,
+                 sentiment_raw=lambda model, text, shots=True: "neutral")
     r = S.run_suite(FakeModel(), "sentiment-en", limit=3, split="dev")
-    assert r.errors == 3 and r.examples[0]["error"].startswith("likelihood: ValueError")
+    assert r.errors == 3 and r.examples[0]["error"].startswith("muse: ValueError")
     assert r.metrics["accuracy"] == 0 and "accuracy_raw" in r.metrics
     english = FakeModel("smollm2-135m")
     r = S.run_suite(english, "kbqa-zh", limit=2)

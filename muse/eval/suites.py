@@ -8,14 +8,13 @@
 
 Every suite runs the app (suffix "") and the raw baseline (suffix "_raw"): the same model, its chat
 template, greedy decoding and a plain instruction such as a user would type ("Translate this into
-Chinese:", the documents pasted above the question, …). The label suites also run the app's
-constrained method.
+Chinese:", the documents pasted above the question, …).
 
 Suites (names; a task name such as `sentiment` or `all` picks every held-out suite of that task):
   summarize-en/-zh       muse.apps.summarize.summarize vs summarize_raw: ROUGE-1/2/L (Chinese by character)
   translate-en-zh/-zh-en muse.apps.writer.translate: chrF, BLEU, numbers preserved %
-  sentiment-en/-zh       muse.apps.analysis.sentiment (likelihood; constrained) vs sentiment_raw: accuracy, macro F1
-  classify-en/-zh        muse.apps.analysis.classify over six topics, the same three ways
+  sentiment-en/-zh       muse.apps.analysis.sentiment (its default method) vs sentiment_raw: accuracy, macro F1
+  classify-en/-zh        muse.apps.analysis.classify over six topics vs classify_raw
   kbqa-en/-zh            muse.apps.kb.ask over five documents vs the documents pasted into one prompt:
                          answer accuracy, refusal accuracy (unanswerable questions), citation precision
   writer-en/-zh          muse.apps.writer.write (rewrite, polish, shorten, expand, titles, outline):
@@ -115,11 +114,9 @@ BASE_NAMES = {  # metric key (without a method suffix) → what the tables show
     "answer": "answer accuracy", "refusal": "refusal accuracy", "citation_precision": "citation precision",
     "must_keep": "must_keep preserved %", "shape": "shape ok %",
 }
-_METHOD_NAMES = {APP: "", "_constrained": " (constrained)", RAW: " (raw prompt)"}
+_METHOD_NAMES = {APP: "", RAW: " (raw prompt)"}
 METRIC_NAMES = {key + suffix: name + label for key, name in BASE_NAMES.items()
                 for suffix, label in _METHOD_NAMES.items()}
-# The label suites' app method is likelihood scoring: its metrics read "accuracy (likelihood)".
-METRIC_NAMES |= {"accuracy": "accuracy (likelihood)", "macro_f1": "macro F1 (likelihood)"}
 
 
 def metric_base(key: str) -> tuple[str, str]:
@@ -422,10 +419,11 @@ def numbers_preserved(source: str, output: str) -> bool | None:
 
 # -- sentiment, classify ----------------------------------------------------------------------
 
-# The methods the label suites compare, by metric suffix: the app's likelihood scoring (the default, no
-# suffix), constrained generation (the model writes exactly one label), and the raw prompting baseline
-# (the same chat answered freely, the first label it names).
-LABEL_METHODS = {APP: "likelihood", "_constrained": "constrained", RAW: RAW_METHOD}
+# The methods the label suites compare, by metric suffix: the app as a user calls it (its default method,
+# "auto": the one measured best for the model and language) and the raw prompting baseline (a plain
+# chat question answered freely, scored by the first label it names). bench/analysis_methods.py
+# compares the app's own methods (likelihood, constrained) with each other.
+LABEL_METHODS = {APP: "muse", RAW: RAW_METHOD}
 
 
 def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], list[str]]):
@@ -451,8 +449,8 @@ def _labelled(methods: dict[str, Callable], labels_of: Callable[[list[dict]], li
         result.primary, result.n = "accuracy", len(items)
         result.methods = {LABEL_METHODS[key]: key for key in methods}
         result.notes.append(f"labels: {', '.join(labels)}; macro F1 averages the classes in the sample")
-        result.notes.append("raw prompt: the chat answered freely, scored by the first label it names "
-                            "(none named: wrong)")
+        result.notes.append("raw prompt: the plain question (no worked examples) answered freely, scored by "
+                            "the first label it names (none named: wrong)")
         result.examples = [{"text": it["text"], "label": it["label"],
                             **{f"predicted{key}": preds[key][j] for key in methods}, **e}
                            for j, (it, e) in enumerate(zip(items, errors))]
@@ -469,20 +467,14 @@ def _sentiment():
     from muse.apps.analysis import sentiment, sentiment_raw
 
     return _labelled({APP: lambda model, text, labels: sentiment(model, text)["label"],
-                      "_constrained": lambda model, text, labels: sentiment(model, text, method="constrained")["label"],
-                      RAW: lambda model, text, labels: sentiment_raw(model, text)}, _labels_of)
+                      RAW: lambda model, text, labels: sentiment_raw(model, text, shots=False)}, _labels_of)
 
 
 def _classify():
-    from muse.apps.analysis import choose, classify, classify_raw
+    from muse.apps.analysis import classify, classify_raw, top_label
 
-    def likelihood(model, text, labels):
-        probs = classify(model, text, labels)
-        return max(probs, key=probs.get)
-
-    # choose: the constrained answer alone (classify(method="constrained") adds a scoring pass for its
-    # probabilities, which the accuracy does not need)
-    return _labelled({APP: likelihood, "_constrained": choose, RAW: classify_raw}, _labels_of)
+    return _labelled({APP: lambda model, text, labels: top_label(classify(model, text, labels)),
+                      RAW: lambda model, text, labels: classify_raw(model, text, labels, shots=False)}, _labels_of)
 
 
 # -- kbqa -------------------------------------------------------------------------------------
