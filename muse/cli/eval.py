@@ -69,13 +69,13 @@ def _print_suites(suites) -> None:
     from rich.table import Table
 
     t = Table(title="Evaluation suites")
-    for col in ("suite", "task", "language", "data (dev / test)", "what"):
+    for col in ("suite", "task", "language", "what"):
         t.add_column(col)
     for s in suites.SUITES.values():
-        data = f"heldout/{s.data}_{{dev,test}}.jsonl" if s.heldout else s.data
-        t.add_row(s.name, s.task, s.language, data, s.description)
+        t.add_row(s.name, s.task, s.language, s.description)
     console.print(t)
-    console.print("[dim]Task names (" + ", ".join(suites.GROUPS) + ") pick all suites of that task.[/]")
+    console.print("[dim]Task names (" + ", ".join(suites.GROUPS) + ") pick all held-out suites of that task. "
+                  "Data: muse/eval/data/heldout/TASK_LANG_{dev,test}.jsonl, chosen with --split.[/]")
 
 
 def _print_report(result, report) -> None:
