@@ -392,3 +392,50 @@ def test_cli_non_utf8_file(cli_model, tmp_path):
     r = CliRunner().invoke(app, ["write", "polish", "-i", str(f)])
     assert r.exit_code == 1 and "is not UTF-8 text" in said(r)
     assert cli_model.model.prompts == []
+
+
+# -- output checks: retries and refusal -------------------------------------------------------
+
+LOOP = "\n".join(["Team lunch on Friday 2025"] * 13)  # a repeated title line and an invented year
+
+
+def test_cli_does_not_overwrite_a_file_with_an_output_that_fails_its_checks(tok, monkeypatch, tmp_path):
+    from muse.cli import app
+
+    model = scripted(tok, LOOP)
+    monkeypatch.setattr(muse, "load", lambda *args, **kwargs: model)
+    draft = tmp_path / "draft.md"
+    draft.write_text("team lunch on friday\n", encoding="utf-8")
+    out = tmp_path / "out.md"
+    out.write_text("keep me\n", encoding="utf-8")
+    for args in (["-o", str(out)], ["--in-place"]):
+        r = CliRunner().invoke(app, ["write", "rewrite", "-i", str(draft), "--tone", "casual", *args])
+        assert r.exit_code == 1, r.output
+        assert "Not saved" in said(r) and "was not changed" in said(r) and "invented" in said(r)
+        assert "trying again (3/3)" in said(r) and "Traceback" not in r.output
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+    assert draft.read_text(encoding="utf-8") == "team lunch on friday\n"
+    assert len(model.model.prompts) == 2 * writer.ATTEMPTS  # each run tried three times
+    assert "Do not repeat" not in tok.decode(model.model.prompts[0])  # the first attempt is asked plainly
+    assert "do not add" in tok.decode(model.model.prompts[1])          # a retry names what to leave out
+    with Store() as store:
+        assert history(store, version_key(out)) == [] and history(store, version_key(draft)) == []
+
+    r = CliRunner().invoke(app, ["write", "rewrite", "-i", str(draft), "-o", str(out), "--no-check"])
+    assert r.exit_code == 0 and "Warning (--no-check)" in said(r)
+    saved = out.read_text(encoding="utf-8")
+    assert saved.startswith("Team lunch on Friday 2025\n") and saved.count("2025") == 1  # repeats removed, kept as asked
+
+
+def test_checked_write_repairs_and_reports_first_attempt_problems(tok):
+    model = scripted(tok, "Here is the text:\nThe fair opens on 6 May.\nThe fair opens on 6 May.")
+    result = writer.checked_write(model, "polish", "the fair opens on 6 may")
+    assert result.ok and result.attempts == 1 and result.output == "The fair opens on 6 May."
+    assert result.first_problems  # as generated, it repeated itself
+
+
+def test_checked_write_pools_distinct_titles_across_attempts(tok):
+    model = scripted(tok, "A New Library\nA New Library\nRooftop Reading\nBooks and Gardens")
+    result = writer.checked_write(model, "titles", "The town opens a new library with a rooftop garden.")
+    assert not result.ok and result.attempts == writer.ATTEMPTS  # the same three titles every time
+    assert "3 distinct titles, not 5" in str(result.problems)

@@ -65,3 +65,18 @@ def test_a_message_is_found_by_its_id():
     assert message_number(conv, 11) == 2
     with pytest.raises(MuseError, match="Message 12 is not in conversation c1"):
         message_number(conv, 12)
+
+
+def test_a_desk_output_that_fails_its_checks_is_not_saved(tmp_path):
+    from muse.apps.writer import CheckFailedError, Checked
+    from muse.apps.gates import check
+
+    text = "预算为30万元。"
+    output = "The budget is $30,000."
+    checked = Checked(output, check("translate", text, output), 3, [])
+    assert not checked.ok
+    with Store(tmp_path / "muse.db") as store:
+        writer.keep_version(store, "desk:memo", text)
+        e = CheckFailedError(checked, "the desk document 'memo'")
+        assert "Not saved: the desk document 'memo' was not changed" in str(e) and "30,000" in str(e)
+        assert [v["action"] for v in writer.history(store, "desk:memo")] == ["original"]

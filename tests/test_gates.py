@@ -1,0 +1,101 @@
+"""Output gates (muse.apps.gates) on fixed strings, English and Chinese, and the writer's retries."""
+
+from __future__ import annotations
+
+from muse.apps import gates
+from muse.apps.gates import check, numbers, repair
+
+
+def gate_names(problems) -> set[str]:
+    return {p.gate for p in problems}
+
+
+# -- invented facts -------------------------------------------------------------------------
+
+def test_amounts_compare_by_value_across_scripts():
+    src = "项目预算为30万元，2024年3月启动。"
+    assert "30,000" in gates.summary(check("translate", src, "The project budget is $30,000, starting in March 2024."))
+    assert check("translate", src, "The project budget is 300,000 yuan, starting in March 2024.") == []
+    assert check("translate", "The budget is 300,000 yuan.", "预算是三十万元。") == []
+    assert check("translate", "The budget is 300,000 yuan.", "预算为300000元。") == []
+
+
+def test_chinese_numerals_and_scales():
+    vals = numbers("三百人，两千五百元，一万二千步，30万元，1.2万，5k")
+    assert {300, 2500, 12000, 300_000, 12_000, 5000} <= set(vals)
+    assert 1 not in numbers("我们一起统一意见")  # 一起, 统一: words, not numbers
+
+
+def test_an_added_year_or_number_is_flagged():
+    p = check("rewrite", "The fair opens on 6 May.", "The fair opens on 6 May 2025.")
+    assert gate_names(p) == {"invented"} and "2025" in p[0].message
+    assert check("rewrite", "we need three chairs by 5pm", "We need 3 chairs by 17:00.") == []  # words and 24 h
+
+
+def test_an_invented_name_is_flagged_but_a_capitalised_day_is_not():
+    src = "hey guys meeting moved to fri cuz boss is sick"
+    assert check("rewrite", src, "The meeting has moved to Friday because the boss is sick.") == []
+    p = check("rewrite", src, "The meeting has moved to Friday in Cancun because the boss is sick.")
+    assert "Cancun" in gates.summary(p)
+    p = check("polish", "请联系王经理。", "请联系李经理。")
+    assert "李经理" in gates.summary(p)
+    assert check("polish", "请联系王经理，地点在人民路。", "请您联系王经理，地点在人民路。") == []
+
+
+def test_translation_across_scripts_checks_numbers_not_names():
+    assert check("translate", "王经理3点到。", "Manager Wang arrives at 3.") == []
+
+
+# -- repetition and preambles -------------------------------------------------------------------
+
+def test_a_title_line_repeated_13_times_is_flagged_and_repaired():
+    out = "Team Lunch on Friday\n" * 13 + "Join us at noon."
+    p = check("rewrite", "team lunch on friday, join us at noon", out)
+    assert gate_names(p) == {"repetition"} and "13 times" in p[0].message
+    fixed = repair("rewrite", "team lunch on friday, join us at noon", out)
+    assert fixed == "Team Lunch on Friday\nJoin us at noon."
+    assert check("rewrite", "team lunch on friday, join us at noon", fixed) == []
+
+
+def test_near_repeats_and_chinese_loops():
+    out = "We will meet on Friday at noon. We will meet on Friday at noon!"
+    assert gate_names(check("rewrite", "meet friday noon", out)) == {"repetition"}
+    assert gate_names(check("polish", "周五中午聚餐。", "周五中午大家一起聚餐吧。" * 3)) == {"repetition"}
+    assert check("polish", "Go. Go.", "Go. Go.") == []  # too short to count
+
+
+def test_a_leftover_label_is_flagged_anywhere():
+    src = "The library is closed on Monday for repairs, and it reopens on Tuesday morning at nine."
+    p = check("shorten", src, "Closed Monday, reopens Tuesday.\nThe short answer is:")
+    assert gate_names(p) == {"preamble"}
+    assert gate_names(check("polish", "明天开会。", "以下是润色后的文字：\n明天开会。")) == {"preamble"}
+    assert repair("shorten", src, "Closed Monday, reopens Tuesday.\nThe short answer is:") == "Closed Monday, reopens Tuesday."
+
+
+# -- length and shape ---------------------------------------------------------------------------
+
+def test_length_targets():
+    src = " ".join(f"word{i}" for i in range(40))
+    assert gate_names(check("shorten", src, " ".join(f"word{i}" for i in range(36)))) == {"length"}  # 10 % cut
+    assert check("shorten", src, " ".join(f"word{i}" for i in range(20))) == []
+    assert gate_names(check("expand", src, src)) == {"length"}
+    assert gate_names(check("summarize", src, src, length=10)) == {"length"}
+    assert gate_names(check("shorten", "今天下午三点在二楼会议室开会，请大家准时参加，不要迟到。", "今天下午三点在二楼会议室开会，请大家准时参加。")) == {"length"}
+
+
+def test_titles_must_be_distinct_short_lines():
+    src = "The town opens a new library with a rooftop garden."
+    assert check("titles", src, "A New Library\nRooftop Reading\nBooks and Gardens\nThe Town Reads\nOpen Doors") == []
+    same = "\n".join(["A New Library"] * 4 + ["Open Doors"])
+    assert "the same title" in gates.summary(check("titles", src, same))
+    prose = "The town has opened a new library. It has a rooftop garden where people can read."
+    assert gate_names(check("titles", src, prose)) == {"shape"}
+    assert gate_names(check("titles", "新图书馆开放。", "新馆开放\n新馆开放\n新馆开放\n屋顶花园\n阅读之城")) == {"shape"}
+
+
+def test_outline_must_be_a_list():
+    src = "The plan has three parts: budget, hiring and a launch in May."
+    assert check("outline", src, "- Budget\n- Hiring\n- Launch in May") == []
+    assert check("outline", src, "Plan\n1. Budget\n2. Hiring\n3. Launch in May") == []
+    assert gate_names(check("outline", src, "The plan covers the budget. Then hiring. Then a launch in May.")) == {"shape"}
+    assert check("outline", "计划包括预算、招聘和五月上线。", "一、预算\n二、招聘\n三、五月上线") == []
