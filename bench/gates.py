@@ -69,8 +69,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = [run(lang, a.split, a.model or MODELS[lang], a.limit, a.max_tokens, a.verbose) for lang in a.lang or ("en", "zh")]
     print(f"\nwriter gates, {a.split} split")
-    print(f"| lang | model | items | pass before | pass after | refused (not saved) | attempts/item | must_keep kept "
-          f"| failing gates before → after | time |")
+    print("| lang | model | items | pass before | pass after | refused (not saved) | attempts/item | must_keep kept "
+          "| failing gates before → after | time |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['lang']} | {r['model']} | {r['n']} | {r['before']:.0%} | {r['after']:.0%} | {r['refused']} | "
