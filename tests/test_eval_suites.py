@@ -186,6 +186,7 @@ def test_writer_must_keep_and_shape(monkeypatch):
     model = FakeModel(reply=lambda prompt: "Sure! Here you go.")
     r = S.run_suite(model, "writer-en", split="dev")
     assert r.metrics["must_keep"] == 100 and r.metrics["must_keep_raw"] == 0
+    assert r.metrics["gates_raw"] < 100 and "gates" in r.metrics  # muse.apps.gates.check on each output
     assert all(t is None for a, t in tones if a not in ("rewrite", "expand"))  # polish takes no tone
     first = rows[0]
     assert model.prompts[0] == S.writer_prompt(first["action"], first["text"], first["tone"], "en")

