@@ -115,6 +115,39 @@ def test_chunks_keep_offsets_and_cover_the_text(text):
         assert a.text[-1] in ".。"  # cut at sentence ends, Chinese punctuation included
 
 
+HANDBOOK = ("# Staff handbook\n\n## Hours\nThe office opens at 8 a.m. and closes at 7 p.m.\n\n"
+            "# Leave\nStaff get 25 days of paid leave. Sick leave is reported by 9:30 a.m.\n\n"
+            "## Expenses\nMeals are covered up to 40 dollars a day.\n")
+BILINGUAL = ("Lakeside Hostel – House rules\nCheck-in is from 2 p.m. Breakfast costs 6 dollars.\n\n"
+             "湖畔青年旅舍住宿须知\n入住时间为下午2点起。早餐每份6美元。\n")
+
+
+def test_chunks_start_at_headings_and_carry_their_path():
+    chunks = chunk_text(HANDBOOK)
+    assert [c.path for c in chunks] == [("Staff handbook", "Hours"), ("Leave",), ("Leave", "Expenses")]
+    assert chunks[0].text.startswith("# Staff handbook") and "8 a.m." in chunks[0].text  # a heading alone is no chunk
+    assert "25 days" in chunks[1].text and "40 dollars" not in chunks[1].text
+    for c in chunks:
+        assert c.text == HANDBOOK[c.start:c.end]
+
+
+def test_chunks_start_at_a_switch_of_language():
+    chunks = chunk_text(BILINGUAL)
+    assert [c.path for c in chunks] == [("Lakeside Hostel – House rules",), ("湖畔青年旅舍住宿须知",)]
+    assert "6 dollars" in chunks[0].text and "美元" not in chunks[0].text
+    assert chunks[1].text.startswith("湖畔青年旅舍住宿须知") and "6美元" in chunks[1].text
+    assert [c.path for c in chunk_text("Plain text. No headings here.")] == [()]
+
+
+def test_search_sees_the_heading_path(lexical):
+    lexical.add_text("handbook", HANDBOOK)
+    hit = lexical.search("How much are meal expenses covered?", k=1)[0]
+    assert hit.section == "Leave › Expenses" and "40 dollars" in hit.text
+    lexical.add_text("handbook", HANDBOOK.replace("40", "45"))  # re-added when changed: chunked again
+    hit = lexical.search("How much are meal expenses covered?", k=1)[0]
+    assert hit.section == "Leave › Expenses" and "45 dollars" in hit.text
+
+
 def test_terms_for_english_and_chinese():
     index, content = terms("What is the Capital of the festivals?")
     assert content == ["capital", "festival"]  # stopwords dropped, lower-cased, plural folded
@@ -444,6 +477,67 @@ def test_model_saying_not_found_maps_to_found_false(monkeypatch, default_model, 
     assert stream.answer == kbm.Answer(NOT_FOUND["en"], [], False) and not stream.found
     cited = ask(default_model, lexical, "Where is the Zorblat festival held?")
     assert cited.found and cited.text == "It is held in Quenby [1]." and cited.citations[0].n == 1
+
+
+def passage(n, title, text, section=""):
+    return kbm.Citation(n, title, f"upload:{title}", n, text, section)
+
+
+@pytest.mark.parametrize("reply,why", [
+    ("", "refusal"), ("[1]", "bare"), ("1", "bare"), ("[1][2]", "bare"), ("Festival [1].", "title"),
+    ("Leave", "title"), ("The passages do not mention who pays.", "refusal"), ("文档中没有提到。", "refusal"),
+    ("The Zorblat festival [1].", "bare"),                        # only the question's own words
+    ("It is paid for by the mayor of Quenby, 500 dollars [1].", "unsupported"),  # a number not in the passage
+    ("It is sponsored by a brewery and the royal bank [1].", "unsupported"),     # words not in the passage
+])
+def test_verify_turns_non_answers_into_not_found(reply, why):
+    from muse.apps.grounding import verify
+
+    passages = [passage(1, "festival", FESTIVAL), passage(2, "handbook", HANDBOOK, "Leave")]
+    verdict = verify(reply, "Who pays for the Zorblat festival?", passages)
+    assert verdict.text is None and verdict.reason == why
+
+
+def test_verify_keeps_supported_answers_and_adds_the_citation():
+    from muse.apps.grounding import verify
+
+    passages = [passage(1, "kettle", KETTLE), passage(2, "festival", FESTIVAL)]
+    q = "When was the Zorblat festival founded?"
+    assert verify("It was founded in 1873 [2].", q, passages).cited == [2]
+    v = verify("It was founded in 1873.", q, passages)  # no citation: the supporting passage is added
+    assert v.text == "It was founded in 1873 [2]." and v.cited == [2]
+    v = verify("It was founded in 1873 [1].", q, passages)  # a wrong citation is replaced
+    assert v.text == "It was founded in 1873 [2]." and v.cited == [2]
+    zh = [passage(1, "hostel", BILINGUAL.split("\n\n")[1])]
+    v = verify("Breakfast costs 6 dollars.", "How much is breakfast?", zh)
+    assert v.text == "Breakfast costs 6 dollars [1]."  # numbers carry a reply across languages
+
+
+def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
+    from muse.generation import GenerationChunk
+
+    lexical.add_text("festival", FESTIVAL)
+    replies = iter(["[1]", "festival", "It is held in Quenby."])
+
+    def scripted(self, messages, params=None):
+        assert 'title="festival"' in messages[1]["content"]
+        yield GenerationChunk(text=next(replies), token=None, finish_reason="stop")
+
+    monkeypatch.setattr(type(default_model), "stream_chat", scripted)
+    q = "Where is the Zorblat festival held?"
+    for _ in range(2):
+        stream = stream_ask(default_model, lexical, q)
+        assert "".join(c.text for c in stream) == NOT_FOUND["en"] and not stream.found
+    answer = ask(default_model, lexical, q)
+    assert answer.found and answer.text == "It is held in Quenby [1]." and [c.n for c in answer.citations] == [1]
+
+
+def test_ask_end_to_end_on_a_bilingual_document(default_model, hybrid):
+    hybrid.add_text("hostel", BILINGUAL)
+    hybrid.add_text("handbook", HANDBOOK)
+    answer = ask(default_model, hybrid, "How much does breakfast cost at the hostel?", greedy())
+    assert answer.found and "6" in answer.text and "[1]" in answer.text
+    assert answer.citations[0].title == "hostel"
 
 
 def test_document_text_cannot_hijack_the_prompt(default_model, hybrid):

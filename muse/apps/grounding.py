@@ -1,0 +1,116 @@
+"""Is a knowledge-base answer grounded in the passages it was given? Checks that need no model.
+
+The model answers from numbered passages; `verify` then decides whether the reply is an answer:
+
+* a refusal ("not in the documents", "文档中没有提到…") is not one;
+* nor is a reply that says nothing beyond citations, a bare passage number, a document title or
+  heading, or only the question's own words;
+* a reply is supported when every number it states beyond the question appears in one passage and,
+  of the content words it adds, at least `SUPPORT` of them do too (a passage in the other language
+  than the reply cannot share words, so numbers alone count there).
+
+A supported reply keeps its valid inline citations; one without any gets the supporting passage's
+number added, so every found answer cites where it comes from.
+
+    verdict = verify(reply, question, passages)    # passages: objects with .n, .title, .section, .text
+    verdict.text, verdict.cited                    # None, [] when the reply is no grounded answer
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from muse.text import language, terms
+
+SUPPORT = 0.5  # share of the reply's new content words that the supporting passage must contain
+
+NOT_FOUND = {"en": "The answer is not in your documents.", "zh": "你的文档中没有这个问题的答案。"}
+
+CITE = re.compile(r"\[(\d+)\]")
+_NUM = re.compile(r"\d+(?:\.\d+)?")
+_REFUSAL = re.compile(
+    r"not (?:found |mentioned |stated |given |provided |contained |included )?in (?:your|the|any of the) "
+    r"(?:documents?|passages?|text)"
+    r"|(?:documents?|passages?|text) (?:do|does) not (?:contain|mention|say|state|provide|include|specify)"
+    r"|(?:no|not enough) information|is not (?:mentioned|stated|specified|provided)"
+    r"|(?:cannot|can't|can not|unable to) (?:find|answer|determine|be determined)"
+    r"|没有这个问题的答案|没有(?:提到|提及|说明|相关|给出|找到)|未(?:提到|提及|说明|给出)|无法(?:回答|确定|找到)"
+    r"|(?:文档|段落|资料)中没有",
+    re.IGNORECASE)
+_TRIM = " \t\r\n.。,，:：;；!！?？-—–*\"'“”‘’()（）「」"
+
+
+@dataclass
+class Verdict:
+    text: str | None                     # the answer to show, None when the reply is no grounded answer
+    cited: list[int] = field(default_factory=list)  # passage numbers the answer cites
+    reason: str = ""                     # why it is not an answer ("refusal", "bare", "title", "unsupported")
+
+
+def refuses(reply: str) -> bool:
+    """Whether the reply says the passages do not hold the answer."""
+    flat = re.sub(r"\s+", " ", reply)
+    return bool(_REFUSAL.search(flat)) or any(_squash(nf) in _squash(flat) for nf in NOT_FOUND.values())
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[\W_]+", "", text).lower()
+
+
+def claims(reply: str, question: str) -> tuple[set[str], set[str]]:
+    """(numbers, content words) the reply states beyond the question, citations left out."""
+    body = CITE.sub(" ", reply)
+    nums = set(_NUM.findall(body)) - set(_NUM.findall(question))
+    asked = set(terms(question)[1])
+    words = {t for t in terms(body)[1] if not _NUM.fullmatch(t)} - asked
+    return nums, words
+
+
+def support(passage: str, nums: set[str], words: set[str], reply_lang: str) -> float:
+    """How well `passage` backs the claims: 0 when a number is missing, else the share of words found
+    (numbers alone back a reply in the other language than the passage)."""
+    if nums - set(_NUM.findall(passage)):
+        return 0.0
+    if not words:
+        return 1.0 if nums else 0.0
+    if nums and language(passage) != reply_lang:
+        return 1.0
+    return len(words & set(terms(passage)[1])) / len(words)
+
+
+def verify(reply: str, question: str, passages: list) -> Verdict:
+    """The grounded answer in `reply`, or why there is none (see the module docstring)."""
+    text = reply.strip()
+    if not text or refuses(text):
+        return Verdict(None, reason="refusal")
+    body = CITE.sub(" ", text).strip(_TRIM)
+    if not body or (body.isdigit() and int(body) <= max(len(passages), 1)):
+        return Verdict(None, reason="bare")
+    names = {_squash(p.title) for p in passages}
+    names |= {_squash(h) for p in passages for h in getattr(p, "section", "").split(" › ") if h}
+    if _squash(body) in names:
+        return Verdict(None, reason="title")
+    nums, words = claims(text, question)
+    if not nums and not words:
+        return Verdict(None, reason="bare")  # only the question's own words
+    reply_lang = language(body)
+    scores = {p.n: support(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}", nums, words, reply_lang)
+              for p in passages}
+    given = {p.n for p in passages}
+    cited = [n for n in dict.fromkeys(int(x) for x in CITE.findall(text)) if n in given]
+    best = max(scores, key=lambda n: scores[n]) if scores else None
+    if best is None or scores[best] < SUPPORT:
+        return Verdict(None, reason="unsupported")
+    if not any(scores[n] >= SUPPORT for n in cited):
+        text = add_citation(CITE.sub("", text).rstrip(), best)  # wrong or missing citation: cite the support
+        cited = [best]
+    return Verdict(text, cited)
+
+
+def add_citation(text: str, n: int) -> str:
+    """`text` with " [n]" before its closing punctuation."""
+    text = re.sub(r"\s+([.。!！])", r"\1", text)
+    if text and text[-1] in ".。!！":
+        return f"{text[:-1]} [{n}]{text[-1]}"
+    return f"{text} [{n}]"
