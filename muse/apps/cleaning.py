@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-_PREAMBLES = [re.compile(p, re.IGNORECASE) for p in (
+PREAMBLES = [re.compile(p, re.IGNORECASE) for p in (
     r"^(?:sure|certainly|of course|absolutely|okay|ok|great)\s*[,.!]\s*(?=here|below|i |i'|the following|\n|$)",
     r"^(?:here(?:'s| is| are)|below is)\b[^\n]{0,120}?:[ \t]*(?:\n|$)",
     r"^(?:[\w-]+[ \t]+){0,3}(?:text|version|translation|summary|outline|titles?|rewrite|draft)"
@@ -76,7 +76,7 @@ class OutputCleaner:
         changed = True
         while changed:
             changed = False
-            for p in _PREAMBLES:
+            for p in PREAMBLES:
                 m = p.match(s)
                 # a short one ("Sure! ") always goes; a longer one the source itself has stays
                 if m and m.end() > 0 and (m.end() < 8 or not self._in_source(s[:m.end()])):

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-from muse.apps.cleaning import _PREAMBLES
+from muse.apps.cleaning import PREAMBLES
 from muse.text import language, sentence_spans, sentences
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
@@ -95,7 +95,7 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
     lines = []
     for line in output.splitlines():
         head = _strip_marker(line).strip()
-        m = _LABEL.match(head) or next((p.match(head) for p in _PREAMBLES if p.match(head)), None)
+        m = _LABEL.match(head) or next((p.match(head) for p in PREAMBLES if p.match(head)), None)
         if m and m.end() > 0 and _norm(head[:m.end()]) not in src:
             rest = head[m.end():].strip()
             if not rest:
@@ -199,7 +199,7 @@ def preambles(source: str, output: str) -> list[Problem]:
         if not s or (_norm(s) and _norm(s) in src):
             continue
         head = s[:80]
-        if _LABEL.match(head) or any(p.match(head) for p in _PREAMBLES):
+        if _LABEL.match(head) or any(p.match(head) for p in PREAMBLES):
             return [Problem("preamble", f"a leftover preamble or label: {_quote(s)}")]
     return []
 
