@@ -29,18 +29,19 @@ RAW = {"zh": "Translate into Chinese: {text}", "en": "Translate into English: {t
 # Candidate instructions (the Action's {to} filled in by the writer): name → (for → en, for → zh).
 CANDIDATES = {
     "v1 keep numbers": (
-        "Translate the Chinese text below into {to}. Keep every number, time, date and amount exactly as "
-        "written: 30万元 is 300,000 yuan and 元 stays yuan, never dollars. Add nothing that is not in the "
-        "text. Reply with the {to} translation only.",
-        "把下面的英文翻译成{to}。数字、时间、日期和金额照原文写，不换算货币（$45 写成45美元，yuan 写成元），"
-        "地名和方向（从哪里到哪里）不能颠倒，不添加原文没有的内容。只输出中文译文。"),
-    "v2 english instr": (
-        "Translate into {to}, faithfully and completely. Numbers and amounts stay as written (30万元 = "
-        "300,000 yuan; never convert to dollars); add no words, dates or years that are not in the text. "
-        "Reply with the translation only.",
-        "Translate into {to}, faithfully and completely. Numbers and amounts stay as written ($45 = "
-        "45美元, 300,000 yuan = 30万元); add nothing that is not in the text. Reply with the Chinese "
-        "translation only, in Chinese characters."),
+        "Translate the text below into {to}, sentence by sentence. Keep every number, time, date and "
+        "amount as written, in the same currency (元 is yuan, never dollars; 万 is ten thousand). Keep places "
+        "and directions (from where to where) as they are. Add nothing that is not in the text. Reply with "
+        "the {to} translation only.",
+        "把下面的文字逐句翻译成{to}。数字、时间、日期和金额照原文保留，货币不换算（dollars 译作美元，yuan 译作元）。"
+        "地名和方向（从哪里到哪里）照原文，不添加原文没有的内容。只输出译文，不夹外文单词。"),
+    # v1 primed the currencies it named (300,000 yuan → 300,000美元): name none, and ask in English
+    "v2 plain": (
+        "Translate the text below into {to}, sentence by sentence. Keep every number, time and amount "
+        "exactly as written, in the same currency. Add nothing that is not in the text. Reply with the "
+        "{to} translation only.",
+        "Translate the text below into {to}. Keep every number and amount exactly as written; do not convert "
+        "them. Add nothing. Reply with the {to} translation only."),
 }
 
 
