@@ -184,3 +184,93 @@ def terms(text: str) -> tuple[list[str], list[str]]:
                 index.append(_normalise(part))
                 content.append(_normalise(part))
     return index, content
+
+
+# -- numbers, by value across scripts (output gates, the numbers-preserved metric) -----------------
+
+# A list marker at a line's start: bullets, "1." / "2)" / "（3）", "一、", Markdown headings.
+LIST_MARKER = re.compile(r"^\s*(?:[-*•·+]|\d{1,2}[.)、]|[（(]?\d{1,2}[)）]|[一二三四五六七八九十]+[、.]|#{1,6})\s+|^\s*\d{1,2}[.、]")
+
+
+def strip_list_marker(line: str) -> str:
+    return LIST_MARKER.sub("", line, count=1)
+
+
+_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
+_CN_BIG = {"万": 10_000, "亿": 100_000_000}
+_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_WORDS.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
+_WORDS.update({"dozen": 12, "hundred": 100, "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5})
+_WORDS.update({m: i for i, m in enumerate("january february march april may june july august september october "
+                                          "november december".split(), 1)})
+_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9,
+          "千": 1e3, "万": 1e4, "亿": 1e8, "百万": 1e6, "千万": 1e7, "万亿": 1e12}
+_NUM = re.compile(r"(\d+(?:[,，]\d{3})*(?:\.\d+)?)\s*(百万|千万|万亿|thousand|million|billion|bn|mn|k|千|万|亿)?",
+                  re.IGNORECASE)
+_CN_NUM = re.compile(r"[零〇一二两三四五六七八九十百千万亿]+")
+_CN_COUNTED = re.compile(r"[月日号年元块点岁页天周个人位次分秒%]")  # a Chinese numeral before one of these is a number
+_TIME = re.compile(r"\b(\d{1,2})(?::\d{2})?\s*(p\.?m\.?|pm)\b", re.IGNORECASE)
+
+
+def _cn_value(s: str) -> float | None:
+    """The value of a Chinese numeral such as 三百, 三十万, 两千五百, 一万二千; None if not one."""
+    total, section, digit = 0, 0, None
+    for ch in s:
+        if ch in _CN_DIGITS:
+            digit = _CN_DIGITS[ch]
+        elif ch in _CN_UNITS:
+            section += (1 if digit is None else digit) * _CN_UNITS[ch]
+            digit = None
+        elif ch in _CN_BIG:
+            total = (total + section + (digit or 0)) * _CN_BIG[ch]
+            section, digit = 0, None
+    return float(total + section + (digit or 0))
+
+
+def numbers(text: str, generous: bool = False) -> dict[float, str]:
+    """Value → how it is written, for each number, date part and amount in `text`, compared by value
+    across scripts: 30万, 300,000, 300000 and 三十万 are all 300000.0; 3.5 million is 350万.
+
+    Strict (the default) reads digits (with 万/亿/千 or thousand/million/billion scales) and Chinese
+    numerals that are clearly numbers (三百, or 七 before a counter such as 点/元/日), not the 一 of 一起.
+    `generous` also reads the forms a faithful rewrite or translation may use for them: every Chinese
+    numeral, number and month words (three, dozen, March), the 24-hour reading of a p.m. time (3:30 pm
+    gives 15), 点半 / half past (30) and a discount (八折: 20, as in 20 % off). List markers at a line's
+    start ("1.", "-", "一、") are not numbers. Checking that an output keeps (or invents) numbers compares
+    `numbers(source)` with `numbers(output, generous=True)`, or the other way round.
+    """
+    out: dict[float, str] = {}
+    body = "\n".join(strip_list_marker(line) for line in text.splitlines())
+    for m in _NUM.finditer(body):
+        raw, scale = m.group(1), (m.group(2) or "").lower()
+        if scale == "k" and re.match(r"[a-z]", body[m.end():m.end() + 1] or " ", re.IGNORECASE):
+            scale = ""  # "5 km", "3 min": a unit, not a multiplier
+        value = float(re.sub(r"[,，]", "", raw)) * _SCALE.get(scale, 1)
+        out.setdefault(value, m.group(0).strip())
+        if generous:
+            out.setdefault(float(re.sub(r"[,，]", "", raw)), raw)
+    for m in _CN_NUM.finditer(body):
+        s = m.group(0)
+        if s in ("万", "亿", "千", "百", "十"):
+            continue
+        after = body[m.end():m.end() + 1]
+        prev = body[m.start() - 1:m.start()]
+        if not generous and not (any(c in s for c in "十百千万亿") and len(s) > 1 or _CN_COUNTED.match(after or " ")):
+            continue  # 一起, 统一, 一些: words, not numbers
+        if prev.isdigit():
+            continue  # the 万 of 30万, read above
+        out.setdefault(_cn_value(s), s)
+    if generous:
+        for w in re.findall(r"[a-z]+", body.lower()):
+            if w in _WORDS:
+                out.setdefault(float(_WORDS[w]), w)
+        for m in _TIME.finditer(body):
+            out.setdefault(float(int(m.group(1)) % 12 + 12), m.group(0))
+        if "点半" in body or "點半" in body or "half past" in body.lower():
+            out.setdefault(30.0, "半")
+        for m in re.finditer(r"([一二三四五六七八九\d])折", body):  # 八折 / 8折: 20 % off
+            out.setdefault(float(100 - 10 * (_CN_DIGITS.get(m.group(1)) or int(m.group(1)))), m.group(0))
+    return out

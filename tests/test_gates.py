@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from muse.apps import gates
-from muse.apps.gates import check, numbers, repair
+from muse.apps.gates import check, repair
+from muse.text import numbers
 
 
 def gate_names(problems) -> set[str]:

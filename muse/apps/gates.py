@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 from muse.apps.cleaning import PREAMBLES
-from muse.text import language, sentence_spans, sentences
+from muse.text import language, numbers, sentence_spans, sentences, strip_list_marker
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
 EXPAND_MIN = 1.10    # expand: at least this share
@@ -94,7 +94,7 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
     seen: set[str] = set()
     lines = []
     for line in output.splitlines():
-        head = _strip_marker(line).strip()
+        head = strip_list_marker(line).strip()
         m = _LABEL.match(head) or next((p.match(head) for p in PREAMBLES if p.match(head)), None)
         if m and m.end() > 0 and _norm(head[:m.end()]) not in src:
             rest = head[m.end():].strip()
@@ -103,7 +103,7 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
             line = line[:len(line) - len(line.lstrip())] + rest
         kept, spans = [], sentence_spans(line)
         for a, b in spans:
-            n = _norm(_strip_marker(line[a:b]))
+            n = _norm(strip_list_marker(line[a:b]))
             if n and n in seen and n not in twice and (len(n.split()) >= 2 or _han(n) >= 4):
                 continue
             seen.add(n)
@@ -117,11 +117,11 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
     if action == "titles":
         picked, seen_titles = [], []
         for line in out.splitlines():
-            t = _norm(_strip_marker(line))
+            t = _norm(strip_list_marker(line))
             if t and not any(t == s or SequenceMatcher(None, t, s).ratio() >= NEAR for s in seen_titles):
                 seen_titles.append(t)
                 picked.append(line)
-        out = "\n".join(_strip_marker(line).strip() for line in picked[:titles])  # renumbered: plain lines
+        out = "\n".join(strip_list_marker(line).strip() for line in picked[:titles])  # renumbered: plain lines
     return out
 
 
@@ -135,7 +135,7 @@ def _units(text: str) -> list[str]:
     """Lines, and the sentences of each line, normalised; short ones (one word, < 4 Han) left out."""
     out = []
     for line in text.splitlines():
-        line = _strip_marker(line)
+        line = strip_list_marker(line)
         if not line.strip():
             continue
         parts = sentences(line) or [line]
@@ -195,7 +195,7 @@ def preambles(source: str, output: str) -> list[Problem]:
     "The short answer is:", "Sure!", "以下是…：", "译文：" — anywhere, not only at the start."""
     src = _norm(source)
     for line in output.splitlines():
-        s = _strip_marker(line).strip()
+        s = strip_list_marker(line).strip()
         if not s or (_norm(s) and _norm(s) in src):
             continue
         head = s[:80]
@@ -205,73 +205,6 @@ def preambles(source: str, output: str) -> list[Problem]:
 
 
 # -- invented facts -------------------------------------------------------------------------
-
-_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
-_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
-_CN_BIG = {"万": 10_000, "亿": 100_000_000}
-_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen".split())}
-_WORDS.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
-_WORDS.update({"dozen": 12, "hundred": 100, "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5})
-_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9,
-          "千": 1e3, "万": 1e4, "亿": 1e8, "百万": 1e6, "千万": 1e7, "万亿": 1e12}
-_NUM = re.compile(r"(\d+(?:[,，]\d{3})*(?:\.\d+)?)\s*(百万|千万|万亿|thousand|million|billion|bn|mn|k|千|万|亿)?",
-                  re.IGNORECASE)
-_CN_NUM = re.compile(r"[零〇一二两三四五六七八九十百千万亿]+")
-_CN_COUNTED = re.compile(r"[月日号年元块点岁页天周个人位次分秒%]")  # a Chinese numeral before one of these is a number
-_TIME = re.compile(r"\b(\d{1,2})(?::\d{2})?\s*(p\.?m\.?|pm)\b", re.IGNORECASE)
-
-
-def _cn_value(s: str) -> float | None:
-    """The value of a Chinese numeral such as 三百, 三十万, 两千五百, 一万二千; None if not one."""
-    total, section, digit = 0, 0, None
-    for ch in s:
-        if ch in _CN_DIGITS:
-            digit = _CN_DIGITS[ch]
-        elif ch in _CN_UNITS:
-            section += (1 if digit is None else digit) * _CN_UNITS[ch]
-            digit = None
-        elif ch in _CN_BIG:
-            total = (total + section + (digit or 0)) * _CN_BIG[ch]
-            section, digit = 0, None
-    return float(total + section + (digit or 0))
-
-
-def numbers(text: str, generous: bool = False) -> dict[float, str]:
-    """Value → how it is written, for each number, date part and amount in `text`. `generous` (the
-    input side) also reads number words (three, dozen), every Chinese numeral and 12 p.m. times as 24 h."""
-    out: dict[float, str] = {}
-    body = "\n".join(_strip_marker(line) for line in text.splitlines())
-    for m in _NUM.finditer(body):
-        raw, scale = m.group(1), (m.group(2) or "").lower()
-        if scale == "k" and re.match(r"[a-z]", body[m.end():m.end() + 1] or " ", re.IGNORECASE):
-            scale = ""  # "5 km", "3 min": a unit, not a multiplier
-        value = float(re.sub(r"[,，]", "", raw)) * _SCALE.get(scale, 1)
-        out.setdefault(value, m.group(0).strip())
-        if generous:
-            out.setdefault(float(re.sub(r"[,，]", "", raw)), raw)
-    for m in _CN_NUM.finditer(body):
-        s = m.group(0)
-        if s in ("万", "亿", "千", "百", "十"):
-            continue
-        after = body[m.end():m.end() + 1]
-        prev = body[m.start() - 1:m.start()]
-        if not generous and not (any(c in s for c in "十百千万亿") and len(s) > 1 or _CN_COUNTED.match(after or " ")):
-            continue  # 一起, 统一, 一些: words, not numbers
-        if prev.isdigit():
-            continue  # the 万 of 30万, read above
-        out.setdefault(_cn_value(s), s)
-    if generous:
-        for w in re.findall(r"[a-z]+", body.lower()):
-            if w in _WORDS:
-                out.setdefault(float(_WORDS[w]), w)
-        for m in _TIME.finditer(body):
-            out.setdefault(float(int(m.group(1)) % 12 + 12), m.group(0))
-        if "点半" in body or "half past" in body.lower():
-            out.setdefault(30.0, "半")
-    return out
-
 
 _NAME = re.compile(r"\b[A-Z][A-Za-z'’\-]*[A-Za-z]\b|\b[A-Z]{2,}\b")
 _HONORIFIC = {"Mr", "Mrs", "Ms", "Dr", "Dear", "I", "I'm", "I'll", "I've", "I'd", "OK", "Ok", "Hi", "Hello", "Thanks",
@@ -310,7 +243,7 @@ def _new_names(source: str, output: str) -> list[str]:
     stems = {w[:5] for w in words if len(w) >= 5}
     extra: list[str] = []
     for line in output.splitlines():
-        line = _strip_marker(line)
+        line = strip_list_marker(line)
         for sent in sentences(line) or [line]:
             for m in _NAME.finditer(sent):
                 w = m.group(0)
@@ -360,18 +293,13 @@ def length_target(action: str, source: str, output: str, length: int | None = No
 
 # -- shape ----------------------------------------------------------------------------------
 
-_MARKER = re.compile(r"^\s*(?:[-*•·+]|\d{1,2}[.)、]|[（(]?\d{1,2}[)）]|[一二三四五六七八九十]+[、.]|#{1,6})\s+|^\s*\d{1,2}[.、]")
-
-
-def _strip_marker(line: str) -> str:
-    return _MARKER.sub("", line, count=1)
 
 
 def title_lines(output: str) -> list[str]:
     """The titles of a titles answer: its non-empty lines without list markers and quotes."""
     out = []
     for line in output.splitlines():
-        t = _strip_marker(line).strip().strip("\"“”「」'*")
+        t = strip_list_marker(line).strip().strip("\"“”「」'*")
         if t:
             out.append(t)
     return out

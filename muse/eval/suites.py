@@ -43,6 +43,7 @@ from typing import Callable
 
 from muse.errors import MuseError
 from muse.eval import metrics as M
+from muse.text import numbers
 
 SEED = 0
 SPLITS = ("dev", "test")
@@ -340,7 +341,7 @@ def _translate():
                 result.metrics[f"numbers{key}"] = _share(kept)
             if key == APP:
                 result.notes += [f"BLEU {b.signature}", f"chrF {c.signature}"]
-        with_numbers = sum(bool(numbers(it["source"], source=True)) for it in items)
+        with_numbers = sum(bool(numbers(it["source"])) for it in items)
         result.notes.append(f"numbers preserved: share of the {with_numbers} items with a number whose every "
                             "number appears in the output, compared by value (30万 = 300,000)")
         result.primary, result.n = "chrf", len(items)
@@ -350,72 +351,12 @@ def _translate():
     return run
 
 
-_MULTIPLIERS = {"万": 1e4, "亿": 1e8, "千": 1e3, "百万": 1e6, "千万": 1e7, "万亿": 1e12,
-                "thousand": 1e3, "million": 1e6, "billion": 1e9, "k": 1e3, "m": 1e6, "bn": 1e9}
-_ARABIC = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:\s*(万亿|百万|千万|万|亿|千)|"
-                     r"\s+(thousand|million|billion)\b|(k|m|bn)\b)?", re.IGNORECASE)
-_PM_TIME = re.compile(r"(?<!\d)(\d{1,2}):(\d{2})\s*(?:p\.?\s?m\b)", re.IGNORECASE)
-_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
-_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
-_CN_RUN = re.compile("[零〇一二两三四五六七八九十百千万亿]+")
-_EN_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                                        "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
-_EN_WORDS |= {m: i for i, m in enumerate("january february march april may june july august september october "
-                                          "november december".split(), 1)}
-_EN_WORDS |= {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
-              "hundred": 100, "half": 0.5}
-
-
-def _cn_value(run: str) -> float | None:
-    """一万二千 → 12000, 三十五 → 35, 十 → 10; None when the run is not a plain number."""
-    total, section, digit = 0.0, 0.0, None
-    for ch in run:
-        if ch in _CN_DIGITS:
-            digit = _CN_DIGITS[ch]
-        elif ch in _CN_UNITS:
-            section += (1 if digit is None else digit) * _CN_UNITS[ch]
-            digit = None
-        else:  # 万, 亿
-            total = (total + section + (digit or 0)) * (1e4 if ch == "万" else 1e8)
-            section, digit = 0.0, None
-    value = total + section + (digit or 0)
-    return value if value or "零" in run or "〇" in run else None
-
-
-def numbers(text: str, source: bool = False) -> set[float]:
-    """The numbers in `text` by value: digits with thousands separators and decimals, scaled by 万/亿/千
-    or thousand/million/billion (30万 and 300,000 are both 300000). Unless `source`, also the forms a
-    translation may use for them: Chinese numerals (三十五), English number and month words (twelve,
-    March), 点半 (:30), a discount (八折: 20 % off) and the 24-hour reading of a p.m. time (3:30 pm
-    gives 15 too). A source's numbers are its digits only:
-    a character such as 一 in 一起 is no number that must be kept."""
-    found = set()
-    for m in _ARABIC.finditer(text):
-        value = float(m.group(1).replace(",", "") + (m.group(2) or ""))
-        unit = m.group(3) or m.group(4) or m.group(5)
-        found.add(round(value * _MULTIPLIERS[unit.lower()] if unit else value, 6))
-    if not source:
-        for m in _PM_TIME.finditer(text):
-            if int(m.group(1)) < 12:
-                found.add(float(int(m.group(1)) + 12))
-        for m in _CN_RUN.finditer(text):
-            value = _cn_value(m.group())
-            if value is not None:
-                found.add(round(value, 6))
-        if re.search("点半|點半", text):
-            found.add(30.0)
-        for m in re.finditer(r"([一二三四五六七八九\d])折", text):  # 八折 / 8折: 20% off
-            found.add(float(100 - 10 * (_CN_DIGITS.get(m.group(1)) or int(m.group(1)))))
-        for word in re.findall(r"[a-z]+", text.lower()):
-            if word in _EN_WORDS:
-                found.add(float(_EN_WORDS[word]))
-    return found
-
-
 def numbers_preserved(source: str, output: str) -> bool | None:
-    """Whether every number of `source` is in `output` (by value); None when the source has none."""
-    wanted = numbers(source, source=True)
-    return wanted <= numbers(output) if wanted else None
+    """Whether every number of `source` is in `output`, compared by value across scripts (30万元 =
+    "300,000 yuan"; see `muse.text.numbers`); None when the source has none."""
+    wanted = numbers(source)
+    have = numbers(output, generous=True)
+    return all(any(abs(w - h) <= 1e-6 * max(1.0, abs(w)) for h in have) for w in wanted) if wanted else None
 
 
 # -- sentiment, classify ----------------------------------------------------------------------
