@@ -100,3 +100,14 @@ def test_outline_must_be_a_list():
     assert check("outline", src, "Plan\n1. Budget\n2. Hiring\n3. Launch in May") == []
     assert gate_names(check("outline", src, "The plan covers the budget. Then hiring. Then a launch in May.")) == {"shape"}
     assert check("outline", "计划包括预算、招聘和五月上线。", "一、预算\n二、招聘\n三、五月上线") == []
+
+
+def test_commentary_and_unchanged_outputs_fail_their_gates():
+    text = "hey guys, the meeting is moved to friday cuz the room is booked"
+    talk = "I've made these adjustments: 1. Capitalised the first word. 2. Replaced 'cuz'."
+    assert "commentary" in [p.gate for p in check("rewrite", text, talk)]
+    assert [p.gate for p in check("rewrite", text, text + "\n")] == ["unchanged"]
+    assert "unchanged" not in [p.gate for p in check("polish", "The meeting is on Friday.", "The meeting is on Friday.")]
+    assert [p.gate for p in check("translate", "今天天气很好。", "今天天气很好。")] == ["unchanged"]
+    assert check("rewrite", text, "Hi all, the meeting has moved to Friday because the room is booked.") == []
+    assert "commentary" in [p.gate for p in check("polish", "我觉得这个方案可以", "我对原文做了以下修改：把“可以”改成了“可行”。")]

@@ -9,6 +9,8 @@ Each gate returns `Problem`s a user can read; an empty list means the output pas
   often than in the input;
 - `preamble`: a leftover "Here is…" / "The short answer is:" / "以下是…：" line or label
   (the patterns of `muse.apps.cleaning`, applied to every line);
+- `commentary`: an answer that opens by talking about the text ("I've made these changes: …");
+- `unchanged`: a rewrite or translation that gives the input back;
 - `invented`: numbers, dates and amounts (compared by value across scripts: 30万 = 300,000 =
   300000 = 三十万) and names (capitalised words inside a sentence; Chinese place, firm and person
   names before 路/公司/经理…) that the input does not have;
@@ -36,13 +38,14 @@ NEAR = 0.9           # two sentences this alike (difflib ratio) count as a repea
 TITLES = 5           # what the titles prompt asks for
 
 # action → the gates that apply to it
+# ("unchanged" is not a gate of polish: a text without mistakes may rightly come back as it was.)
 GATES: dict[str, tuple[str, ...]] = {
-    "rewrite": ("repetition", "preamble", "invented"),
-    "polish": ("repetition", "preamble", "invented"),
-    "shorten": ("repetition", "preamble", "invented", "length"),
-    "expand": ("repetition", "preamble", "numbers", "length"),
-    "summarize": ("repetition", "preamble", "invented", "length"),
-    "translate": ("repetition", "preamble", "numbers"),
+    "rewrite": ("repetition", "preamble", "commentary", "unchanged", "invented"),
+    "polish": ("repetition", "preamble", "commentary", "invented"),
+    "shorten": ("repetition", "preamble", "commentary", "invented", "length"),
+    "expand": ("repetition", "preamble", "commentary", "numbers", "length"),
+    "summarize": ("repetition", "preamble", "commentary", "invented", "length"),
+    "translate": ("repetition", "preamble", "commentary", "unchanged", "numbers"),
     "titles": ("preamble", "shape"),
     "outline": ("repetition", "preamble", "numbers", "shape"),
     "continue": ("repetition",),
@@ -51,7 +54,7 @@ GATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Problem:
-    gate: str     # repetition | preamble | invented | length | shape
+    gate: str     # repetition | preamble | commentary | unchanged | invented | length | shape
     message: str  # what is wrong, for the user
 
     def __str__(self) -> str:
@@ -69,6 +72,10 @@ def check(action: str, source: str, output: str, *, length: int | None = None, t
         problems += repetition(source, output)
     if "preamble" in gates:
         problems += preambles(source, output)
+    if "commentary" in gates:
+        problems += commentary(source, output)
+    if "unchanged" in gates:
+        problems += unchanged(source, output)
     if "invented" in gates or "numbers" in gates:
         problems += invented(source, output, names="invented" in gates and not _crosses_scripts(source, output))
     if "length" in gates:
@@ -211,6 +218,34 @@ _HONORIFIC = {"Mr", "Mrs", "Ms", "Dr", "Dear", "I", "I'm", "I'll", "I've", "I'd"
               "Thank", "Please", "Best", "Regards", "Sincerely", "Note", "P.S", "PS", "Yes", "No", "Oh", "Wow"}
 _CN_NAME = re.compile(r"([\u4e00-\u9fff])(路|街|市|省|县|公司|餐馆|菜馆|饭店|酒店|大学|医院|银行|经理|先生|女士|老师|总监|小区|广场|中心)")
 _CN_NOT_NAME = set("的是在了和与到为由从向对把被给也都就还又总副各该本此这那个新老大小请")
+
+
+# An answer that talks about the text instead of being the text: "I've made these changes: …",
+# "This sentence needs attention as it contains …", "以下是修改说明" — small models do it, and a retry's
+# repair note invites it.
+_COMMENTARY = re.compile(
+    r"^(?:i(?:'ve| have)? (?:made|changed|corrected|revised|rewrote|rewritten|fixed|adjusted|improved)\b"
+    r"|(?:this|the) (?:text|sentence|passage|paragraph|draft) (?:requires|needs|contains|has been|is written|uses)\b"
+    r"|here (?:are|is) (?:the|some|a few|my) (?:changes|corrections|edits|adjustments|suggestions)\b"
+    r"|(?:changes|corrections|edits) (?:made|i made)\s*:"
+    r"|(?:我|以下)(?:对|是)?(?:原文|文本|这段话)?(?:做了|进行了)?(?:以下|如下)?(?:修改|改动|调整)(?:说明|之处|如下)?[：:])",
+    re.IGNORECASE)
+
+
+def commentary(source: str, output: str) -> list[Problem]:
+    """An output that opens by talking about the text (its changes, its problems) instead of being it."""
+    first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    if _COMMENTARY.match(first) and not _COMMENTARY.match(source.strip()):
+        return [Problem("commentary", f"talks about the text instead of rewriting it: {_quote(first)}")]
+    return []
+
+
+def unchanged(source: str, output: str) -> list[Problem]:
+    """The output is the input given back word for word (rewrite, translate), white space aside; a
+    change of case or punctuation counts as a change."""
+    if " ".join(output.split()) == " ".join(source.split()):
+        return [Problem("unchanged", "the output is the input, unchanged")]
+    return []
 
 
 def invented(source: str, output: str, names: bool = True) -> list[Problem]:
