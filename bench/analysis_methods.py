@@ -42,6 +42,7 @@ def candidates(task: str) -> dict[str, tuple]:
         for style in ("plain", "chat"):
             for cal in (False, True):
                 out[f"likelihood {style} {tag}{' cal' if cal else ''}"] = ("likelihood", style, cal, shots)
+        out[f"likelihood chat {tag} total"] = ("likelihood", "chat", False, shots, True)
         out[f"constrained {tag}"] = ("constrained", "chat", False, shots)
         out[f"raw {tag}"] = ("raw", "chat", False, shots)
     return out
@@ -50,16 +51,16 @@ def candidates(task: str) -> dict[str, tuple]:
 def predict(model, task: str, text: str, labels: list[str], spec: tuple, lang: str) -> str | None:
     from muse.apps import analysis as A
 
-    kind, style, cal, shots = spec
+    kind, style, cal, shots, total = (*spec, False)[:5]
     if task == "sentiment":
         if kind == "raw":
             return A.sentiment_raw(model, text, shots=shots)
-        return A.sentiment(model, text, cal, style, method=kind, shots=shots)["label"]
+        return A.sentiment(model, text, cal, style, method=kind, shots=shots, total=total)["label"]
     if kind == "raw":
         return A.classify_raw(model, text, labels, shots=shots)
     if kind == "constrained":
         return A.choose(model, text, labels, shots=shots)
-    return A.top_label(A.classify(model, text, labels, cal, style=style, method=kind, shots=shots), kind)
+    return A.top_label(A.classify(model, text, labels, cal, style=style, method=kind, shots=shots, total=total), kind)
 
 
 def auto(model, task: str, text: str, labels: list[str]) -> str:
@@ -70,13 +71,16 @@ def auto(model, task: str, text: str, labels: list[str]) -> str:
     return A.top_label(A.classify(model, text, labels))
 
 
-def run(name: str, task: str, lang: str, split: str, limit: int | None, only_auto: bool) -> dict[str, float]:
+def run(name: str, task: str, lang: str, split: str, limit: int | None, only_auto: bool,
+        pick: list[str] | None = None) -> dict[str, float]:
     import muse
 
     model = muse.load(name)
     items = load(task, lang, split, limit)
     labels = sorted({it["label"] for it in items}) if task == "sentiment" else items[0]["labels"]
     rows = {"auto (the default)": None} if only_auto else {**candidates(task), "auto (the default)": None}
+    if pick:
+        rows = {k: v for k, v in rows.items() if k in pick}
     out = {}
     for row, spec in rows.items():
         t = time.perf_counter()
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--split", choices=("dev", "test"), default="dev")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--auto-only", action="store_true", help="only the default (the table's choice)")
+    ap.add_argument("--row", action="append", help="only these rows (e.g. 'raw shots')")
     ap.add_argument("--json", type=Path, help="also write the table here")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -107,7 +112,7 @@ def main() -> None:
             for lang in MODELS[name]:
                 if a.lang and lang not in a.lang:
                     continue
-                table[f"{name} {task}-{lang}"] = run(name, task, lang, a.split, a.limit, a.auto_only)
+                table[f"{name} {task}-{lang}"] = run(name, task, lang, a.split, a.limit, a.auto_only, a.row)
     cols = list(table)
     rows = list(dict.fromkeys(r for col in table.values() for r in col))
     print(f"\naccuracy ({a.split}), %\n| method | " + " | ".join(cols) + " |")

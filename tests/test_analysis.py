@@ -154,6 +154,48 @@ def test_constrained_chinese_labels_on_the_bilingual_model(qwen):
     assert bad["label"] in ("positive", "negative", "neutral") and bad["label"] == next(iter(bad["scores"]))
 
 
+def test_readme_examples_on_the_bilingual_model(qwen):
+    # the default method ("auto": the table's choice for qwen2.5, found by architecture when loaded by path).
+    # "The package arrived on Tuesday." is not asserted neutral: the chosen English method calls it positive.
+    assert analysis.family(qwen) == "qwen2.5"
+    assert sentiment(qwen, "这家餐厅太棒了")["label"] == "positive"
+
+
+# -- the method table -----------------------------------------------------------------
+
+class _Unknown:
+    info = {"name": "my-finetune"}
+
+
+def test_the_method_table_picks_by_family_and_language(default_model):
+    assert analysis.family(default_model) == "smollm2" and analysis.family(_Unknown()) is None
+    for (fam, task, lang), method in analysis.DEFAULT_METHODS.items():
+        assert fam in analysis.FAMILIES.values() and task in analysis.TASKS and lang in ("en", "zh")
+        if fam == "smollm2":
+            assert analysis.default_method(default_model, task, lang) == method
+    for task in analysis.TASKS:  # a model or language the table does not know gets the fallback
+        assert analysis.default_method(_Unknown(), task, "en") == analysis.FALLBACK[task]
+        assert analysis.default_method(default_model, task, "fr") == analysis.FALLBACK[task]
+    # explicit settings win over the table's
+    assert analysis.resolve(default_model, "sentiment", "en", "auto", calibrate=True).calibrate is True
+    assert analysis.resolve(default_model, "classify", "en", "likelihood") == analysis.Method(calibrate=True)
+    with pytest.raises(ValueError, match="Method.kind"):
+        analysis.Method("vote")
+
+
+def test_auto_runs_the_recorded_method(default_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(analysis, "_choose", lambda model, text, labels, *a: calls.append(text) or labels[-1])
+    monkeypatch.setitem(analysis.DEFAULT_METHODS, ("smollm2", "sentiment", "en"), analysis.Method("constrained", "chat"))
+    r = sentiment(default_model, "The package arrived on Tuesday.")
+    assert calls == ["The package arrived on Tuesday."] and r["label"] == "neutral" == next(iter(r["scores"]))
+    # a likelihood entry: no generation, and the answer is the first key (the most probable)
+    monkeypatch.setitem(analysis.DEFAULT_METHODS, ("smollm2", "classify", "en"), analysis.Method(calibrate=False))
+    probs = classify(default_model, TEXT, LABELS)
+    assert len(calls) == 1 and analysis.top_label(probs) == max(probs, key=probs.get)
+    assert probs == pytest.approx(classify(default_model, TEXT, LABELS, False, method="likelihood"), abs=1e-6)
+
+
 # -- files --------------------------------------------------------------------------
 
 ROWS = [{"id": "1", "text": "The goalkeeper saved a penalty in the final minute."},

@@ -1,4 +1,5 @@
-"""Classification and sentiment, two ways: by likelihood (default) or by constrained generation.
+"""Classification and sentiment, two ways: by likelihood or by constrained generation, the default
+("auto") being the way measured best for the model family and language (DEFAULT_METHODS).
 
 Likelihood: the model scores each label, it does not write an answer. The prompt ends where the answer
 goes ("...Category:"); each label is scored as the continuation by the mean log-probability of its
@@ -39,11 +40,11 @@ from muse.text import language
 
 TASKS = ("classify", "sentiment")
 STYLES = ("chat", "plain")
-# likelihood stays the default. Measured with `muse eval` on muse/eval/data (all items; accuracy,
-# likelihood / constrained / raw prompt): default model sentiment-en 83 / 33 / 33, classify-en 94 / 31 / 31
-# (it answers a chat poorly); bilingual model sentiment-en 73 / 90 / 90, sentiment-zh 67 / 80 / 80,
-# classify-en 94 / 75 / 56. The constrained answer was the most probable label on all 62 English items
-# with either model.
+# "auto" (the default) runs DEFAULT_METHODS' choice for the model family and language. Earlier, with
+# `muse eval` on muse/eval/data (accuracy, likelihood / constrained / raw prompt): default model
+# sentiment-en 83 / 33 / 33, classify-en 94 / 31 / 31 (it answers a chat poorly); bilingual model
+# sentiment-en 73 / 90 / 90, sentiment-zh 67 / 80 / 80, classify-en 94 / 75 / 56. The constrained answer
+# was the most probable label (total likelihood as the chat reply) on all 62 English items.
 METHODS = ("auto", "likelihood", "constrained")
 # Measured on muse/eval/data: the plain prompt scores best with both bundled models (topics, calibrated:
 # 0.94 and 0.94, against 0.59 and 0.91 through the chat template; default-model sentiment: 0.83 vs 0.33).
@@ -55,11 +56,14 @@ CONTENT_FREE = ("N/A", "", "[MASK]")
 class Method:
     """How a label is picked. kind: "likelihood" (score each label as the answer) or "constrained" (the
     model writes one label in a chat); style: the likelihood prompt, "plain" or "chat"; calibrate:
-    contextual calibration (likelihood only); shots: the worked examples (sentiment) in the prompt."""
+    contextual calibration (likelihood only); shots: the worked examples (sentiment) in the prompt;
+    total: score a label by the sum of its tokens' log-probabilities (the reply's likelihood, what
+    greedy decoding follows) instead of their mean."""
     kind: str = "likelihood"
     style: str = "plain"
     calibrate: bool = False
     shots: bool = True
+    total: bool = False
 
     def __post_init__(self):
         if self.kind not in ("likelihood", "constrained"):
@@ -68,10 +72,29 @@ class Method:
             raise ValueError(f"Method.style must be one of {', '.join(STYLES)}, got {self.style!r}")
 
 
-# Bundled model → the family its measurements stand for.
+# Bundled model → the family its measurements stand for; a model loaded another way (a path, a fine-tune)
+# by its architecture where that names one family (Qwen2 models share the tokenizer and chat format;
+# "llama" covers too many unrelated models to stand for smollm2).
 FAMILIES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2.5"}
-# (family, task, language) → the method measured best on the dev sets (bench/analysis_methods.py).
-DEFAULT_METHODS: dict[tuple[str, str, str], Method] = {}
+ARCH_FAMILIES = {"qwen2": "qwen2.5"}
+# (family, task, language) → the method measured best on the dev sets (bench/analysis_methods.py; accuracy
+# %, muse/eval/data/heldout/*_dev.jsonl: 20 sentiment, 24 topic items). Rows: likelihood on the plain or
+# chat prompt, zero-shot (0) or with _SHOTS, ± calibration (cal), "total" = summed not mean log-prob;
+# constrained; raw = the chat answered freely (the baseline). Ties go to the cheaper, older choice.
+DEFAULT_METHODS: dict[tuple[str, str, str], Method] = {
+    # smollm2 sentiment-en: plain shots 95 | plain shots cal 70 | chat shots 40 | plain 0 45 | plain 0 cal 50
+    #   | chat 0 55 | chat 0 cal 60 | raw shots 40 | raw 0 25
+    ("smollm2", "sentiment", "en"): Method("likelihood", "plain"),
+    # smollm2 classify-en: plain 0 cal 95.8 | plain 0 16.7 | chat 0 20.8 | chat 0 cal 33.3
+    ("smollm2", "classify", "en"): Method("likelihood", "plain", calibrate=True),
+    # qwen2.5 sentiment-en: plain shots 75 | plain shots cal 70 | chat shots 75 | chat 0 cal 75 | plain 0 25
+    #   | plain 0 cal 45 | chat 0 25 | constrained 0 25 | raw shots 75
+    ("qwen2.5", "sentiment", "en"): Method("likelihood", "plain"),
+    # qwen2.5 sentiment-zh: chat shots total 55 | plain shots 45 | chat shots 40 | raw shots 55. Its labels
+    #   积极/消极/中性 split into tokens unevenly, so the per-token mean favours one; the total does not.
+    ("qwen2.5", "sentiment", "zh"): Method("likelihood", "chat", total=True),
+    # qwen2.5 classify-en/zh: not measured on dev in time; the fallback (plain, calibrated) applies.
+}
 # Any other model or language: likelihood on the plain prompt, the method that needs no chat skill.
 FALLBACK = {"sentiment": Method("likelihood", "plain"), "classify": Method("likelihood", "plain", calibrate=True)}
 SENTIMENTS = ("positive", "negative", "neutral")
@@ -236,8 +259,9 @@ def check_method(method: str) -> str:
 
 
 def family(model) -> str | None:
-    """The model family the method table knows `model` by (FAMILIES), or None for another model."""
-    return FAMILIES.get(model.info.get("name", ""))
+    """The model family the method table knows `model` by (FAMILIES, else ARCH_FAMILIES), or None."""
+    config = getattr(model, "config", None)
+    return FAMILIES.get(model.info.get("name", "")) or ARCH_FAMILIES.get(getattr(config, "arch", None))
 
 
 def default_method(model, task: str, lang: str) -> Method:
@@ -247,7 +271,7 @@ def default_method(model, task: str, lang: str) -> Method:
 
 
 def resolve(model, task: str, lang: str, method: str = "auto", calibrate: bool | None = None,
-            style: str | None = None, shots: bool | None = None) -> Method:
+            style: str | None = None, shots: bool | None = None, total: bool | None = None) -> Method:
     """The Method a call runs: the table's choice for "auto", the named kind's usual settings otherwise;
     `calibrate`, `style` and `shots` override what they are given as (None: keep)."""
     check_method(method)
@@ -259,12 +283,14 @@ def resolve(model, task: str, lang: str, method: str = "auto", calibrate: bool |
         base = Method("likelihood", DEFAULT_STYLE, calibrate=task == "classify")
     if style is not None:
         _check_choice("style", style, STYLES)
-    return replace(base, **{k: v for k, v in (("calibrate", calibrate), ("style", style), ("shots", shots))
+    return replace(base, **{k: v for k, v in (("calibrate", calibrate), ("style", style), ("shots", shots),
+                                                             ("total", total))
                             if v is not None})
 
 
 def classify(model, text: str, labels: list[str], calibrate: bool | None = None, *, task: str = "classify",
-             style: str | None = None, method: str = "auto", shots: bool | None = None) -> dict[str, float]:
+             style: str | None = None, method: str = "auto", shots: bool | None = None,
+             total: bool | None = None) -> dict[str, float]:
     """Probabilities (summing to 1) that `text` belongs to each label. Chinese text needs a bilingual
     model (LanguageError otherwise).
 
@@ -285,12 +311,12 @@ def classify(model, text: str, labels: list[str], calibrate: bool | None = None,
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     labels = tuple(check_labels(labels))
     lang = check_language(model, text + " " + " ".join(labels))
-    m = resolve(model, task, lang, method, calibrate, style, shots)
+    m = resolve(model, task, lang, method, calibrate, style, shots, total)
     if m.kind == "constrained":
         chosen = _choose(model, text, labels, task, lang, m.shots)
         probs = _softmax(_scores(model, text, labels, task, lang, "chat", mean=False, shots=m.shots))
         return {chosen: probs[chosen], **dict(sorted(probs.items(), key=lambda kv: -kv[1]))}
-    probs = _softmax(_scores(model, text, labels, task, lang, m.style, shots=m.shots))
+    probs = _softmax(_scores(model, text, labels, task, lang, m.style, mean=not m.total, shots=m.shots))
     if m.calibrate:
         probs = _calibrated(probs, content_free_probs(model, labels, task, lang, m.style, m.shots))
     if method == "auto":  # the answer first, as constrained gives it, so top_label needs no kind
@@ -320,7 +346,7 @@ def _choose(model, text: str, labels: tuple[str, ...], task: str, lang: str, sho
 
 
 def sentiment(model, text: str, calibrate: bool | None = None, style: str | None = None,
-              method: str = "auto", shots: bool | None = None) -> dict:
+              method: str = "auto", shots: bool | None = None, total: bool | None = None) -> dict:
     """{"label": positive|negative|neutral, "score": its probability, "scores": all three}.
 
     Chinese text is scored with the labels 积极/消极/中性 (bilingual model) and reported under the
@@ -330,7 +356,7 @@ def sentiment(model, text: str, calibrate: bool | None = None, style: str | None
     lang = check_language(model, text) if isinstance(text, str) else "en"
     local = SENTIMENT_LABELS[lang]
     probs = classify(model, text, list(local), calibrate, task="sentiment", style=style, method=method,
-                     shots=shots)
+                     shots=shots, total=total)
     name = dict(zip(local, SENTIMENTS))
     scores = {name[label]: p for label, p in probs.items()}  # the answer first when constrained or auto
     best = top_label(scores, method)
