@@ -377,6 +377,8 @@ _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
     "repetition": ("Do not repeat any sentence.", "不要重复任何句子。"),
     "preamble": ("Start directly with the text itself: no introduction, label or comment.",
                  "直接输出正文，不要开场白、标签或说明。"),
+    "commentary": ("Reply with the rewritten text only, not with remarks about it.", "只输出改写后的正文，不要评论或说明。"),
+    "unchanged": ("Do not copy the text: write it anew as asked.", "不要照抄原文，请按要求重新写。"),
     "invented": ("Use only the numbers, dates, amounts and names that are in the text; do not add {x}.",
                  "只使用原文中的数字、日期、金额和名称，不要添加{x}。"),
     "shorten": ("Use at most {x} words.", "不超过{x}个字。"),
