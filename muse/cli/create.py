@@ -87,7 +87,7 @@ def _check_source(text: Optional[str], path_in: Optional[Path], path_out: Option
         raise ValueError("--output goes with --input; for a single TEXT the result is printed")
 
 
-def _show(probs: dict[str, float], as_json: bool, method: str = "likelihood") -> None:
+def _show(probs: dict[str, float], as_json: bool, method: str = "auto") -> None:
     from muse.apps.analysis import top_label
 
     best = top_label(probs, method)  # constrained: the label the model wrote
@@ -111,8 +111,9 @@ OutputOpt = typer.Option(None, "--output", "-o",
                          help="Where to write the rows with label, score and p_<label> added (.csv or .jsonl).")
 ColumnOpt = typer.Option("text", "--column", help="The field holding the text in --input.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
-MethodOpt = typer.Option("likelihood", "--method",
-                         help="likelihood: score each label as the answer (default); constrained: the model "
+MethodOpt = typer.Option("auto", "--method",
+                         help="auto (default): the method measured best for the model and language on Muse's "
+                              "dev sets; likelihood: score each label as the answer; constrained: the model "
                               "answers in a chat, allowed to write only one of the labels (probabilities: "
                               "each label's likelihood as that reply).")
 
@@ -123,9 +124,10 @@ def classify(
     text: Optional[str] = typer.Argument(None, help="The text to classify ('-' reads standard input)."),
     labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, e.g. sports,business,health."),
     path_in: Optional[Path] = InputOpt, path_out: Optional[Path] = OutputOpt, column: str = ColumnOpt,
-    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
-                                   help="Correct the model's bias towards some labels (contextual calibration; "
-                                        "likelihood only)."),
+    calibrate: Optional[bool] = typer.Option(
+        None, "--calibrate/--no-calibrate", show_default=False,
+        help="Correct the model's bias towards some labels (contextual calibration; likelihood only). "
+             "Default: the method's own choice (on for topics)."),
     method: str = MethodOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
@@ -154,8 +156,9 @@ def classify(
 def sentiment(
     text: Optional[str] = typer.Argument(None, help="The text to score ('-' reads standard input)."),
     path_in: Optional[Path] = InputOpt, path_out: Optional[Path] = OutputOpt, column: str = ColumnOpt,
-    calibrate: bool = typer.Option(False, "--calibrate/--no-calibrate",
-                                   help="Apply contextual calibration (off by default: it scored lower here)."),
+    calibrate: Optional[bool] = typer.Option(
+        None, "--calibrate/--no-calibrate", show_default=False,
+        help="Apply contextual calibration. Default: the method's own choice (off for sentiment: it scored lower)."),
     method: str = MethodOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),

@@ -795,15 +795,17 @@ class ClassifyBody(_Body):
     model: Optional[str] = None
     text: str = Field(min_length=1)
     labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
-    calibrate: bool = True
-    method: Literal["likelihood", "constrained"] = Field(
-        "likelihood", description="likelihood: score each label; constrained: the model answers, held to the labels.")
+    calibrate: Optional[bool] = Field(None, description="Contextual calibration (likelihood only); default: the "
+                                                         "method's own choice.")
+    method: Literal["auto", "likelihood", "constrained"] = Field(
+        "auto", description="auto: the method measured best for the model and language; likelihood: score each "
+                            "label; constrained: the model answers, held to the labels.")
 
 
 class SentimentBody(_Body):
     model: Optional[str] = None
     text: str = Field(min_length=1)
-    method: Literal["likelihood", "constrained"] = "likelihood"
+    method: Literal["auto", "likelihood", "constrained"] = "auto"
 
 
 @router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
