@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from pathlib import Path
+
+from muse.text import numbers
 
 DATA = Path(__file__).resolve().parent.parent / "muse" / "eval" / "data" / "heldout"
 MODEL = "qwen2.5-0.5b"
@@ -51,20 +52,11 @@ def load(direction: str, split: str, limit: int | None) -> list[dict]:
     return items[:limit] if limit else items
 
 
-def numbers(text: str) -> set[str]:
-    """Numbers written in digits, normalised: 3,500 → 3500, 30万 → 300000, 45.50 → 45.5."""
-    out = set()
-    for m in re.finditer(r"\d[\d,]*(?:\.\d+)?(万|亿)?", text):
-        raw = m.group(0).rstrip("万亿").replace(",", "")
-        value = float(raw) * {"万": 1e4, "亿": 1e8}.get(m.group(1), 1)
-        out.add(f"{value:g}" if value < 1e15 else raw)
-    return out
-
-
 def kept(outputs: list[str], refs: list[str]) -> float:
-    want = [numbers(r) for r in refs]
+    # The reference's numbers by value (muse.text.numbers: 30万 = 300,000), found in the output in any form.
+    want = [set(numbers(r)) for r in refs]
     total = sum(len(w) for w in want)
-    hit = sum(len(w & numbers(o)) for w, o in zip(want, outputs))
+    hit = sum(len(w & set(numbers(o, generous=True))) for w, o in zip(want, outputs))
     return 100 * hit / total if total else 100.0
 
 
