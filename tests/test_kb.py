@@ -633,3 +633,13 @@ def test_cli_ask(default_model, tmp_path):
     assert f"[1] festival — {tmp_path.resolve() / 'festival.txt'}" in sources and "Ilse Marrow" in sources
     r = run("ask", "What is the boiling point of mercury?")
     assert r.exit_code == 0 and r.output.strip() == NOT_FOUND["en"]
+
+
+def test_a_number_written_in_another_form_still_backs_the_answer():
+    """Grounding compares numbers by value across scripts: 30万元 backs "300,000 yuan", not "$40,000"."""
+    from muse.apps.grounding import claims, support
+
+    nums, words = claims("The budget is 300,000 yuan [1].", "What is the budget?")
+    assert nums == {300000.0}
+    assert support("预算是30万元。", nums, set(), "en") == 1.0
+    assert support("预算是30万元。", claims("It is $40,000 [1].", "What is the budget?")[0], set(), "en") == 0.0

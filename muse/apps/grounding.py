@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from muse.text import language, terms
+from muse.text import language, numbers, terms
 
 SUPPORT = 0.5  # share of the reply's new content words that the supporting passage must contain
 
@@ -58,19 +58,20 @@ def _squash(text: str) -> str:
     return re.sub(r"[\W_]+", "", text).lower()
 
 
-def claims(reply: str, question: str) -> tuple[set[str], set[str]]:
-    """(numbers, content words) the reply states beyond the question, citations left out."""
+def claims(reply: str, question: str) -> tuple[set[float], set[str]]:
+    """(numbers by value, content words) the reply states beyond the question, citations left out.
+    Numbers compare by value across scripts (`muse.text.numbers`): "300,000 yuan" is backed by 30万元."""
     body = CITE.sub(" ", reply)
-    nums = set(_NUM.findall(body)) - set(_NUM.findall(question))
+    nums = set(numbers(body)) - set(numbers(question, generous=True))
     asked = set(terms(question)[1])
     words = {t for t in terms(body)[1] if not _NUM.fullmatch(t)} - asked
     return nums, words
 
 
-def support(passage: str, nums: set[str], words: set[str], reply_lang: str) -> float:
+def support(passage: str, nums: set[float], words: set[str], reply_lang: str) -> float:
     """How well `passage` backs the claims: 0 when a number is missing, else the share of words found
     (numbers alone back a reply in the other language than the passage)."""
-    if nums - set(_NUM.findall(passage)):
+    if nums - set(numbers(passage, generous=True)):
         return 0.0
     if not words:
         return 1.0 if nums else 0.0
