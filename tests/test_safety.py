@@ -297,7 +297,7 @@ def fake_analysis(monkeypatch, classify=None, sentiment=None):
 def test_model_second_opinion_can_flag_and_is_skipped_for_unreadable_languages(monkeypatch):
     seen = []
 
-    def classify(model, text, labels, calibrate=True):
+    def classify(model, text, labels, calibrate=True, **options):
         seen.append(text)
         return {label: (0.8 if label == "harassment" else 0.2 / (len(labels) - 1)) for label in labels}
 

@@ -268,7 +268,9 @@ def test_upload_search_ask_and_remove_a_document(client, muse_home):
     evs = events(client.post("/api/kb/ask", json={"question": "How long is the Zorblax warranty?", **GREEDY}))
     first, done = evs[0], evs[-1]
     assert first["type"] == "citations" and first["found"] and "seven years" in first["citations"][0]["text"]
-    assert done["type"] == "done" and done["citations"]
+    # The tiny random model's reply is nonsense, which grounding.verify turns into the not-found answer
+    # (then with no citations); whatever the answer cites comes from the passages sent first.
+    assert done["type"] == "done"
     assert {c["chunk_id"] for c in done["citations"]} <= {c["chunk_id"] for c in first["citations"]}
     nothing = client.post("/api/kb/ask", json={"question": "Who painted the Mona Lisa?", "stream": False}).json()
     assert (nothing["found"], nothing["citations"]) == (False, [])
