@@ -188,6 +188,12 @@ def test_writing_desk_shows_the_result_its_diff_and_restores(browser, server, tm
     assert page.input_value("#desk-doc") == "memo"
     page.select_option("#desk-action", "shorten")
     assert not page.is_visible("#desk-to") and page.is_visible("#desk-run")
+
+    def without_gates(route):  # this test is about the desk's result, diff and restore, not the output gates
+        body = json.loads(route.request.post_data)  # (a 12-token "shorten" by the small model may fail them)
+        route.continue_(post_data=json.dumps({**body, "check": False}))
+
+    page.route("**/api/write", without_gates)
     page.click("#desk-run")
     page.wait_for_selector("#desk-history li[data-seq='2']", timeout=SLOW_MS)
     new_text = page.input_value("#desk-text")

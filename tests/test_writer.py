@@ -196,7 +196,8 @@ def test_translate_prompt_is_in_the_target_language(tok, monkeypatch):
     monkeypatch.setattr(writer, "supports_chinese", lambda model: True)
     model = scripted(tok, "今天天气很好。")
     assert writer.translate(model, "The weather is nice today.", to="zh") == "今天天气很好。"
-    assert "翻译成简体中文" in tok.decode(model.model.prompts[0])
+    prompt = tok.decode(model.model.prompts[0])
+    assert "简体中文 translation only" in prompt and "Keep every number and amount exactly as written" in prompt
 
 
 # -- files and versions -------------------------------------------------------------------
