@@ -274,3 +274,8 @@ def numbers(text: str, generous: bool = False) -> dict[float, str]:
         for m in re.finditer(r"([一二三四五六七八九\d])折", body):  # 八折 / 8折: 20 % off
             out.setdefault(float(100 - 10 * (_CN_DIGITS.get(m.group(1)) or int(m.group(1)))), m.group(0))
     return out
+
+
+def has_number(value: float, values) -> bool:
+    """Whether `value` is among `values` (from `numbers`), up to float rounding: 3.5 million = 350万."""
+    return any(abs(value - v) <= 1e-6 * max(1.0, abs(value)) for v in values)

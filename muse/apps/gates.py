@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 from muse.apps.cleaning import PREAMBLES
-from muse.text import language, numbers, sentence_spans, sentences, strip_list_marker
+from muse.text import has_number, language, numbers, sentence_spans, sentences, strip_list_marker
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
 EXPAND_MIN = 1.10    # expand: at least this share
@@ -254,7 +254,7 @@ def invented(source: str, output: str, names: bool = True) -> list[Problem]:
     character before 路, 公司, 经理 … with it)."""
     have = numbers(source, generous=True)
     new = [raw for value, raw in numbers(output).items()
-           if value not in have and value != 0 and not any(abs(value - v) < 1e-9 * max(1, v) for v in have)]
+           if value != 0 and not has_number(value, have)]
     problems = []
     if new:
         problems.append(Problem("invented", f"not in the text: {', '.join(new[:6])} (numbers, dates, amounts)"))

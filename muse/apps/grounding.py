@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from muse.text import language, numbers, terms
+from muse.text import has_number, language, numbers, terms
 
 SUPPORT = 0.5  # share of the reply's new content words that the supporting passage must contain
 
@@ -71,7 +71,8 @@ def claims(reply: str, question: str) -> tuple[set[float], set[str]]:
 def support(passage: str, nums: set[float], words: set[str], reply_lang: str) -> float:
     """How well `passage` backs the claims: 0 when a number is missing, else the share of words found
     (numbers alone back a reply in the other language than the passage)."""
-    if nums - set(numbers(passage, generous=True)):
+    found = numbers(passage, generous=True)
+    if not all(has_number(n, found) for n in nums):
         return 0.0
     if not words:
         return 1.0 if nums else 0.0

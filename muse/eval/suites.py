@@ -43,7 +43,7 @@ from typing import Callable
 
 from muse.errors import MuseError
 from muse.eval import metrics as M
-from muse.text import numbers
+from muse.text import has_number, numbers
 
 SEED = 0
 SPLITS = ("dev", "test")
@@ -356,7 +356,7 @@ def numbers_preserved(source: str, output: str) -> bool | None:
     "300,000 yuan"; see `muse.text.numbers`); None when the source has none."""
     wanted = numbers(source)
     have = numbers(output, generous=True)
-    return all(any(abs(w - h) <= 1e-6 * max(1.0, abs(w)) for h in have) for w in wanted) if wanted else None
+    return all(has_number(w, have) for w in wanted) if wanted else None
 
 
 # -- sentiment, classify ----------------------------------------------------------------------
