@@ -330,3 +330,10 @@ def m004_message_search(db: sqlite3.Connection) -> None:
         END;
         INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
     """)
+
+
+@migration
+def m005_feedback_corrections(db: sqlite3.Connection) -> None:
+    # The answer the user wanted instead (a thumbs-down with a correction): fine-tuning data and the
+    # reference of the eval item the rating becomes (`muse.apps.feedback`).
+    db.execute("ALTER TABLE feedback ADD COLUMN correction TEXT")

@@ -13,6 +13,7 @@ from muse.api import Model
 from muse.apps.assistant import FACTS_HEADER, SUMMARY_HEADER, Assistant, MessageTooLongError
 from muse.apps.feedback import add_feedback, export_feedback, list_feedback
 from muse.errors import ContextLengthError, MuseError
+from muse.eval.suites import read_items
 from muse.generation import SamplingParams
 from muse.training.finetune import ChatBatches, read_chats
 from tests.helpers import ScriptedLM
@@ -327,9 +328,39 @@ def test_feedback_validation(tmp_path):
         with pytest.raises(ValueError, match=message):
             add_feedback(a.store, args["rating"], args["response"], args["prompt"])
     add_feedback(a.store, -1, "Go away.", prompt)
-    with pytest.raises(MuseError, match="No liked answers"):
+    with pytest.raises(MuseError, match="No liked or corrected answers"):
         export_feedback(a.store, tmp_path / "liked.jsonl")
     assert not (tmp_path / "liked.jsonl").exists()
+    with pytest.raises(ValueError, match="kind"):
+        export_feedback(a.store, tmp_path / "liked.jsonl", kind="csv")
+
+
+def test_corrections_train_and_disliked_answers_become_eval_items(scripted, tmp_path):
+    model, _ = scripted("Lyon.")
+    a = Assistant(model)
+    cid = a.new_conversation()
+    a.reply(cid, "Capital of France?", P)
+    a.reply(cid, "Capital of Italy?", P)
+    a.rate(cid, -1, message=2, correction=" Paris. ")
+    a.rate(cid, -1, comment="wrong")  # the last answer: bad, no correction given
+    with pytest.raises(ValueError, match="thumbs-down"):
+        a.rate(cid, +1, correction="Rome.")
+    with pytest.raises(ValueError, match="same as the answer"):
+        a.rate(cid, -1, correction="Lyon.")
+    assert [f["correction"] for f in list_feedback(a.store)] == ["Paris.", None]
+    train, items = tmp_path / "train.jsonl", tmp_path / "items.jsonl"
+    assert export_feedback(a.store, train) == 1  # the correction is learnt, never the rejected answer
+    [chat] = read_chats(train)
+    assert chat[-2:] == [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    assert export_feedback(a.store, items, kind="eval") == 2
+    first, second = read_items(items)
+    assert first["messages"][-1] == {"role": "user", "content": "Capital of France?"}
+    assert (first["rejected"], first["reference"]) == ("Lyon.", "Paris.")
+    assert second["rejected"] == "Lyon." and "reference" not in second
+    assert second["messages"][-1]["content"] == "Capital of Italy?" and len(second["messages"]) >= 3
+    a.rate(cid, +1, message=4)  # changed my mind about the last answer: liked now
+    assert export_feedback(a.store, train) == 2 and read_chats(train)[1][-1]["content"] == "Lyon."
+    assert export_feedback(a.store, items, kind="eval") == 1
 
 
 # -- end to end on the default model ------------------------------------------------------------
@@ -372,8 +403,12 @@ def cli_model(monkeypatch, scripted):
 
 def test_cli_chat_then_conversations(cli_model, tmp_path):
     r = run("chat", "-n", "4", "-t", "0", "--message", "Hello there", "--message", "/remember I like green tea",
-            "--message", "/title Tea talk", "--message", "/good short and sweet", "--message", "/bogus")
+            "--message", "/title Tea talk", "--message", "/good short and sweet", "--message", "/bogus",
+            "--message", "/fix", "--message", "/fix Hi! What shall we talk about?")
     assert r.exit_code == 0 and "remembered (#1)" in r.output and "feedback #1 saved" in r.output
+    assert "Write the answer you wanted after /fix" in r.output and "feedback #2 saved" in r.output
+    assert [(f["rating"], f["correction"]) for f in list_feedback(Assistant(None).store)] == [
+        (1, None), (-1, "Hi! What shall we talk about?")]
     assert "Unknown command /bogus" in r.output
     cid = Assistant(None).last_conversation()
     r = run("conversations", "list")
@@ -410,10 +445,21 @@ def test_cli_persona_memory_and_feedback_export(cli_model, tmp_path):
     assert r.exit_code == 2 and "exactly one of --up or --down" in r.output
     out = tmp_path / "liked.jsonl"
     r = run("feedback", "export", "-o", str(out))
-    assert r.exit_code == 0 and "Wrote 1 liked exchange" in r.output
+    assert r.exit_code == 0 and "Wrote 1 chat" in r.output
     [chat] = read_chats(out)
     assert chat[:2] == [{"role": "system", "content": "You are a patient tutor."},
                         {"role": "user", "content": "Teach me."}] and chat[2]["role"] == "assistant"
+    r = run("feedback", "export", "--as", "eval", "-o", str(tmp_path / "items.jsonl"))
+    assert r.exit_code == 1 and "No disliked answers yet" in r.output
+    r = run("feedback", "add", "--conversation", cid, "--correction", "Let us start with fractions.")
+    assert r.exit_code == 0 and "feedback #2" in r.output  # a correction implies --down
+    assert "Let us start with" in run("feedback", "list").output
+    r = run("feedback", "export", "--as", "eval", "-o", str(tmp_path / "items.jsonl"))
+    assert r.exit_code == 0 and "Wrote 1 eval item" in r.output and "muse eval -s" in r.output
+    [item] = read_items(tmp_path / "items.jsonl")
+    assert item["reference"] == "Let us start with fractions." and item["messages"][-1]["content"] == "Teach me."
+    assert run("feedback", "export", "-o", str(out)).exit_code == 0  # the correction replaces the liked answer
+    assert read_chats(out)[0][-1] == {"role": "assistant", "content": "Let us start with fractions."}
     assert run("persona", "delete", "tutor").exit_code == 0
     r = run("chat", "--persona", "tutor", "--message", "hi")
     assert r.exit_code == 1 and "No persona 'tutor'" in r.output

@@ -3,6 +3,8 @@ a stand-in model (no model runs here; tests/test_eval.py runs one suite end to e
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
+from muse.errors import MuseError
 from muse.eval import compare as C
 from muse.eval import report as R
 from muse.eval import suites as S
@@ -261,3 +264,56 @@ def test_the_report_marks_where_the_app_is_below_raw():
     assert "| writer-en | must_keep preserved % | 90.00 | 50.00 | +40.00 | — | — | — |" in table
     assert R.below_raw(rep) == ["kbqa-en answer accuracy (a)"]
     assert R.versus_table(rep, short=True).startswith("| suite | metric | A app | A raw | A app − raw | B app |")
+
+
+def _items_file(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_users_items_file_is_a_suite_scored_on_the_models_answer(tmp_path):
+    """`muse feedback export --as eval` items: matches the reference, chrF against it, avoids the rejected answer."""
+    def user(text):
+        return [{"role": "user", "content": text}]
+    f = _items_file(tmp_path / "items.jsonl", [
+        {"messages": user("Capital of France?"), "reference": "Paris.", "rejected": "Lyon."},
+        {"messages": user("Capital of Italy?"), "reference": "Rome"},
+        {"messages": user("2+2?"), "rejected": "5"}])
+    replies = {"Capital of France?": "It is Paris.", "Capital of Italy?": "Milan.", "2+2?": "5"}
+    model = FakeModel("smollm2-135m", reply=replies.__getitem__)
+    [name] = S.resolve_suites([str(f)])
+    r = S.run_suite(model, name)
+    assert (r.n, r.task, r.primary, r.skipped) == (3, "items", "match", None)
+    assert r.metrics["match"] == 50.0 and r.metrics["avoids"] == 50.0  # "It is Paris." contains the short answer
+    expected = sacrebleu.corpus_chrf(["It is Paris.", "Milan."], [["Paris.", "Rome"]]).score
+    assert r.metrics["chrf"] == pytest.approx(expected)
+    assert [e["answer"] for e in r.examples] == ["It is Paris.", "Milan.", "5"]
+    assert S.matches("paris", "Paris.") and S.matches("Positive.", "positive")
+    assert not S.matches("Is it negative or positive? I say negative.", "positive")  # naming is not choosing
+    assert not S.matches("Paris is not it, Lyon is.", "Lyon is the capital of France, and has been for centuries.")
+    rep = C.evaluate(["a"], suites=[str(f)], loader=lambda name, precision: model)
+    assert {row.metric for row in rep.rows} == {"match", "chrf", "avoids"} and not rep.best  # one method: nothing to pick
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "items.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "Hi"}]}', 'items.jsonl:2: give a "reference"'),
+    ('{"messages": [{"role": "judge", "content": "Hi"}], "reference": "x"}', "items.jsonl:2: expected"),
+    ('{"messages": [{"role": "user", "content": "Hi"}], "reference": 3}', "'reference' must be non-empty text"),
+])
+def test_a_bad_items_file_is_refused_naming_the_line(tmp_path, line, message):
+    f = tmp_path / "items.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "Hi"}], "reference": "Hello"}\n' + line + "\n")
+    with pytest.raises(MuseError, match=re.escape(message)):
+        S.resolve_suites([str(f)])
+
+
+def test_a_missing_or_empty_items_file_is_refused(tmp_path):
+    with pytest.raises(MuseError, match="no such file"):
+        S.resolve_suites([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(MuseError, match="holds no items"):
+        S.resolve_suites([str(tmp_path / "empty.jsonl")])
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "caf\xe9"}')
+    with pytest.raises(MuseError, match="not UTF-8"):
+        S.resolve_suites([str(tmp_path / "latin1.jsonl")])

@@ -233,11 +233,11 @@ def test_feedback_on_an_answer_keeps_the_exchange(client):
     conv = client.post("/api/conversations/import", json={"text": json.dumps({"messages": chat})}).json()
     cid, answer = conv["id"], conv["messages"][1]
     r = client.post("/api/feedback", json={"conversation": cid, "message_id": answer["id"], "rating": -1,
-                                           "comment": "wrong city"})
+                                           "comment": "wrong city", "correction": "Paris."})
     assert r.status_code == 201
     [row] = client.get("/api/feedback").json()["data"]
-    assert (row["rating"], row["comment"], row["response"], row["message_id"]) == (-1, "wrong city", "Lyon.",
-                                                                                    answer["id"])
+    assert (row["rating"], row["comment"], row["response"], row["message_id"], row["correction"]) == (
+        -1, "wrong city", "Lyon.", answer["id"], "Paris.")
     assert row["prompt"] == chat[:1]
     r = client.post("/api/feedback", json={"rating": 1, "response": "Paris.",
                                            "prompt": [{"role": "user", "content": "Capital of France?"}]})
@@ -246,6 +246,7 @@ def test_feedback_on_an_answer_keeps_the_exchange(client):
     error(client.post("/api/feedback", json={"conversation": cid, "message_id": 999, "rating": 1}), 404, "message_id")
     error(client.post("/api/feedback", json={"rating": 1}), 400, "conversation")
     error(client.post("/api/feedback", json={"rating": 1, "response": "x", "prompt": [{"role": "judge"}]}), 400)
+    error(client.post("/api/feedback", json={"conversation": cid, "rating": 1, "correction": "Rome."}), 400)
 
 
 # -- knowledge base ---------------------------------------------------------------------

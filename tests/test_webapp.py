@@ -98,12 +98,21 @@ def test_chat_streams_an_answer_takes_feedback_and_stops(browser, server, app):
     assert page.inner_text("#conv-title") == conv["title"] == "Write a Python function that adds two numbers."
     assert page.inner_text("#conv-list") == conv["title"]
 
+    page.click(".message.assistant .rate.down")  # a thumbs-down offers a box for the answer wanted instead
+    assert page.is_visible(".message.assistant .comment textarea")
     page.click(".message.assistant .rate.up")
+    assert not page.is_visible(".message.assistant .comment textarea")
     page.fill(".message.assistant .comment input", "short and right")
     page.click(".message.assistant .comment button")
     page.wait_for_selector(".message.assistant .comment", state="hidden")
     [fb] = api(server, "/api/feedback")["data"]
     assert (fb["rating"], fb["comment"], fb["message_id"]) == (1, "short and right", stored[1]["id"])
+    page.click(".message.assistant .rate.down")
+    page.fill(".message.assistant .comment textarea", "def add(a, b):\n    return a + b")
+    page.click(".message.assistant .comment button")
+    page.wait_for_selector(".message.assistant .comment", state="hidden")
+    fb = api(server, "/api/feedback")["data"][1]
+    assert (fb["rating"], fb["correction"]) == (-1, "def add(a, b):\n    return a + b")
     shot(page, "chat.png")
 
     # Stop: the fetch is aborted, the server frees the model and keeps the reply so far

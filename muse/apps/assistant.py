@@ -506,9 +506,11 @@ class Assistant:
 
     # -- feedback -----------------------------------------------------------------------
 
-    def rate(self, cid: str, rating: int, comment: str | None = None, message: int | None = None) -> int:
+    def rate(self, cid: str, rating: int, comment: str | None = None, message: int | None = None,
+             correction: str | None = None) -> int:
         """Rate an answer (+1 / -1): message is its position `n` in the conversation (default: the last
-        answer). The exchange it answered is stored with the rating; returns the feedback id."""
+        answer); `correction` is the answer wanted instead of a bad one. The exchange it answered is
+        stored with the rating; returns the feedback id."""
         conv = self.get_conversation(cid)
         msgs = conv["messages"]
         if message is None:
@@ -528,7 +530,7 @@ class Assistant:
                   if m["n"] < target["n"] and m["role"] != "system"]
         base = self._base_system(conv["id"])
         prompt = ([{"role": "system", "content": base}] if base else []) + before
-        return add_feedback(self.store, rating, target["content"], prompt, comment, target["id"])
+        return add_feedback(self.store, rating, target["content"], prompt, comment, target["id"], correction)
 
     # -- export / import ----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ CHAT_COMMANDS = {
     "/title [TEXT]": "show or set the conversation's title",
     "/good [COMMENT]": "rate the last answer as good (liked answers can be exported for fine-tuning)",
     "/bad [COMMENT]": "rate the last answer as bad",
+    "/fix TEXT": "rate the last answer as bad and give the answer you wanted (fine-tuning data, an eval item)",
     "/reset": "start a new conversation (this one stays saved)",
     "/help": "show these commands",
     "/exit": "quit (Ctrl-D works too; Ctrl-C while a reply streams stops just the reply)",
@@ -168,10 +169,15 @@ class ChatSession:
     def cmd_bad(self, arg: str) -> None:
         self._rate(-1, arg)
 
-    def _rate(self, rating: int, comment: str) -> None:
+    def cmd_fix(self, arg: str) -> None:
+        if not arg.strip():
+            raise MuseError("Write the answer you wanted after /fix, e.g. /fix The capital of France is Paris.")
+        self._rate(-1, "", correction=arg)
+
+    def _rate(self, rating: int, comment: str, correction: str | None = None) -> None:
         if self.cid is None:
             raise MuseError("There is no answer to rate yet.")
-        fid = self.a.rate(self.cid, rating, comment or None)
+        fid = self.a.rate(self.cid, rating, comment or None, correction=correction)
         err.print(f"[dim]thanks — feedback #{fid} saved[/]")
 
 
@@ -523,7 +529,7 @@ def memory_delete(memory_id: int = typer.Argument(..., help="The fact's number (
 
 # -- muse feedback ----------------------------------------------------------------------
 
-feedback_app = MuseTyper(help="Ratings of answers; the liked ones export as fine-tuning data.",
+feedback_app = MuseTyper(help="Ratings of answers and corrections: they export as fine-tuning data and eval items.",
                            no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
 
@@ -537,11 +543,15 @@ def feedback_add(
     up: bool = typer.Option(False, "--up", help="A good answer."),
     down: bool = typer.Option(False, "--down", help="A bad answer."),
     comment: Optional[str] = typer.Option(None, "--comment", help="What was good or bad about it."),
+    correction: Optional[str] = typer.Option(None, "--correction", help="The answer you wanted instead (with "
+                                                                          "--down; implies it)."),
 ):
-    """Rate an answer: --up or --down, with an optional comment."""
+    """Rate an answer: --up or --down, with an optional comment and, for a bad one, the right answer."""
+    if correction is not None and not up:
+        down = True
     if up == down:
         raise ValueError("give exactly one of --up or --down")
-    fid = _assistant().rate(conversation, 1 if up else -1, comment, message)
+    fid = _assistant().rate(conversation, 1 if up else -1, comment, message, correction)
     console.print(f"Saved feedback #{fid}.")
 
 
@@ -556,21 +566,34 @@ def feedback_list():
         console.print("No feedback yet; rate answers with /good or /bad in `muse chat`.")
         return
     table = Table()
-    for col in ("#", "rating", "answer", "comment"):
+    for col in ("#", "rating", "answer", "correction", "comment"):
         table.add_column(col)
     for r in rows:
-        answer = " ".join(r["response"].split())
-        short = answer[:80] + ("…" if len(answer) > 80 else "")
-        table.add_row(str(r["id"]), "👍" if r["rating"] > 0 else "👎", escape(short), escape(r["comment"] or ""))
+        table.add_row(str(r["id"]), "👍" if r["rating"] > 0 else "👎", escape(_short(r["response"])),
+                      escape(_short(r["correction"] or "")), escape(r["comment"] or ""))
     console.print(table)
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text[:width] + ("…" if len(text) > width else "")
 
 
 @feedback_app.command("export")
 @friendly
-def feedback_export(out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write, e.g. liked.jsonl.")):
-    """Write the liked exchanges as chats JSONL for `muse finetune --data FILE`."""
+def feedback_export(
+    out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write, e.g. train.jsonl."),
+    kind: str = typer.Option("finetune", "--as", help="finetune: liked answers and corrections as chats for "
+                                                       "`muse finetune --data`; eval: the disliked answers as "
+                                                       "items for `muse eval -s FILE`."),
+):
+    """Write the feedback as fine-tuning chats (liked answers, corrections) or as eval items (disliked answers)."""
     from muse.apps.feedback import export_feedback
 
-    n = export_feedback(_assistant().store, out)
-    console.print(f"Wrote {n} liked exchange{'s' if n != 1 else ''} to {out}; fine-tune with "
-                  f"`muse finetune --data {out}`.", highlight=False)
+    n = export_feedback(_assistant().store, out, kind)
+    if kind == "eval":
+        console.print(f"Wrote {n} eval item{'s' if n != 1 else ''} to {out}; score a model on them with "
+                      f"`muse eval -s {out}`.", highlight=False)
+    else:
+        console.print(f"Wrote {n} chat{'s' if n != 1 else ''} to {out}; fine-tune with "
+                      f"`muse finetune --data {out}`.", highlight=False)

@@ -17,6 +17,7 @@ instruction) side by side on held-out items, and marks where the app is below ra
 Task suites (see --list):  muse eval -s sentiment-en -s kbqa-en
 Both bundled models, dev:  muse eval -m smollm2-135m -m qwen2.5-0.5b -s all --split dev --limit 10
 zh↔en translation:         muse eval -m qwen2.5-0.5b -s translate --limit 10
+Your own items (feedback): muse feedback export --as eval -o mine.jsonl && muse eval -s mine.jsonl -m ./lora/adapter
 Perplexity, bits per byte: muse eval -p book.txt
 A quantized model against the float one, with KL divergence:
   muse eval -m smollm2-135m -m smollm2-135m@int8 -p book.txt
@@ -33,7 +34,8 @@ def eval_command(
         None, "--model", "-m", help="NAME or NAME@PRECISION, repeatable: a bundled name, .gguf file or model directory, "
                                     "optionally @fp32/@bf16/@int8/@int4. The first is the baseline."),
     suite: Optional[list[str]] = typer.Option(
-        None, "--suite", "-s", help="A suite or task (summarize, translate, sentiment, classify, kbqa, all); repeatable."),
+        None, "--suite", "-s", help="A suite or task (summarize, translate, sentiment, classify, kbqa, writer, all), or "
+                                    "a .jsonl file of your own items; repeatable."),
     perplexity: Optional[list[str]] = typer.Option(
         None, "--perplexity", "-p", help="A text file, folder or prepared data directory to score; repeatable."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Items per suite (a fixed-seed sample; default all)."),

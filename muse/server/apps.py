@@ -505,6 +505,8 @@ class NewMemory(_Body):
 class NewFeedback(_Body):
     rating: Literal[1, -1] = Field(description="+1 good, -1 bad.")
     comment: Optional[str] = Field(None, max_length=4000)
+    correction: Optional[str] = Field(None, max_length=32000, description="The answer wanted instead "
+                                      "(rating -1 only): fine-tuning data and an eval item's reference.")
     conversation: Optional[str] = Field(None, description="Rate an answer in this conversation …")
     message_id: Optional[int] = Field(None, ge=1, description="… this one (default: the last answer).")
     response: Optional[str] = Field(None, min_length=1, description="Or rate an answer given elsewhere …")
@@ -559,11 +561,12 @@ def add_feedback(body: NewFeedback, request: Request):
 
             with _NotFound("message_id"):
                 n = message_number(conv, body.message_id)
-        fid = assistant.rate(conv["id"], body.rating, body.comment, n)
+        fid = assistant.rate(conv["id"], body.rating, body.comment, n, body.correction)
     elif body.response is not None and body.prompt is not None:
         from muse.apps.feedback import add_feedback as add
 
-        fid = add(_state(request).store, body.rating, body.response, body.prompt, body.comment)
+        fid = add(_state(request).store, body.rating, body.response, body.prompt, body.comment,
+                  correction=body.correction)
     else:
         raise APIError(400, "Say what is rated: conversation (and message_id), or response and prompt.",
                        "conversation", "invalid_parameter")

@@ -348,14 +348,19 @@ function addFeedback(bubble, messageId) {
   bubble.dataset.messageId = messageId;
   const input = el("input", { name: "comment", placeholder: t("fb.comment"), maxLength: 4000 });
   input.dataset.i18nPlaceholder = "fb.comment";
+  // A thumbs-down may carry the answer wanted instead: fine-tuning data and an eval item's reference.
+  const fix = el("textarea", { name: "correction", placeholder: t("fb.correction"), maxLength: 32000, rows: 2,
+                               hidden: true });
+  fix.dataset.i18nPlaceholder = "fb.correction";
   const send = el("button", { type: "submit", textContent: t("fb.send") });
   send.dataset.i18n = "fb.send";
-  const form = el("form", { className: "comment", hidden: true }, input, send);
+  const form = el("form", { className: "comment", hidden: true }, input, fix, send);
   let rating = 0;
   const rate = (value, button) => {
     rating = value;
     for (const b of bubble.querySelectorAll(".rate")) b.classList.toggle("chosen", b === button);
     form.hidden = false;
+    fix.hidden = value !== -1;
     form.comment.focus();
   };
   const up = thumbButton("up", THUMB_UP, "fb.good");
@@ -365,8 +370,9 @@ function addFeedback(bubble, messageId) {
   form.onsubmit = async (e) => {
     e.preventDefault();
     try {
+      const correction = rating === -1 ? fix.value.trim() || null : null;
       await apiJSON("/api/feedback", { json: { conversation: chat.id, message_id: Number(messageId), rating,
-                                               comment: form.comment.value.trim() || null } });
+                                               comment: form.comment.value.trim() || null, correction } });
       form.hidden = true;
       toast(t("fb.thanks"));
     } catch (err) { toast(err.message, true); }

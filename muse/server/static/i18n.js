@@ -47,6 +47,7 @@ window.MUSE_I18N = {
     "fb.good": "Good answer",
     "fb.bad": "Bad answer",
     "fb.comment": "What was good or bad? (optional)",
+    "fb.correction": "The answer you wanted (optional): it becomes training data",
     "fb.send": "Send",
     "fb.thanks": "Thanks — feedback saved.",
 
@@ -166,6 +167,7 @@ window.MUSE_I18N = {
     "fb.good": "好回答",
     "fb.bad": "差回答",
     "fb.comment": "哪里好或不好？（可选）",
+    "fb.correction": "你想要的回答（可选）：将用作训练数据",
     "fb.send": "提交",
     "fb.thanks": "谢谢，反馈已保存。",
 
