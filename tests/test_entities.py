@@ -305,7 +305,8 @@ def test_command_sends_chinese_to_the_bilingual_model(qwen_gguf, default_model, 
     r = CliRunner().invoke(app, ["extract", "--text", text, "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert loaded == [None, "qwen2.5-0.5b"] and out["model"] == qwen.name
+    assert loaded == ["qwen2.5-0.5b"] and out["model"] == qwen.name  # decided without loading the default first
+    assert "answered by qwen2.5-0.5b" in r.output
     _assert_offsets(text, out["entities"])
     assert {"type": "person", "text": "李娜", "start": 0, "end": 2} in out["entities"]
 

@@ -13,7 +13,7 @@ from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP, app, console, err,
     friendly, given_sampling, over, read_argument, sampling_option,
 )
-from muse.cli.progress import load_model
+from muse.cli.progress import load_for, load_model
 
 FORM_HELP = ("Poem form: 五言绝句 (五绝, wujue), 七言绝句 (七绝, qijue), 五言律诗 (五律, wulv), 七言律诗 (七律, qilv) — "
              "Chinese, need --model qwen2.5-0.5b — or haiku (俳句, 5-7-5), free (自由诗, the default).")
@@ -76,6 +76,12 @@ def _run_file(m, path_in: Path, path_out: Optional[Path], **kwargs) -> None:
     with err.status(f"Scoring {path_in}…"):
         n = classify_file(m, path_in, path_out, **kwargs)
     err.print(f"[green]{n} records[/] → {path_out}", highlight=False)
+
+
+def _chinese(text: str) -> bool:
+    from muse.text import language
+
+    return language(text) == "zh"
 
 
 def _check_source(text: Optional[str], path_in: Optional[Path], path_out: Optional[Path]) -> None:
@@ -143,12 +149,13 @@ def classify(
     _check_source(text, path_in, path_out)
     names = check_labels(labels)  # bad labels and methods fail before the model loads
     check_method(method)
-    m = load_model(model, precision)
     if path_in is not None:
-        _run_file(m, path_in, path_out, labels=names, task="classify", column=column, calibrate=calibrate,
-                  method=method)
+        _run_file(load_model(model, precision), path_in, path_out, labels=names, task="classify", column=column,
+                  calibrate=calibrate, method=method)
         return
-    _show(score(m, read_argument(text), names, calibrate=calibrate, method=method), as_json, method)
+    body = read_argument(text)
+    m = load_for(model, precision, _chinese(body + " " + " ".join(names)))
+    _show(score(m, body, names, calibrate=calibrate, method=method), as_json, method)
 
 
 @app.command()
@@ -164,7 +171,7 @@ def sentiment(
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     as_json: bool = JsonOpt,
 ):
-    """Positive, negative or neutral, with a probability; Chinese text needs --model qwen2.5-0.5b.
+    """Positive, negative or neutral, with a probability (Chinese text goes to qwen2.5-0.5b when installed).
 
     Examples: muse sentiment "Terrible service, never again."; muse sentiment -i reviews.jsonl -o scored.jsonl.
     """
@@ -172,9 +179,10 @@ def sentiment(
 
     _check_source(text, path_in, path_out)
     check_method(method)
-    m = load_model(model, precision)
     if path_in is not None:
-        _run_file(m, path_in, path_out, task="sentiment", column=column, calibrate=calibrate, method=method)
+        _run_file(load_model(model, precision), path_in, path_out, task="sentiment", column=column,
+                  calibrate=calibrate, method=method)
         return
-    result = score(m, read_argument(text), calibrate=calibrate, method=method)
+    body = read_argument(text)
+    result = score(load_for(model, precision, _chinese(body)), body, calibrate=calibrate, method=method)
     _show(result["scores"], as_json, method)

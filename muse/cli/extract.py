@@ -13,36 +13,9 @@ from rich.table import Table
 from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, THE_APPS, app, console, err, friendly, given_sampling, read_argument,
 )
-from muse.cli.progress import Activity, load_model
+from muse.cli.progress import Activity, ModelsByLanguage
 
 BATCH = (".csv", ".jsonl")
-
-
-class ModelsByLanguage:
-    """The model for a language, loaded on first use: `--model` for everything when given; otherwise
-    the default model, and for Chinese the installed bilingual model when the default reads no
-    Chinese (as `muse serve` routes it)."""
-
-    def __init__(self, name: str | None, precision: str):
-        self.name, self.precision = name, precision
-        self._loaded: dict[str | None, object] = {}
-
-    def _load(self, name: str | None):
-        if name not in self._loaded:
-            self._loaded[name] = load_model(name, self.precision)
-        return self._loaded[name]
-
-    def __call__(self, lang: str):
-        from muse.apps.language import supports_chinese
-        from muse.checkpoints.registry import BUNDLED
-
-        model = self._load(self.name)
-        if self.name is not None or lang != "zh" or supports_chinese(model):
-            return model
-        bilingual = next(m for m in BUNDLED.values() if "zh" in m.languages)
-        if bilingual.installed_file() is None:
-            return model  # check_language then says how to install it
-        return self._load(bilingual.name)
 
 
 def _read_source(source: Optional[str], text: Optional[str]) -> str:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature,
                              TopK, TopP, _stream_to_stdout, app, console, err, friendly, given_sampling, over)
-from muse.cli.progress import Activity, loading, until_first
+from muse.cli.progress import Activity, loading, routed, until_first
 
 kb_app = MuseTyper(help="Your knowledge base: the documents `muse ask` answers from (txt, md, html, pdf, docx).",
                      no_args_is_help=True)
@@ -115,9 +115,11 @@ def ask(
     """Answer a question from your documents, citing them as [1], [2] …"""
     import muse
     from muse.errors import MuseError
+    from muse.text import language
 
+    chosen = routed(model, language(question) == "zh")
     with Activity() as activity:
-        with loading(activity, model):  # shown before torch is imported: ~1 s
+        with loading(activity, chosen):  # shown before torch is imported: ~1 s
             from muse.apps.kb import DEFAULT_PARAMS, stream_ask
 
             kb = _kb(no_embeddings)
@@ -126,7 +128,7 @@ def ask(
             given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
             params = over(DEFAULT_PARAMS, given) if given else None
-            m = muse.load(model, precision=precision)
+            m = muse.load(chosen, precision=precision)
         activity.step("Searching the knowledge base" + (" (embeddings)" if kb.dense else ""))
         stream = stream_ask(m, kb, question, params, k=k)
         n = len(stream.citations)

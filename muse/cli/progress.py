@@ -132,3 +132,49 @@ def load_model(name: str | None, precision: str = "auto"):
 
     with Activity() as activity, loading(activity, name):
         return muse.load(name, precision=precision)
+
+
+def model_for(name: str | None, chinese: bool) -> str | None:
+    """The model to load for a request, as `muse serve` routes it: `name` when the user gave one;
+    otherwise the default, unless the request is in Chinese (or asks for Chinese output), the default
+    is a bundled model that reads English only and the bundled bilingual model is installed.
+    Decided without loading anything; a default that is not bundled is kept (its tokenizer decides later)."""
+    from muse.checkpoints.registry import BUNDLED, DEFAULT_MODEL
+
+    if name is not None or not chinese:
+        return name
+    default = BUNDLED.get(os.environ.get("MUSE_MODEL") or DEFAULT_MODEL)
+    if default is None or "zh" in default.languages:
+        return None
+    bilingual = next((m for m in BUNDLED.values() if "zh" in m.languages), None)
+    if bilingual is None or bilingual.installed_file() is None:
+        return None  # check_language then says how to install it
+    return bilingual.name
+
+
+def routed(name: str | None, chinese: bool) -> str | None:
+    """`model_for(name, chinese)`, saying on stderr when Chinese went to the bilingual model."""
+    chosen = model_for(name, chinese)
+    if chosen != name:
+        err.print(f"[dim]Chinese: answered by {chosen} (the default model reads English only; "
+                  "--model picks another)[/]", highlight=False)
+    return chosen
+
+
+def load_for(name: str | None, precision: str = "auto", chinese: bool = False):
+    """`load_model` of the model `routed` picks."""
+    return load_model(routed(name, chinese), precision)
+
+
+class ModelsByLanguage:
+    """The model for each language of a batch, loaded on first use (`model_for` decides)."""
+
+    def __init__(self, name: str | None, precision: str):
+        self.name, self.precision = name, precision
+        self._loaded: dict[str | None, object] = {}
+
+    def __call__(self, lang: str):
+        chosen = model_for(self.name, lang == "zh")
+        if chosen not in self._loaded:
+            self._loaded[chosen] = load_for(self.name, self.precision, lang == "zh")
+        return self._loaded[chosen]

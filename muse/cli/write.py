@@ -14,7 +14,7 @@ from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, MuseGroup, MuseTyper, Seed, Stop, _stats, app, console, err, friendly,
     given_sampling, over, read_argument, sampling_option,
 )
-from muse.cli.progress import load_model
+from muse.cli.progress import load_for
 
 
 class WriteGroup(MuseGroup):
@@ -158,7 +158,7 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
 
     source = _read_input(text, input)
     target = _target(input, output, in_place)
-    m = load_model(model, precision)
+    m = load_for(model, precision, _chinese(source, options.get("to")))
     params = over(default_params(m), given)  # the writer's defaults (they depend on the model) + what was given
     attempts = ATTEMPTS if check else 1
     live = sys.stdout.isatty()
@@ -188,6 +188,18 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
         err.print(f"[yellow]Warning (--no-check):[/] {summary(result.problems)}", highlight=False)
     if target is not None:
         _save(target, result_text(action, source, result.output, str(target)), action)  # refuses an empty output
+
+
+def _chinese(source: str, to: str | None) -> bool:
+    """Whether the work needs a model that reads Chinese: the text is Chinese, or the output is to be."""
+    from muse.apps.writer import language_code
+    from muse.text import language
+
+    try:
+        into = bool(to) and language_code(to).startswith("zh")
+    except ValueError:  # an unknown --to: the writer says so
+        into = False
+    return into or language(source) == "zh"
 
 
 def _save(target: Path, content: str, action: str) -> None:
