@@ -175,6 +175,35 @@ def test_summarize_raw_is_one_plain_prompt(tok):
     assert len(model.model.prompts) == 1 and ARTICLE in tok.decode(model.model.prompts[0])
 
 
+def test_the_whole_method_keeps_a_faithful_summary_trimmed_to_the_length(tok):
+    reply = ("Here is a summary: The council will build a library in the north district for 12 million dollars. "
+             "It opens in 2027. Building begins in January.")
+    model = scripted(tok, reply)
+    out = summarize(model, ARTICLE, 20, method="whole")
+    assert out == "The council will build a library in the north district for 12 million dollars. It opens in 2027."
+    assert len(model.model.prompts) == 1 and ARTICLE in tok.decode(model.model.prompts[0])
+
+
+@pytest.mark.parametrize("reply", [
+    "The council will build a library for 15 million dollars.",  # a number the text lacks
+    "The library opens in 2027. The library opens in 2027.",     # a loop
+    "Football fans cheered the striker's two goals at the stadium.",  # not about the text
+])
+def test_an_unfaithful_whole_summary_falls_back_to_the_sentence_method(tok, reply):
+    out = summarize(scripted(tok, reply), ARTICLE, 30, method="whole")
+    assert out == extract(ARTICLE, 30)  # the rewrites (the same bad reply) fail their checks too: extractive
+
+
+def test_auto_runs_the_method_measured_for_the_family(tok, monkeypatch):
+    model = scripted(tok, "The council will build a library in the north district.")
+    assert S.default_method(model, "en") == S.FALLBACK_METHOD == "sentences"  # a family the table lacks
+    monkeypatch.setattr(S, "family", lambda m: "qwen2.5")
+    monkeypatch.setitem(S.DEFAULT_METHODS, ("qwen2.5", "en"), "whole")
+    assert summarize(model, ARTICLE, 20) == summarize(model, ARTICLE, 20, method="whole")
+    with pytest.raises(ValueError, match="method must be one of auto, sentences, whole"):
+        summarize(model, ARTICLE, 20, method="best")
+
+
 def test_bad_input(tok):
     model = scripted(tok, "x")
     with pytest.raises(ValueError, match="non-empty string"):

@@ -33,7 +33,7 @@ import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from muse.apps.language import check_language, model_languages
+from muse.apps.language import check_language, family, model_languages
 from muse.errors import MuseError
 from muse.sampling import Constraint, SamplingParams
 from muse.text import language
@@ -72,11 +72,6 @@ class Method:
             raise ValueError(f"Method.style must be one of {', '.join(STYLES)}, got {self.style!r}")
 
 
-# Bundled model → the family its measurements stand for; a model loaded another way (a path, a fine-tune)
-# by its architecture where that names one family (Qwen2 models share the tokenizer and chat format;
-# "llama" covers too many unrelated models to stand for smollm2).
-FAMILIES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2.5"}
-ARCH_FAMILIES = {"qwen2": "qwen2.5"}
 # (family, task, language) → the method measured best on the dev sets (bench/analysis_methods.py; accuracy
 # %, muse/eval/data/heldout/*_dev.jsonl: 20 sentiment, 24 topic items). Rows: likelihood on the plain or
 # chat prompt, zero-shot (0) or with _SHOTS, ± calibration (cal), "total" = summed not mean log-prob;
@@ -256,12 +251,6 @@ def check_method(method: str) -> str:
     """`method` when it is one of METHODS, else a ValueError listing them."""
     _check_choice("method", method, METHODS)
     return method
-
-
-def family(model) -> str | None:
-    """The model family the method table knows `model` by (FAMILIES, else ARCH_FAMILIES), or None."""
-    config = getattr(model, "config", None)
-    return FAMILIES.get(model.info.get("name", "")) or ARCH_FAMILIES.get(getattr(config, "arch", None))
 
 
 def default_method(model, task: str, lang: str) -> Method:

@@ -42,3 +42,16 @@ def check_language(model, text: str) -> str:
             f"This looks like Chinese, but {model.name} is an English-only model. Use the bilingual "
             "model: `muse models install qwen2.5-0.5b`, then pass `--model qwen2.5-0.5b`.")
     return lang
+
+
+# Bundled model → the family the apps' measured method tables stand for; a model loaded another way (a
+# path, a fine-tune) by its architecture where that names one family (Qwen2 models share the tokenizer and
+# chat format; "llama" covers too many unrelated models to stand for smollm2).
+FAMILIES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2.5"}
+ARCH_FAMILIES = {"qwen2": "qwen2.5"}
+
+
+def family(model) -> str | None:
+    """The model family the method tables know `model` by (FAMILIES, else ARCH_FAMILIES), or None."""
+    config = getattr(model, "config", None)
+    return FAMILIES.get(model.info.get("name", "")) or ARCH_FAMILIES.get(getattr(config, "arch", None))

@@ -14,6 +14,12 @@ works in three steps:
 3. **Fill**: the (rewritten) sentences are taken best first while they fit the target length,
    and put back in their original order; the result is trimmed at sentence boundaries.
 
+That is the "sentences" method. The "whole" method asks the model for the summary of the whole text
+in one prompt, and keeps it only when it is faithful as a whole (no number the text lacks, its words
+mostly the text's, no repeated sentence), trimmed at sentence boundaries to the length; otherwise it
+falls back to "sentences". "auto" (the default) runs the one measured best on the dev sets for the
+model family and language (`DEFAULT_METHODS`): a stronger model summarises better in its own words.
+
 Without step 2 this is `extract()`, the extractive summary. A text too long for one pass is cut
 into pieces (`muse.text.pack`); each piece is summarised and the joined piece summaries are
 summarised again (map-reduce), so no part of the text is dropped unseen.
@@ -32,9 +38,9 @@ import re
 
 import numpy as np
 
-from muse.apps.language import check_language
+from muse.apps.language import check_language, family
 
-from muse.text import HAN_RE, han_count, language, pack, sentences
+from muse.text import HAN_RE, han_count, has_number, language, numbers, pack, sentences
 from muse.apps.cleaning import clean_output
 from muse.sampling import SamplingParams
 
@@ -50,6 +56,12 @@ NONZERO = 1e-9           # divides in place of a zero norm or row sum (a sentenc
 # Sampling without params: greedy, with a mild repetition penalty (small models loop); each call
 # sets max_new_tokens from the length it asks for.
 DEFAULT_PARAMS = SamplingParams(temperature=0.0, repetition_penalty=1.1)
+
+METHODS = ("auto", "sentences", "whole")
+# (model family, language) → the method measured best on muse/eval/data/heldout/summarize_*_dev.jsonl
+# (ROUGE-L, `muse eval -s summarize --split dev`); anything else runs FALLBACK_METHOD.
+DEFAULT_METHODS: dict[tuple[str, str], str] = {}
+FALLBACK_METHOD = "sentences"
 
 PROMPTS = {  # rewrite one sentence concisely; {n}: ASK × its length
     "en": ("Shorten this sentence to at most {n} words. Keep the names, numbers and key facts. "
@@ -225,24 +237,36 @@ def _one_line(sentence: str) -> str:
 
 # -- the model's part ------------------------------------------------------------------
 
-def summarize(model, text: str, length: int | None = None, params: SamplingParams | None = None) -> str:
+def summarize(model, text: str, length: int | None = None, params: SamplingParams | None = None,
+              method: str = "auto") -> str:
     """A summary of `text` of at most `length` words (English) or characters (Chinese).
 
     Default length: about a quarter of the input. `params` sets sampling (default: DEFAULT_PARAMS);
-    max_new_tokens follows from the target length.
+    max_new_tokens follows from the target length. `method`: see the module docstring.
     """
     text = _check_text(text)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     lang = check_language(model, text)
     length = _check_length(length) or default_length(text, lang)
     if measure(text, lang) <= length:
         return text.strip()  # already short enough: nothing to drop
+    if method == "auto":
+        method = default_method(model, lang)
     count = _counter(model)
     if count(text) > PIECE_TOKENS:
-        return _map_reduce(model, text, length, lang, params, count)
+        return _map_reduce(model, text, length, lang, params, count, method)
+    if method == "whole":
+        return _whole(model, text, length, lang, params, count)
     return _summarize_piece(model, text, length, lang, params, count)
 
 
-def _map_reduce(model, text, length, lang, params, count) -> str:
+def default_method(model, lang: str) -> str:
+    """The summary method measured best for `model`'s family in `lang` (DEFAULT_METHODS)."""
+    return DEFAULT_METHODS.get((family(model), lang), FALLBACK_METHOD)
+
+
+def _map_reduce(model, text, length, lang, params, count, method) -> str:
     pieces = pack(text, PIECE_TOKENS, count)
     total = measure(text, lang)
     joiner = "\n" if lang == "zh" else "\n\n"
@@ -250,8 +274,8 @@ def _map_reduce(model, text, length, lang, params, count) -> str:
     for piece in pieces:
         size = measure(piece, lang)
         share = max(length // 2, math.ceil(2 * length * size / total))
-        parts.append(summarize(model, piece, min(share, max(1, size // 2)), params))
-    return summarize(model, joiner.join(p for p in parts if p), length, params)
+        parts.append(summarize(model, piece, min(share, max(1, size // 2)), params, method))
+    return summarize(model, joiner.join(p for p in parts if p), length, params, method)
 
 
 def _summarize_piece(model, text, length, lang, params, count) -> str:
@@ -266,6 +290,30 @@ def _summarize_piece(model, text, length, lang, params, count) -> str:
     for i in pool:
         short[i] = _rewrite(model, sents[i], lang, params, count) or sents[i]
     return trim(fill(short, order, length, lang), length, lang)
+
+
+def _whole(model, text, length, lang, params, count) -> str:
+    """The model's summary of the whole text in one prompt, one paragraph trimmed to `length`; the
+    sentence method's when that summary is not faithful to the text."""
+    prompt = RAW_PROMPTS[lang].format(n=length, text=text)
+    want = int(count(text) * length / max(1, measure(text, lang)) * 1.3) + 16
+    out = _one_line(clean_output(model.chat([{"role": "user", "content": prompt}], _params(params, want)), text))
+    if not _faithful_summary(out, text, lang):
+        return _summarize_piece(model, text, length, lang, params, count)
+    return trim(out, length, lang)
+
+
+def _faithful_summary(summary: str, text: str, lang: str) -> bool:
+    """Whether a whole-text summary can be trusted: not empty, no number (by value) the text lacks,
+    no sentence said twice (a loop), and at least SUPPORTED of its terms from the text."""
+    said = sentences(summary)
+    if not said or len({s.strip() for s in said}) < len(said):
+        return False
+    known = numbers(text, generous=True)
+    if any(not has_number(v, known) for v in numbers(summary)):
+        return False
+    words, source = terms(summary, lang), set(terms(text, lang))
+    return bool(words) and sum(w in source for w in words) / len(words) >= SUPPORTED
 
 
 def _rewrite(model, sentence: str, lang: str, params, count) -> str | None:
