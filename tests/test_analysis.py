@@ -131,11 +131,6 @@ def test_raw_prompt_baseline_reads_the_first_label_named(default_model, monkeypa
         "business news", "sports news", None]
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_gguf):
-    return muse.load(qwen_gguf)
-
-
 def test_chinese_sentiment_on_the_bilingual_model(qwen):
     good = sentiment(qwen, "这家餐厅的菜好吃极了，服务也很周到，下次还来！")
     bad = sentiment(qwen, "质量太差了，用了两天就坏了，客服也不理人，非常失望。")

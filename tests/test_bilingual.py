@@ -11,11 +11,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def qwen(qwen_gguf):
-    return muse.load(qwen_gguf)
-
-
-@pytest.fixture(scope="module")
 def reference(qwen_gguf):
     transformers = pytest.importorskip("transformers")
     d, f = str(qwen_gguf.parent), qwen_gguf.name

@@ -150,7 +150,7 @@ def test_finetune_merge_and_export_commands(tmp_path, tiny_chat_model):
     r = run("finetune", str(tiny_chat_model), "--data", str(chats), "--out", str(tmp_path / "x"), "--method", "qlora")
     assert r.exit_code == 2 and "method must be" in r.output
     r = run("finetune", str(tiny_chat_model), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "y"))
-    assert r.exit_code == 1 and "missing.jsonl" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "missing.jsonl" in r.output.replace("\n", "") and "Traceback" not in r.output
 
 
 def test_train_command_trains_resumes_and_generates(tmp_path):

@@ -198,10 +198,6 @@ def test_bad_requests_are_clear_errors(default_model):
 
 # -- the bilingual model --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def qwen(qwen_gguf):
-    return muse.load(qwen_gguf)
-
 
 def test_guided_chinese_forms_conform_on_the_bilingual_model(qwen):
     # Unguided, the 0.5B model wrote 0 of 8 五言绝句 with five characters per line; under the grammar
@@ -280,7 +276,6 @@ def test_create_command_on_the_default_model():
     # a slogan is the first line of the reply; ok exactly when no problem is left
     assert out["form"] is None and out["tries"] == 1 and "\n" not in out["text"]
     assert out["ok"] is (out["problems"] == [])
-
 
 
 def test_create_command_takes_the_chinese_form_name(default_model):

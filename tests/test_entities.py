@@ -287,10 +287,9 @@ def test_command_fields_from_a_schema_file(default_model, tmp_path, monkeypatch)
     jsonschema.validate(json.loads(r.stdout), PERSON)
 
 
-def test_command_sends_chinese_to_the_bilingual_model(qwen_gguf, default_model, tmp_path, monkeypatch):
+def test_command_sends_chinese_to_the_bilingual_model(qwen, qwen_gguf, default_model, tmp_path, monkeypatch):
     from muse.cli import app
 
-    qwen = muse.load(qwen_gguf)
     loaded = []
 
     def load(name=None, **kwargs):

@@ -570,13 +570,6 @@ def test_chinese_question_needs_a_bilingual_model(default_model, lexical):
         ask(default_model, lexical, "龙井茶产自哪里？")
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_gguf):
-    import muse
-
-    return muse.load(qwen_gguf)
-
-
 def test_chinese_answers_with_the_bilingual_model(qwen, hybrid):
     add_corpus(hybrid)
     answer = ask(qwen, hybrid, "龙井茶产自哪里？", greedy(max_new_tokens=20))

@@ -198,10 +198,8 @@ def test_tool_result_round_trip_gives_a_text_answer(client, http):
 
 
 @pytest.fixture(scope="module")
-def qwen_client(qwen_gguf):
-    import muse
-
-    app = create_app({"qwen": muse.load(qwen_gguf)}, api_key=KEY, embedder=None)
+def qwen_client(qwen):
+    app = create_app({"qwen": qwen}, api_key=KEY, embedder=None)
     with ServerThread(app) as s:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
 

@@ -229,11 +229,6 @@ def test_summarize_on_the_default_model(default_model):
     assert 0 < measure(out) <= 15 < measure(ARTICLE)
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_gguf):
-    return muse.load(qwen_gguf)
-
-
 @pytest.mark.slow
 def test_chinese_summary_on_the_bilingual_model(qwen):
     out = summarize(qwen, ZH_ARTICLE, 50)

@@ -280,11 +280,6 @@ def test_rewrite_on_the_default_model(default_model):
     assert not out.lower().startswith(("sure", "here is", "here's"))
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_gguf):
-    return muse.load(qwen_gguf)
-
-
 @pytest.mark.slow
 def test_translate_between_chinese_and_english(qwen):
     from muse.text import language
