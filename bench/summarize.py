@@ -29,7 +29,7 @@ def load(lang: str, split: str, limit: int | None) -> list[dict]:
     return items[:limit] if limit else items
 
 
-def run(lang: str, split: str, limit: int | None, model_name: str | None) -> list[tuple]:
+def run(lang: str, split: str, limit: int | None, model_name: str | None, only=None) -> list[tuple]:
     import muse
     from muse.apps.summarize import extract, measure, summarize, summarize_raw
     from muse.eval.metrics import rouge
@@ -46,6 +46,8 @@ def run(lang: str, split: str, limit: int | None, model_name: str | None) -> lis
     }
     rows = []
     for name, fn in methods.items():
+        if only and name not in only:
+            continue
         start = time.perf_counter()
         outs = [fn(it, target_length(it["summary"])) for it in items]
         seconds = (time.perf_counter() - start) / len(items)
@@ -63,10 +65,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="Only the first N items of each set.")
     ap.add_argument("--split", choices=["dev", "test"], default="dev")
     ap.add_argument("--model", default=None, help="Default: the default model for English, qwen2.5-0.5b for Chinese.")
+    ap.add_argument("--method", action="append", help="only these rows (raw, extractive, sentences, whole)")
     args = ap.parse_args()
     rows = []
     for lang in (["en", "zh"] if args.lang == "both" else [args.lang]):
-        rows.extend(run(lang, args.split, args.limit, args.model))
+        rows.extend(run(lang, args.split, args.limit, args.model, args.method))
     head = ("lang", "model", "method", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "avg len", "over len", "s/item")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")

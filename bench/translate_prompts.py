@@ -43,6 +43,8 @@ CANDIDATES = {
         "{to} translation only.",
         "Translate the text below into {to}. Keep every number and amount exactly as written; do not convert "
         "them. Add nothing. Reply with the {to} translation only."),
+    # the raw prompt's own words, with the app's cleaning, pieces and checks around it
+    "v3 raw words": ("Translate this into {to}:", "Translate this into {to}:"),
 }
 
 

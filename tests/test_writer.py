@@ -197,7 +197,7 @@ def test_translate_prompt_is_in_the_target_language(tok, monkeypatch):
     model = scripted(tok, "今天天气很好。")
     assert writer.translate(model, "The weather is nice today.", to="zh") == "今天天气很好。"
     prompt = tok.decode(model.model.prompts[0])
-    assert "简体中文 translation only" in prompt and "Keep every number and amount exactly as written" in prompt
+    assert "Translate this into 简体中文:" in prompt  # the measured en→zh prompt: the raw prompt's few words
 
 
 # -- files and versions -------------------------------------------------------------------
