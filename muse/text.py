@@ -189,7 +189,7 @@ def terms(text: str) -> tuple[list[str], list[str]]:
 # -- numbers, by value across scripts (output gates, the numbers-preserved metric) -----------------
 
 # A list marker at a line's start: bullets, "1." / "2)" / "（3）", "一、", Markdown headings.
-LIST_MARKER = re.compile(r"^\s*(?:[-*•·+]|\d{1,2}[.)、]|[（(]?\d{1,2}[)）]|[一二三四五六七八九十]+[、.]|#{1,6})\s+|^\s*\d{1,2}[.、]")
+LIST_MARKER = re.compile(r"^\s*(?:[-*•·+]|\d{1,2}[.)、]|[（(]?\d{1,2}[)）]|[一二三四五六七八九十]+[、.]|#{1,6})\s+|^\s*\d{1,2}[.、](?!\d)")
 
 
 def strip_list_marker(line: str) -> str:

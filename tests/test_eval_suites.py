@@ -199,6 +199,10 @@ def test_writer_must_keep_and_shape(monkeypatch):
     assert S.shape_ok("outline", "x", "- one\n- two", "en") and not S.shape_ok("outline", "x", "just text", "en")
     assert S.shape_ok("shorten", "一二三四五六", "一二三", "zh") and not S.shape_ok("expand", "一二三四五六", "一二三", "zh")
     assert S.kept_facts("Lunch on 14 June at  12:30", ["14 june", "12:30", "Rosa's"]) == [True, True, False]
+    # numbers, dates and amounts by value, in any form; names by their text
+    assert S.kept_facts("The price is $39, on sale September 1 in 200 shops.",
+                        ["39 dollars", "1 September", "200 stores", "SmartMug"]) == [True, True, True, False]
+    assert S.kept_facts("Rent is due on the first; it is higher this month.", ["1,350"]) == [False]
 
 
 def test_label_suites_use_the_six_topics(monkeypatch):

@@ -25,12 +25,30 @@ def test_chinese_numerals_and_scales():
     vals = numbers("三百人，两千五百元，一万二千步，30万元，1.2万，5k")
     assert {300, 2500, 12000, 300_000, 12_000, 5000} <= set(vals)
     assert 1 not in numbers("我们一起统一意见")  # 一起, 统一: words, not numbers
+    assert set(numbers("4.2 million dollars")) == {4_200_000}  # a decimal at a line's start is no list marker
+    assert set(numbers("3. Buy milk\n1.第一步")) == set()
 
 
 def test_an_added_year_or_number_is_flagged():
     p = check("rewrite", "The fair opens on 6 May.", "The fair opens on 6 May 2025.")
     assert gate_names(p) == {"invented"} and "2025" in p[0].message
     assert check("rewrite", "we need three chairs by 5pm", "We need 3 chairs by 17:00.") == []  # words and 24 h
+
+
+def test_a_number_the_output_lost_is_flagged_in_any_form():
+    src = "yo, rent is due on the 5th, its 1,350 this month. Price 39 dollars from 1 September."
+    p = check("rewrite", src, "Rent is due on the 5th. The price is $39 from September 1.")
+    assert gate_names(p) == {"dropped"} and "1,350" in p[0].message
+    assert check("rewrite", src, "Rent of $1350 is due on the 5th; from September 1 the price is $39.") == []
+    assert "dropped" in gate_names(check("translate", "预算为30万元。", "The budget is large."))
+    assert "dropped" not in gate_names(check("shorten", src, "Rent is due on the 5th."))  # shortening may drop
+
+
+def test_the_retry_note_names_the_lost_number():
+    from muse.apps.writer import _repair_note, get_action
+
+    note = _repair_note(get_action("rewrite"), "en", "x", check("rewrite", "It costs 1,350.", "It is costly."))
+    assert note == "Keep every number, date and amount of the text, including 1,350."
 
 
 def test_an_invented_name_is_flagged_but_a_capitalised_day_is_not():

@@ -40,12 +40,12 @@ TITLES = 5           # what the titles prompt asks for
 # action → the gates that apply to it
 # ("unchanged" is not a gate of polish: a text without mistakes may rightly come back as it was.)
 GATES: dict[str, tuple[str, ...]] = {
-    "rewrite": ("repetition", "preamble", "commentary", "unchanged", "invented"),
-    "polish": ("repetition", "preamble", "commentary", "invented"),
+    "rewrite": ("repetition", "preamble", "commentary", "unchanged", "invented", "dropped"),
+    "polish": ("repetition", "preamble", "commentary", "invented", "dropped"),
     "shorten": ("repetition", "preamble", "commentary", "invented", "length"),
-    "expand": ("repetition", "preamble", "commentary", "numbers", "length"),
+    "expand": ("repetition", "preamble", "commentary", "numbers", "dropped", "length"),
     "summarize": ("repetition", "preamble", "commentary", "invented", "length"),
-    "translate": ("repetition", "preamble", "commentary", "unchanged", "numbers"),
+    "translate": ("repetition", "preamble", "commentary", "unchanged", "numbers", "dropped"),
     "titles": ("preamble", "shape"),
     "outline": ("repetition", "preamble", "numbers", "shape"),
     "continue": ("repetition",),
@@ -54,7 +54,7 @@ GATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Problem:
-    gate: str     # repetition | preamble | commentary | unchanged | invented | length | shape
+    gate: str     # repetition | preamble | commentary | unchanged | invented | dropped | length | shape
     message: str  # what is wrong, for the user
 
     def __str__(self) -> str:
@@ -78,6 +78,8 @@ def check(action: str, source: str, output: str, *, length: int | None = None, t
         problems += unchanged(source, output)
     if "invented" in gates or "numbers" in gates:
         problems += invented(source, output, names="invented" in gates and not _crosses_scripts(source, output))
+    if "dropped" in gates:
+        problems += dropped(source, output)
     if "length" in gates:
         problems += length_target(action, source, output, length)
     if action == "titles":
@@ -263,6 +265,20 @@ def invented(source: str, output: str, names: bool = True) -> list[Problem]:
         if extra:
             problems.append(Problem("invented", f"names not in the text: {', '.join(extra[:6])}"))
     return problems
+
+
+def dropped(source: str, output: str) -> list[Problem]:
+    """Numbers, dates and amounts of `source` that `output` lost, compared by value in any form the
+    output may write them (1,350 = 1350, 39 dollars = $39, 1 September = September 1, 30万 = 300,000):
+    a rewrite, polish, expansion or translation keeps every one (shorten and summarize may drop)."""
+    have = numbers(output, generous=True)
+    readings = numbers(source, generous=True)  # also 5pm as 17: the output may write 17:00
+    lost = []
+    for value, raw in numbers(source).items():
+        other = [v for v, r in readings.items() if re.match(re.escape(raw) + r"(?!\d)", r)]  # same written number
+        if value != 0 and not any(has_number(v, have) for v in [value, *other]):
+            lost.append(raw)
+    return [Problem("dropped", f"lost from the text: {', '.join(lost[:6])}")] if lost else []
 
 
 _SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesday", "thu": "thursday",

@@ -382,6 +382,7 @@ _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
     "unchanged": ("Do not copy the text: write it anew as asked.", "不要照抄原文，请按要求重新写。"),
     "invented": ("Use only the numbers, dates, amounts and names that are in the text; do not add {x}.",
                  "只使用原文中的数字、日期、金额和名称，不要添加{x}。"),
+    "dropped": ("Keep every number, date and amount of the text, including {x}.", "保留原文中的所有数字、日期和金额，包括{x}。"),
     "shorten": ("Use at most {x} words.", "不超过{x}个字。"),
     "expand": ("Write at least {x} words.", "至少写{x}个字。"),
     "titles": ("Reply with exactly five different short titles, one per line, and nothing else.",
@@ -404,7 +405,7 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
         if key is None or key not in _NOTES:
             continue
         x = ""
-        if key == "invented":
+        if key in ("invented", "dropped"):
             x = p.message.split(": ", 1)[-1].split(" (")[0]
         elif key == "shorten":
             x = max(1, int(0.6 * gates.size(text)))
