@@ -34,6 +34,11 @@ class FakeModel:
         return self.reply(message["content"])
 
 
+def checked(output: str):
+    """What `writer.checked_write` returns, as far as the suites read it."""
+    return types.SimpleNamespace(output=output)
+
+
 def _fake_module(monkeypatch, name, **functions):
     mod = types.ModuleType(name)
     mod.__dict__.update(functions)
@@ -48,8 +53,7 @@ def fake_apps(monkeypatch):
 
     _fake_module(monkeypatch, "muse.apps.summarize", summarize=lambda model, text, length=None, params=None: text[:80],
                  summarize_raw=lambda model, text, length=None, params=None: text[:40])
-    _fake_module(monkeypatch, "muse.apps.writer", translate=lambda model, text, to, params=None: text,
-                 write=lambda model, action, text, tone=None, params=None: text,
+    _fake_module(monkeypatch, "muse.apps.writer", checked_write=lambda model, action, text, **o: checked(text),
                  get_action=lambda name: types.SimpleNamespace(tone=name in ("rewrite", "expand")))
     _fake_module(monkeypatch, "muse.apps.analysis",
                  sentiment=lambda model, text, method="likelihood": {"label": "positive"},
@@ -108,7 +112,8 @@ def test_the_raw_prompt_runs_in_every_suite(fake_apps, name):
 def test_translate_metrics_and_the_raw_prompt(monkeypatch):
     rows = S.load_data("heldout/translate_en_zh_dev.jsonl")
     refs = {x["source"]: x["reference"] for x in rows}
-    _fake_module(monkeypatch, "muse.apps.writer", translate=lambda model, text, to, params=None: refs[text])
+    _fake_module(monkeypatch, "muse.apps.writer", checked_write=lambda model, action, text, to, params=None:
+                 checked(refs[text]) if action == "translate" and to == "zh" else None)
     model = FakeModel(reply=lambda prompt: "完全不同的句子")
     r = S.run_suite(model, "translate-en-zh", limit=6, split="dev")
     assert all(p.startswith("Translate this into Chinese:\n\n") for p in model.prompts)
@@ -182,9 +187,9 @@ def test_writer_must_keep_and_shape(monkeypatch):
 
     def write(model, action, text, tone=None, params=None):
         tones.append((action, tone))
-        return text.upper()  # keeps every fact (case is ignored), same length
+        return checked(text.upper())  # keeps every fact (case is ignored), same length
 
-    _fake_module(monkeypatch, "muse.apps.writer", write=write,
+    _fake_module(monkeypatch, "muse.apps.writer", checked_write=write,
                  get_action=lambda name: types.SimpleNamespace(tone=name in ("rewrite", "expand")))
     model = FakeModel(reply=lambda prompt: "Sure! Here you go.")
     r = S.run_suite(model, "writer-en", split="dev")

