@@ -207,6 +207,7 @@ def test_writer_must_keep_and_shape(monkeypatch):
     # numbers, dates and amounts by value, in any form; names by their text
     assert S.kept_facts("The price is $39, on sale September 1 in 200 shops.",
                         ["39 dollars", "1 September", "200 stores", "SmartMug"]) == [True, True, True, False]
+    assert S.kept_facts("Dear Mr. Grant,", ["Mr Grant", "Ms Grant"]) == [True, False]
     assert S.kept_facts("Rent is due on the first; it is higher this month.", ["1,350"]) == [False]
 
 

@@ -552,10 +552,10 @@ def kept_facts(output: str, must_keep: list[str]) -> list[bool]:
     """Per must_keep fact: whether the output keeps it. A fact with numbers, dates or amounts is kept
     when the output has each of its values in any form ("39 dollars" as "$39", "1 September" as
     "September 1", 30万 as 300,000: `muse.text.numbers`); any other fact (a name) when its text is in
-    the output, ignoring case and runs of spaces."""
-    said = _normal(output or "")
+    the output, ignoring case, spaces and punctuation ("Mr Grant" in "Mr. Grant")."""
+    said = _match_text(output or "")
     have = numbers(output or "", generous=True)
-    return [all(has_number(v, have) for v in numbers(fact)) if numbers(fact) else _normal(fact) in said
+    return [all(has_number(v, have) for v in numbers(fact)) if numbers(fact) else _match_text(fact) in said
             for fact in must_keep]
 
 
