@@ -46,20 +46,13 @@ def feedback_from_dev(model, suite_name: str, store, limit: int | None) -> tuple
         gold = dict(zip(A.SENTIMENTS, local)).get(it["label"], it["label"]) if local else it["label"]
         prompt = A.messages(it["text"], shown, task, suite.language, shots=False)
         answer = model.chat(prompt, SamplingParams(temperature=0.0, max_new_tokens=16)).strip() or "(empty)"
-        if _names(answer, shown) == gold:
+        if A.named_label(answer, shown) == gold:
             add_feedback(store, 1, answer, prompt)
             liked += 1
         else:
             add_feedback(store, -1, answer, prompt, correction=gold)
             corrected += 1
     return liked, corrected
-
-
-def _names(reply: str, labels: list[str]) -> str | None:
-    """The label a reply names first (as `classify_raw` reads it)."""
-    low = reply.casefold()
-    found = sorted((low.find(lab.casefold()), -len(lab), lab) for lab in labels if lab.casefold() in low)
-    return found[0][2] if found else None
 
 
 def score(model, suite_name: str, items_file: Path, limit: int | None) -> dict[str, float]:

@@ -498,7 +498,8 @@ def test_chinese_without_a_model_name_goes_to_the_served_bilingual_model(two):
 
 
 def test_chinese_output_goes_to_the_bilingual_model_and_english_only_servers_still_refuse(two, client):
-    from muse.server.apps import _for_chinese, _into_chinese
+    from muse.apps.writer import into_chinese as _into_chinese  # one home, shared with `muse write`
+    from muse.server.apps import _for_chinese
 
     service = two.app.state.service
     assert _for_chinese(service, True) == "qwen2.5-0.5b" and _for_chinese(service, False) is None

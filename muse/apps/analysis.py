@@ -371,8 +371,14 @@ def classify_raw(model, text: str, labels: list[str], task: str = "classify", ma
     labels = tuple(check_labels(labels))
     lang = check_language(model, text + " " + " ".join(labels))
     reply = model.chat(messages(text, list(labels), task, lang, shots),
-                       SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)).casefold()
-    found = [(reply.find(label.casefold()), -len(label), label) for label in labels]
+                       SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    return named_label(reply, labels)
+
+
+def named_label(reply: str, labels) -> str | None:
+    """The label a free reply names first (the longest where two start together), or None."""
+    low = reply.casefold()
+    found = [(low.find(label.casefold()), -len(label), label) for label in labels]
     found = [f for f in found if f[0] >= 0]
     return min(found)[2] if found else None
 

@@ -298,9 +298,7 @@ def _summarize_piece(model, text, length, lang, params, count) -> str:
 def _whole(model, text, length, lang, params, count) -> str:
     """The model's summary of the whole text in one prompt, one paragraph trimmed to `length`; the
     sentence method's when that summary is not faithful to the text."""
-    prompt = RAW_PROMPTS[lang].format(n=length, text=text)
-    want = int(count(text) * length / max(1, measure(text, lang)) * 1.3) + 16
-    out = _one_line(clean_output(model.chat([{"role": "user", "content": prompt}], _params(params, want)), text))
+    out = _one_line(_one_prompt(model, text, length, lang, params, count))
     if not _faithful_summary(out, text, lang):
         return _summarize_piece(model, text, length, lang, params, count)
     return trim(out, length, lang)
@@ -351,8 +349,14 @@ def summarize_raw(model, text: str, length: int | None = None, params: SamplingP
     text = _check_text(text)
     lang = check_language(model, text)
     length = _check_length(length) or default_length(text, lang)
+    return _one_prompt(model, text, length, lang, params, _counter(model))
+
+
+def _one_prompt(model, text, length, lang, params, count) -> str:
+    """The model's answer to the plain summarize prompt (RAW_PROMPTS), cleaned of "Here is…"; room for
+    1.3 × the length asked, since small models overshoot it."""
     prompt = RAW_PROMPTS[lang].format(n=length, text=text)
-    want = int(_counter(model)(text) * length / max(1, measure(text, lang)) * 1.3) + 16
+    want = int(count(text) * length / max(1, measure(text, lang)) * 1.3) + 16
     return clean_output(model.chat([{"role": "user", "content": prompt}], _params(params, want)))
 
 

@@ -150,6 +150,15 @@ def language_code(to: str) -> str:
     raise ValueError(f"unknown target language {to!r}; use a code such as {', '.join(LANGUAGES)}")
 
 
+def into_chinese(to: str | None) -> bool:
+    """Whether a translation's target `to` is Chinese, so the work needs a model that writes it (an
+    unknown target is False here: the writer refuses it with its own error)."""
+    try:
+        return bool(to) and language_code(to).startswith("zh")
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class _Options:
     tone: str | None = None   # a key of TONES

@@ -192,14 +192,10 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
 
 def _chinese(source: str, to: str | None) -> bool:
     """Whether the work needs a model that reads Chinese: the text is Chinese, or the output is to be."""
-    from muse.apps.writer import language_code
+    from muse.apps.writer import into_chinese
     from muse.text import language
 
-    try:
-        into = bool(to) and language_code(to).startswith("zh")
-    except ValueError:  # an unknown --to: the writer says so
-        into = False
-    return into or language(source) == "zh"
+    return into_chinese(to) or language(source) == "zh"
 
 
 def _save(target: Path, content: str, action: str) -> None:

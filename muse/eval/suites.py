@@ -45,6 +45,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from muse.apps.feedback import ROLES  # an item's messages are a feedback row's prompt
 from muse.errors import MuseError
 from muse.eval import metrics as M
 from muse.text import has_number, numbers
@@ -280,11 +281,16 @@ def _share(flags: list[bool]) -> float | None:
 def raw_chat(model, prompt: str, max_new_tokens: int, params=None) -> str:
     """The raw prompting baseline: `prompt` as one user message in the model's chat template, greedy
     (or `params` with its max_new_tokens replaced), the reply as it comes (only stripped)."""
+    return _chat(model, [{"role": "user", "content": prompt}], max_new_tokens, params)
+
+
+def _chat(model, messages: list[dict], max_new_tokens: int, params=None) -> str:
+    """The model's reply to `messages`: greedy, or `params` with its max_new_tokens replaced; stripped."""
     from muse.sampling import SamplingParams
 
     p = params.replace(max_new_tokens=max_new_tokens) if params is not None else \
         SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    return model.chat([{"role": "user", "content": prompt}], p).strip()
+    return model.chat(messages, p).strip()
 
 
 def _tokens(model, text: str) -> int:
@@ -665,10 +671,9 @@ def _item(line: str, where: str) -> dict:
         raise MuseError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line is one JSON object.") from None
     messages = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
-            and isinstance(m.get("content"), str) for m in messages):
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
         raise MuseError(f'{where}: expected {{"messages": [{{"role": "user", "content": "…"}}, …]}} with roles '
-                        "system, user, assistant or tool and text content.")
+                        f"{', '.join(ROLES)} and text content.")
     out = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
     for key in ("reference", "rejected"):
         if isinstance(row.get(key), str) and row[key].strip():
@@ -694,17 +699,12 @@ def matches(answer: str, reference: str) -> bool:
 
 
 def _user_items():
-    from muse.sampling import SamplingParams
-
     def run(model, suite, limit, params, result, tick):
         items = _items(suite, result, limit)
 
         def answer(it):
             longest = max((it.get(k, "") for k in ("reference", "rejected")), key=len)
-            room = _answer_room(model, longest, 2.0, ITEMS_MAX_TOKENS)
-            p = params.replace(max_new_tokens=room) if params is not None else \
-                SamplingParams(temperature=0.0, max_new_tokens=room)
-            return model.chat(it["messages"], p).strip()
+            return _chat(model, it["messages"], _answer_room(model, longest, 2.0, ITEMS_MAX_TOKENS), params)
 
         outs, errors = _each(items, {APP: answer}, result, tick, names={APP: "chat"})
         answers = [a or "" for a in outs[APP]]

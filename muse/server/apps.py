@@ -700,25 +700,15 @@ async def write(body: WriteBody, request: Request):
     Events: "delta" (the first attempt, as it is generated: a draft), "retry" {attempt, problems}
     when it failed its checks, then "done" whose `output` replaces the draft — or, when every
     attempt failed, an "error" event (JSON: a 400) naming the problems, and no version is saved."""
-    from muse.apps.writer import ATTEMPTS, default_params, stream_checked
+    from muse.apps.writer import ATTEMPTS, default_params, into_chinese, stream_checked
 
     _check_chars(request, len(body.text), "text")
     work = Work(request)
-    model = work.model(body.model, body.text, chinese=_into_chinese(body.to))
+    model = work.model(body.model, body.text, chinese=into_chinese(body.to))
     items = await work.call(stream_checked, model, body.action, body.text, tone=body.tone,
                             to=body.to, length=body.length, params=body.params(default_params(model)),
                             attempts=ATTEMPTS if body.check else 1)
     return await work.respond(_write_events(_state(request).store, body, items), body.stream)
-
-
-def _into_chinese(to: str | None) -> bool:
-    """Whether a translation's target is Chinese (an unknown target is refused by the writer)."""
-    from muse.apps.writer import language_code
-
-    try:
-        return bool(to) and language_code(to).startswith("zh")
-    except ValueError:
-        return False
 
 
 def _write_events(store, body: WriteBody, items) -> Iterator[dict]:
