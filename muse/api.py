@@ -38,8 +38,9 @@ class Model:
 
     @property
     def recommended(self) -> dict:
-        """The sampling the checkpoint recommends (its generation_config.json), as `SamplingParams`
-        fields: {} when it recommends none."""
+        """The sampling the checkpoint recommends, as `SamplingParams` fields: its
+        generation_config.json or GGUF `general.sampling.*` keys, else (a bundled model) its
+        publisher's settings; {} when there are none."""
         return dict(self.info.get("sampling") or {})
 
     def params(self, params: SamplingParams | None = None, **kwargs) -> SamplingParams:
@@ -136,6 +137,8 @@ class Model:
             "precision": self.info.get("precision"),
             "quantization": ", ".join(kinds) + f" on {len(quant)} layers" if quant else "none (float)",
             "chat template": bool(self.tokenizer and self.tokenizer.chat_template),
+            "recommended sampling": ", ".join(f"{k} {v:g}" for k, v in self.recommended.items())
+            or "none (Muse's defaults)",
         }
 
 
@@ -158,8 +161,4 @@ def load(name_or_path: "str | Path | None" = None, precision: str = "auto") -> M
     Hugging Face / Muse directory. precision: auto (keep the file's quantization),
     fp32, bf16, int8 or int4."""
     ckpt = load_checkpoint(name_or_path, precision)
-    if ckpt.info.get("format") in ("hf", "muse") and "sampling" not in ckpt.info:
-        from muse.checkpoints.hf import read_generation_config
-
-        ckpt.info["sampling"] = read_generation_config(Path(ckpt.info["path"]))
     return Model(ckpt.model, ckpt.tokenizer, ckpt.info)

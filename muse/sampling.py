@@ -139,7 +139,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1 → beam search (deterministic)
     length_penalty: float = 1.0  # beam score = logprob sum / generated_len ** length_penalty
     truncate: str | None = None  # None: a too-long prompt is an error; "left": drop its oldest tokens
-    loop_guard: bool = True  # stop once the output repeats itself verbatim (see generation.loop_tail)
+    loop_guard: bool = True  # stop once the output repeats itself (generation.loop_tail) or nearly (generation.Echo)
     constraint: Constraint | None = None  # the output must match it (JSON schema, regex, choice, grammar)
     logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     logprobs: int | None = None  # None: off; k ≥ 0: each chunk carries its token's logprob and the top k
@@ -166,6 +166,24 @@ class SamplingParams:
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
+
+
+# The settings a checkpoint may recommend (its generation_config.json, GGUF `general.sampling.*`
+# keys, or its publisher's model card), as `SamplingParams` fields.
+RECOMMENDABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def recommendation(values: dict) -> dict:
+    """The usable part of a checkpoint's recommended sampling: `RECOMMENDABLE` fields with a
+    number in Muse's range (a file may hold anything; what is out of range is left out)."""
+    out = {}
+    for key in RECOMMENDABLE:
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = int(value) if key == "top_k" else float(value)
+            if RANGES[key].ok(value):
+                out[key] = value
+    return out
 
 
 @dataclass

@@ -87,6 +87,18 @@ def test_user_message_is_stored_first_and_the_reply_only_when_complete(scripted)
     assert stream.message_id == a.get_conversation(cid)["messages"][-1]["id"]
 
 
+def test_a_reply_without_params_samples_as_the_model_recommends(scripted, monkeypatch):
+    model, _ = scripted("Hi.")
+    model.info["sampling"] = {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}
+    seen = []
+    real = Model.stream
+    monkeypatch.setattr(Model, "stream", lambda self, prompt, params=None, **kw: seen.append(params) or
+                        real(self, prompt, params, **kw))
+    a = Assistant(model)
+    assert a.reply(a.new_conversation(), "Hello?") == "Hi."
+    assert seen == [SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1)]
+
+
 def test_a_stopped_reply_is_kept_and_marked(scripted):
     model, _ = scripted("One two three four five six seven.")
     a = Assistant(model)

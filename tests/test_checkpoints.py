@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,10 +39,13 @@ def _roundtrip(w: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
 
 
-def write_tiny_gguf(path, rng=np.random.default_rng(0)):
-    """A llama-arch GGUF with mixed tensor types; returns the HF-layout weights it holds."""
+def write_tiny_gguf(path, rng=np.random.default_rng(0), sampling: dict | None = None):
+    """A llama-arch GGUF with mixed tensor types; returns the HF-layout weights it holds.
+    `sampling`: `general.sampling.*` keys to write (float values as float32, int as int32)."""
     c = CFG
     w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (sampling or {}).items():
+        (w.add_int32 if isinstance(value, int) else w.add_float32)(f"general.sampling.{key}", value)
     w.add_block_count(c.n_layer)
     w.add_context_length(c.block_size)
     w.add_embedding_length(c.n_embd)
@@ -89,6 +93,31 @@ def write_tiny_gguf(path, rng=np.random.default_rng(0)):
 def tiny_gguf(tmp_path):
     path = tmp_path / "tiny.gguf"
     return path, write_tiny_gguf(path)
+
+
+def test_gguf_recommended_sampling_is_read_kept_in_the_cache_and_used(tmp_path):
+    """llama.cpp's `general.sampling.*` keys become `Model.recommended` (an out-of-range value is left
+    out), on the first load and from the cache, also from a cache written before Muse kept them."""
+    import json
+
+    path = tmp_path / "rec.gguf"
+    write_tiny_gguf(path, sampling={"temp": 0.6, "top_k": 40, "top_p": 0.95, "penalty_repeat": 50.0})
+    want = {"temperature": pytest.approx(0.6), "top_k": 40, "top_p": pytest.approx(0.95)}
+    first = muse.load(path, precision="fp32")
+    assert not first.info["cached"] and first.recommended == want
+    again = muse.load(path, precision="fp32")
+    assert again.info["cached"] and again.recommended == want
+    meta_file = Path(again.info["cache"]) / "config.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["source"]["sampling"]  # as an older Muse wrote it
+    meta_file.write_text(json.dumps(meta))
+    assert muse.load(path, precision="fp32").recommended == want
+    assert first.params().top_k == 40 and first.params(top_k=0).top_k == 0
+    assert "top_k 40" in first.describe()["recommended sampling"]
+
+    plain = tmp_path / "plain.gguf"
+    write_tiny_gguf(plain)
+    assert muse.load(plain, precision="fp32").recommended == {}
 
 
 def test_gguf_weights_load_exactly(tiny_gguf):

@@ -112,8 +112,9 @@ def test_create_help_says_the_app_chooses():
     assert "Default: 0.8" not in said  # the old restated default
 
 
-def test_generate_uses_samplingparams_own_defaults(tok, monkeypatch):
+def test_generate_samples_with_the_models_recommended_settings_under_given_options(tok, monkeypatch):
     model = scripted(tok, "Hello.", 512)
+    model.info["sampling"] = {"temperature": 0.7, "top_k": 20}  # as a checkpoint may recommend
     monkeypatch.setattr(muse, "load", lambda *a, **k: model)
     seen = []
     real = Model.stream
@@ -124,11 +125,14 @@ def test_generate_uses_samplingparams_own_defaults(tok, monkeypatch):
 
     monkeypatch.setattr(Model, "stream", spy)
     assert CliRunner().invoke(app, ["generate", "Once"]).exit_code == 0
-    assert seen[-1] == SamplingParams()
+    assert seen[-1] == SamplingParams(temperature=0.7, top_k=20)
     assert CliRunner().invoke(app, ["generate", "Once", "-t", "0", "--stop", "x"]).exit_code == 0
-    assert seen[-1] == SamplingParams(temperature=0.0, stop=["x"])
+    assert seen[-1] == SamplingParams(temperature=0.0, top_k=20, stop=["x"])
+    model.info["sampling"] = {}  # a checkpoint that recommends nothing: SamplingParams' own defaults
+    assert CliRunner().invoke(app, ["generate", "Once"]).exit_code == 0
+    assert seen[-1] == SamplingParams()
     r = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
-    assert f"Default: {SamplingParams().temperature}." in r.output
+    assert f"Default: the model's recommended (`muse info` shows it), else {SamplingParams().temperature}." in r.output
 
 
 def test_a_bad_option_is_one_clear_line_before_the_model_loads(monkeypatch):

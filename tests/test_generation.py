@@ -167,3 +167,27 @@ def test_generation_config_sampling_applies_when_the_user_sets_nothing(tmp_path,
 
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}))
     assert muse.load(tmp_path, precision="fp32").recommended == {}
+
+
+def test_bundled_models_recommend_their_publishers_sampling(default_model):
+    """The bundled GGUFs carry no sampling keys: the registry's publisher settings fill in."""
+    from muse.checkpoints.registry import BUNDLED
+
+    assert default_model.recommended == dict(BUNDLED["smollm2-135m"].sampling) == {"temperature": 0.2, "top_p": 0.9}
+    qwen = dict(BUNDLED["qwen2.5-0.5b"].sampling)
+    assert SamplingParams(**qwen).top_k == 20  # every value is in range
+
+
+def test_server_requests_sample_with_the_models_recommended_settings_unless_given():
+    """An OpenAI request that leaves a setting out gets the model's recommended value, not a fixed one."""
+    from muse.api import Model
+    from muse.server.openai import _sampling
+    from muse.server.schemas import ChatCompletionRequest
+
+    m = Model(None, None, {"sampling": {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}})
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    p = _sampling(m, body, 12, 0)
+    assert (p.temperature, p.top_k, p.repetition_penalty, p.max_new_tokens) == (0.7, 20, 1.1, 12)
+    greedy = _sampling(m, body.model_copy(update={"temperature": 0, "top_k": 5}), None, 0)
+    assert (greedy.temperature, greedy.top_k, greedy.repetition_penalty) == (0.0, 5, 1.1)
+    assert _sampling(Model(None, None, {}), body, None, 0) == SamplingParams()

@@ -1,14 +1,17 @@
-"""The loop guard: generation stops once the output repeats itself verbatim, the same way in
-`stream_generate` and the batching scheduler, and never changes an output that does not loop."""
+"""The loop guard: generation stops once the output repeats itself verbatim or cycles through what
+it already wrote (a near-loop), the same way in `stream_generate` and the batching scheduler, and
+never changes an output that does not loop."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from muse.api import Model
-from muse.generation import LOOP_SPAN, SamplingParams, loop_tail, stream_generate
+from muse.generation import LOOP_SPAN, SamplingParams, TokenText, loop_tail, stream_generate
 from muse.scheduler import Scheduler
-from tests.helpers import ScriptLM
+from tests.helpers import ScriptLM, shakespeare_text
 
 CYCLE = " The sea is calm tonight and the stars are out over the water."
 INTRO = "A short note about life."
@@ -84,3 +87,36 @@ def test_beam_search_keeps_one_copy_of_a_loop(tok):
 def test_loop_guard_is_validated():
     with pytest.raises(ValueError, match="loop_guard"):
         SamplingParams(loop_guard="yes")
+
+
+def test_a_near_loop_stops_numbered_copies_and_moved_paragraph_breaks(tok):
+    """Copies that differ a little (a counter, where the paragraph breaks fall) are no verbatim loop."""
+    numbered = "Ten fruits:\n" + "".join(f"{i}. **Cocina de Papel**\n" for i in range(1, 26))
+    sentence = "I'm a creative AI that can create art that is both beautiful and innovative."
+    moved = "My ideal day.\n\n" + "".join(sentence + (" " if i % 3 else "\n\n") for i in range(20))
+    # the counter makes the verbatim check blind; the moved breaks make its 3 copies need ≥ 144 tokens
+    for text, most in ((numbered, 200), (moved, 140)):
+        model, prompt = scripted(tok, text)
+        out, last = run(model, prompt)
+        assert last.finish_reason == "stop" and last.looped, text[:40]
+        assert text.startswith(out) and 96 <= last.generation_tokens < most
+        off, last_off = run(model, prompt, loop_guard=False)
+        assert off == text and not last_off.looped
+
+
+def _trips(tok, text: str) -> int:
+    """How many 256-token slices of `text` the loop guard would end (as bench/loop_guard.py counts)."""
+    ids = tok.encode(text, add_special_tokens=False)
+    tripped = 0
+    for s in range(0, len(ids) - 256, 256):
+        guard = TokenText(None, [], 257, loop_guard=True)
+        tripped += any(guard.push(t)[1] for t in ids[s:s + 256])
+    return tripped
+
+
+def test_the_guard_never_trips_on_plays_code_or_data_that_do_not_loop(tok):
+    root = Path(__file__).resolve().parent.parent
+    assert _trips(tok, shakespeare_text(120_000)) == 0
+    assert _trips(tok, (root / "muse" / "generation.py").read_text(encoding="utf-8")) == 0
+    assert _trips(tok, (root / "muse" / "eval" / "data" / "sentiment_en.jsonl").read_text(encoding="utf-8")) == 0
+    assert _trips(tok, ("1. Cocina de Papel\n" * 40)) == 1  # and it does trip where it should

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import muse
 from muse.checkpoints import load_checkpoint, reporting
 from muse.cli import app
-from muse.cli.progress import Activity, counting_steps, until_first
+from muse.cli.progress import Activity, showing_beams, until_first
 
 pytest.importorskip("gguf")
 from tests.test_checkpoints import write_tiny_gguf  # noqa: E402
@@ -83,6 +83,18 @@ def test_activity_off_a_terminal_is_silent_unless_asked(monkeypatch):
     assert out.getvalue() == "Loading…\nReading tensors…\n"
 
 
+def test_a_hand_over_closes_the_line_for_the_callers_own_display():
+    """The training loop reports HAND_OVER before its bar starts: the loading line must be gone."""
+    from muse.checkpoints import HAND_OVER, reporter
+
+    activity = Activity(Console(file=io.StringIO(), force_terminal=True))
+    with activity, reporting(activity):
+        reporter()("Reading chats.jsonl", 0, 0)
+        assert activity._progress is not None
+        reporter()(HAND_OVER, 0, 0)
+        assert activity._progress is None
+
+
 def test_until_first_closes_the_line_before_the_first_item():
     out = io.StringIO()
     activity = Activity(Console(file=out, force_terminal=True))
@@ -94,14 +106,23 @@ def test_until_first_closes_the_line_before_the_first_item():
     assert seen == [("a", True), ("b", True)]
 
 
-def test_counting_steps_reports_each_forward_pass():
-    calls, progress = _record()
-    net = torch.nn.Linear(2, 2)
-    with counting_steps(progress, net, "Beam search, 2 beams", 3):
-        for _ in range(5):
-            net(torch.zeros(1, 2))
-    net(torch.zeros(1, 2))  # after the block: the hook is gone
-    assert calls == [("Beam search, 2 beams", n, 3) for n in (0, 1, 2, 3, 3, 3)]
+def test_beam_search_shows_each_step_and_the_best_beam_so_far(default_model):
+    calls = []
+    with showing_beams(lambda *a: calls.append(a), default_model.tokenizer, "Beam search, 3 beams", 6):
+        out = default_model.generate("The capital of France is", max_new_tokens=6, num_beams=3, loop_guard=False)
+    default_model.generate("Hello", max_new_tokens=2, num_beams=2)  # after the block: nobody is told
+    assert calls[0] == ("Beam search, 3 beams", 0, 6)
+    steps = [c[1] for c in calls[1:]]
+    assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 5  # the 6th step finishes every beam
+    assert all(c[3].startswith("best so far: ") for c in calls[1:])
+    assert " ".join(out.split()).startswith(calls[-1][3].removeprefix("best so far: "))
+
+
+def test_activity_shows_a_steps_detail_on_a_terminal():
+    out = io.StringIO()
+    with Activity(Console(file=out, force_terminal=True, width=120)) as activity:
+        activity("Beam search, 2 beams", 3, 10, "best so far: [Paris] is")
+    assert "best so far: [Paris] is" in out.getvalue()  # markup in the text is escaped, not applied
 
 
 def test_cli_info_shows_conversion_steps_on_stderr_only(tiny_gguf, monkeypatch):

@@ -427,6 +427,7 @@ def test_resume_after_sigkill_logs_exactly_the_uninterrupted_losses(tmp_path):
 
 def test_pretrain_builds_the_preset_with_the_datas_vocabulary(tmp_path):
     """pretrain() on a directory written by muse.training.data.prepare (char-level)."""
+    from muse.checkpoints import reporting
     from muse.training import pretrain
     from muse.training.data import prepare
 
@@ -434,8 +435,11 @@ def test_pretrain_builds_the_preset_with_the_datas_vocabulary(tmp_path):
     corpus.write_text(shakespeare_text(50_000), encoding="utf-8")
     prepare(corpus, tmp_path / "data", char_level=True)
     cfg = TrainConfig(max_iters=4, batch_size=2, eval_interval=4, eval_iters=1, **QUIET)
-    result = pretrain(tmp_path / "data", tmp_path / "run", "tiny", {"n_layer": 1, "block_size": 16}, cfg)
+    steps = []
+    with reporting(lambda what, done, total: steps.append(what)):  # what `muse train` shows before the bar
+        result = pretrain(tmp_path / "data", tmp_path / "run", "tiny", {"n_layer": 1, "block_size": 16}, cfg)
     assert result.iter == 4
+    assert steps[0] == "Reading data" and steps[1].startswith("Building a tiny model (") and len(steps) == 2
     m = muse.load(tmp_path / "run" / "best")
     vocab = len(set(corpus.read_text(encoding="utf-8")))
     assert (m.config.vocab_size, m.config.n_layer, m.config.block_size, m.config.arch) == (vocab, 1, 16, "llama")

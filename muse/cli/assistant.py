@@ -286,17 +286,15 @@ def chat_cmd(
     markdown: bool = typer.Option(True, "--markdown/--plain", help="Render replies as Markdown in a terminal "
                                                                    "(--plain: raw text, as pipes always get)."),
 ):
-    from muse.apps.assistant import DEFAULT_PARAMS
-
-    params = over(DEFAULT_PARAMS, given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                                 seed=seed))
+    given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty, seed=seed)
     a = _assistant(policy=context)
     cid = _open_conversation(a, resume, last)
     conv = a.get_conversation(cid) if cid else None
     if persona:
         a.get_persona(persona)  # fail before loading the model
     a.model = _load_for(conv, model, precision)
+    params = over(a.model.params(), given)  # what was given, over the model's recommended sampling
     session = ChatSession(a, cid, persona, system, params, verbose, markdown=markdown and console.is_terminal)
     if conv is not None:
         _show_resumed(conv)

@@ -154,11 +154,13 @@ def sampling_option(field: str, default: str | None = THE_APPS):
 
 
 def library_default(field: str) -> str:
-    """SamplingParams' own default for `field`, as --help shows it (for `muse generate`, which has no app)."""
-    from muse.sampling import SamplingParams  # torch-free
+    """The default of `field` when no app sets one (`muse generate`), as --help shows it: the model's
+    recommended sampling where a checkpoint may recommend it, else SamplingParams' own default."""
+    from muse.sampling import RECOMMENDABLE, SamplingParams  # torch-free
 
     value = {f.name: f for f in dataclasses.fields(SamplingParams)}[field].default
-    return "none" if value is None else str(value)
+    shown = "none" if value is None else str(value)
+    return f"the model's recommended (`muse info` shows it), else {shown}" if field in RECOMMENDABLE else shown
 
 
 def given_sampling(**options) -> dict:

@@ -11,7 +11,7 @@ from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, Seed, Stop, _stats, _stream_to_stdout, app, console, friendly, given_sampling,
     library_default, models_app, over, read_argument, sampling_option,
 )
-from muse.cli.progress import Activity, counting_steps, loading, until_first
+from muse.cli.progress import Activity, loading, showing_beams, until_first
 
 
 def _raw(field: str):
@@ -57,8 +57,8 @@ def generate(
             given = given_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                                    num_beams=num_beams)
-            params = over(muse.SamplingParams(), given).replace(constraint=constraint)
             m = muse.load(model, precision=precision)
+            params = over(m.params(), given).replace(constraint=constraint)  # given, over the model's recommended
         chunks = m.stream_chat([{"role": "user", "content": prompt}], params) if chat else m.stream(prompt, params)
         if params.num_beams == 1:
             activity.step("Reading the prompt")
@@ -68,8 +68,7 @@ def generate(
                 raise ValueError(f"the output stopped at --max-tokens {params.max_new_tokens} before it was complete, "
                                  "so it does not match yet; raise --max-tokens")
             return
-        # one forward pass for the prompt, then one per generated token
-        with counting_steps(activity, m.model, f"Beam search, {params.num_beams} beams", params.max_new_tokens + 1):
+        with showing_beams(activity, m.tokenizer, f"Beam search, {params.num_beams} beams", params.max_new_tokens):
             _stats(_stream_to_stdout(until_first(chunks, activity)), verbose)
 
 

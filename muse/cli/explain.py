@@ -74,12 +74,12 @@ def explain(
     Chinese works too: a character that the tokenizer cuts into several tokens is shown on each
     piece with its number (字₁ 字₂).
     """
-    import muse
+    from muse.cli.progress import load_model
     from muse.explain import explain as run
 
     source = _read_text(text, ids)
     layer_list, head_list = _indices(layers, "layer"), _indices(heads, "head")
-    m = muse.load(model, precision=precision)
+    m = load_model(model, precision)
     with console.status("Computing attention and drawing heatmaps…"):
         result = run(m, source, out, layers=layer_list, heads=head_list, k=k)
     console.print(_table(result["rows"]))

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from muse.cli.common import err
 
@@ -23,11 +24,11 @@ T = TypeVar("T")
 class Activity:
     """A live view of one command's steps (a context manager; see the module docstring)."""
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, quiet: bool = False):
         self.console = console or err
         wanted = os.environ.get("MUSE_PROGRESS", "")
-        self.live = self.console.is_terminal and wanted != "0"
-        self.lines = not self.live and wanted == "1"
+        self.live = self.console.is_terminal and wanted != "0" and not quiet
+        self.lines = not self.live and wanted == "1" and not quiet
         self._progress = None  # a rich.progress.Progress while live
         self._task = None
         self._what: str | None = None
@@ -58,19 +59,24 @@ class Activity:
         """A step of unknown length: a spinner and the elapsed time."""
         self(what, 0, 0)
 
-    def __call__(self, what: str, done: int, total: int) -> None:
+    def __call__(self, what: str, done: int, total: int, detail: str = "") -> None:
+        """Step `what` is at `done` of `total` (0: unknown); `detail` is shown after it on a terminal.
+        An empty `what` (`muse.checkpoints.HAND_OVER`) closes the line: the caller draws its own now."""
+        if not what:
+            return self.close()
+        shown = f"{escape(what)} [dim]{escape(detail)}[/]" if detail else escape(what)
         if what != self._what:
             self._what = what
             if self.lines:
-                self.console.print(f"{what}…", style="dim", highlight=False, soft_wrap=True)
+                self.console.print(f"{what}…", style="dim", highlight=False, soft_wrap=True, markup=False)
             if self._progress is not None:
                 if self._task is not None:
                     self._progress.remove_task(self._task)
-                self._task = self._progress.add_task(what, total=total or None, completed=done)
+                self._task = self._progress.add_task(shown, total=total or None, completed=done)
                 self._progress.refresh()
                 return
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=done, total=total or None)
+            self._progress.update(self._task, completed=done, total=total or None, description=shown)
 
 
 class _Known:
@@ -108,22 +114,22 @@ def until_first(items: Iterable[T], activity: Activity) -> Iterator[T]:
 
 
 @contextmanager
-def counting_steps(activity: Activity, net, what: str, total: int) -> Iterator[None]:
-    """Report each forward pass of `net` (a torch module) as one step of `what`, out of `total`.
+def showing_beams(activity: Activity, tokenizer, what: str, total: int) -> Iterator[None]:
+    """Report each beam-search step as one step of `what` out of `total`, with the end of the
+    best beam so far: beam search decides its text only at the end, so this shows it forming."""
+    from muse.generation import watching_beams
 
-    Beam search decides its text only at the end; counting its decoding steps shows it moving."""
-    calls = [0]
-
-    def hook(module, args, output) -> None:
-        calls[0] += 1
-        activity(what, min(calls[0], total), total)
+    def watch(step: int, best: list[int]) -> None:
+        text = " ".join(tokenizer.decode(best).split()) if tokenizer is not None and best else ""
+        activity(what, step, total, f"best so far: …{text[-BEAM_TAIL:]}" if len(text) > BEAM_TAIL else
+                 f"best so far: {text}" if text else "")
 
     activity(what, 0, total)
-    handle = net.register_forward_hook(hook)
-    try:
+    with watching_beams(watch):
         yield
-    finally:
-        handle.remove()
+
+
+BEAM_TAIL = 40  # characters of the best beam shown: enough to read it forming, short enough for 80 columns
 
 
 def load_model(name: str | None, precision: str = "auto"):

@@ -65,10 +65,10 @@ def check(text: Optional[str] = TextArg, input: Optional[Path] = InputOpt,
     body = _read_input(text, input)
     classifier = None
     if model is not None:
-        import muse
         from muse.apps.analysis import safety_classifier
+        from muse.cli.progress import load_model
 
-        classifier = safety_classifier(muse.load(model))
+        classifier = safety_classifier(load_model(model))
     verdict = moderate(body, classifier)
     if as_json:
         sys.stdout.write(json.dumps(verdict.to_dict(), ensure_ascii=False, indent=2) + "\n")
@@ -148,12 +148,12 @@ def restore_cmd(text: Optional[str] = TextArg, input: Optional[Path] = InputOpt,
 @friendly
 def bias(model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP), as_json: bool = JsonOpt):
     """Swap he/she, John/Mary, 他/她, 张伟/李娜 in the same sentences and report how much the sentiment moves."""
-    import muse
     from muse.apps.analysis import sentiment
     from muse.apps.language import model_languages
+    from muse.cli.progress import load_model
     from muse.safety import bias_probe
 
-    m = muse.load(model)
+    m = load_model(model)
     report = bias_probe(lambda text: sentiment(m, text), languages=model_languages(m))
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
 from rich.table import Table
 
 from muse.cli.common import MuseTyper, MODEL_HELP, app, console, err, friendly
+from muse.cli.progress import Activity, loading
 
 
 # -- data and tokenizers -------------------------------------------------------------
@@ -175,6 +177,18 @@ Device = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 Resume = typer.Option(False, "--resume", help="Continue exactly where out/last stopped.")
 
 
+@contextmanager
+def _until_training():
+    """An `Activity` for the steps before training (loading, reading data, building the model); the
+    training loop's own bar replaces it (it reports `HAND_OVER`). Under torchrun only rank 0 shows it."""
+    import os
+
+    from muse.checkpoints import reporting
+
+    with Activity(quiet=os.environ.get("RANK", "0") != "0") as activity, reporting(activity):
+        yield activity
+
+
 def _report(result) -> None:
     import os
 
@@ -220,7 +234,10 @@ def train(
                          dtype=dtype, compile=compile, seed=seed, tensorboard=tensorboard, distributed=distributed,
                          device=device, progress=progress)
     cfg = TrainConfig.for_preset(preset, **settings)
-    _report(pretrain(data, out, preset, model_settings, cfg, resume=resume))
+    with _until_training() as activity:
+        activity.step("Preparing to train")
+        result = pretrain(data, out, preset, model_settings, cfg, resume=resume)
+    _report(result)
 
 
 @app.command()
@@ -255,9 +272,10 @@ def finetune(
                          learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
                          eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval, dtype=dtype,
                          seed=seed, device=device)
-    path = run_finetune(model, data, out, method=method, rank=rank, alpha=alpha, dropout=lora_dropout,
-                        targets=target or None, settings=settings, val_data=val_data, block_size=block_size,
-                        resume=resume)
+    with _until_training() as activity, loading(activity, model):
+        path = run_finetune(model, data, out, method=method, rank=rank, alpha=alpha, dropout=lora_dropout,
+                            targets=target or None, settings=settings, val_data=val_data, block_size=block_size,
+                            resume=resume)
     console.print(f"[green]Fine-tuned model:[/] {path}  (use it with --model {path})")
 
 

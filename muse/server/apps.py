@@ -257,8 +257,7 @@ class ServedModel(Model):
         self.scheduler, self.work = scheduler, work
 
     def stream(self, prompt, params: SamplingParams | None = None, **kwargs):
-        p = (params or SamplingParams()).replace(**kwargs) if kwargs else params
-        return self.work.follow(self.scheduler.submit(prompt, p, loop=self.work.loop))
+        return self.work.follow(self.scheduler.submit(prompt, self.params(params, **kwargs), loop=self.work.loop))
 
     def generate(self, prompt, params: SamplingParams | None = None, **kwargs) -> str:
         return "".join(c.text for c in self.stream(prompt, params, **kwargs))

@@ -132,7 +132,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     extra = dict(constraint=constraint, logit_bias=_logit_bias(body.logit_bias, model), logprobs=logprobs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    jobs = [Job(i, ids, _sampling(body, max_tokens, i, **extra)) for i in range(body.n)]
+    jobs = [Job(i, ids, _sampling(model, body, max_tokens, i, **extra)) for i in range(body.n)]
     names = await run_in_threadpool(_token_names, model) if logprobs is not None else None
     out = Output(chat=True, parse_tools=bool(tools) and choice != "none", names=names,
                  eos=frozenset(model.tokenizer.eos_ids))
@@ -279,7 +279,7 @@ async def completions(body: CompletionRequest, request: Request):
         scored = None
         if body.echo and body.logprobs is not None:
             scored = await _prompt_logprobs(service.scheduler(name), p, body.logprobs)
-        jobs += [Job(pi * body.n + j, p, _sampling(body, body.max_tokens, j, **extra), echo, pi, scored)
+        jobs += [Job(pi * body.n + j, p, _sampling(model, body, body.max_tokens, j, **extra), echo, pi, scored)
                  for j in range(body.n)]
     names = await run_in_threadpool(_token_names, model) if body.logprobs is not None else None
     out = Output(chat=False, names=names,
@@ -343,9 +343,10 @@ def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
                        "modalities", "unsupported_parameter")
 
 
-def _sampling(body: SamplingFields, max_tokens: int | None, choice: int, **extra) -> SamplingParams:
-    """The request's sampling options; those left out keep SamplingParams' defaults. `extra`:
-    constraint, logit_bias, logprobs.
+def _sampling(model, body: SamplingFields, max_tokens: int | None, choice: int, **extra) -> SamplingParams:
+    """The request's sampling options over the model's recommended sampling (`Model.params`):
+    those left out keep the model's, then SamplingParams', defaults. `extra`: constraint,
+    logit_bias, logprobs.
 
     Choice i of n uses seed + i, so n seeded choices differ and each is reproducible.
     """
@@ -354,7 +355,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, choice: int, **extra
                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                  seed=None if body.seed is None else (body.seed + choice) % 2**63,
                  stop=[body.stop] if isinstance(body.stop, str) else body.stop)
-    return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    return model.params(**{k: v for k, v in given.items() if v is not None})
 
 
 def _submit(scheduler: Scheduler, jobs: list[Job], param: str, explicit_max: bool, loop) -> list[Stream]:

@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from muse import tools as tool_calls
-from muse.generation import SamplingParams
 from muse.sampling import Constraint
 from muse.server.errors import APIError
 from muse.server.openai import (
@@ -66,7 +65,7 @@ async def create_response(body: ResponsesRequest, request: Request):
                                          lambda: _format_constraint(fmt), "text")
     given = {"max_new_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
              "seed": body.seed, "loop_guard": body.loop_guard}
-    params = SamplingParams(constraint=constraint, **{k: v for k, v in given.items() if v is not None})
+    params = model.params(constraint=constraint, **{k: v for k, v in given.items() if v is not None})
     jobs = [Job(0, ids, params)]
     out = Output(chat=True, parse_tools=bool(tools) and choice_name != "none")
     loop = asyncio.get_running_loop()

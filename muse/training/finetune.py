@@ -269,6 +269,7 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     out_dir/"best" (lowest validation loss, when evals run), metrics.jsonl and loss.png.
     """
     from muse.api import load
+    from muse.checkpoints import reporter
     from muse.checkpoints.adapter import base_fingerprint
 
     settings = _check_before_loading(method, rank, alpha, dropout, cfg, settings, data, val_data)
@@ -276,6 +277,7 @@ def finetune(model: str | Path | None, data: str | Path, out_dir: str | Path, *,
     if loaded.tokenizer is None:
         raise ChatDataError(f"{loaded.name} has no tokenizer; chat fine-tuning needs one (and its chat template).")
     net, tok = loaded.model, loaded.tokenizer
+    reporter()(f"Reading {Path(data).name}", 0, 0)
     batches = ChatBatches(data, tok, min(block_size, net.config.block_size), val_path=val_data)
     if cfg is None:
         cfg = default_config(method, batches.stats.conversations["val"], **settings)

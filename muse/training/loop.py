@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from muse.checkpoints import HAND_OVER, reporter
 from muse.errors import CheckpointError, MuseError
 from muse.fileio import disk_full_is_an_error, write_bytes_atomic, write_text_atomic
 from muse.generation import per_second
@@ -489,6 +490,8 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed_at = self.start_iter if state is not None else None
         self.metrics = _Metrics(self.out_dir, resumed_at, cfg.tensorboard) if self.main else None
+        if self.main and cfg.progress:
+            reporter()(HAND_OVER, 0, 0)  # a caller's progress line makes way for the training bar
         self.bar = _Progress(self.main and cfg.progress, cfg.max_iters, self.start_iter)
         self.last_dir = None
         self.best_dir = self.out_dir / "best" if (self.out_dir / "best").is_dir() else None  # from before a resume
@@ -738,11 +741,14 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str, overrides: 
     overrides = dict(overrides or {})
     check_names(overrides, {"model": model_setting_names()})
     probe = ModelConfig.from_name(preset, **{k: v for k, v in overrides.items() if k != "vocab_size"})
+    report = reporter()
+    report(f"Reading {Path(data_dir).name}", 0, 0)
     data = TokenBatches.from_dir(data_dir, probe.block_size, seed=cfg.seed)
     tokenizer = data.tokenizer
     vocab = overrides.pop("vocab_size", None) or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"vocab_size ({vocab}) is smaller than the data's tokenizer ({tokenizer.vocab_size} tokens)")
     config = ModelConfig.from_name(preset, vocab_size=vocab, **overrides)
+    report(f"Building a {preset} model ({config.num_params() / 1e6:.1f}M parameters)", 0, 0)
     model = Transformer(config).init_weights(cfg.seed)
     return train(model, data, cfg, out_dir, tokenizer=tokenizer, resume=resume)
