@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import functools
 import threading
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from muse.errors import MuseError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MODEL_NAME = "multilingual-e5-small"
 DIM = 384
@@ -47,8 +49,10 @@ def embedding_model() -> str | None:
     return MODEL_NAME if _encoder() is not None else None
 
 
-def embed(texts: list[str], kind: str = "passage") -> np.ndarray:
+def embed(texts: list[str], kind: str = "passage") -> "np.ndarray":
     """(N, 384) float32 L2-normalised vectors for `texts`; `kind` is "passage" or "query"."""
+    import numpy as np  # here: listing commands import this module and need no numpy
+
     if kind not in KINDS:
         raise ValueError(f"kind must be 'passage' (documents) or 'query' (search text), got {kind!r}")
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):

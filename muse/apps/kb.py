@@ -46,8 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-import numpy as np
-
 from muse.apps import embed as embedding
 from muse.apps.grounding import NOT_FOUND, verify
 from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_regular, os_problem, read_file,
@@ -60,7 +58,9 @@ from muse.safety import guard, guard_stream
 from muse.sampling import SamplingParams
 from muse.store import Store, now
 
-if TYPE_CHECKING:  # muse.generation imports torch, which listing documents does not need
+if TYPE_CHECKING:  # torch (muse.generation) and numpy are for searching, which listing documents does not need
+    import numpy as np
+
     from muse.generation import GenerationChunk
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.0)  # greedy: an answer from the documents, not a varied one
@@ -276,6 +276,7 @@ class KnowledgeBase:
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The `k` chunks that best match `query`, best first (fewer when few chunks match)."""
+        import numpy as np  # here, not at the top: `muse kb list` needs no numpy
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query must be a non-empty string")
         if not isinstance(k, int) or k < 1:
@@ -334,6 +335,7 @@ class KnowledgeBase:
 
     def _vectors(self, rows: list[dict]) -> np.ndarray:
         """(N, D) passage embeddings; chunks added without embeddings (or by another model) get them now."""
+        import numpy as np
         missing = [r for r in rows if r["embedding"] is None or len(r["embedding"]) != embedding.DIM * 4]
         if missing:
             fresh = embedding.embed([r["indexed"] for r in missing])
@@ -425,6 +427,8 @@ def _section(meta: str | None, seq: int) -> str:
 
 
 def _bm25_scores(index: _Index, q_terms: list[str]) -> np.ndarray:
+    import numpy as np
+
     ids = index.bm25.get_tokens_ids(q_terms) if index.bm25 is not None else []
     if not ids:
         return np.zeros(len(index.ids), dtype=np.float32)
@@ -433,6 +437,8 @@ def _bm25_scores(index: _Index, q_terms: list[str]) -> np.ndarray:
 
 def _rrf(score_lists: list[np.ndarray | None]) -> np.ndarray:
     """Reciprocal rank fusion; a list ranks only the rows it scores above zero (BM25: sharing a term)."""
+    import numpy as np
+
     lists = [s for s in score_lists if s is not None]
     fused = np.zeros(len(lists[0]), dtype=np.float64)
     for scores in lists:
