@@ -260,6 +260,16 @@ class Echo:
         return i + 1 >= ECHO_WINDOW and self.recent >= ECHO_COPIED * ECHO_WINDOW
 
 
+def near_loop(ids: list[int]) -> bool:
+    """Whether `ids` ends in a near-loop (what `Echo` tracks token by token), computed afresh: for beam
+    search, whose beams are reordered every step."""
+    echo, grown, hit = Echo(), [], False
+    for t in ids:
+        grown.append(t)
+        hit = echo.push(grown)
+    return hit
+
+
 class TokenText:
     """Turns sampled tokens, one at a time, into the text a stream emits and its finish reason.
 
@@ -436,8 +446,8 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
         beam, tok = idx // V, idx % V
         cand = torch.cat([seqs[beam], tok[:, None]], dim=1)  # (keep, n)
         hits = torch.isin(tok, eos_t) | (n == max_new)
-        if p.loop_guard and n >= LOOP_SPAN:  # a looping beam finishes (its repeats are cut in _stream_beams)
-            hits |= torch.tensor([loop_tail(c)[0] > 0 for c in cand.tolist()])
+        if p.loop_guard and n >= LOOP_SPAN:  # a looping beam finishes (verbatim repeats are cut in _stream_beams)
+            hits |= torch.tensor([loop_tail(c)[0] > 0 or (n >= ECHO_WINDOW and near_loop(c)) for c in cand.tolist()])
         if improvable:
             for j in range(nb):  # only the top num_beams candidates may finish
                 if hits[j]:
@@ -470,10 +480,11 @@ def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Ite
     period, run = loop_tail(body) if p.loop_guard and not hit_eos else (0, 0)
     if period:  # keep one whole copy of the repeated span (copies end where the output ends)
         body = out = body[:len(body) - (run // period - 1) * period]
+    looped = bool(period) or (p.loop_guard and not hit_eos and near_loop(body))
     text = tokenizer.decode(body) if tokenizer is not None else ""
     stops = StopMatcher(p.stop)
     safe, hit = stops.push(text)
-    reason = "stop" if hit_eos or hit or period else "length"
+    reason = "stop" if hit_eos or hit or looped else "length"
     yield GenerationChunk(safe + ("" if hit else stops.flush()), out[-1] if out else None, reason,
                           prompt_tokens=len(ids), generation_tokens=len(out), generation_tps=per_second(len(out), dt),
-                          looped=bool(period))
+                          looped=looped)

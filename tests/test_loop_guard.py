@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from muse.api import Model
-from muse.generation import LOOP_SPAN, SamplingParams, TokenText, loop_tail, stream_generate
+from muse.generation import LOOP_SPAN, Echo, SamplingParams, TokenText, loop_tail, near_loop, stream_generate
 from muse.scheduler import Scheduler
 from tests.helpers import ScriptLM, shakespeare_text
 
@@ -82,6 +82,27 @@ def test_beam_search_keeps_one_copy_of_a_loop(tok):
     assert last.finish_reason == "stop" and last.looped
     # one copy, in the phase the repetition was found in (here from the intro's final ".")
     assert text.startswith(INTRO + CYCLE[:-1]) and text.count("The sea is calm") == 1
+
+
+def test_beam_search_ends_a_near_loop(tok):
+    text = "Ten fruits:\n" + "".join(f"{i}. **Cocina de Papel**\n" for i in range(1, 26))
+    model, prompt = scripted(tok, text)
+    out, last = run(model, prompt, num_beams=2)
+    assert last.finish_reason == "stop" and last.looped
+    assert text.startswith(out) and 96 <= last.generation_tokens < 200
+    off, last_off = run(model, prompt, num_beams=2, loop_guard=False)
+    assert off == text and not last_off.looped
+
+
+def test_near_loop_agrees_with_the_streaming_echo(tok):
+    ids = tok.encode("Ten fruits:\n" + "".join(f"{i}. **Cocina de Papel**\n" for i in range(1, 26)),
+                     add_special_tokens=False)
+    echo, grown, hits = Echo(), [], []
+    for t in ids:
+        grown.append(t)
+        hits.append(echo.push(grown))
+    assert any(hits) and not hits[0]
+    assert [near_loop(ids[:i + 1]) for i in range(len(ids))] == hits
 
 
 def test_loop_guard_is_validated():
