@@ -44,11 +44,24 @@ def test_a_number_the_output_lost_is_flagged_in_any_form():
     assert "dropped" not in gate_names(check("shorten", src, "Rent is due on the 5th."))  # shortening may drop
 
 
+def test_a_name_the_output_lost_is_flagged_in_the_same_language_only():
+    src = "Please tell Mr Grant that the meeting with Lisbon Motors moved to the hall."
+    p = check("polish", src, "Please tell Mr. Grant that the meeting moved to the hall.")
+    assert gate_names(p) == {"dropped"} and "Lisbon" in p[0].message and "Grant" not in p[0].message
+    assert check("polish", src, "Please tell Mr. Grant that the Lisbon Motors meeting has moved to the hall.") == []
+    zh = check("rewrite", "请转告张经理，会议改在人民路开。", "请转告一下，会议改在人民路举行。")
+    assert gate_names(zh) == {"dropped"} and "张经理" in zh[0].message
+    assert "dropped" not in gate_names(check("translate", src, "请告诉格兰特先生，与里斯本汽车的会议改到大厅了。"))
+
+
 def test_the_retry_note_names_the_lost_number():
     from muse.apps.writer import _repair_note, get_action
 
     note = _repair_note(get_action("rewrite"), "en", "x", check("rewrite", "It costs 1,350.", "It is costly."))
-    assert note == "Keep every number, date and amount of the text, including 1,350."
+    assert note == "Keep every name, number, date and amount of the text, including 1,350."
+    both = check("rewrite", "Ask Ana Lopes: it costs 1,350.", "Ask her: it is costly.")
+    assert _repair_note(get_action("rewrite"), "en", "x", both) == \
+        "Keep every name, number, date and amount of the text, including 1,350, Ana, Lopes."
 
 
 def test_an_invented_name_is_flagged_but_a_capitalised_day_is_not():

@@ -14,6 +14,8 @@ Each gate returns `Problem`s a user can read; an empty list means the output pas
 - `invented`: numbers, dates and amounts (compared by value across scripts: 30万 = 300,000 =
   300000 = 三十万) and names (capitalised words inside a sentence; Chinese place, firm and person
   names before 路/公司/经理…) that the input does not have;
+- `dropped`: the input's numbers, dates and amounts (and, in the same language, names) that the
+  output lost;
 - `length`: shorten ≤ 75 % of the input, expand ≥ 110 %, summarize within its requested length;
 - `shape`: titles = N distinct short lines, not prose; outline = bulleted or numbered lines.
 
@@ -269,8 +271,9 @@ def invented(source: str, output: str, names: bool = True) -> list[Problem]:
 
 def dropped(source: str, output: str) -> list[Problem]:
     """Numbers, dates and amounts of `source` that `output` lost, compared by value in any form the
-    output may write them (1,350 = 1350, 39 dollars = $39, 1 September = September 1, 30万 = 300,000):
-    a rewrite, polish, expansion or translation keeps every one (shorten and summarize may drop)."""
+    output may write them (1,350 = 1350, 39 dollars = $39, 1 September = September 1, 30万 = 300,000),
+    and, in the same language, its names (as `invented` finds them): a rewrite, polish, expansion or
+    translation keeps every one (shorten and summarize may drop)."""
     have = numbers(output, generous=True)
     readings = numbers(source, generous=True)  # also 5pm as 17: the output may write 17:00
     lost = []
@@ -278,7 +281,11 @@ def dropped(source: str, output: str) -> list[Problem]:
         other = [v for v, r in readings.items() if re.match(re.escape(raw) + r"(?!\d)", r)]  # same written number
         if value != 0 and not any(has_number(v, have) for v in [value, *other]):
             lost.append(raw)
-    return [Problem("dropped", f"lost from the text: {', '.join(lost[:6])}")] if lost else []
+    problems = [Problem("dropped", f"lost from the text: {', '.join(lost[:6])} (numbers, dates, amounts)")] if lost else []
+    names = [] if _crosses_scripts(source, output) else _new_names(output, source)  # the source's, not in the output
+    if names:
+        problems.append(Problem("dropped", f"names lost from the text: {', '.join(names[:6])}"))
+    return problems
 
 
 _SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesday", "thu": "thursday",

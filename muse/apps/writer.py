@@ -391,7 +391,8 @@ _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
     "unchanged": ("Do not copy the text: write it anew as asked.", "不要照抄原文，请按要求重新写。"),
     "invented": ("Use only the numbers, dates, amounts and names that are in the text; do not add {x}.",
                  "只使用原文中的数字、日期、金额和名称，不要添加{x}。"),
-    "dropped": ("Keep every number, date and amount of the text, including {x}.", "保留原文中的所有数字、日期和金额，包括{x}。"),
+    "dropped": ("Keep every name, number, date and amount of the text, including {x}.",
+                "保留原文中的所有名称、数字、日期和金额，包括{x}。"),
     "shorten": ("Use at most {x} words.", "不超过{x}个字。"),
     "expand": ("Write at least {x} words.", "至少写{x}个字。"),
     "titles": ("Reply with exactly five different short titles, one per line, and nothing else.",
@@ -402,9 +403,10 @@ _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
 
 
 def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> str:
-    """One repair instruction per kind of problem, in the prompt's language."""
+    """One repair instruction per kind of problem, in the prompt's language; an invented or dropped
+    problem's items (numbers, names) are named, all in that one instruction."""
     zh = lang == "zh"
-    notes = []
+    items: dict[str, list[str]] = {}  # key → what the instruction names
     for p in problems:
         key = p.gate
         if p.gate == "length":
@@ -413,16 +415,14 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
             key = act.name if act.name in ("titles", "outline") else None
         if key is None or key not in _NOTES:
             continue
-        x = ""
+        named = items.setdefault(key, [])
         if key in ("invented", "dropped"):
-            x = p.message.split(": ", 1)[-1].split(" (")[0]
+            named.append(p.message.split(": ", 1)[-1].split(" (")[0])
         elif key == "shorten":
-            x = max(1, int(0.6 * gates.size(text)))
+            named.append(str(max(1, int(0.6 * gates.size(text)))))
         elif key == "expand":
-            x = int(1.5 * gates.size(text)) + 1
-        note = _NOTES[key][zh].format(x=x)
-        if note not in notes:
-            notes.append(note)
+            named.append(str(int(1.5 * gates.size(text)) + 1))
+    notes = [_NOTES[key][zh].format(x=("、" if zh else ", ").join(named)) for key, named in items.items()]
     return "".join(notes) if zh else " ".join(notes)
 
 
