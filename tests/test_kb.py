@@ -518,10 +518,13 @@ def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
     from muse.generation import GenerationChunk
 
     lexical.add_text("festival", FESTIVAL)
-    replies = iter(["[1]", "festival", "It is held in Quenby."])
+    # a title is no answer; a bare "[1]" gets one more turn asking for a sentence (twice bare: not found)
+    replies = iter(["festival", "[1]", "1", "[1]", "It is held in Quenby."])
+    turns = []
 
     def scripted(self, messages, params=None):
         assert 'title="festival"' in messages[1]["content"]
+        turns.append(len(messages))
         yield GenerationChunk(text=next(replies), token=None, finish_reason="stop")
 
     monkeypatch.setattr(type(default_model), "stream_chat", scripted)
@@ -531,6 +534,21 @@ def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
         assert "".join(c.text for c in stream) == NOT_FOUND["en"] and not stream.found
     answer = ask(default_model, lexical, q)
     assert answer.found and answer.text == "It is held in Quenby [1]." and [c.n for c in answer.citations] == [1]
+    assert turns == [2, 2, 4, 2, 4]  # the retry is a second turn after the bare reply
+
+
+def test_verify_refuses_an_answer_about_what_no_passage_mentions():
+    """A plausible question the documents cannot answer: the reply repeats its subject, which no passage has."""
+    from muse.apps.grounding import verify
+
+    passages = [passage(1, "handbook", HANDBOOK, "Leave"), passage(2, "festival", FESTIVAL)]
+    made_up = verify("Staff get 25 days of parental leave [1].", "How many days of parental leave do staff get?",
+                     passages)
+    assert made_up.text is None and made_up.reason == "unsupported"
+    real = verify("Staff get 25 days of paid leave [1].", "How many days of paid leave do staff get?", passages)
+    assert real.cited == [1]
+    claims = verify("Meals are covered up to 40 dollars a day [1].", "Are meal claims covered?", passages)
+    assert claims.cited == [1]  # "meal" is held by "Meals"
 
 
 def test_ask_end_to_end_on_a_bilingual_document(default_model, hybrid):

@@ -7,7 +7,10 @@ The model answers from numbered passages; `verify` then decides whether the repl
   heading, or only the question's own words;
 * a reply is supported when every number it states beyond the question appears in one passage and,
   of the content words it adds, at least `SUPPORT` of them do too (a passage in the other language
-  than the reply cannot share words, so numbers alone count there).
+  than the reply cannot share words, so numbers alone count there);
+* and when every word of the question that it repeats (its subject: "parental leave", "停车费") is in
+  some passage, `GENERIC` question words aside: otherwise it answers about what the documents never
+  mention.
 
 A supported reply keeps its valid inline citations; one without any gets the supporting passage's
 number added, so every found answer cites where it comes from.
@@ -81,6 +84,26 @@ def support(passage: str, nums: set[float], words: set[str], reply_lang: str) ->
     return len(words & set(terms(passage)[1])) / len(words)
 
 
+# Question words a reply may repeat though no passage has them: they ask, they do not name the subject.
+GENERIC = frozenset("many much long often soon late early time times date day days cost costs price need needs "
+                    "get gets give given make made take can could may might must should would will please tell "
+                    "know find use used way ways kind type number amount".split())
+
+
+def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) -> list[str]:
+    """The question's words that the reply repeats but no passage in its language holds: the reply
+    answers about something the documents never mention ("parental leave", "停车费") — made up.
+    A passage in another language than the reply cannot share words, so it counts as holding all."""
+    same = [p for p in passages if language(p.text) == reply_lang]
+    if len(same) < len(passages):
+        return []
+    held = set().union(*(terms(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}")[1] for p in same)) if same else set()
+    stems = {w[:5] for w in held if len(w) >= 5}  # "claim" is held by "claims", "carried" by "carry"…
+    echoed = set(terms(CITE.sub(" ", body))[1]) & set(terms(question)[1])
+    return sorted(w for w in echoed - held if w not in GENERIC and not _NUM.fullmatch(w)
+                  and w.rstrip("s") not in held and not (len(w) >= 5 and w[:5] in stems))
+
+
 def verify(reply: str, question: str, passages: list) -> Verdict:
     """The grounded answer in `reply`, or why there is none (see the module docstring)."""
     text = reply.strip()
@@ -102,7 +125,7 @@ def verify(reply: str, question: str, passages: list) -> Verdict:
     given = {p.n for p in passages}
     cited = [n for n in dict.fromkeys(int(x) for x in CITE.findall(text)) if n in given]
     best = max(scores, key=lambda n: scores[n]) if scores else None
-    if best is None or scores[best] < SUPPORT:
+    if best is None or scores[best] < SUPPORT or unbacked_subject(body, question, passages, reply_lang):
         return Verdict(None, reason="unsupported")
     if not any(scores[n] >= SUPPORT for n in cited):
         text = add_citation(CITE.sub("", text).rstrip(), best)  # wrong or missing citation: cite the support

@@ -495,6 +495,10 @@ _SYSTEM = {
            "如果段落中没有答案，只回答：{nf}"),
 }
 _QUESTION = {"en": "Question: {q}", "zh": "问题：{q}"}
+# The second turn after a reply that is only a passage number.
+FULL_SENTENCE = {"en": "Answer the question in one full sentence with the words of the passage, then its number "
+                       "in square brackets.",
+                 "zh": "请用一句完整的话回答问题，使用段落中的原话，最后用方括号写出段落编号。"}
 # Generic chat-template markers of other model families, and our own block delimiters.
 _MARKERS = re.compile(r"<\|[^<>|\n]{0,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|</?documents>|</?passage[^>]*>",
                       re.IGNORECASE)
@@ -552,23 +556,36 @@ class AskStream:
         finish, token = "stop", None
         if self.found:
             messages = self._fit(build_messages(self.model, self.question, self.citations, self.lang))
-            parts = []
-            for chunk in guard_stream(self.model.stream_chat(messages, self.params), source="ask"):
-                parts.append(chunk.text)
-                finish, token = chunk.finish_reason or finish, chunk.token
-            self.reply = "".join(parts)
+            self.reply, finish, token = self._reply(messages)
+            if verify(self.reply, self.question, self.citations).reason == "bare":
+                # "1" or "[2]": the model pointed at a passage instead of answering; ask once more for a
+                # sentence (a small model often does on a second turn). Measured: see `FULL_SENTENCE`.
+                turn = [{"role": "assistant", "content": self.reply}, {"role": "user", "content": FULL_SENTENCE[self.lang]}]
+                if self._fits(messages + turn):
+                    self.reply, finish, token = self._reply(messages + turn)
             self.answer = _finish(self.reply, self.question, self.citations, self.lang)
         else:
             self.answer = Answer(NOT_FOUND[self.lang], [], False)
         self.found = self.answer.found
         yield GenerationChunk(text=self.answer.text, token=token, finish_reason=finish)
 
+    def _reply(self, messages: list[dict]) -> tuple[str, str, int | None]:
+        """The model's whole reply to `messages`: (text, finish reason, last token)."""
+        parts, finish, token = [], "stop", None
+        for chunk in guard_stream(self.model.stream_chat(messages, self.params), source="ask"):
+            parts.append(chunk.text)
+            finish, token = chunk.finish_reason or finish, chunk.token
+        return "".join(parts), finish, token
+
+    def _fits(self, messages: list[dict]) -> bool:
+        """Whether the prompt of `messages` leaves room for the answer."""
+        room = self.model.config.block_size - self.params.max_new_tokens
+        return len(self.model.tokenizer.encode(self.model.chat_prompt(messages), add_special_tokens=False)) <= room
+
     def _fit(self, messages: list[dict]) -> list[dict]:
         """Drop the lowest-ranked passages until the prompt leaves room for the answer."""
-        room = self.model.config.block_size - self.params.max_new_tokens
         while len(self.citations) > 1:
-            ids = self.model.tokenizer.encode(self.model.chat_prompt(messages), add_special_tokens=False)
-            if len(ids) <= room:
+            if self._fits(messages):
                 break
             self.citations = self.citations[:-1]
             messages = build_messages(self.model, self.question, self.citations, self.lang)
