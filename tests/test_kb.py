@@ -537,6 +537,16 @@ def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
     assert turns == [2, 2, 4, 2, 4]  # the retry is a second turn after the bare reply
 
 
+def test_terse_replies_are_the_ones_worth_a_second_turn():
+    from muse.apps.grounding import terse
+
+    passages = [passage(1, "festival", FESTIVAL)]
+    q = "When was the Zorblat festival founded?"
+    assert terse("[1]", q, passages) and terse("1873 [1]", q, passages)  # fifteen of what? a bare year
+    assert not terse("It was founded in 1873 [1].", q, passages)
+    assert not terse("The passages do not say.", q, passages)  # a refusal is an answer to keep
+
+
 def test_verify_refuses_an_answer_about_what_no_passage_mentions():
     """A plausible question the documents cannot answer: the reply repeats its subject, which no passage has."""
     from muse.apps.grounding import verify

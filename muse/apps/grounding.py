@@ -133,6 +133,15 @@ def verify(reply: str, question: str, passages: list) -> Verdict:
     return Verdict(text, cited)
 
 
+def terse(reply: str, question: str, passages: list) -> bool:
+    """Whether the reply is too bare to check: a passage number, the question's own words, or numbers
+    and no word at all ("15 [1]": fifteen of what?)."""
+    if verify(reply, question, passages).reason == "bare":
+        return True
+    words = [t for t in terms(CITE.sub(" ", reply))[1] if not _NUM.fullmatch(t)]
+    return bool(numbers(reply)) and not words
+
+
 def add_citation(text: str, n: int) -> str:
     """`text` with " [n]" before its closing punctuation."""
     text = re.sub(r"\s+([.。!！])", r"\1", text)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from muse.apps import embed as embedding
-from muse.apps.grounding import NOT_FOUND, verify
+from muse.apps.grounding import NOT_FOUND, terse, verify
 from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_regular, os_problem, read_file,
                                supported)
 from muse.apps.language import check_language
@@ -557,9 +557,9 @@ class AskStream:
         if self.found:
             messages = self._fit(build_messages(self.model, self.question, self.citations, self.lang))
             self.reply, finish, token = self._reply(messages)
-            if verify(self.reply, self.question, self.citations).reason == "bare":
-                # "1" or "[2]": the model pointed at a passage instead of answering; ask once more for a
-                # sentence (a small model often does on a second turn). Measured: see `FULL_SENTENCE`.
+            if terse(self.reply, self.question, self.citations):
+                # "1", "[2]" or "15": the model pointed at a passage or gave a bare number, which cannot be
+                # checked against the question; ask once more for a sentence (see `FULL_SENTENCE`).
                 turn = [{"role": "assistant", "content": self.reply}, {"role": "user", "content": FULL_SENTENCE[self.lang]}]
                 if self._fits(messages + turn):
                     self.reply, finish, token = self._reply(messages + turn)
