@@ -53,6 +53,12 @@ def test_help_and_listing_commands_import_nothing_heavy(args):
     assert heavy == [], f"muse {' '.join(args)} imported {heavy}"  # numpy too: 0.1–0.2 s of a listing
 
 
+def test_python_dash_m_muse_runs_the_command():
+    r = subprocess.run([sys.executable, "-m", "muse", "models"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "120"})
+    assert r.returncode == 0 and "smollm2-135m" in r.stdout, r.stderr[-2000:]
+
+
 def test_write_help_does_not_import_the_model_code():
     """`muse write` imports apps.writer for its options; SamplingParams comes from the torch-free
     muse.sampling, and muse.text loads bm25s' stop words (numpy, scipy) only when it first needs them."""
