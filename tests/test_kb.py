@@ -559,6 +559,8 @@ def test_verify_refuses_an_answer_about_what_no_passage_mentions():
     assert real.cited == [1]
     claims = verify("Meals are covered up to 40 dollars a day [1].", "Are meal claims covered?", passages)
     assert claims.cited == [1]  # "meal" is held by "Meals"
+    framed = verify("The daily limit for meals is 40 dollars [1].", "What is the daily limit for meals?", passages)
+    assert framed.cited == [1]  # "daily limit" frames the question; the passage says "a day"
 
 
 def test_ask_end_to_end_on_a_bilingual_document(default_model, hybrid):
