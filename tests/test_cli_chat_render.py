@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from muse.cli import assistant as cli
+from muse.sampling import SamplingParams
 
 REPLY = "Here is **bold** text and a list:\n\n- one\n- two\n\n```python\nprint('hi')\n```\n"
 
@@ -91,7 +92,8 @@ def test_chat_outside_a_terminal_keeps_raw_text(monkeypatch):
             seen["markdown"] = self.markdown
 
     monkeypatch.setattr(cli, "ChatSession", Session)
-    monkeypatch.setattr(cli, "_load_for", lambda conv, model, precision: SimpleNamespace(name="fake"))
+    fake = SimpleNamespace(name="fake", params=lambda: SamplingParams())  # chat starts from the model's sampling
+    monkeypatch.setattr(cli, "_load_for", lambda conv, model, precision: fake)
     r = CliRunner().invoke(app, ["chat", "--message", "/help"])
     assert r.exit_code == 0, r.output
     assert seen == {"markdown": False}

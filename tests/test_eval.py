@@ -414,9 +414,10 @@ def test_cli_runs_the_app_and_the_raw_prompt_on_the_default_model(tmp_path):
     from muse.cli import app
 
     r = CliRunner().invoke(app, ["eval", "-s", "sentiment-en", "--split", "dev", "--limit", "2",
-                                 "-o", str(tmp_path / "out")])
+                                 "-o", str(tmp_path / "out")], env={"MUSE_PROGRESS": "1"})
     assert r.exit_code == 0, r.output
     assert "App vs raw prompt" in r.output and "accuracy (raw prompt)" in r.output
+    assert "sentiment-en 2/2…" in r.stderr  # a log sees each step (MUSE_PROGRESS=1), stdout stays the report
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     result = saved["details"]["smollm2-135m"]["suites"]["sentiment-en"]
     assert result["split"] == "dev" and result["n"] == 2 and result["errors"] == 0

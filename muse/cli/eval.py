@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from muse.cli.common import app, console, err, friendly
+from muse.cli.progress import Activity
 
 EVAL_HELP = """Evaluate one model, or compare several side by side (the first is the baseline).
 
@@ -58,10 +59,11 @@ def eval_command(
         from muse.generation import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens)
-    with err.status("evaluating…") as status:
+    with Activity() as activity:  # a spinner on a terminal; with MUSE_PROGRESS=1 a line per step, for logs
+        activity.step("Evaluating")
         result = compare.evaluate(model or [None], suite or [], perplexity or [], limit=limit, window=window,
                                   stride=stride, kl=kl, params=params, split=split or suites.DEFAULT_SPLIT,
-                                  on_event=lambda message: status.update(message))
+                                  on_event=activity.step)
     _print_report(result, report)
     out_dir, run_id = report.save(result, out)
     err.print(f"[dim]Report: {out_dir}/report.md (+ report.json, report.png) · run #{run_id}[/]")
