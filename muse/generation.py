@@ -297,7 +297,7 @@ class TokenText:
             return tail + stops.flush(), "stop"
         if self.ids is not None:
             self.ids.append(tok)
-            self.looped = self.echo.push(self.ids) | self.loops()
+            self.looped = self.echo.push(self.ids) | self.loops()  # `|`: Echo must see every token
         safe, hit = stops.push(decoder.push(tok) if decoder else "")
         if hit:
             return safe, "stop"

@@ -112,6 +112,7 @@ def test_gguf_recommended_sampling_is_read_kept_in_the_cache_and_used(tmp_path):
     del meta["source"]["sampling"]  # as an older Muse wrote it
     meta_file.write_text(json.dumps(meta))
     assert muse.load(path, precision="fp32").recommended == want
+    assert json.loads(meta_file.read_text())["source"]["sampling"] == want  # remembered: read once only
     assert first.params().top_k == 40 and first.params(top_k=0).top_k == 0
     assert "top_k 40" in first.describe()["recommended sampling"]
 

@@ -102,7 +102,7 @@ def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) 
         # Chinese terms are character pairs, and pairs across word boundaries ("会受", "以提") made this
         # refuse right answers on the dev set as often as it caught made-up ones: English only.
         return []
-    held = set().union(*(terms(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}")[1] for p in same)) if same else set()
+    held = set().union(*(terms(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}")[1] for p in same))
     stems = {w[:5] for w in held if len(w) >= 5}  # "claim" is held by "claims", "carried" by "carry"…
     echoed = set(terms(CITE.sub(" ", body))[1]) & set(terms(question)[1])
     return sorted(w for w in echoed - held if w not in GENERIC and not _NUM.fullmatch(w)
@@ -138,10 +138,10 @@ def verify(reply: str, question: str, passages: list) -> Verdict:
     return Verdict(text, cited)
 
 
-def terse(reply: str, question: str, passages: list) -> bool:
+def terse(reply: str, question: str, passages: list, verdict: Verdict | None = None) -> bool:
     """Whether the reply is too bare to check: a passage number, the question's own words, or numbers
-    and no word at all ("15 [1]": fifteen of what?)."""
-    if verify(reply, question, passages).reason == "bare":
+    and no word at all ("15 [1]": fifteen of what?). `verdict`: the reply's, when already known."""
+    if (verdict or verify(reply, question, passages)).reason == "bare":
         return True
     words = [t for t in terms(CITE.sub(" ", reply))[1] if not _NUM.fullmatch(t)]
     return bool(numbers(reply)) and not words

@@ -557,13 +557,15 @@ class AskStream:
         if self.found:
             messages = self._fit(build_messages(self.model, self.question, self.citations, self.lang))
             self.reply, finish, token = self._reply(messages)
-            if terse(self.reply, self.question, self.citations):
+            verdict = verify(self.reply, self.question, self.citations)
+            if terse(self.reply, self.question, self.citations, verdict):
                 # "1", "[2]" or "15": the model pointed at a passage or gave a bare number, which cannot be
                 # checked against the question; ask once more for a sentence (see `FULL_SENTENCE`).
                 turn = [{"role": "assistant", "content": self.reply}, {"role": "user", "content": FULL_SENTENCE[self.lang]}]
                 if self._fits(messages + turn):
                     self.reply, finish, token = self._reply(messages + turn)
-            self.answer = _finish(self.reply, self.question, self.citations, self.lang)
+                    verdict = verify(self.reply, self.question, self.citations)
+            self.answer = _answer(verdict, self.citations, self.lang)
         else:
             self.answer = Answer(NOT_FOUND[self.lang], [], False)
         self.found = self.answer.found
@@ -592,10 +594,9 @@ class AskStream:
         return messages
 
 
-def _finish(text: str, question: str, passages: list[Citation], lang: str) -> Answer:
-    """The Answer for the model's reply: the not-found sentence unless the reply is a grounded answer;
-    then it cites (inline) the passages it rests on."""
-    verdict = verify(text, question, passages)
+def _answer(verdict, passages: list[Citation], lang: str) -> Answer:
+    """The Answer for the model's reply, given its `verify` verdict: the not-found sentence unless the
+    reply is a grounded answer; then it cites (inline) the passages it rests on."""
     if verdict.text is None:
         return Answer(NOT_FOUND[lang], [], False)
     return Answer(verdict.text, [c for c in passages if c.n in verdict.cited], True)

@@ -113,6 +113,9 @@ def until_first(items: Iterable[T], activity: Activity) -> Iterator[T]:
         activity.close()
 
 
+BEAM_TAIL = 40  # characters of the best beam shown: enough to read it forming, short enough for 80 columns
+
+
 @contextmanager
 def showing_beams(activity: Activity, tokenizer, what: str, total: int) -> Iterator[None]:
     """Report each beam-search step as one step of `what` out of `total`, with the end of the
@@ -121,15 +124,13 @@ def showing_beams(activity: Activity, tokenizer, what: str, total: int) -> Itera
 
     def watch(step: int, best: list[int]) -> None:
         text = " ".join(tokenizer.decode(best).split()) if tokenizer is not None and best else ""
-        activity(what, step, total, f"best so far: …{text[-BEAM_TAIL:]}" if len(text) > BEAM_TAIL else
-                 f"best so far: {text}" if text else "")
+        if len(text) > BEAM_TAIL:
+            text = "…" + text[-BEAM_TAIL:]
+        activity(what, step, total, f"best so far: {text}" if text else "")
 
     activity(what, 0, total)
     with watching_beams(watch):
         yield
-
-
-BEAM_TAIL = 40  # characters of the best beam shown: enough to read it forming, short enough for 80 columns
 
 
 def load_model(name: str | None, precision: str = "auto"):

@@ -178,14 +178,15 @@ Resume = typer.Option(False, "--resume", help="Continue exactly where out/last s
 
 
 @contextmanager
-def _until_training():
+def _until_training(progress: bool = True):
     """An `Activity` for the steps before training (loading, reading data, building the model); the
-    training loop's own bar replaces it (it reports `HAND_OVER`). Under torchrun only rank 0 shows it."""
+    training loop's own bar replaces it (it reports `HAND_OVER`). Under torchrun only rank 0 shows it;
+    with progress off (no bar to hand over to) nothing shows."""
     import os
 
     from muse.checkpoints import reporting
 
-    with Activity(quiet=os.environ.get("RANK", "0") != "0") as activity, reporting(activity):
+    with Activity(quiet=os.environ.get("RANK", "0") != "0" or not progress) as activity, reporting(activity):
         yield activity
 
 
@@ -234,7 +235,7 @@ def train(
                          dtype=dtype, compile=compile, seed=seed, tensorboard=tensorboard, distributed=distributed,
                          device=device, progress=progress)
     cfg = TrainConfig.for_preset(preset, **settings)
-    with _until_training() as activity:
+    with _until_training(cfg.progress) as activity:
         activity.step("Preparing to train")
         result = pretrain(data, out, preset, model_settings, cfg, resume=resume)
     _report(result)
@@ -272,7 +273,7 @@ def finetune(
                          learning_rate=lr, min_lr=min_lr, warmup_iters=warmup_iters, eval_interval=eval_interval,
                          eval_iters=eval_iters, log_interval=log_interval, save_interval=save_interval, dtype=dtype,
                          seed=seed, device=device)
-    with _until_training() as activity, loading(activity, model):
+    with _until_training(settings.get("progress", True) is not False) as activity, loading(activity, model):
         path = run_finetune(model, data, out, method=method, rank=rank, alpha=alpha, dropout=lora_dropout,
                             targets=target or None, settings=settings, val_data=val_data, block_size=block_size,
                             resume=resume)
