@@ -4,6 +4,7 @@ routes it), and the command says which model answered; --model always wins."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -78,3 +79,36 @@ def test_ask_routes_a_chinese_question(monkeypatch, bilingual_installed, loads, 
     assert CliRunner().invoke(app, ["kb", "add", str(doc), "--no-embeddings"]).exit_code == 0
     r = CliRunner().invoke(app, ["ask", "评审是哪天？", "--no-embeddings"])
     assert loads == [BILINGUAL.name] and f"answered by {BILINGUAL.name}" in r.output
+
+
+def chat_model(name: str):
+    from muse.sampling import SamplingParams
+
+    return SimpleNamespace(name=name, info={"name": name}, params=lambda: SamplingParams(temperature=0.5))
+
+
+@pytest.mark.parametrize("args, rerouted", [
+    (["chat", "--message", "你好，请介绍一下你自己。"], True),
+    (["chat", "--message", "Hello there."], False),
+    (["chat", "--message", "你好", "--model", "smollm2-135m"], False),  # the user's choice stands
+])
+def test_chat_moves_to_the_bilingual_model_at_a_chinese_message(monkeypatch, bilingual_installed, args, rerouted):
+    from muse.cli import assistant as chat_cli
+
+    monkeypatch.delenv("MUSE_MODEL", raising=False)
+    english = chat_model("smollm2-135m")
+    replied_by = []
+
+    def reply(self, cid, text, params):
+        replied_by.append((self.model.name, params.temperature))
+        return SimpleNamespace(context=SimpleNamespace(notice=None), __iter__=None)
+
+    monkeypatch.setattr(chat_cli, "_load_for", lambda conv, model, precision: english)
+    monkeypatch.setattr(chat_cli, "load_for", lambda name, precision, chinese: chat_model(BILINGUAL.name))
+    monkeypatch.setattr(chat_cli, "_stats", lambda *a, **k: None)
+    monkeypatch.setattr(chat_cli, "_stream_to_stdout", lambda stream: None)
+    monkeypatch.setattr("muse.apps.assistant.Assistant.stream_reply", reply)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert replied_by == [(BILINGUAL.name if rerouted else "smollm2-135m", 0.5)]
+    assert ("English-only model" in r.output) == (not rerouted and "你好" in args[2])

@@ -18,7 +18,7 @@ from rich.text import Text
 from muse.errors import MuseError
 from muse.cli.common import (MuseTyper, MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP,
                              _stats, _stream_to_stdout, app, console, err, friendly, given_sampling, over)
-from muse.cli.progress import load_model
+from muse.cli.progress import load_for, load_model, model_for
 
 CHAT_COMMANDS = {
     "/system TEXT": "set this conversation's system prompt (no text: back to the persona's)",
@@ -63,11 +63,14 @@ class ChatSession:
     """One `muse chat` run: the conversation (created at the first message), the in-chat commands."""
 
     def __init__(self, assistant, cid: Optional[str], persona: Optional[str], system: Optional[str], params,
-                 verbose: bool, markdown: bool = False):
+                 verbose: bool, markdown: bool = False, reroute=None):
         self.a, self.cid, self.persona, self.system = assistant, cid, persona, system
         self.params, self.verbose = params, verbose
         self.markdown = markdown  # render replies as Markdown (a terminal); else raw text, as pipes want it
         self.warned_language = False
+        # reroute(): (model, params) of the bilingual model for a first message the model cannot read, or
+        # None; only when the user chose no model (`muse serve` and the apps route Chinese the same way).
+        self.reroute = reroute
 
     def conversation(self) -> str:
         if self.cid is None:
@@ -102,7 +105,11 @@ class ChatSession:
             try:
                 check_language(self.a.model, text)
             except LanguageError as e:
-                err.print(f"[yellow]{escape(str(e))}[/]", highlight=False)
+                switched = self.reroute() if self.reroute else None
+                if switched is None:
+                    err.print(f"[yellow]{escape(str(e))}[/]", highlight=False)
+                else:
+                    self.a.model, self.params = switched  # it reads English too: the rest of the chat stays
                 self.warned_language = True
         try:
             stream = self.a.stream_reply(self.conversation(), text, self.params)
@@ -295,7 +302,17 @@ def chat_cmd(
         a.get_persona(persona)  # fail before loading the model
     a.model = _load_for(conv, model, precision)
     params = over(a.model.params(), given)  # what was given, over the model's recommended sampling
-    session = ChatSession(a, cid, persona, system, params, verbose, markdown=markdown and console.is_terminal)
+
+    def reroute():
+        chosen = model_for(None, chinese=True)
+        if chosen is None:
+            return None
+        m = load_for(None, precision, chinese=True)  # says "Chinese: answered by …"
+        return m, over(m.params(), given)
+
+    chosen_by_user = model is not None or (conv is not None and conv["model"])
+    session = ChatSession(a, cid, persona, system, params, verbose, markdown=markdown and console.is_terminal,
+                          reroute=None if chosen_by_user else reroute)
     if conv is not None:
         _show_resumed(conv)
         if persona:
