@@ -105,6 +105,20 @@ def test_extract_skips_greetings_and_duplicates():
                    "labelled crates by Thursday evening.")
 
 
+@pytest.mark.parametrize("letter, lang, facts", [
+    ("您好！感谢您预订海景民宿，期待与您见面。7月12日民宿门前道路翻修，车辆无法开到门口。请将车停在海滨路公共停车场，"
+     "凭此邮件可免费停车。如有疑问，请拨打5550162联系我们。", "zh", ["道路翻修", "海滨路公共停车场"]),
+    ("Thank you for your order of 12 March, we really appreciate your business. The oak table you ordered "
+     "is delayed by two weeks because the supplier ran out of oak. We will deliver it on 2 April at no extra "
+     "cost. If you have any questions, please call us on 555-0143.", "en", ["delayed by two weeks", "2 April"]),
+])
+def test_extract_passes_over_a_letters_formulas(letter, lang, facts):
+    # The greeting and the "questions? call us" line sit where the position prior and their numbers rank
+    # them high; without the formula weight the summary opens with "您好！感谢您…" / "Thank you for…".
+    out = extract(letter, 50 if lang == "zh" else 30, lang)
+    assert all(f in out for f in facts), out
+    assert "感谢" not in out and "Thank you" not in out and "questions" not in out
+
 def test_extract_chinese():
     out = extract(ZH_ARTICLE, 60, "zh")
     assert measure(out, "zh") <= 60 and out.startswith("市政府昨天宣布")
