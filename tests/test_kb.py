@@ -579,6 +579,18 @@ def test_a_chinese_answer_about_what_no_passage_mentions_is_refused(question, re
     assert (verdict.text is not None) == found, verdict
 
 
+def test_the_subject_check_reads_the_passages_about_the_question_in_the_replys_language():
+    from muse.apps.grounding import verify
+
+    english = passage(2, "hotel en", "Chunjiang Hotel. The airport shuttle costs 30 yuan per person.")
+    both = [passage(1, "hotel", ZH_HOTEL), english]  # a bilingual document: its English half holds no 停车
+    assert verify("春江酒店的停车费是30元。", "春江酒店的停车费是多少？", both).text is None
+    assert verify("机场班车每人30元。", "春江酒店的机场班车多少钱？", both).text is not None
+    # A Chinese question on an English-only document: no Chinese passage is about it, nothing to compare.
+    bus = [passage(1, "bus", "Route 45 timetable. A day ticket costs 6 dollars."), passage(2, "tea", TEA)]
+    assert verify("45路公交车的一日票是6美元。", "45路公交车的一日票多少钱？", bus).text is not None
+
+
 @pytest.mark.parametrize("question, reply, found", [
     ("酒店每年发几个月的年终奖？", "下午3点 [1]", False),             # months asked, a time given
     ("游泳池在几楼？", "机场班车每人30元 [1]。", False),                 # a floor asked, a price given

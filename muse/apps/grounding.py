@@ -116,15 +116,20 @@ def _subject_terms(text: str, lang: str) -> set[str]:
 
 
 def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) -> list[str]:
-    """The question's terms that the reply repeats but no passage in its language holds: the reply
+    """The question's terms that the reply repeats but no passage about the question holds: the reply
     answers about something the documents never mention ("parental leave", "停车费") — made up.
-    A passage in another language than the reply cannot share words, so it counts as holding all."""
-    same = [p for p in passages if language(p.text) == reply_lang]
-    if len(same) < len(passages):
+
+    Passages "about the question" are those in the reply's language that share a term with it; a
+    passage in the other language cannot share words, so when none is about the question (a Chinese
+    question on an English-only document) nothing is checked."""
+    asked = _subject_terms(question, reply_lang)
+    held_by = [_subject_terms(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}", reply_lang)
+               for p in passages if language(p.text) == reply_lang]
+    held_by = [h for h in held_by if h & asked]
+    if not held_by:
         return []
-    held = set().union(*(_subject_terms(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}", reply_lang)
-                         for p in same))
-    echoed = _subject_terms(CITE.sub(" ", body), reply_lang) & _subject_terms(question, reply_lang)
+    held = set().union(*held_by)
+    echoed = _subject_terms(CITE.sub(" ", body), reply_lang) & asked
     if reply_lang == "zh":
         return sorted(echoed - held - _ZH_GENERIC)
     stems = {w[:5] for w in held if len(w) >= 5}  # "claim" is held by "claims", "carried" by "carry"…
