@@ -335,6 +335,9 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard and procs.output is None)
     sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
+    # Prompt lookup where it gives exactly the plain greedy text: greedy, no constraint, no logprobs.
+    lookup = (PromptLookup(ids) if p.prompt_lookup and is_greedy(p) and procs.output is None
+              and p.logprobs is None else None)
 
     t0 = time.perf_counter()
     logits, _ = model(torch.tensor([ids], dtype=torch.long, device=model.device), cache=cache,
@@ -342,19 +345,76 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     t_prefill = time.perf_counter() - t0
     stats = dict(prompt_tokens=len(ids), prompt_tps=per_second(len(ids), t_prefill))
     t1 = time.perf_counter()  # the first token comes from the prefill logits: time the rest
+    rows, draft, j = logits[:, -1:, :], [], 0  # rows[:, i] predicts the token after draft[:i] (i ≤ len(draft))
+    drafted = accepted = 0
     for n in range(1, max_new + 1):
-        raw = logits[:, -1, :]  # (1, V)
+        raw = rows[:, j, :]  # (1, V)
         token = sampler(procs(raw) if procs.active else raw)  # (1,)
         tok = int(token)
         tps = (n - 1) / (time.perf_counter() - t1) if n > 1 else 0.0
         text, reason = text_of.push(tok)
         lp, top = token_logprobs(raw, tok, p.logprobs) if p.logprobs is not None else (None, None)
         yield GenerationChunk(text, tok, reason, **stats, generation_tokens=n, generation_tps=tps,
-                              looped=text_of.looped or procs.looped, logprob=lp, top_logprobs=top)
+                              looped=text_of.looped or procs.looped, logprob=lp, top_logprobs=top,
+                              drafted_tokens=drafted, accepted_tokens=accepted)
         if reason:
             return
         procs.accept(tok)
-        logits, _ = model(token[:, None], cache=cache, last_only=True)
+        if j < len(draft) and tok == draft[j]:
+            j += 1  # the draft was right: the next row is already computed
+            accepted += 1
+            continue
+        feed = [tok]
+        if lookup is not None:
+            cache.truncate(cache.pos - (len(draft) - j))  # the rejected rest of the draft
+            lookup.extend(draft[:j] + [tok])
+            draft = lookup.draft(min(p.prompt_lookup, max_new - n - 1, cache.max_len - cache.pos - 1))
+            drafted += len(draft)
+            feed += draft
+        rows, j = _forward(model, feed, cache), 0
+
+
+def _forward(model: Transformer, tokens: list[int], cache: KVCache) -> torch.Tensor:
+    """Logits (1, T, V) for T tokens that continue the cached sequence (T = 1: the last only)."""
+    x = torch.tensor([tokens], dtype=torch.long, device=model.device)  # (1, T)
+    return model(x, cache=cache, last_only=len(tokens) == 1)[0]
+
+
+# -- prompt lookup ------------------------------------------------------------------
+
+LOOKUP_NGRAM = (3, 2)  # the longest and shortest tail n-gram looked up
+
+
+class PromptLookup:
+    """Drafts for greedy decoding from the text so far (prompt lookup decoding): the tokens that
+    followed the latest earlier occurrence of the text's last n-gram, longest n first. Rewrites,
+    summaries, answers from documents and translations copy much of their prompt; the model checks
+    a whole draft in one forward pass, which on a CPU costs little more than one token's."""
+
+    def __init__(self, ids: list[int], ngram: tuple[int, int] = LOOKUP_NGRAM):
+        self.longest, self.shortest = ngram
+        self.ids: list[int] = []
+        self.seen: dict[tuple[int, ...], int] = {}  # n-gram → index of its last token, latest occurrence
+        self.extend(ids)
+
+    def extend(self, tokens: list[int]) -> None:
+        ids, seen = self.ids, self.seen
+        for tok in tokens:
+            end = len(ids) - 1  # the old tail becomes history: it may be looked up from now on
+            for n in range(self.shortest, min(self.longest, end + 1) + 1):
+                seen[tuple(ids[end - n + 1:end + 1])] = end
+            ids.append(tok)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to `k` tokens that followed the latest earlier occurrence of the tail ([] when none)."""
+        if k <= 0:
+            return []
+        ids = self.ids
+        for n in range(min(self.longest, len(ids)), self.shortest - 1, -1):
+            end = self.seen.get(tuple(ids[-n:]))
+            if end is not None:
+                return ids[end + 1:end + 1 + k]
+        return []
 
 
 def generate(model: Transformer, tokenizer, prompt: "str | list[int]",

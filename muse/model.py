@@ -115,6 +115,12 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.pos += T
 
+    def truncate(self, pos: int) -> None:
+        """Forget every position from `pos` on (a rejected speculative draft's); later tokens overwrite them."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate a cache of {self.pos} positions to {pos}")
+        self.pos = pos
+
 
 class BatchKVCache:
     """Keys and values for continuous batching: every row has its own length.

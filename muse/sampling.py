@@ -63,6 +63,7 @@ RANGES = {
     "length_penalty": Range(-10.0, 10.0),
     "seed": Range(0, 2**63 - 1, integer=True),
     "logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),
+    "prompt_lookup": Range(0, 64, integer=True),
 }
 LOGIT_BIAS = Range(-100.0, 100.0)  # each value of logit_bias (OpenAI's range)
 # How llguidance compiles JSON schemas (muse.constrain, and tool arguments in muse.tools): whitespace
@@ -143,6 +144,9 @@ class SamplingParams:
     constraint: Constraint | None = None  # the output must match it (JSON schema, regex, choice, grammar)
     logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     logprobs: int | None = None  # None: off; k ≥ 0: each chunk carries its token's logprob and the top k
+    # Greedy decoding drafts up to this many tokens from the text so far (prompt lookup) and the model
+    # checks them in one pass: the same text, faster where the output copies its prompt. 0 → off.
+    prompt_lookup: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -201,3 +205,5 @@ class GenerationChunk:
     generation_tps: float = 0.0
     logprob: float | None = None  # with SamplingParams.logprobs: log-probability of `token` under the model
     top_logprobs: list[tuple[int, float]] | None = None  # the k most likely (token, logprob), best first
+    drafted_tokens: int = 0   # prompt lookup so far: tokens drafted from the text and checked by the model
+    accepted_tokens: int = 0  # … and those the model agreed with (each one a forward pass saved)

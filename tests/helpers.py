@@ -33,11 +33,15 @@ class ScriptedLM(nn.Module):
         B, T = idx.shape
         if cache.pos == 0:
             self.start = T  # the prompt length
+        before = cache.pos
         cache.pos += T
-        step = cache.pos - self.start  # tokens generated so far
-        logits = torch.full((B, 1, self.config.vocab_size), -1e4)
-        token = self.script[step] if step < len(self.script) else 0
-        logits[:, :, token] = 1e4
+        self.passes = getattr(self, "passes", 0) + 1  # forward passes, prefill included
+        # One row per fed token after the prompt (a speculative draft is checked in one call), else the last.
+        rows = 1 if last_only or before == 0 else T
+        logits = torch.full((B, rows, self.config.vocab_size), -1e4)
+        for i in range(rows):
+            step = before + T - rows + i + 1 - self.start  # the generated token this row predicts
+            logits[:, i, self.script[step] if step < len(self.script) else 0] = 1e4
         return logits, None
 
 

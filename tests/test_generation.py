@@ -191,3 +191,72 @@ def test_server_requests_sample_with_the_models_recommended_settings_unless_give
     greedy = _sampling(m, body.model_copy(update={"temperature": 0, "top_k": 5}), None, 0)
     assert (greedy.temperature, greedy.top_k, greedy.repetition_penalty) == (0.0, 5, 1.1)
     assert _sampling(Model(None, None, {}), body, None, 0) == SamplingParams()
+
+
+# -- prompt lookup: drafts from the text so far, checked by the model -------------------------------
+
+def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
+    from muse.generation import PromptLookup
+
+    look = PromptLookup([5, 6, 7, 8, 9, 1, 6, 7, 3, 4])
+    assert look.draft(3) == []                  # the tail 3 4 / 7 3 4 occurs nowhere before
+    look.extend([6, 7])
+    assert look.draft(3) == [3, 4, 6]           # 6 7: its latest earlier occurrence was followed by 3 4 6
+    look.extend([8])
+    assert look.draft(2) == [9, 1]              # 6 7 8 (the longest n-gram) beats 7 8 alone
+    assert look.draft(0) == []
+
+
+def test_greedy_with_prompt_lookup_emits_the_same_tokens_in_fewer_passes(tok):
+    text = "The quick brown fox jumps over the lazy dog near the river bank at noon."
+    prompt = "Copy: " + text + "\nAgain: "
+    script = tok.encode(text + " Then a new sentence follows here. " + text, add_special_tokens=False)
+    runs = {}
+    for look in (0, 8):
+        model = ScriptedLM(script, tok.vocab_size)
+        chunks = list(stream_generate(model, tok, prompt, temperature=0.0, max_new_tokens=len(script) - 3,
+                                      prompt_lookup=look))
+        runs[look] = ([c.token for c in chunks], model.passes, chunks[-1])
+    assert runs[8][0] == runs[0][0] == script[:len(script) - 3]   # max_new_tokens still bounds the drafts
+    assert runs[0][1] == len(script) - 3                          # one pass a token (the prefill's gives the first)
+    last = runs[8][2]
+    assert last.accepted_tokens > len(script) // 2 and last.drafted_tokens >= last.accepted_tokens
+    assert runs[8][1] == len(script) - 3 - last.accepted_tokens   # each accepted token saved one pass
+    assert last.finish_reason == "length"
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.7, seed=1), dict(temperature=0.0, logprobs=2),
+                                     dict(temperature=0.0, constraint=muse.Constraint.choice(["yes", "no"]))])
+def test_prompt_lookup_is_off_where_it_could_change_the_output(tok, options):
+    text = "alpha beta gamma delta alpha beta gamma delta"
+    model = ScriptedLM(tok.encode(text, add_special_tokens=False), tok.vocab_size)
+    last = list(stream_generate(model, tok, "alpha beta gamma delta alpha beta", max_new_tokens=8, **options))[-1]
+    assert last.drafted_tokens == 0
+
+
+def test_prompt_lookup_keeps_the_default_models_greedy_text(default_model):
+    """A real model checks drafts in one multi-token pass: the text must be the plain greedy one."""
+    text = ("Muse runs on your own computer. It reads your documents, answers with citations, and never "
+            "sends a word to the internet. Every model it runs is a file on your disk.")
+    messages = [{"role": "user", "content": "Repeat this text word for word:\n\n" + text}]
+    ids = default_model.tokenizer.encode(default_model.chat_prompt(messages), add_special_tokens=False)
+    outs = {}
+    for look in (0, 8):
+        for rep in (1.0, 1.1):
+            chunks = list(stream_generate(default_model.model, default_model.tokenizer, ids, temperature=0.0,
+                                          max_new_tokens=60, repetition_penalty=rep, prompt_lookup=look))
+            outs[look, rep] = ("".join(c.text for c in chunks), chunks[-1].accepted_tokens)
+    for rep in (1.0, 1.1):
+        assert outs[8, rep][0] == outs[0, rep][0]
+    assert outs[8, 1.0][1] > 10  # the copy was mostly drafted
+
+
+def test_a_cache_forgets_a_rejected_draft():
+    from muse.model import KVCache, ModelConfig
+
+    cache = KVCache(ModelConfig(arch="llama", vocab_size=10, n_layer=1, n_head=1, n_embd=8, block_size=16), 1, 16)
+    cache.advance(9)
+    cache.truncate(6)
+    assert cache.pos == 6
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(7)
