@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -32,6 +34,14 @@ def test_generate_greedy_matches_python_api(default_model):
 def test_generate_reads_stdin_and_reports_speed():
     r = run("generate", "-", "-n", "4", "-t", "0", "-v", input="Once upon a time")
     assert r.exit_code == 0 and "generated at" in r.output
+
+
+def test_verbose_generation_reports_the_prompt_lookup_drafts():
+    text = "Alice and Bob walked to the old mill by the river. " * 3
+    r = run("generate", text, "-n", "30", "-t", "0", "-v")
+    assert r.exit_code == 0
+    accepted, drafted = map(int, re.search(r"prompt lookup: (\d+) of (\d+) drafted", r.output).groups())
+    assert 0 < accepted <= drafted
 
 
 def test_chat_interactive_commands(default_model):

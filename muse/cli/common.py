@@ -208,6 +208,8 @@ def _stream_to_stdout(chunks) -> object:
 
 def _stats(last, verbose: bool) -> None:
     if verbose and last is not None:
+        drafts = (f" · prompt lookup: {last.accepted_tokens} of {last.drafted_tokens} drafted tokens accepted"
+                  if last.drafted_tokens else "")
         err.print(f"[dim]{last.prompt_tokens} prompt tokens at {last.prompt_tps:.0f} tok/s · "
                   f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s · "
-                  f"finish: {last.finish_reason}[/]")
+                  f"finish: {last.finish_reason}{drafts}[/]")
