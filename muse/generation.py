@@ -136,13 +136,31 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(1, order, top.masked_fill(drop, 0.0))
 
 
-def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Build once: logits (B, V) float → next ids (B,)."""
-    if is_greedy(p):
-        return lambda logits: logits.argmax(dim=-1)
-    generator = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+class Sampler:
+    """Picks next ids from logits (B, V) → (B,): argmax when greedy, else a draw from the temperature /
+    top-k / top-p / min-p distribution (`probs`) by one uniform number per token (inverse CDF, seeded).
+    One number a token, whatever else happens, is what lets a prompt-lookup draft be checked by
+    sampling as usual: the same seed gives the same text with drafts or without."""
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
+    def __init__(self, p: SamplingParams):
+        self.p = p
+        self.greedy = is_greedy(p)
+        self.generator = torch.Generator().manual_seed(p.seed) if p.seed is not None and not self.greedy else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        probs = self.probs(logits)  # (B, V)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(probs.size(0), 1, generator=self.generator).to(probs.device)  # (B, 1) in [0, 1)
+        ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1)[:, 0]
+        rows = torch.arange(probs.size(0), device=probs.device)
+        # u·total rounding up to the total could land on a trailing zero: the likeliest token then
+        return torch.where(probs[rows, ids] > 0, ids, probs.argmax(-1))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution (B, V) a draw comes from, normalised."""
+        p = self.p
         # shift the top logit to 0 first: a tiny temperature then gives -inf for the rest, never inf - inf
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / p.temperature
         if p.top_k:
@@ -153,9 +171,12 @@ def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor]:
             probs = top_p_filter(probs, p.top_p)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
-        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+        return probs / probs.sum(-1, keepdim=True)
 
-    return sample
+
+def make_sampler(p: SamplingParams) -> Sampler:
+    """Build once: logits (B, V) float → next ids (B,)."""
+    return Sampler(p)
 
 
 # -- prompts ----------------------------------------------------------------------
@@ -335,9 +356,10 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard and procs.output is None)
     sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
-    # Prompt lookup where it gives exactly the plain greedy text: greedy, no constraint, no logprobs.
-    lookup = (PromptLookup(ids) if p.prompt_lookup and is_greedy(p) and procs.output is None
-              and p.logprobs is None else None)
+    # Prompt lookup: a drafted token is kept when the sampler picks it anyway (`Sampler`), so the text is
+    # the one without drafts, greedy or seeded; not under a constraint or with logprobs, which want every
+    # step's own logits.
+    lookup = PromptLookup(ids) if p.prompt_lookup and p.constraint is None and p.logprobs is None else None
 
     t0 = time.perf_counter()
     logits, _ = model(torch.tensor([ids], dtype=torch.long, device=model.device), cache=cache,
@@ -349,8 +371,10 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     drafted = accepted = 0
     for n in range(1, max_new + 1):
         raw = rows[:, j, :]  # (1, V)
-        token = sampler(procs(raw) if procs.active else raw)  # (1,)
-        tok = int(token)
+        logits = procs(raw) if procs.active else raw
+        tok = int(sampler(logits))
+        hit = j < len(draft) and tok == draft[j]  # the draft was right: the next row is already computed
+        accepted += hit
         tps = (n - 1) / (time.perf_counter() - t1) if n > 1 else 0.0
         text, reason = text_of.push(tok)
         lp, top = token_logprobs(raw, tok, p.logprobs) if p.logprobs is not None else (None, None)
@@ -360,9 +384,8 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         if reason:
             return
         procs.accept(tok)
-        if j < len(draft) and tok == draft[j]:
-            j += 1  # the draft was right: the next row is already computed
-            accepted += 1
+        if hit:
+            j += 1
             continue
         feed = [tok]
         if lookup is not None:
