@@ -222,6 +222,13 @@ class BatchKVCache:
         self.lens = [n + T for n in self.lens]
         self.lengths = self.lengths + T
 
+    def truncate(self, lengths: list[int]) -> None:
+        """Row b keeps its first lengths[b] positions (the rest held a rejected draft or padding)."""
+        if len(lengths) != self.rows or any(not 0 < n <= m for n, m in zip(lengths, self.lens)):
+            raise ValueError(f"cannot truncate rows of {self.lens} positions to {lengths}")
+        self.lens = list(lengths)
+        self.lengths = torch.tensor(self.lens, dtype=torch.long, device=self.device)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):

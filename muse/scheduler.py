@@ -44,13 +44,17 @@ import torch
 from muse.api import Model
 from muse.errors import MuseError
 from muse.generation import (
-    GenerationChunk, LogitsProcessors, SamplingParams, TokenText, fit_prompt, is_greedy, make_sampler,
-    per_second, token_logprobs,
+    GenerationChunk, LogitsProcessors, PromptLookup, SamplingParams, TokenText, fit_prompt, is_greedy,
+    make_sampler, per_second, token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
 
 _DONE = object()  # end-of-stream marker in a Stream's queue
+# Tokens one decode pass may feed with prompt lookup drafts, all rows together (each row gets as many
+# as the longest draft): a pass over 16 positions costs little more than over one on a CPU, where
+# reading the weights dominates; beyond that the drafts' compute would slow every stream.
+LOOKUP_BATCH_TOKENS = 16
 
 
 class SchedulerBusy(MuseError):
@@ -146,6 +150,9 @@ class _Request:
     first_token_at: float = 0.0
     last: int = 0  # the token to feed at the next decode step
     stats: dict = field(default_factory=dict)
+    lookup: PromptLookup | None = None  # prompt lookup drafts (stream_generate's), None where they are off
+    drafted: int = 0
+    accepted: int = 0
 
 
 @functools.cache
@@ -266,6 +273,8 @@ class Scheduler:
         procs = LogitsProcessors(p, tok, self.model.config.vocab_size, ids, self.model.model.device)
         text = TokenText(tok, p.stop, max_new, p.loop_guard and procs.output is None)  # as stream_generate
         req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs)
+        if p.prompt_lookup and p.constraint is None and p.logprobs is None:  # as stream_generate
+            req.lookup = PromptLookup(ids)
         self._enqueue(self._waiting, req, "requests")
         return req.stream
 
@@ -474,30 +483,53 @@ class Scheduler:
         return n
 
     def _decode_step(self) -> None:
-        """One token for every row: one forward pass, then each row samples and emits."""
+        """One forward pass for every row: its last token, plus a prompt lookup draft where there is
+        room (`_drafts`); then each row samples and emits, keeping drafted tokens it agrees with."""
         model = self.model.model
-        idx = torch.tensor([[r.last] for r in self._rows], dtype=torch.long, device=model.device)  # (rows, 1)
-        logits, _ = model(idx, cache=self._cache, last_only=True)  # (rows, 1, V); failing here fails the batch
-        logits = logits[:, -1]
+        drafts = self._drafts()
+        width = 1 + max(map(len, drafts))
+        feed = [[r.last] + d + [r.last] * (width - 1 - len(d)) for r, d in zip(self._rows, drafts)]  # padded
+        idx = torch.tensor(feed, dtype=torch.long, device=model.device)  # (rows, width)
+        logits, _ = model(idx, cache=self._cache, last_only=width == 1)  # (rows, width, V); failing fails the batch
         greedy = [b for b, r in enumerate(self._rows)
                   if is_greedy(r.params) and not r.procs.active and r.params.logprobs is None]
-        if len(greedy) == len(self._rows):  # every row greedy: one argmax, no copy
-            tokens = dict(enumerate(logits.argmax(dim=-1).tolist()))
-        else:
-            tokens = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist())) if greedy else {}
+        picks = logits[greedy].argmax(dim=-1).tolist() if greedy else []  # (len(greedy), width): one argmax
+        picked = dict(zip(greedy, picks))
         ended: list[tuple[int, Exception | None]] = []
-        for b, r in enumerate(self._rows):
+        keep = list(self._cache.lens)
+        for b, (r, d) in enumerate(zip(self._rows, drafts)):
+            start = keep[b] - width  # row b's length before this pass
+            r.drafted += len(d)
             try:
-                tok = tokens[b] if b in tokens else self._sample_one(r, logits[b:b + 1])
-                if not self._emit(r, tok, logits[b:b + 1]):
-                    ended.append((b, None))
+                for i in range(len(d) + 1):  # row i predicts the token after feed[b][i]
+                    row = logits[b:b + 1, i]  # (1, V)
+                    tok = picked[b][i] if b in picked else self._sample_one(r, row)
+                    hit = i < len(d) and tok == d[i]
+                    r.accepted += hit
+                    if not self._emit(r, tok, row):
+                        ended.append((b, None))
+                        break
+                    if not hit:
+                        break
+                keep[b] = start + i + 1  # the fed token and the draft tokens that were right
             except Exception as e:  # one row's sampling failed: only that request fails
                 ended.append((b, e))
+        if width > 1:
+            self._cache.truncate(keep)
         leaving = [(self._rows[b], e) for b, e in ended]
         for b, _ in reversed(ended):  # highest first: the row moved into a hole is never one to drop
             self._leave(b)
         for r, e in leaving:  # end the streams once their rows are free (`active` already counts them out)
             self._finish(r, e)
+
+    def _drafts(self) -> list[list[int]]:
+        """A prompt lookup draft per row. Every row is fed as many tokens as the longest draft, so the
+        drafts share a budget of LOOKUP_BATCH_TOKENS fed tokens: a lone stream drafts up to its
+        `prompt_lookup`, a full batch of 16 drafts nothing (its pass is compute-bound already)."""
+        room = min(LOOKUP_BATCH_TOKENS // len(self._rows) - 1,
+                   self.model.config.block_size - self._cache.seq_len - 1)
+        return [r.lookup.draft(min(room, r.params.prompt_lookup, r.text.max_new - r.text.n - 1))
+                if r.lookup is not None and room > 0 else [] for r in self._rows]
 
     # -- sampling and output ----------------------------------------------------------
 
@@ -515,11 +547,14 @@ class Scheduler:
         lp, top = token_logprobs(logits, tok, k) if k is not None else (None, None)
         self._outbox.put(r.stream, GenerationChunk(text, tok, reason, **r.stats, generation_tokens=n,
                                                    generation_tps=tps, looped=r.text.looped or r.procs.looped,
-                                                   logprob=lp, top_logprobs=top))
+                                                   logprob=lp, top_logprobs=top, drafted_tokens=r.drafted,
+                                                   accepted_tokens=r.accepted))
         if reason:
             return False  # the caller ends the stream
         r.procs.accept(tok)
         r.last = tok
+        if r.lookup is not None:
+            r.lookup.extend([tok])
         return True
 
     def _finish(self, r: _Request, error: BaseException | None = None) -> None:

@@ -89,11 +89,11 @@ class ScriptLM(nn.Module):
         B, T = idx.shape
         pos, _ = cache.prepare(T, idx.device)  # (T,) or (B, T)
         cache.advance(T)
-        if B == 1 and T > 1 and logits_at is None and not last_only and int(pos.reshape(-1)[0]) > 0:
-            # a speculative draft checked in one call: a row for each fed token
-            steps = (pos.reshape(-1) + 1 - self.prompt_len).clamp(0, len(self.script) - 1)  # (T,)
-            logits = torch.full((1, T, self.config.vocab_size), -1e4)
-            logits[0, torch.arange(T), self.script[steps]] = 1e4
+        if T > 1 and logits_at is None and not last_only and int(pos.min()) > 0:
+            # prompt lookup drafts checked in one call: a row for each fed token
+            steps = (pos.expand(B, T) + 1 - self.prompt_len).clamp(0, len(self.script) - 1)  # (B, T)
+            logits = torch.full((B, T, self.config.vocab_size), -1e4)
+            logits.scatter_(2, self.script[steps][..., None], 1e4)
             return logits, None
         at = pos.expand(B, T)[torch.arange(B), logits_at] if logits_at is not None else pos[..., -1]
         step = (at + 1 - self.prompt_len).clamp(0, len(self.script) - 1).expand(B)  # (B,)
