@@ -191,6 +191,39 @@ def test_auto_runs_the_recorded_method(default_model, monkeypatch):
     assert probs == pytest.approx(classify(default_model, TEXT, LABELS, False, method="likelihood"), abs=1e-6)
 
 
+class _Bilingual:
+    """Named as the bundled bilingual model, so its family's table entries apply; it has no weights."""
+    info = {"name": "qwen2.5-0.5b"}
+    config = None
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the embedding method must not run the language model (it used .{name})")
+
+
+@pytest.mark.skipif(analysis.embedding_model() is None, reason="no embedding model on this platform")
+def test_embedding_picks_the_label_nearest_the_text_and_runs_no_language_model():
+    m = _Bilingual()
+    assert analysis.resolve(m, "classify", "zh").kind == "embedding"
+    probs = classify(m, "The striker scored twice in the cup final.", ["business", "sports", "health"])
+    assert list(probs)[0] == "sports" and probs["sports"] == max(probs.values())
+    assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
+    zh = classify(m, "央行宣布下调存款准备金率，股市应声上涨。", ["体育", "财经", "健康"])  # the user's labels, as given
+    assert list(zh)[0] == "财经"
+    cross = classify(m, "主队在下半场连进两球，以三比一获胜。", ["business", "sports", "health"])
+    assert list(cross)[0] == "sports"  # Chinese text, English labels: one multilingual space
+    assert sentiment(m, "这家餐厅太棒了")["label"] == "positive"  # the README's example
+    bad = sentiment(m, "质量太差了，用了两天就坏了，客服也不理人，非常失望。")
+    assert bad["label"] == "negative" and set(bad["scores"]) == {"positive", "negative", "neutral"}
+    asked = classify(m, "The striker scored twice in the cup final.", ["business", "sports"], method="embedding")
+    assert analysis.top_label(asked, "embedding") == "sports"
+
+
+def test_without_an_embedding_model_auto_falls_back_to_likelihood(monkeypatch):
+    monkeypatch.setattr(analysis, "embedding_model", lambda: None)
+    for task in analysis.TASKS:
+        assert analysis.resolve(_Bilingual(), task, "zh") == analysis.FALLBACK[task]
+
+
 # -- files --------------------------------------------------------------------------
 
 ROWS = [{"id": "1", "text": "The goalkeeper saved a penalty in the final minute."},

@@ -121,7 +121,8 @@ MethodOpt = typer.Option("auto", "--method",
                          help="auto (default): the method measured best for the model and language on Muse's "
                               "dev sets; likelihood: score each label as the answer; constrained: the model "
                               "answers in a chat, allowed to write only one of the labels (probabilities: "
-                              "each label's likelihood as that reply).")
+                              "each label's likelihood as that reply); embedding: the label whose name is "
+                              "nearest the text in the multilingual embedding model (no language model runs).")
 
 
 @app.command()
