@@ -789,15 +789,16 @@ class ClassifyBody(_Body):
     labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
     calibrate: Optional[bool] = Field(None, description="Contextual calibration (likelihood only); default: the "
                                                          "method's own choice.")
-    method: Literal["auto", "likelihood", "constrained"] = Field(
+    method: Literal["auto", "likelihood", "constrained", "embedding"] = Field(
         "auto", description="auto: the method measured best for the model and language; likelihood: score each "
-                            "label; constrained: the model answers, held to the labels.")
+                            "label; constrained: the model answers, held to the labels; embedding: the label "
+                            "nearest the text in the multilingual embedding model.")
 
 
 class SentimentBody(_Body):
     model: Optional[str] = None
     text: str = Field(min_length=1)
-    method: Literal["auto", "likelihood", "constrained"] = "auto"
+    method: Literal["auto", "likelihood", "constrained", "embedding"] = "auto"
 
 
 @router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
