@@ -390,6 +390,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         feed = [tok]
         if lookup is not None:
             cache.truncate(cache.pos - (len(draft) - j))  # the rejected rest of the draft
+            lookup.checked(len(draft), j)
             lookup.extend(draft[:j] + [tok])
             draft = lookup.draft(min(p.prompt_lookup, max_new - n - 1, cache.max_len - cache.pos - 1))
             drafted += len(draft)
@@ -406,6 +407,7 @@ def _forward(model: Transformer, tokens: list[int], cache: KVCache) -> torch.Ten
 # -- prompt lookup ------------------------------------------------------------------
 
 LOOKUP_NGRAM = (3, 2)  # the longest and shortest tail n-gram looked up
+LOOKUP_START = 4       # the first draft's length
 
 
 class PromptLookup:
@@ -418,7 +420,15 @@ class PromptLookup:
         self.longest, self.shortest = ngram
         self.ids: list[int] = []
         self.seen: dict[tuple[int, ...], int] = {}  # n-gram → index of its last token, latest occurrence
+        self.size = LOOKUP_START  # the next draft's length, as the last drafts fared (`checked`)
         self.extend(ids)
+
+    def checked(self, drafted: int, accepted: int) -> None:
+        """Size the next draft by how the last one fared: twice as long after a wholly accepted one,
+        one past what was accepted otherwise. A text that copies little then costs a pass of two or
+        three positions, barely more than one; a copied passage soon drafts the most asked."""
+        if drafted:
+            self.size = 2 * self.size if accepted == drafted else accepted + 1
 
     def extend(self, tokens: list[int]) -> None:
         ids, seen = self.ids, self.seen
@@ -429,7 +439,9 @@ class PromptLookup:
             ids.append(tok)
 
     def draft(self, k: int) -> list[int]:
-        """Up to `k` tokens that followed the latest earlier occurrence of the tail ([] when none)."""
+        """Up to `k` tokens (and the size `checked` set) that followed the latest earlier occurrence of
+        the tail ([] when none)."""
+        k = min(k, self.size)
         if k <= 0:
             return []
         ids = self.ids

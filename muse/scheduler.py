@@ -512,6 +512,8 @@ class Scheduler:
                     if not hit:
                         break
                 keep[b] = start + i + 1  # the fed token and the draft tokens that were right
+                if r.lookup is not None:
+                    r.lookup.checked(len(d), i)
             except Exception as e:  # one row's sampling failed: only that request fails
                 ended.append((b, e))
         if width > 1:
