@@ -51,10 +51,11 @@ from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
 
 _DONE = object()  # end-of-stream marker in a Stream's queue
-# Tokens one decode pass may feed with prompt lookup drafts, all rows together (each row gets as many
-# as the longest draft): a pass over 16 positions costs little more than over one on a CPU, where
-# reading the weights dominates; beyond that the drafts' compute would slow every stream.
-LOOKUP_BATCH_TOKENS = 16
+# Rows that may draft by prompt lookup: drafts are checked in the shared pass, padded to the longest, so
+# every row pays for them. Measured with bench/serve.py (greedy chat, prompts that copy little): with
+# 16 fed positions shared, 8 streams lost 17 % of their tokens/s; with 8, 4 streams lost 6 %. A lone
+# stream (the laptop's usual case) drafts; a batch runs as before.
+LOOKUP_MAX_ROWS = 1
 
 
 class SchedulerBusy(MuseError):
@@ -525,11 +526,10 @@ class Scheduler:
             self._finish(r, e)
 
     def _drafts(self) -> list[list[int]]:
-        """A prompt lookup draft per row. Every row is fed as many tokens as the longest draft, so the
-        drafts share a budget of LOOKUP_BATCH_TOKENS fed tokens: a lone stream drafts up to its
-        `prompt_lookup`, a full batch of 16 drafts nothing (its pass is compute-bound already)."""
-        room = min(LOOKUP_BATCH_TOKENS // len(self._rows) - 1,
-                   self.model.config.block_size - self._cache.seq_len - 1)
+        """A prompt lookup draft per row (empty ones beyond LOOKUP_MAX_ROWS rows)."""
+        if len(self._rows) > LOOKUP_MAX_ROWS:
+            return [[] for _ in self._rows]
+        room = self.model.config.block_size - self._cache.seq_len - 1
         return [r.lookup.draft(min(room, r.params.prompt_lookup, r.text.max_new - r.text.n - 1))
                 if r.lookup is not None and room > 0 else [] for r in self._rows]
 

@@ -367,8 +367,8 @@ def test_the_openmp_pool_of_the_loading_thread_can_be_released_and_torch_still_w
 
 
 def test_prompt_lookup_drafts_in_the_batch_keep_each_streams_text(default_model):
-    """Rows of the batch draft from their own text (sharing LOOKUP_BATCH_TOKENS fed positions) and keep
-    the tokens they agree with: every stream's text is stream_generate's, greedy or seeded."""
+    """A lone stream drafts from its own text and keeps the tokens it agrees with; in a batch, rows draft
+    while they run alone (LOOKUP_MAX_ROWS). Every stream's text is stream_generate's, greedy or seeded."""
     text = ("Muse keeps every conversation in one SQLite file on your disk. Muse answers from your own "
             "documents and cites them. Muse never sends a word to the internet.")
     prompts = [default_model.chat_prompt([{"role": "user", "content": f"Repeat exactly:\n\n{text}"}]),
@@ -380,10 +380,12 @@ def test_prompt_lookup_drafts_in_the_batch_keep_each_streams_text(default_model)
     want = [list(stream_generate(default_model.model, default_model.tokenizer, p, q)) for p, q in zip(prompts, params)]
     sched = Scheduler(default_model)
     try:
-        for batch in ([0], [0, 1, 2]):  # alone (up to 8 drafted a step), then three rows sharing the budget
+        for batch in ([0], [1], [0, 1, 2]):  # alone, greedy and seeded; then three rows together
             streams = [sched.submit(prompts[i], params[i]) for i in batch]
             got = [list(s) for s in streams]
             assert ["".join(c.text for c in g) for g in got] == ["".join(c.text for c in want[i]) for i in batch]
-            assert got[0][-1].accepted_tokens > 10 and got[0][-1].drafted_tokens >= got[0][-1].accepted_tokens
+            if len(batch) == 1:  # the greedy copy is mostly drafted; sampled at 0.8, some of it
+                last = got[0][-1]
+                assert last.accepted_tokens > (10 if batch == [0] else 0) and last.drafted_tokens >= last.accepted_tokens
     finally:
         sched.close()
