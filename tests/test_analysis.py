@@ -218,6 +218,20 @@ def test_embedding_picks_the_label_nearest_the_text_and_runs_no_language_model()
     assert analysis.top_label(asked, "embedding") == "sports"
 
 
+@pytest.mark.skipif(analysis.embedding_model() is None, reason="no embedding model on this platform")
+def test_a_file_of_both_languages_asks_for_the_model_of_each_records_language(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in (
+        "Terrible product, it broke after two days.", "这家餐厅太棒了，下次还来！", "I love it, works great.")) + "\n",
+        encoding="utf-8")
+    asked = []
+    n = classify_file(lambda lang: asked.append(lang) or _Bilingual(), path, tmp_path / "out.jsonl",
+                      task="sentiment", method="embedding")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert n == 3 and asked == ["en", "zh", "en"]
+    assert [r["label"] for r in rows] == ["negative", "positive", "positive"]
+
+
 def test_without_an_embedding_model_auto_falls_back_to_likelihood(monkeypatch):
     monkeypatch.setattr(analysis, "embedding_model", lambda: None)
     for task in analysis.TASKS:

@@ -112,3 +112,25 @@ def test_chat_moves_to_the_bilingual_model_at_a_chinese_message(monkeypatch, bil
     assert r.exit_code == 0, r.output
     assert replied_by == [(BILINGUAL.name if rerouted else "smollm2-135m", 0.5)]
     assert ("English-only model" in r.output) == (not rerouted and "你好" in args[2])
+
+
+def test_a_batch_file_sends_its_chinese_records_to_the_bilingual_model(monkeypatch, bilingual_installed, tmp_path):
+    """Each record goes to the model for its language (loaded once each, before the progress line)."""
+    from muse.apps.analysis import embedding_model
+
+    if embedding_model() is None:
+        pytest.skip("no embedding model on this platform")
+    monkeypatch.delenv("MUSE_MODEL", raising=False)
+    loads = []
+
+    def fake(name=None, *args, **kwargs):  # --method embedding runs no language model: a named stand-in will do
+        loads.append(name)
+        return SimpleNamespace(name=name or "smollm2-135m", info={"name": name or "smollm2-135m"}, config=None)
+    monkeypatch.setattr(muse, "load", fake)
+    path = tmp_path / "reviews.jsonl"
+    path.write_text('{"text": "Terrible product, it broke."}\n{"text": "这家餐厅太棒了"}\n{"text": "Great, I love it."}\n',
+                    encoding="utf-8")
+    r = CliRunner().invoke(app, ["sentiment", "-i", str(path), "-o", str(tmp_path / "out.jsonl"), "--method", "embedding"])
+    assert r.exit_code == 0, r.output
+    assert loads == [None, BILINGUAL.name] and f"answered by {BILINGUAL.name}" in r.output
+    assert "3 records" in r.output

@@ -540,7 +540,8 @@ def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list
     `label`, `score`, and `p_<label>` for each label. Returns the number of records. Everything is
     read and checked before the model runs, and the output appears only when complete.
     `calibrate` (None: the method's own setting) and `method` are `classify`'s (constrained, auto:
-    `label` is the answer the method gave).
+    `label` is the answer the method gave). `model`: a Model, or a function from a record's language
+    ("en", "zh") to the Model for it (the CLI's `ModelsByLanguage`: Chinese records to the bilingual model).
     """
     _check_choice("task", task, TASKS)
     check_method(method)
@@ -559,10 +560,12 @@ def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list
                                  "would overwrite; rename them (e.g. label → gold) and run again")
     out = []
     for row in rows:
+        text = row[column]
+        m = model(language(text + (" " + " ".join(labels) if task == "classify" else ""))) if callable(model) else model
         if task == "classify":
-            probs = classify(model, row[column], labels, calibrate, method=method)
+            probs = classify(m, text, labels, calibrate, method=method)
         else:
-            probs = sentiment(model, row[column], calibrate, method=method)["scores"]
+            probs = sentiment(m, text, calibrate, method=method)["scores"]
         best = top_label(probs, method)
         out.append({**row, "label": best, "score": round(probs[best], 6),
                     **{f"p_{k}": round(probs[k], 6) for k in names}})

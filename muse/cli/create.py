@@ -13,7 +13,7 @@ from muse.cli.common import (
     MODEL_HELP, PRECISION_HELP, MaxTokens, MinP, RepPenalty, Seed, Temperature, TopK, TopP, app, console, err,
     friendly, given_sampling, over, read_argument, sampling_option,
 )
-from muse.cli.progress import load_for, load_model
+from muse.cli.progress import ModelsByLanguage, load_for, load_model
 
 FORM_HELP = ("Poem form: 五言绝句 (五绝, wujue), 七言绝句 (七绝, qijue), 五言律诗 (五律, wulv), 七言律诗 (七律, qilv) — "
              "Chinese, need --model qwen2.5-0.5b — or haiku (俳句, 5-7-5), free (自由诗, the default).")
@@ -68,13 +68,19 @@ def create(
 
 # -- analysis ---------------------------------------------------------------------
 
-def _run_file(m, path_in: Path, path_out: Optional[Path], **kwargs) -> None:
-    from muse.apps.analysis import classify_file
+def _run_file(models, path_in: Path, path_out: Optional[Path], **kwargs) -> None:
+    """Score every record of `path_in`, each with the model for its language (`ModelsByLanguage`)."""
+    from muse.apps.analysis import classify_file, read_rows
+    from muse.text import language
 
     if path_out is None:
         raise ValueError("--input needs --output (a .csv or .jsonl file for the results)")
+    column, labels = kwargs["column"], " ".join(kwargs.get("labels") or [])
+    rows, _ = read_rows(path_in, column)
+    for lang in dict.fromkeys(language(row[column] + (" " + labels if labels else "")) for row in rows):
+        models(lang)  # load what the records need before the progress line (as classify_file picks)
     with err.status(f"Scoring {path_in}…"):
-        n = classify_file(m, path_in, path_out, **kwargs)
+        n = classify_file(models, path_in, path_out, **kwargs)
     err.print(f"[green]{n} records[/] → {path_out}", highlight=False)
 
 
@@ -151,8 +157,8 @@ def classify(
     names = check_labels(labels)  # bad labels and methods fail before the model loads
     check_method(method)
     if path_in is not None:
-        _run_file(load_model(model, precision), path_in, path_out, labels=names, task="classify", column=column,
-                  calibrate=calibrate, method=method)
+        _run_file(ModelsByLanguage(model, precision), path_in, path_out, labels=names, task="classify",
+                  column=column, calibrate=calibrate, method=method)
         return
     body = read_argument(text)
     m = load_for(model, precision, _chinese(body + " " + " ".join(names)))
@@ -181,7 +187,7 @@ def sentiment(
     _check_source(text, path_in, path_out)
     check_method(method)
     if path_in is not None:
-        _run_file(load_model(model, precision), path_in, path_out, task="sentiment", column=column,
+        _run_file(ModelsByLanguage(model, precision), path_in, path_out, task="sentiment", column=column,
                   calibrate=calibrate, method=method)
         return
     body = read_argument(text)
