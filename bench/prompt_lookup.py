@@ -30,7 +30,8 @@ from muse.sampling import SamplingParams
 
 DATA = Path(__file__).resolve().parent.parent / "muse" / "eval" / "data" / "heldout"
 _plain_stream = generation.stream_generate
-LOOKUP = {"draft": SamplingParams().prompt_lookup, "drafted": 0, "accepted": 0}
+ON = SamplingParams().prompt_lookup  # the default draft size: "lookup on"
+LOOKUP = {"draft": ON, "drafted": 0, "accepted": 0}
 
 
 def _stream(model, tokenizer, prompt, params=None, **kwargs):
@@ -56,14 +57,13 @@ def text_of(lang: str, words: int = 400) -> str:
     return "\n\n".join(out)
 
 
-def tasks(model, lang: str):
+def tasks(model, lang: str, folder: Path):
     from muse.apps.kb import KnowledgeBase, ask
     from muse.apps.writer import write
     from muse.store import Store
 
     text = text_of(lang)
-    tmp = tempfile.mkdtemp(prefix="muse-bench-")
-    kb = KnowledgeBase(Store(Path(tmp) / "kb.db"), embeddings="none")
+    kb = KnowledgeBase(Store(folder / "kb.db"), embeddings="none")
     kb.add_text("notes", text)
     question = {"en": "When does the new parking garage open and what does it cost?",
                 "zh": "立体停车楼什么时候启用，收费多少？"}[lang]
@@ -91,24 +91,28 @@ def main() -> None:
           f" · CPU flags {' '.join(flags)} · torch ISA {torch.backends.cpu.get_cpu_capability()}")
     print("| task | lookup off s | lookup on s | speed-up | same text | accepted / drafted |")
     print("|---|---|---|---|---|---|")
-    for name, run in tasks(model, lang).items():
-        if args.task and name not in args.task:
-            continue
-        times = {0: [], LOOKUP["draft"]: []}
-        texts = {}
-        counts = (0, 0)
-        for _ in range(args.runs):
-            for draft in (0, SamplingParams().prompt_lookup):
-                LOOKUP.update(draft=draft, drafted=0, accepted=0)
-                t0 = time.perf_counter()
-                texts[draft] = run()
-                times[draft].append(time.perf_counter() - t0)
-                if draft:
-                    counts = (LOOKUP["accepted"], LOOKUP["drafted"])
-        off, on = statistics.median(times[0]), statistics.median(times[SamplingParams().prompt_lookup])
-        same = texts[0] == texts[SamplingParams().prompt_lookup]
-        print(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.2f}× | {'yes' if same else 'NO'} | "
-              f"{counts[0]} / {counts[1]} |")
+    with tempfile.TemporaryDirectory(prefix="muse-bench-") as folder:
+        for name, run in tasks(model, lang, Path(folder)).items():
+            if not args.task or name in args.task:
+                measure(name, run, args.runs)
+
+
+def measure(name: str, run, runs: int) -> None:
+    """Print the table row of one task: `runs` runs each with lookup off and on, alternating, after one
+    untimed run (a first call pays for imports and warm caches, which would count against "off")."""
+    run()
+    times, texts, counts = {0: [], ON: []}, {}, (0, 0)
+    for _ in range(runs):
+        for draft in (0, ON):
+            LOOKUP.update(draft=draft, drafted=0, accepted=0)
+            t0 = time.perf_counter()
+            texts[draft] = run()
+            times[draft].append(time.perf_counter() - t0)
+            if draft:
+                counts = (LOOKUP["accepted"], LOOKUP["drafted"])
+    off, on = statistics.median(times[0]), statistics.median(times[ON])
+    print(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.2f}× | {'yes' if texts[0] == texts[ON] else 'NO'} | "
+          f"{counts[0]} / {counts[1]} |")
 
 
 if __name__ == "__main__":

@@ -356,10 +356,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard and procs.output is None)
     sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
-    # Prompt lookup: a drafted token is kept when the sampler picks it anyway (`Sampler`), so the text is
-    # the one without drafts, greedy or seeded; not under a constraint or with logprobs, which want every
-    # step's own logits.
-    lookup = PromptLookup(ids) if p.prompt_lookup and p.constraint is None and p.logprobs is None else None
+    lookup = prompt_lookup(p, ids)
 
     t0 = time.perf_counter()
     logits, _ = model(torch.tensor([ids], dtype=torch.long, device=model.device), cache=cache,
@@ -410,9 +407,16 @@ LOOKUP_NGRAM = (3, 2)  # the longest and shortest tail n-gram looked up
 LOOKUP_START = 4       # the first draft's length
 
 
+def prompt_lookup(p: SamplingParams, ids: list[int]) -> "PromptLookup | None":
+    """The drafter for a request with prompt `ids`, or None where drafts are off: `p.prompt_lookup` 0, or
+    a constraint or logprobs, which want every step's own logits. A drafted token is kept only when the
+    sampler picks it anyway (`Sampler`), so the text is the one without drafts, greedy or seeded."""
+    return PromptLookup(ids) if p.prompt_lookup and p.constraint is None and p.logprobs is None else None
+
+
 class PromptLookup:
-    """Drafts for greedy decoding from the text so far (prompt lookup decoding): the tokens that
-    followed the latest earlier occurrence of the text's last n-gram, longest n first. Rewrites,
+    """Drafts from the text so far (prompt lookup decoding): the tokens that followed the latest
+    earlier occurrence of the text's last n-gram, longest n first. Rewrites,
     summaries, answers from documents and translations copy much of their prompt; the model checks
     a whole draft in one forward pass, which on a CPU costs little more than one token's."""
 

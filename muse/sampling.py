@@ -144,8 +144,8 @@ class SamplingParams:
     constraint: Constraint | None = None  # the output must match it (JSON schema, regex, choice, grammar)
     logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     logprobs: int | None = None  # None: off; k ≥ 0: each chunk carries its token's logprob and the top k
-    # Greedy decoding drafts up to this many tokens from the text so far (prompt lookup) and the model
-    # checks them in one pass: the same text, faster where the output copies its prompt. 0 → off.
+    # Draft up to this many tokens from the text so far (prompt lookup) for the model to check in one
+    # pass: the same text, greedy or seeded, faster where the output copies its prompt. 0 → off.
     prompt_lookup: int = 8
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ from muse.api import Model
 from muse.errors import MuseError
 from muse.generation import (
     GenerationChunk, LogitsProcessors, PromptLookup, SamplingParams, TokenText, fit_prompt, is_greedy,
-    make_sampler, per_second, token_logprobs,
+    make_sampler, per_second, prompt_lookup, token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
@@ -273,9 +273,7 @@ class Scheduler:
         ids, max_new = fit_prompt(ids, self.model.config.block_size, p)
         procs = LogitsProcessors(p, tok, self.model.config.vocab_size, ids, self.model.model.device)
         text = TokenText(tok, p.stop, max_new, p.loop_guard and procs.output is None)  # as stream_generate
-        req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs)
-        if p.prompt_lookup and p.constraint is None and p.logprobs is None:  # as stream_generate
-            req.lookup = PromptLookup(ids)
+        req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs, lookup=prompt_lookup(p, ids))
         self._enqueue(self._waiting, req, "requests")
         return req.stream
 
@@ -494,7 +492,8 @@ class Scheduler:
         logits, _ = model(idx, cache=self._cache, last_only=width == 1)  # (rows, width, V); failing fails the batch
         greedy = [b for b, r in enumerate(self._rows)
                   if is_greedy(r.params) and not r.procs.active and r.params.logprobs is None]
-        picks = logits[greedy].argmax(dim=-1).tolist() if greedy else []  # (len(greedy), width): one argmax
+        every = len(greedy) == len(self._rows)  # every row greedy: one argmax, no copy
+        picks = (logits if every else logits[greedy]).argmax(dim=-1).tolist() if greedy else []  # (greedy, width)
         picked = dict(zip(greedy, picks))
         ended: list[tuple[int, Exception | None]] = []
         keep = list(self._cache.lens)

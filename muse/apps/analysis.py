@@ -64,8 +64,8 @@ CONTENT_FREE = ("N/A", "", "[MASK]")
 class Method:
     """How a label is picked. kind: "likelihood" (score each label as the answer), "constrained" (the
     model writes one label in a chat) or "embedding" (the label whose name is nearest the text in the
-    multilingual embedding model's space: no language model runs, `EMBED_AS`); style: the likelihood prompt, "plain" or "chat"; calibrate:
-    contextual calibration (likelihood only); shots: the worked examples (sentiment) in the prompt;
+    multilingual embedding model's space: no language model runs, `EMBED_AS`); style: the likelihood
+    prompt, "plain" or "chat"; calibrate: contextual calibration (likelihood only); shots: the worked examples (sentiment) in the prompt;
     total: score a label by the sum of its tokens' log-probabilities (the reply's likelihood, what
     greedy decoding follows) instead of their mean."""
     kind: str = "likelihood"
@@ -346,9 +346,8 @@ def _nearest(text: str, labels: tuple[str, ...], task: str) -> dict[str, float]:
     """{label: softmax of its cosine with the text / EMBED_TEMPERATURE}, labels embedded as EMBED_AS."""
     import numpy as np
 
-    names = [SENTIMENTS[SENTIMENT_LABELS["zh"].index(x)] if x in SENTIMENT_LABELS["zh"] else x for x in labels] \
-        if task == "sentiment" else list(labels)
-    vectors = embed([EMBED_AS[task].format(label=n) for n in names] + [text], "query")  # (L + 1, D), unit
+    english = dict(zip(SENTIMENT_LABELS["zh"], SENTIMENTS)) if task == "sentiment" else {}
+    vectors = embed([EMBED_AS[task].format(label=english.get(x, x)) for x in labels] + [text], "query")  # (L+1, D)
     sims = vectors[:-1] @ vectors[-1]  # (L,)
     weights = np.exp((sims - sims.max()) / EMBED_TEMPERATURE)
     return {label: float(w) for label, w in zip(labels, weights / weights.sum())}
@@ -531,6 +530,11 @@ def _cell(value):
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
 
 
+def request_language(text: str, labels: list[str] | None = None) -> str:
+    """The language a request is in, as `classify` checks it: the text's, with the labels' words."""
+    return language(text + " " + " ".join(labels)) if labels else language(text)
+
+
 def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list[str] | None = None,
                   task: str = "classify", column: str = "text", calibrate: bool | None = None,
                   method: str = "auto") -> int:
@@ -561,7 +565,7 @@ def classify_file(model, path_in: str | Path, path_out: str | Path, labels: list
     out = []
     for row in rows:
         text = row[column]
-        m = model(language(text + (" " + " ".join(labels) if task == "classify" else ""))) if callable(model) else model
+        m = model(request_language(text, labels if task == "classify" else None)) if callable(model) else model
         if task == "classify":
             probs = classify(m, text, labels, calibrate, method=method)
         else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from muse.text import has_number, language, numbers, terms
+from muse.text import HAN_RE, has_number, language, numbers, terms
 
 SUPPORT = 0.5  # share of the reply's new content words that the supporting passage must contain
 
@@ -103,7 +103,7 @@ _ZH_FRAME = frozenset("的了是在和也就都而及与着或之于其这那个
 # Verbs and nouns that frame what is asked ("会受到什么处理", "需要什么手续"), as GENERIC does in English.
 _ZH_GENERIC = frozenset("受到 处理 办理 需要 规定 要求 情况 方法 办法 时间 费用 价格 得到 提供 使用 进行 属于 包括 获得 "
                         "享受 手续 条件 标准 注意 事项 允许 可以 应该 多长 多久".split())
-_HAN_RUN = re.compile(r"[\u4e00-\u9fff]+")
+_HAN_RUN = re.compile(f"{HAN_RE.pattern}+")
 
 
 def _subject_terms(text: str, lang: str) -> set[str]:

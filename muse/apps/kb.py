@@ -529,14 +529,14 @@ def build_messages(model, question: str, passages: list[Citation], lang: str) ->
     document and heading path) and the question; in Chinese the titled passages and rules in one
     user turn (`_PLAIN`). Passage text is neutralised either way."""
     specials = _special_tokens(model)
+    heading = lambda c: neutralise(SEP.join(x for x in (c.title, c.section) if x), specials)  # noqa: E731
     if lang in _PLAIN:
         ask_, doc = _PLAIN[lang]
-        docs = "\n\n".join(doc.format(title=neutralise(SEP.join(x for x in (c.title, c.section) if x), specials),
-                                       text=neutralise(c.text, specials).strip()) for c in passages)
+        docs = "\n\n".join(doc.format(title=heading(c), text=neutralise(c.text, specials).strip()) for c in passages)
         return [{"role": "system", "content": _SYSTEM[lang]},
                 {"role": "user", "content": ask_.format(docs=docs, nf=NOT_FOUND[lang], q=neutralise(question, specials))}]
     block = "\n\n".join(
-        f'<passage id="{c.n}" title="{neutralise(SEP.join(x for x in (c.title, c.section) if x), specials)}">\n'
+        f'<passage id="{c.n}" title="{heading(c)}">\n'
         f"{neutralise(c.text, specials).strip()}\n</passage>" for c in passages)
     user = f"<documents>\n{block}\n</documents>\n\n" + _QUESTION[lang].format(q=neutralise(question, specials))
     return [{"role": "system", "content": _SYSTEM[lang].format(nf=NOT_FOUND[lang])},

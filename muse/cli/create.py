@@ -70,14 +70,13 @@ def create(
 
 def _run_file(models, path_in: Path, path_out: Optional[Path], **kwargs) -> None:
     """Score every record of `path_in`, each with the model for its language (`ModelsByLanguage`)."""
-    from muse.apps.analysis import classify_file, read_rows
-    from muse.text import language
+    from muse.apps.analysis import classify_file, read_rows, request_language
 
     if path_out is None:
         raise ValueError("--input needs --output (a .csv or .jsonl file for the results)")
-    column, labels = kwargs["column"], " ".join(kwargs.get("labels") or [])
+    column = kwargs["column"]
     rows, _ = read_rows(path_in, column)
-    for lang in dict.fromkeys(language(row[column] + (" " + labels if labels else "")) for row in rows):
+    for lang in dict.fromkeys(request_language(row[column], kwargs.get("labels")) for row in rows):
         models(lang)  # load what the records need before the progress line (as classify_file picks)
     with err.status(f"Scoring {path_in}…"):
         n = classify_file(models, path_in, path_out, **kwargs)
