@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 ENGINES = {  # name -> label
     "muse-auto": "Muse auto (int4/int8)",
+    "muse-w4a8": "Muse w4a8 (int8 activations)",
     "muse-fp32": "Muse fp32",
     "muse-bf16": "Muse bf16",
     "tf-fp32": "transformers fp32",
@@ -396,14 +397,24 @@ def machine_info(threads: int) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from muse import quant
+
+    flags = sorted(f for f in quant._cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx")))
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": flags,
+            "muse_isa": quant.kernel_isa(), "threads": threads,
             "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
     for mod in ("transformers", "llama_cpp"):
         try:
             info[mod] = __import__(mod).__version__
         except ImportError:
             info[mod] = None
+    if info["llama_cpp"]:
+        import llama_cpp
+
+        system = llama_cpp.llama_print_system_info().decode(errors="replace")
+        names = [f.split("=")[0].split(":")[-1].strip() for f in system.split("|") if f.strip().endswith("= 1")]
+        info["llama_cpp_isa"] = " ".join(n for n in names if n.startswith(("AVX", "FMA", "F16C")))
     try:
         import psutil
 
@@ -629,6 +640,8 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per engine subprocess")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before each engine, wait up to S seconds for other processes to use < 10%% CPU")
+    ap.add_argument("--isa", default=None, help="force Muse's kernels onto this instruction set (MUSE_CPU: avx2, "
+                    "avx2-vnni, avx512, avx512-vnni, scalar); default: the CPU's best")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: a WorkerSpec JSON
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -644,6 +657,8 @@ def main(argv=None) -> None:
     if new_tokens < 1 or runs < 1:
         raise SystemExit(f"--new-tokens and --runs must be >= 1, got {new_tokens} and {runs}")
 
+    if args.isa:
+        os.environ["MUSE_CPU"] = args.isa  # the workers inherit it
     machine = machine_info(args.threads)
     print(f"{machine['cpu']}, {machine['logical_cpus']} CPUs, load average {machine['loadavg_start'][0]:.2f}; "
           "measuring memory bandwidth ...", flush=True)
@@ -663,7 +678,9 @@ def main(argv=None) -> None:
             if args.wait_idle > 0:
                 wait_idle(args.wait_idle)
             print(f"  {ENGINES[name]} ...", flush=True)
-            results[name] = run_engine(name, base, workdir, env, args.timeout)
+            # each Muse engine converts into its own fresh cache (w4a8 would find auto's)
+            own = env if args.muse_home else {**env, "MUSE_HOME": str(workdir / f"home-{name}")}
+            results[name] = run_engine(name, base, workdir, own, args.timeout)
         ref = compare(results, workdir)
     machine["loadavg_end"] = list(os.getloadavg())
 
@@ -671,6 +688,8 @@ def main(argv=None) -> None:
               f"{', ' + str(machine.get('physical_cores')) + ' cores' if machine.get('physical_cores') else ''}, "
               f"{machine['cpu_capability']}) | torch {machine['torch']}, transformers {machine['transformers']}, "
               f"llama_cpp {machine['llama_cpp']} | {args.threads} threads\n"
+              f"CPU flags: {' '.join(machine['cpu_flags']) or '?'} | Muse kernels: {machine['muse_isa']}"
+              f"{' (forced)' if args.isa else ''} | llama.cpp built for: {machine.get('llama_cpp_isa') or '-'}\n"
               f"decode: {len(decode_prompt)}-token prompt + {new_tokens} greedy tokens, median of {runs}; "
               f"bandwidth: {bandwidth['read_gbps']:.1f} GB/s read, {bandwidth['copy_gbps']:.1f} GB/s copy "
               f"({bandwidth['gib']:g} GiB); load average {machine['loadavg_start'][0]:.2f} -> "

@@ -9,6 +9,16 @@ torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions
 reused by later processes. When they cannot be built, or MUSE_NO_KERNELS=1, a pure
 PyTorch path (dequantize + F.linear) gives the same numbers, more slowly.
 
+Instruction set: the kernels are compiled for the best one the CPU runs (avx512-vnni,
+avx512, avx2-vnni, avx2 or scalar), one module per instruction set, so one installation
+serves any CPU it is copied to. MUSE_CPU=avx2 (or another) forces a lower one, e.g. to
+measure the path a laptop without AVX-512 takes.
+
+Int8 activations (`act_bits=8`, the "w4a8" precision): x is rounded to int8 in blocks of
+32 (one fp32 scale each) and meets W's codes in integer dot products. The weights stay
+exact; the output moves by about the rounding of x, in exchange for fewer instructions
+per weight, which is what bounds decode on AVX2.
+
     layer = QuantLinear.from_float(linear.weight, bits=4, group_size=32)
     y = layer(x)                      # x (..., in) -> (..., out)
     quantize_model(model, bits=8, group_size=32, skip={"lm_head"})
@@ -40,9 +50,65 @@ PREFILL_MIN_M: int | None = None
 PREFILL_MIN_K = 2048
 PREFILL_TILE_N = 256  # rows of W dequantized per at::mm call
 
+# Instruction sets the kernels are built for, best first. "-vnni" adds the VNNI integer dot
+# product (dpbusd) to the int8-activation path; "avx2" is the path of most laptops.
+ISAS = ("avx512-vnni", "avx512", "avx2-vnni", "avx2", "scalar")
+_ISA_CFLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
+                    "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx2-vnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    "scalar": [],
+}
+
 _ext = None
 _ext_tried = False
 _ext_lock = threading.Lock()
+_modules: dict[str, object] = {}  # isa -> built module, for kernels(isa)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The kernel instruction sets this CPU runs, best first (always ending in "scalar")."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()  # AVX512 / AVX2 / DEFAULT / ...
+    flags = _cpu_flags()
+    if flags and "f16c" not in flags:  # every AVX2 CPU has F16C; trust torch where flags are unknown
+        cap = "DEFAULT"
+    runs = {"avx512": cap == "AVX512", "avx2": cap in ("AVX512", "AVX2")}
+    runs["avx512-vnni"] = runs["avx512"] and "avx512_vnni" in flags
+    runs["avx2-vnni"] = runs["avx2"] and "avx_vnni" in flags
+    return tuple(isa for isa in ISAS if isa == "scalar" or runs[isa])
+
+
+def kernel_isa() -> str:
+    """The instruction set Muse's kernels use here: the CPU's best, or MUSE_CPU's.
+
+    MUSE_CPU=avx2 (avx512, avx2-vnni, scalar, ...) forces exactly that path, e.g. to measure
+    what a laptop without AVX-512 or VNNI runs; one this CPU lacks falls back, with a warning."""
+    have = cpu_isas()
+    want = os.environ.get("MUSE_CPU", "auto").strip().lower() or "auto"
+    if want == "auto":
+        return have[0]
+    if want not in ISAS:
+        warnings.warn(f"MUSE_CPU={want!r} is not one of auto, {', '.join(ISAS)}; using {have[0]}.",
+                      RuntimeWarning, stacklevel=2)
+        return have[0]
+    if want not in have:
+        warnings.warn(f"MUSE_CPU={want} asks for instructions this CPU lacks; using {have[0]}.",
+                      RuntimeWarning, stacklevel=2)
+        return have[0]
+    return want
 
 
 def _kernels_disabled() -> bool:
@@ -50,7 +116,7 @@ def _kernels_disabled() -> bool:
     return flag is not None and flag.strip().lower() in ("1", "true", "yes")
 
 
-def _build_extension():
+def _build_extension(isa: str | None = None):
     from torch.utils.cpp_extension import load
 
     # cpp_extension runs `ninja`; from an un-activated venv it is not on PATH.
@@ -62,16 +128,29 @@ def _build_extension():
         except (ImportError, AttributeError):
             bin_dir = os.path.dirname(sys.executable)
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    # -march=native code must not be loaded on a CPU with fewer features, e.g. from a
-    # shared home directory: key the build by the ISA torch detects.
-    isa = torch.backends.cpu.get_cpu_capability().lower()
+    # Explicit ISA flags, never -march=native: the module name says what it needs, so a
+    # build cache shared with another CPU (a home directory on NFS) cannot hand it code
+    # it cannot run.
+    isa = isa or kernel_isa()
     return load(
-        name=f"muse_quant_cpu_{isa}",
+        name=f"muse_quant_cpu_{isa.replace('-', '_')}",
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS[isa]],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def kernels(isa: str):
+    """The kernels built for `isa` (one of cpu_isas()), building them if needed; for tests
+    and benchmarks that compare instruction sets in one process. Raises if they cannot be built."""
+    if isa not in cpu_isas():
+        raise ValueError(f"this CPU does not run {isa!r} code; it runs {', '.join(cpu_isas())}")
+    with _ext_lock:
+        if isa not in _modules:
+            same = _ext is not None and _ext.isa() == isa  # the module this process already uses
+            _modules[isa] = _ext if same else _build_extension(isa)
+    return _modules[isa]
 
 
 def _extension():
@@ -159,6 +238,15 @@ def _unpack4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) rounded as the int8-activation kernels round it, returned in fp32: blocks of
+    32 along K, d = absmax / 127, x ~ d * round(x * (1 / d)) (half to even). K % 32 == 0."""
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // _CHUNK, _CHUNK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).reshape(x.shape)
+
+
 def _prefill_min_m(in_features: int) -> int:
     on = PREFILL_MIN_M is not None and in_features >= PREFILL_MIN_K
     return PREFILL_MIN_M if on else 1 << 62
@@ -203,7 +291,13 @@ class QuantLinear(nn.Module):
     The fast kernels need group_size % 32 == 0; other group sizes use the PyTorch path.
     They compute no gradients: with autograd recording and x requiring grad, forward
     uses the PyTorch path too.
+
+    act_bits (attribute, not saved): 32 computes with x as given; 8 rounds x to int8
+    blocks first (see quantize_activations) and uses the integer-dot kernels. It needs
+    group_size % 32 == 0 and is ignored otherwise.
     """
+
+    act_bits = 32
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -326,8 +420,10 @@ class QuantLinear(nn.Module):
         if x2.dtype != torch.float32:
             x2 = x2.float()
         buf = self._buffers
+        fits = self.group_size % _CHUNK == 0
+        act_bits = self.act_bits if fits else 32
         if (
-            self.group_size % _CHUNK == 0
+            fits
             and x2.device.type == "cpu"
             and not (x2.requires_grad and torch.is_grad_enabled())
             and kernels_available()
@@ -335,9 +431,10 @@ class QuantLinear(nn.Module):
             y = _ext.linear(
                 x2.contiguous(), buf["qweight"], buf["scales"], buf["mins"], buf["bias"],
                 self.bits, self.group_size,
-                _prefill_min_m(self.in_features), PREFILL_TILE_N,
+                _prefill_min_m(self.in_features), PREFILL_TILE_N, act_bits,
             )  # fmt: skip
         else:
+            x2 = quantize_activations(x2) if act_bits == 8 else x2
             y = F.linear(x2, self.dequantize(), buf["bias"])
         y = y.view(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -346,6 +443,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
+            + (f", act_bits={self.act_bits}" if self.act_bits != 32 else "")
         )
 
 
@@ -371,3 +469,13 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, skip=()) -> dic
         setattr(model.get_submodule(parent_name), attr, q)
         replaced[name] = {"bits": bits, "group_size": group_size}
     return replaced
+
+
+def set_activation_bits(model: nn.Module, bits: int) -> int:
+    """Set act_bits (8: int8 activations, 32: as given) on every QuantLinear; return how many."""
+    if bits not in (8, 32):
+        raise ValueError(f"activation bits must be 8 or 32, got {bits!r}")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.act_bits = bits
+    return len(layers)

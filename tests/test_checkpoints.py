@@ -154,6 +154,40 @@ def test_gguf_packed_precision_matches_fp32(tiny_gguf):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_gguf_blocks_repack_to_exactly_the_weights_gguf_decodes(qtype):
+    from types import SimpleNamespace
+
+    from muse.checkpoints.gguf_file import _packed
+
+    rng = np.random.default_rng(int(qtype))
+    w = (rng.standard_normal((5, 96)) * rng.uniform(0.01, 3, (5, 1))).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block
+    raw = gguf.quants.quantize(w, qtype)
+    packed = _packed(SimpleNamespace(tensor_type=qtype, data=raw))
+    assert packed is not None and packed.bits == (8 if qtype in (Q.Q5_0, Q.Q8_0) else 4)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+    torch.testing.assert_close(packed.dequantize(), want, rtol=0, atol=0)
+    if qtype == Q.Q5_0:
+        assert packed.codes.min() >= -16 and packed.codes.max() <= 15
+
+
+def test_gguf_file_reads_metadata_and_tensors_as_the_gguf_package_does(tiny_gguf):
+    from muse.checkpoints.gguf_file import GGUFFile
+
+    path, _ = tiny_gguf
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+    theirs_kv = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}  # its header counts
+    assert set(ours.fields) == set(theirs_kv)
+    for key, field in theirs_kv.items():
+        assert ours.fields[key].types == field.types, key
+        assert ours.fields[key].contents() == pytest.approx(field.contents()), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == [int(x) for x in b.shape]
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+
+
 def test_muse_format_round_trip_and_atomic_save(tmp_path, monkeypatch):
     model = Transformer(ModelConfig.from_name("tiny")).init_weights(seed=1).eval()
     out = muse.save_checkpoint(tmp_path / "ckpt", model)

@@ -65,6 +65,22 @@ def test_default_precision_is_lossless_for_q4_1(reference, default_model):
     assert default_model.info["quantization"], "Q4_1 weights should stay packed at the default precision"
 
 
+def test_w4a8_rounds_only_the_activations_and_stays_close(model_cache, default_model):
+    """w4a8 keeps auto's weights (same cache) and runs every quantized layer on int8 activations."""
+    from muse.quant import QuantLinear
+
+    w4a8 = muse.load(precision="w4a8")
+    layers = [m for m in w4a8.model.modules() if isinstance(m, QuantLinear)]
+    assert w4a8.info["precision"] == "w4a8" and w4a8.info["int8_activation_layers"] == len(layers) > 100
+    assert all(m.act_bits == 8 for m in layers)
+    assert w4a8.info["cached"] and w4a8.info["cache"] == default_model.info["cache"]
+    ids = default_model.tokenizer.encode("The quick brown fox jumps over the lazy dog because it was late for")
+    exact, approx = default_model.logits(ids).log_softmax(-1), w4a8.logits(ids).log_softmax(-1)
+    kl = (exact.exp() * (exact - approx)).sum(-1)  # (T,) nats
+    assert 0 < kl.mean() < 0.02
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.8
+
+
 def test_default_greedy_equals_transformers(reference, default_model):
     ids = default_model.tokenizer.encode(PROMPTS[0])
     ref = reference[0].decode(_hf_greedy(reference, ids, 20))

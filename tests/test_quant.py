@@ -187,6 +187,101 @@ def test_prefill_tiles_match_fallback(kernels, monkeypatch, bits):
     assert kernels.calls == 1
 
 
+# ----------------------------------------------------------------------------- instruction sets, int8 activations
+
+
+def _isas_to_test() -> list[str]:
+    # the CPU's best (what users get), the plain AVX2 path of laptops (maddubs, 8 lanes), and
+    # the scalar path: between them every code path of the source, each build ~20 s
+    have = quant.cpu_isas()
+    return list(dict.fromkeys(isa for isa in (have[0], "avx2", "scalar") if isa in have))
+
+
+@pytest.fixture(scope="module", params=_isas_to_test())
+def isa_module(request):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
+    module = quant.kernels(request.param)
+    assert module.isa() == request.param
+    return module
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("act_bits", [32, 8])
+@pytest.mark.parametrize("shape", [(1, 7, 96, 32), (2, 33, 128, 64), (3, 9, 256, 256), (5, 50, 320, 32),
+                                   (13, 18, 64, 32)])  # (M, N, K, G): odd rows of W, x-row tails of 4
+def test_every_instruction_set_matches_the_pytorch_reference(isa_module, bits, act_bits, shape):
+    M, N, K, G = shape
+    gen = torch.Generator().manual_seed(M * 100 + N + bits)
+    codes, scales, mins = random_codes(N, K, bits, G, gen)
+    codes[0, :3] = torch.tensor([-128, 127, 0] if bits == 8 else [15, 0, 15])  # the ends of the range
+    layer = QuantLinear.from_codes(codes, scales, mins, bits, bias=torch.randn(N, generator=gen))
+    x = torch.randn(M, K, generator=gen) * torch.rand(M, K, generator=gen).pow(4) * 3  # spread block scales
+    x[0, :32] = 0.0  # an all-zero activation block (scale 0)
+    b = layer._buffers
+    y = isa_module.linear(x, b["qweight"], b["scales"], b["mins"], b["bias"], bits, G, 1 << 62, 256, act_bits)
+    xr = quant.quantize_activations(x) if act_bits == 8 else x
+    assert_close_scaled(y, F.linear(xr, layer.dequantize(), layer.bias))
+
+
+def test_int8_activations_round_half_to_even_in_blocks_of_32():
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1], x[0, 2] = 127.0, 2.5, -3.5  # d = 1: 2.5 -> 2, -3.5 -> -4
+    x[0, 32:] = torch.linspace(-0.5, 0.25, 32)  # its own block: d = 0.5 / 127
+    q = quant.quantize_activations(x)
+    assert q[0, :3].tolist() == [127.0, 2.0, -4.0]
+    d = 0.5 / 127
+    assert (q[0, 32:] - x[0, 32:]).abs().max() <= d / 2 + 1e-7
+    assert q[0, 32] == -0.5  # the block's extreme is exact
+
+
+def test_w4a8_layers_use_the_int8_kernel_and_stay_close_to_exact(kernels):
+    gen = torch.Generator().manual_seed(9)
+    layer = QuantLinear.from_float(torch.randn(64, 256, generator=gen), 4, 32)
+    x = torch.randn(3, 256, generator=gen)
+    exact = layer(x)
+    layer.act_bits = 8
+    y = layer(x)
+    assert kernels.calls == 2
+    assert_close_scaled(y, F.linear(quant.quantize_activations(x), layer.dequantize()))
+    rel = (y - exact).norm() / exact.norm()
+    assert 0 < rel < 0.02  # x moved by its rounding, not more
+    assert "act_bits=8" in repr(layer)
+
+
+def test_muse_cpu_forces_an_instruction_set_and_refuses_what_the_cpu_lacks(monkeypatch):
+    monkeypatch.setenv("MUSE_CPU", "scalar")
+    assert quant.kernel_isa() == "scalar"
+    if "avx2" in quant.cpu_isas():
+        monkeypatch.setenv("MUSE_CPU", "AVX2")
+        assert quant.kernel_isa() == "avx2"
+    monkeypatch.setenv("MUSE_CPU", "sse9")
+    with pytest.warns(RuntimeWarning, match="not one of"):
+        assert quant.kernel_isa() == quant.cpu_isas()[0]
+    monkeypatch.setattr(quant, "cpu_isas", lambda: ("avx2", "scalar"))
+    monkeypatch.setenv("MUSE_CPU", "avx512")
+    with pytest.warns(RuntimeWarning, match="lacks"):
+        assert quant.kernel_isa() == "avx2"
+    with pytest.raises(ValueError, match="does not run"):
+        quant.kernels("avx512")
+
+
+def test_the_forced_isa_is_the_module_the_layers_run(monkeypatch):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
+    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
+    monkeypatch.setenv("MUSE_CPU", "scalar")
+    monkeypatch.setattr(quant, "_ext", None)
+    monkeypatch.setattr(quant, "_ext_tried", False)
+    assert kernels_available() and quant._ext.isa() == "scalar"
+    spy = Spy(quant._ext)
+    monkeypatch.setattr(quant, "_ext", spy)
+    layer = QuantLinear.from_float(torch.randn(8, 64), 4, 32)
+    x = torch.randn(2, 64)
+    assert_close_scaled(layer(x), fallback(layer, x))
+    assert spy.calls == 1
+
+
 def test_no_kernels_env_uses_pytorch_path_with_same_numbers(kernels, monkeypatch):
     gen = torch.Generator().manual_seed(5)
     layer = QuantLinear.from_float(torch.randn(64, 96, generator=gen), 4, 32, bias=torch.randn(64, generator=gen))

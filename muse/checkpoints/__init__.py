@@ -170,6 +170,12 @@ def load_checkpoint(name_or_path: str | Path | None = None, precision: str = "au
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "w4a8":  # the "auto" model (and cache), then int8 activations
+        from muse.quant import set_activation_bits
+
+        ckpt = load_checkpoint(name_or_path, "auto", progress)
+        ckpt.info.update(precision="w4a8", int8_activation_layers=set_activation_bits(ckpt.model, 8))
+        return ckpt
     report = progress or reporter()
     t0 = time.perf_counter()
     if name_or_path is not None and is_adapter_dir(Path(name_or_path).expanduser()):
@@ -225,6 +231,12 @@ def load_adapter_checkpoint(adapter_dir: str | Path, precision: str = "auto", ba
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "w4a8":  # merged into fp32 weights, which int4 then packs
+        from muse.quant import set_activation_bits
+
+        ckpt = load_adapter_checkpoint(adapter_dir, "int4", base, merged)
+        ckpt.info.update(precision="w4a8", int8_activation_layers=set_activation_bits(ckpt.model, 8))
+        return ckpt
     adapter_dir = Path(adapter_dir).expanduser()
     config = read_adapter_config(adapter_dir)
     src = base_source(config, adapter_dir, base)

@@ -17,7 +17,9 @@ import torch.nn as nn
 from muse.config import ModelConfig
 from muse.model import Transformer
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")
+# w4a8: the weights as "auto" keeps them (int4 for Q4 files), activations rounded to int8 in
+# the kernels (muse.quant.set_activation_bits); chosen at load time, never stored.
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4", "w4a8")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from muse.errors import MuseError
 from muse.eval.suites import (APP, BASE_NAMES, DEFAULT_SPLIT, METRIC_NAMES, RAW, SUITES, metric_base,
                               resolve_suites, run_suite)
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")
+from muse.checkpoints.weights import PRECISIONS
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 // Weight-only quantized linear layers for CPU: int8 (symmetric) and int4 (asymmetric).
 //
-// Built at first use by muse/quant.py through torch.utils.cpp_extension.load with
-// -O3 -march=native -fopenmp. One source serves three instruction sets, picked at
-// compile time: AVX-512 (16 lanes), AVX2+FMA+F16C (8 lanes), or plain C++ (1 lane).
+// Built at first use by muse/quant.py through torch.utils.cpp_extension.load, once per
+// instruction set the CPU runs and Muse is asked to use (MUSE_CPU): the same source is
+// compiled with -mavx512f... (16 lanes), -mavx2 -mfma -mf16c (8 lanes) or no ISA flag
+// (1 lane), with or without VNNI; each build is its own module, picked at run time.
 //
 // Layouts (see QuantLinear's docstring, which is the reference):
 //   bits=8: q int8 (N, K), row-major; w[n,k] = scale[n, k/G] * q[n,k]
@@ -16,6 +17,13 @@
 // cvt * scale; int4: AVX-512 looks the 16 values of a group up with one vpermps, AVX2
 // does cvt + fma) and FMA them with 4 rows of x at a time, all rows of x passing over a
 // task's rows of W while they sit in L1/L2: a register-blocked GEMM for any M.
+// Int8-activation path (act_bits=8, precision "w4a8"): each row of x is quantized once
+// per call into blocks of 32 int8 codes a with an fp32 scale d (x ~ d * a, d = absmax/127)
+// and W's codes meet them in integer dot products (maddubs + madd, or one VNNI dpbusd),
+// as llama.cpp's Q4_1 x Q8_1 does: per block of 32,
+//   int4: sum_k (s c_k + m) d a_k = s d (sum_k c_k a_k) + m d (sum_k a_k)
+//   int8: sum_k (s c_k) d a_k     = s d (sum_k c_k a_k)
+// The weights stay exact; only x is rounded (about 0.4 % per element).
 // Tile path (M >= prefill_min_m): dequantize tile_n rows of W into an fp32 scratch
 // (parallel over rows) and hand each tile to at::mm (MKL / oneDNN). quant.py picks it
 // only where it measured faster (long rows, many rows of x).
@@ -28,8 +36,11 @@
 #include <atomic>
 #include <cstdint>
 
+#include <cmath>
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+#define MUSE_SIMD_256 1  // AVX2 integer ops are there in both vector builds
 #endif
 
 namespace {
@@ -52,6 +63,7 @@ inline VF vload_i8(const int8_t* p) {  // 16 int8 -> 16 floats
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+constexpr const char* kIsa = "avx512";
 // int4 group dequantizer: the 16 possible values scale * c + min live in one register, and
 // vpermps picks them by the low 4 bits of each lane, so no masking or int->float needed.
 struct Deq4 {
@@ -95,6 +107,7 @@ inline void vunpack4(const uint8_t* p, VF* w) {  // 16 bytes -> codes 0..7, 8..1
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
 }
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+constexpr const char* kIsa = "avx2";
 #define MUSE_GENERIC_DEQ4
 #else
 constexpr int L = 1;
@@ -115,6 +128,7 @@ inline void vunpack4(const uint8_t* p, VF* w) {
   }
 }
 inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+constexpr const char* kIsa = "scalar";
 #define MUSE_GENERIC_DEQ4
 #endif
 
@@ -140,6 +154,10 @@ struct Problem {
   const float* bias;   // (N,) or nullptr
   float* y;            // (M, N) contiguous
   int64_t M, N, K, G, ng;
+  // int8-activation path only (quantize_rows fills them): x ~ xd[m, b] * xq[m, k], b = k / 32
+  const int8_t* xq;    // (M, K)
+  const float* xd;     // (M, K / 32)
+  const float* xgs;    // (M, ng): sum over group g's blocks of xd * (sum of their codes), int4 only
 };
 
 // Group g of row n dequantized chunk by chunk: 32 fp32 weights per call, in w[kVecs].
@@ -207,35 +225,208 @@ void matvec_rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
 
 // Rows of W are handed out in tasks from an atomic counter to torch's intra-op threads
 // (at::parallel_for, so torch.set_num_threads holds): a thread that starts late, or
-// shares its core with another process, just takes fewer tasks. Within a task, x rows
-// go 4 at a time past the task's rows of W, which are read from DRAM once.
-template <bool Q4>
-void matvec(const Problem& p) {
+// shares its core with another process, just takes fewer tasks. rows_fn(n0, n1) computes
+// y[:, n0:n1]; it passes all rows of x over the task's rows of W, read from DRAM once.
+template <typename RowsFn>
+void for_row_tasks(const Problem& p, RowsFn rows_fn) {
   constexpr int64_t kMinWeightsPerThread = 1 << 15;
   const int64_t threads = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), p.N * p.K / kMinWeightsPerThread));
   // tasks of at most ~64 KB of codes when M > 1, so that they stay in L2 across x rows
   int64_t rows = std::max<int64_t>(16, p.N / (16 * threads));
   if (p.M > 1) rows = std::min<int64_t>(rows, std::max<int64_t>(2, 65536 / p.K));
-  rows += rows & 1;  // even, for the 2-row blocks of matvec_rows
+  rows += rows & 1;  // even, for the 2-row blocks of the row kernels
   const int64_t tasks = (p.N + rows - 1) / rows;
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t, int64_t) {
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t n0 = t * rows, n1 = std::min(p.N, n0 + rows);
-      // this task's rows of W stay in L1/L2 while all rows of x go past them
-      for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-        switch (std::min<int64_t>(4, p.M - m0)) {
-          case 1: matvec_rows<1, Q4>(p, m0, n0, n1); break;
-          case 2: matvec_rows<2, Q4>(p, m0, n0, n1); break;
-          case 3: matvec_rows<3, Q4>(p, m0, n0, n1); break;
-          default: matvec_rows<4, Q4>(p, m0, n0, n1); break;
-        }
-      }
-    }
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;)
+      rows_fn(t * rows, std::min(p.N, t * rows + rows));
   };
   if (threads == 1) work(0, 1);
   else at::parallel_for(0, threads, 1, work);
+}
+
+// x rows 4 at a time, MT = min(4, rows left): Kernel<MT>::run(p, m0, n0, n1)
+template <template <int> class Kernel>
+void over_x_rows(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+    switch (std::min<int64_t>(4, p.M - m0)) {
+      case 1: Kernel<1>::run(p, m0, n0, n1); break;
+      case 2: Kernel<2>::run(p, m0, n0, n1); break;
+      case 3: Kernel<3>::run(p, m0, n0, n1); break;
+      default: Kernel<4>::run(p, m0, n0, n1); break;
+    }
+  }
+}
+
+template <bool Q4>
+struct Fp32Rows {
+  template <int MT>
+  struct K {
+    static void run(const Problem& p, int64_t m0, int64_t n0, int64_t n1) { matvec_rows<MT, Q4>(p, m0, n0, n1); }
+  };
+};
+
+template <bool Q4>
+void matvec(const Problem& p) {
+  for_row_tasks(p, [&](int64_t n0, int64_t n1) { over_x_rows<Fp32Rows<Q4>::template K>(p, n0, n1); });
+}
+
+// ---------------------------------------------------------------------------------------
+// Int8-activation path
+// ---------------------------------------------------------------------------------------
+
+// x (M, K) -> xq, xd, and for int4 xgs; rounding half to even, as torch.round does, of
+// x * (1 / d) with d = absmax / 127, all in fp32 (so that the Python reference matches).
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, bool q4, int8_t* xq, float* xd, float* xgs) {
+  const int64_t nb = K / kChunk, bpg = G / kChunk;
+  at::parallel_for(0, M, 1, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      float group_sum = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* v = x + m * K + b * kChunk;
+        float amax = 0.f;
+        for (int j = 0; j < kChunk; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int32_t sum = 0;
+        for (int j = 0; j < kChunk; ++j) {
+          const int32_t c = (int32_t)std::nearbyint(v[j] * inv);
+          xq[m * K + b * kChunk + j] = (int8_t)c;
+          sum += c;
+        }
+        xd[m * nb + b] = d;
+        if (q4) {
+          group_sum += d * (float)sum;
+          if ((b + 1) % bpg == 0) {
+            xgs[m * (K / G) + b / bpg] = group_sum;
+            group_sum = 0.f;
+          }
+        }
+      }
+    }
+  });
+}
+
+#ifdef MUSE_SIMD_256
+// 8 int32 lanes, each the sum of 4 adjacent products u[i] * s[i] (u unsigned, s signed)
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  // |u * s| <= 255 * 127 per product: a pair fits int16 for int4 (15 * 127 * 2) and for
+  // int8 as |w| <= 128 (128 * 127 * 2 = 32512)
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 weight codes of block k.. of row n as unsigned bytes u, and for int8 their signs
+// (maddubs multiplies unsigned by signed: int8 uses |w| and moves w's sign onto x).
+template <bool Q4>
+inline void load_block(const Problem& p, int64_t n, int64_t k, __m256i& u, __m256i& w) {
+  if constexpr (Q4) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)p.q + n * (p.K / 2) + k / 2));
+    u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  } else {
+    w = _mm256_loadu_si256((const __m256i*)((const int8_t*)p.q + n * p.K + k));
+    u = _mm256_sign_epi8(w, w);
+  }
+}
+#endif
+
+// y[m0:m0+MT, n0:n1] from xq: R rows of W at a time, so that a lone x row (decode) still
+// has R independent accumulation chains.
+template <int MT, bool Q4>
+void matvec_rows_a8(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int R = MT <= 2 ? 2 : 1;
+  const int64_t K = p.K, nb = K / kChunk, bpg = p.G / kChunk, ng = p.ng;
+  auto block = [&](int64_t n, auto rows) {
+    constexpr int RR = decltype(rows)::value;
+#ifdef MUSE_SIMD_256
+    __m256 acc[RR][MT];
+    for (int r = 0; r < RR; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+#else
+    float acc[RR][MT] = {};
+#endif
+    for (int64_t g = 0; g < ng; ++g) {
+      float s[RR];
+      for (int r = 0; r < RR; ++r) s[r] = h2f(p.s[(n + r) * ng + g]);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        const int64_t k = b * kChunk;
+#ifdef MUSE_SIMD_256
+        __m256i u[RR], w[RR];
+        for (int r = 0; r < RR; ++r) load_block<Q4>(p, n + r, k, u[r], w[r]);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i a = _mm256_loadu_si256((const __m256i*)(p.xq + (m0 + m) * K + k));
+          const float d = p.xd[(m0 + m) * nb + b];
+          for (int r = 0; r < RR; ++r) {
+            const __m256i dot = dot_u8s8(u[r], Q4 ? a : _mm256_sign_epi8(a, w[r]));
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s[r] * d), acc[r][m]);
+          }
+        }
+#else
+        for (int r = 0; r < RR; ++r)
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* a = p.xq + (m0 + m) * K + k;
+            int32_t dot = 0;
+            if constexpr (Q4) {
+              const uint8_t* c = (const uint8_t*)p.q + (n + r) * (K / 2) + k / 2;
+              for (int j = 0; j < 16; ++j) dot += (c[j] & 15) * a[j] + (c[j] >> 4) * a[j + 16];
+            } else {
+              const int8_t* c = (const int8_t*)p.q + (n + r) * K + k;
+              for (int j = 0; j < kChunk; ++j) dot += c[j] * a[j];
+            }
+            acc[r][m] += (float)dot * (s[r] * p.xd[(m0 + m) * nb + b]);
+          }
+#endif
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float bias = p.bias ? p.bias[n + r] : 0.f;
+      for (int m = 0; m < MT; ++m) {
+#ifdef MUSE_SIMD_256
+        float y = hsum256(acc[r][m]);
+#else
+        float y = acc[r][m];
+#endif
+        if constexpr (Q4)  // the mins' share: sum_g min[n, g] * xgs[m, g]
+          for (int64_t g = 0; g < ng; ++g) y += h2f(p.mn[(n + r) * ng + g]) * p.xgs[(m0 + m) * ng + g];
+        p.y[(m0 + m) * p.N + n + r] = y + bias;
+      }
+    }
+  };
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block(n, std::integral_constant<int, R>{});
+  for (; n < n1; ++n) block(n, std::integral_constant<int, 1>{});
+}
+
+template <bool Q4>
+struct A8Rows {
+  template <int MT>
+  struct K {
+    static void run(const Problem& p, int64_t m0, int64_t n0, int64_t n1) { matvec_rows_a8<MT, Q4>(p, m0, n0, n1); }
+  };
+};
+
+template <bool Q4>
+void matvec_a8(Problem& p, const at::Tensor& x) {
+  at::Tensor xq = at::empty({p.M, p.K}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({p.M, p.K / kChunk}, x.options());
+  at::Tensor xgs = at::empty({p.M, p.ng}, x.options());
+  p.xq = xq.data_ptr<int8_t>();
+  p.xd = xd.data_ptr<float>();
+  p.xgs = xgs.data_ptr<float>();
+  quantize_rows(p.x, p.M, p.K, p.G, Q4, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xgs.data_ptr<float>());
+  for_row_tasks(p, [&](int64_t n0, int64_t n1) { over_x_rows<A8Rows<Q4>::template K>(p, n0, n1); });
 }
 
 // Row n of W in fp32 into out (K floats); same values as QuantLinear.dequantize.
@@ -298,14 +489,20 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return p;
 }
 
-// y = x @ W.T + bias. M < prefill_min_m: fused kernel; otherwise W is dequantized
-// tile_n rows at a time (tile_n <= 0: all at once) and multiplied with at::mm.
+// y = x @ W.T + bias. act_bits == 8: the int8-activation kernel. Otherwise
+// M < prefill_min_m: fused kernel; else W is dequantized tile_n rows at a time (tile_n <= 0:
+// all at once) and multiplied with at::mm.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                   const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& bias,
-                  int64_t bits, int64_t group_size, int64_t prefill_min_m, int64_t tile_n) {
+                  int64_t bits, int64_t group_size, int64_t prefill_min_m, int64_t tile_n, int64_t act_bits) {
   at::Tensor y;
   const bool q4 = bits == 4;
   Problem p = make_problem(x, q, scales, mins, bias, bits, group_size, y);
+  TORCH_CHECK(act_bits == 32 || act_bits == 8, "act_bits must be 8 or 32");
+  if (act_bits == 8) {
+    if (q4) matvec_a8<true>(p, x); else matvec_a8<false>(p, x);
+    return y;
+  }
   if (p.M < prefill_min_m) {
     if (q4) matvec<true>(p); else matvec<false>(p);
     return y;
@@ -337,6 +534,12 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, const c10::
 
 int64_t vector_lanes() { return L; }
 
+#if defined(MUSE_SIMD_256) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+std::string isa() { return std::string(kIsa) + "-vnni"; }
+#else
+std::string isa() { return kIsa; }
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -345,4 +548,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "dequantize all rows of W to float32",
         py::call_guard<py::gil_scoped_release>());
   m.def("vector_lanes", &vector_lanes, "float lanes of the compiled SIMD path (16, 8 or 1)");
+  m.def("isa", &isa, "the instruction set this module was built for (avx512-vnni, avx512, avx2-vnni, avx2, scalar)");
 }
