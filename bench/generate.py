@@ -137,6 +137,7 @@ class EngineResult:
     kl_vs_ref: float | None = None
     greedy_vs_ref: str | None = None
     other_cpu_pct: float | None = None  # CPU used by other processes during this engine's run
+    busy_decode_tps: float | None = None  # --busy: decode with a busy loop on one CPU
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,7 +160,9 @@ class MuseEngine:
     def start(self, ids: list[int], room: int) -> int:
         import torch
         from muse import KVCache
+        from muse.cpu import adapt_threads
 
+        adapt_threads()  # as stream_generate does before a prompt and per token
         with torch.inference_mode():
             self.cache = KVCache(self.model.config, 1, len(ids) + room + 1, self.model.dtype, self.model.device)
             logits, _ = self.model(torch.tensor([ids]), cache=self.cache, last_only=True)  # (1, 1, V)
@@ -167,7 +170,9 @@ class MuseEngine:
 
     def step(self, tok: int) -> int:
         import torch
+        from muse.cpu import adapt_threads
 
+        adapt_threads()
         with torch.inference_mode():
             logits, _ = self.model(torch.tensor([[tok]]), cache=self.cache, last_only=True)
             return int(logits[0, -1].argmax())
@@ -482,6 +487,24 @@ class OtherLoad:
         self.pct = max(0.0, 100 * others / (wall * (os.cpu_count() or 1)))
 
 
+class BusyLoop:
+    """A process spinning on one CPU (the last this process may use) while in the block: the
+    browser tab or compile job a user's laptop always has."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            os.sched_setaffinity(self.proc.pid, {max(os.sched_getaffinity(0))})
+        except (AttributeError, OSError):
+            pass
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
 def wait_idle(max_wait_s: float, below_pct: float = 10.0) -> float:
     """Wait (up to max_wait_s) until other processes use < below_pct of the CPUs over 2 s."""
     deadline = time.perf_counter() + max_wait_s
@@ -515,13 +538,14 @@ def worker_env(threads: int, muse_home: Path) -> dict:
     return env
 
 
-def run_engine(name: str, base: dict, workdir: Path, env: dict, timeout: float) -> EngineResult:
-    """Muse: a converting load in one process, then the benchmark from the cache in another."""
+def run_engine(name: str, base: dict, workdir: Path, env: dict, timeout: float, convert: bool = True) -> EngineResult:
+    """Muse: a converting load in one process (unless not `convert`), then the benchmark from
+    the cache in another."""
     make = lambda phase: WorkerSpec(engine=name, phase=phase, **base,  # noqa: E731
                                     logprobs_path=str(workdir / f"{name}.logprobs.npy"))
     first = None
     with OtherLoad() as load:
-        if name.startswith("muse"):
+        if name.startswith("muse") and convert:
             first = run_subprocess(make("convert"), workdir, env, timeout)
         if first is None or not first.error:
             r = run_subprocess(make("bench"), workdir, env, timeout)
@@ -596,8 +620,17 @@ def tables(results: dict[str, EngineResult], bandwidth: dict) -> list[tuple[str,
     speed_head = ["engine", "first load s", "load s", *(f"prefill {n} tok/s" for n in PREFILL_LENGTHS),
                   "decode tok/s", "x tf fp32", "x llama.cpp", "peak RSS MB", "other CPU %"]
     mem_head = ["engine", "MB/token", "bound tok/s", "% of bound", "KL vs fp32", "greedy = tf fp32"]
-    return [("Speed", speed_head, speed_rows),
-            (f"Bandwidth bound ({bandwidth['read_gbps']:.1f} GB/s read) and precision", mem_head, mem_rows)]
+    parts = [("Speed", speed_head, speed_rows),
+             (f"Bandwidth bound ({bandwidth['read_gbps']:.1f} GB/s read) and precision", mem_head, mem_rows)]
+    busy = [r for r in results.values() if r.busy_decode_tps is not None]
+    if busy:
+        lc_busy = lc and lc.busy_decode_tps
+        rows = [[r.label, fmt(r.decode_tps), fmt(r.busy_decode_tps),
+                 fmt(100 * r.busy_decode_tps / r.decode_tps, ".0f") + "%" if r.decode_tps else "-",
+                 ratio(r.busy_decode_tps, lc_busy)] for r in busy]
+        parts.append(("Under load: a busy loop on one CPU", ["engine", "decode idle tok/s", "decode loaded tok/s",
+                                                            "kept", "x llama.cpp loaded"], rows))
+    return parts
 
 
 def print_tables(header: str, parts, footer: list[str]) -> None:
@@ -640,6 +673,8 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per engine subprocess")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before each engine, wait up to S seconds for other processes to use < 10%% CPU")
+    ap.add_argument("--busy", action="store_true",
+                    help="also run each engine with a busy loop on one CPU and report the decode speed kept")
     ap.add_argument("--isa", default=None, help="force Muse's kernels onto this instruction set (MUSE_CPU: avx2, "
                     "avx2-vnni, avx512, avx512-vnni, scalar); default: the CPU's best")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: a WorkerSpec JSON
@@ -681,6 +716,11 @@ def main(argv=None) -> None:
             # each Muse engine converts into its own fresh cache (w4a8 would find auto's)
             own = env if args.muse_home else {**env, "MUSE_HOME": str(workdir / f"home-{name}")}
             results[name] = run_engine(name, base, workdir, own, args.timeout)
+            if args.busy and not results[name].error:
+                print(f"  {ENGINES[name]}, with a busy loop on one CPU ...", flush=True)
+                with BusyLoop():
+                    loaded = run_engine(name, base, workdir, own, args.timeout, convert=False)
+                results[name].busy_decode_tps = loaded.decode_tps
         ref = compare(results, workdir)
     machine["loadavg_end"] = list(os.getloadavg())
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from muse.cpu import adapt_threads
 from muse.errors import ContextLengthError
 from muse.model import KVCache, Transformer
 from muse.sampling import TRUNCATE_POLICIES, GenerationChunk, SamplingParams  # noqa: F401 (re-exported)
@@ -358,6 +359,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
     lookup = prompt_lookup(p, ids)
 
+    adapt_threads()
     t0 = time.perf_counter()
     logits, _ = model(torch.tensor([ids], dtype=torch.long, device=model.device), cache=cache,
                       last_only=True)  # (1, 1, V)
@@ -392,6 +394,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
             draft = lookup.draft(min(p.prompt_lookup, max_new - n - 1, cache.max_len - cache.pos - 1))
             drafted += len(draft)
             feed += draft
+        adapt_threads()  # a clock read, and every half second a look at the machine's load
         rows, j = _forward(model, feed, cache), 0
 
 

@@ -42,6 +42,7 @@ from typing import Iterator
 import torch
 
 from muse.api import Model
+from muse.cpu import adapt_threads
 from muse.errors import MuseError
 from muse.generation import (
     GenerationChunk, LogitsProcessors, PromptLookup, SamplingParams, TokenText, fit_prompt, is_greedy,
@@ -355,6 +356,7 @@ class Scheduler:
             future.set_result(result)
 
     def _step(self) -> None:
+        adapt_threads()  # this thread's OpenMP count, from the CPUs other programs leave free
         try:
             with torch.inference_mode():  # the cache's tensors are inference tensors: moved rows too
                 self._drop_cancelled()
