@@ -179,10 +179,17 @@ class MuseEngine:
 
     def logprobs(self, ids: list[int]):
         import torch
+        from muse import KVCache
 
         with torch.inference_mode():
-            logits, _ = self.model(torch.tensor([ids]))  # (1, T, V)
-            return torch.log_softmax(logits[0].float(), -1).numpy()
+            if self.precision != "w4a8":
+                logits, _ = self.model(torch.tensor([ids]))  # (1, T, V)
+                return torch.log_softmax(logits[0].float(), -1).numpy()
+            # w4a8 rounds activations only on decode-sized inputs (prefill is exact): score
+            # the text one token at a time, as decoding computes it
+            cache = KVCache(self.model.config, 1, len(ids), self.model.dtype, self.model.device)
+            rows = [self.model(torch.tensor([[t]]), cache=cache)[0][0, -1] for t in ids]  # T x (V,)
+            return torch.log_softmax(torch.stack(rows).float(), -1).numpy()
 
     def weight_bytes(self) -> int:
         # state_dict holds the persistent tensors: packed qweight/scales/mins and float

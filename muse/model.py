@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse import fused as _fused
 from muse.config import ModelConfig
 
 
@@ -421,8 +422,13 @@ class Transformer(nn.Module):
                 self._grow_rope(end)
             # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, heads, hd)
             rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
-        for i, block in enumerate(self.layers):
-            x = block(x, rope, cache, i, mask)
+        single = type(cache) is KVCache
+        fused = _fused.decode(self, x, cache) if _fused.applies(self, idx, cache, single) else None
+        if fused is not None:  # one token, batch 1, quantized: the same blocks in C++ (muse/fused.py)
+            x = fused
+        else:
+            for i, block in enumerate(self.layers):
+                x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.advance(T)
         x = self.norm_f(x)

@@ -40,15 +40,18 @@ from torch import nn
 _SOURCE = Path(__file__).parent / "kernels" / "quant_cpu.cpp"
 _CHUNK = 32  # int4 packing run, and the kernels' inner step: they need group_size % 32 == 0
 
-# Dispatch, measured on a 2-core AVX-512 machine (bench/matvec.py). The fused kernel
-# streams W once and multiplies it with 4 rows of x at a time; it matched or beat fp32
-# at::mm up to M=128 (1.4-2.3x at M=128 on Qwen's 4864x896, 0.9x on 896x4864). The
-# other path, dequantize a tile of W + at::mm, was ~10% faster than fused at K=4864 on
-# one thread but 4-6x slower on two (stalls between its many parallel regions), so it is
-# off: set PREFILL_MIN_M (rows of x) and PREFILL_MIN_K (in_features) to turn it on.
-PREFILL_MIN_M: int | None = None
-PREFILL_MIN_K = 2048
-PREFILL_TILE_N = 256  # rows of W dequantized per at::mm call
+# Dispatch. The fused kernel streams W once and multiplies it with 4 rows of x at a time:
+# the path for decode and the server's batches. From PREFILL_MIN_M rows of x (prefill),
+# tiles of PREFILL_TILE_N rows of W are dequantized and multiplied with at::mm (oneDNN /
+# MKL GEMM), which reuses each weight across many rows from registers. Measured whole-model
+# prefill on a 2-core Xeon, 2 threads (tok/s, fused -> tiles): SmolLM2 AVX2 128 tokens
+# 368 -> 1037, 512: 352 -> 1105, M=16 300 -> 293 (so the switch sits at 32); AVX-512 128
+# 528 -> 1035; Qwen2.5-0.5B AVX2 128 114 -> 311, 512 109 -> 396 (1024-row tiles beat
+# 256 and whole matrices at 512 tokens). An earlier measurement had the tiles 4-6x slower
+# on two threads; it no longer holds.
+PREFILL_MIN_M: int | None = 32
+PREFILL_MIN_K = 0
+PREFILL_TILE_N = 1024  # rows of W dequantized per at::mm call (scratch: TILE_N * in_features floats)
 
 # Instruction sets the kernels are built for, best first. "-vnni" adds the VNNI integer dot
 # product (dpbusd) to the int8-activation path; "avx2" is the path of most laptops.
@@ -293,8 +296,9 @@ class QuantLinear(nn.Module):
     uses the PyTorch path too.
 
     act_bits (attribute, not saved): 32 computes with x as given; 8 rounds x to int8
-    blocks first (see quantize_activations) and uses the integer-dot kernels. It needs
-    group_size % 32 == 0 and is ignored otherwise.
+    blocks first (see quantize_activations) and uses the integer-dot kernels, for fewer
+    than PREFILL_MIN_M rows of x (decode, batches); prefill-sized inputs take the exact
+    tile GEMM, which is faster. It needs group_size % 32 == 0 and is ignored otherwise.
     """
 
     act_bits = 32
@@ -434,7 +438,8 @@ class QuantLinear(nn.Module):
                 _prefill_min_m(self.in_features), PREFILL_TILE_N, act_bits,
             )  # fmt: skip
         else:
-            x2 = quantize_activations(x2) if act_bits == 8 else x2
+            decode_sized = x2.shape[0] < _prefill_min_m(self.in_features)
+            x2 = quantize_activations(x2) if act_bits == 8 and decode_sized else x2
             y = F.linear(x2, self.dequantize(), buf["bias"])
         y = y.view(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -247,6 +247,11 @@ def test_w4a8_layers_use_the_int8_kernel_and_stay_close_to_exact(kernels):
     rel = (y - exact).norm() / exact.norm()
     assert 0 < rel < 0.02  # x moved by its rounding, not more
     assert "act_bits=8" in repr(layer)
+    xp = torch.randn(quant.PREFILL_MIN_M, 256, generator=gen)  # prefill-sized: the exact tile GEMM
+    layer.act_bits = 32
+    exact_p = layer(xp)
+    layer.act_bits = 8
+    assert_close_scaled(layer(xp), exact_p)
 
 
 def test_muse_cpu_forces_an_instruction_set_and_refuses_what_the_cpu_lacks(monkeypatch):

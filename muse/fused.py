@@ -1,0 +1,79 @@
+"""The fused decode step: one token through every block in one C++ call per layer.
+
+A decode step of a small model is mostly overhead: SmolLM2's 30 blocks make some 25 torch
+dispatches each around their four matrix products (norms, RoPE, cache writes, attention,
+SiLU * up, residuals), and on a 2-core AVX2 CPU that was half of each token's time.
+`decode_layer` in muse/kernels/quant_cpu.cpp does the whole block, calling the quantized
+kernels directly. It applies to what decoding one sequence on the CPU looks like: batch 1,
+one new token, a `KVCache`, a pre-norm Llama/Qwen2 block (RMSNorm, RoPE, SwiGLU) whose
+linears are all `QuantLinear`s the kernels take, fp32 activations, no autograd. Everything
+else — prefill, prompt-lookup drafts, the server's batches, GPT-2, fp32/bf16 weights,
+training — runs model.py's blocks, which stay the reference this path is tested equal to.
+
+MUSE_NO_FUSED=1 turns it off (to compare, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from muse import quant
+from muse.quant import QuantLinear
+
+
+def _disabled() -> bool:
+    return os.environ.get("MUSE_NO_FUSED", "").strip().lower() in ("1", "true", "yes")
+
+
+def _linear_args(layer) -> tuple | None:
+    """A QuantLinear's buffers as decode_layer takes them, or None if it cannot."""
+    if type(layer) is not QuantLinear or layer.group_size % 32:
+        return None
+    b = layer._buffers
+    return (b["qweight"], b["scales"], b["mins"], b["bias"], layer.bits, layer.group_size, layer.act_bits)
+
+
+def _block_args(block) -> tuple | None:
+    attn, mlp = block.attn, block.mlp
+    if mlp.kind != "swiglu" or type(block.norm1).__name__ != "RMSNorm" or type(block.norm2).__name__ != "RMSNorm":
+        return None
+    lins = [_linear_args(m) for m in (attn.qkv, attn.proj, mlp.gate_up, mlp.down)]
+    if any(a is None for a in lins):
+        return None
+    return (block.norm1.weight, block.norm2.weight, block.norm1.eps, *lins)
+
+
+def applies(model, idx: torch.Tensor, cache, single: bool) -> bool:
+    """Whether `decode` can run this forward, `single` telling whether `cache` is a plain
+    (one-sequence) KVCache; cheap checks first: this runs every token."""
+    c = model.config
+    return (
+        idx.shape == (1, 1)
+        and single
+        and not model.training
+        and not torch.is_grad_enabled()
+        and c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+        and idx.device.type == "cpu"
+        and model.dtype == torch.float32
+        and cache.k[0].dtype == torch.float32
+        and not _disabled()
+        and quant.kernels_available()
+    )
+
+
+def decode(model, x: torch.Tensor, cache) -> torch.Tensor | None:
+    """x (1, 1, C) after every block for the token at cache.pos, its keys and values cached;
+    None (nothing touched) when a block cannot take the fused path."""
+    blocks = [_block_args(b) for b in model.layers]
+    if any(a is None for a in blocks):
+        return None
+    pos = cache.pos
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (hd,)
+    c = model.config
+    h = x.reshape(1, c.n_embd).contiguous()
+    for i, args in enumerate(blocks):
+        h = quant._ext.decode_layer(h, args[0], args[1], args[2], *args[3:], cos, sin,
+                                    cache.k[i], cache.v[i], pos, c.n_head, c.n_kv_head)
+    return h.view(1, 1, c.n_embd)

@@ -1,0 +1,126 @@
+"""The fused decode step (muse/fused.py) against model.py's blocks, the reference."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from muse import fused, quant
+from muse.config import ModelConfig
+from muse.model import BatchKVCache, KVCache, Transformer
+from muse.quant import quantize_model, set_activation_bits
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the kernels cannot be built here")
+
+CONFIGS = {
+    "llama-gqa": dict(arch="llama", n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96),
+    "qwen2-bias": dict(arch="qwen2", n_head=4, n_kv_head=1, n_embd=64, intermediate_size=160, rope_theta=1e6),
+    "llama-mha-untied": dict(arch="llama", n_head=2, n_kv_head=2, n_embd=96, intermediate_size=64,
+                             tie_embeddings=False, head_dim=48),
+}
+
+
+class Spy:
+    def __init__(self, ext):
+        self.ext, self.calls = ext, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ext, name)
+
+    def decode_layer(self, *args):
+        self.calls += 1
+        return self.ext.decode_layer(*args)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    monkeypatch.delenv("MUSE_NO_FUSED", raising=False)
+    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
+    assert quant.kernels_available()
+    s = Spy(quant._ext)
+    monkeypatch.setattr(quant, "_ext", s)
+    return s
+
+
+def tiny(name: str, bits: int, seed: int = 0) -> Transformer:
+    config = ModelConfig(vocab_size=80, n_layer=3, block_size=64, **CONFIGS[name])
+    model = Transformer(config).init_weights(seed)
+    if config.qkv_bias:  # give the biases values, or a wrong bias path would go unseen
+        for block in model.layers:
+            torch.nn.init.normal_(block.attn.qkv.bias, std=0.5)
+    for block in model.layers:  # norms away from 1, so a skipped weight shows
+        torch.nn.init.normal_(block.norm1.weight, 1.0, 0.3)
+        torch.nn.init.normal_(block.norm2.weight, 1.0, 0.3)
+    quantize_model(model, bits=bits, group_size=32, skip={"lm_head"})
+    return model.eval()
+
+
+def decode_logits(model, prompt: list[int], steps: list[int], monkeypatch, fused_on: bool):
+    """Prefill `prompt`, then feed `steps` one at a time; logits (len(steps), V) and the cache."""
+    if fused_on:
+        monkeypatch.delenv("MUSE_NO_FUSED", raising=False)
+    else:
+        monkeypatch.setenv("MUSE_NO_FUSED", "1")
+    cache = KVCache(model.config, 1, len(prompt) + len(steps))
+    rows = []
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache=cache, last_only=True)
+        for tok in steps:
+            logits, _ = model(torch.tensor([[tok]]), cache=cache, last_only=True)
+            rows.append(logits[0, -1])
+    return torch.stack(rows), cache
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("bits, act_bits", [(4, 32), (8, 32), (4, 8)])
+def test_fused_decode_equals_the_reference_blocks(spy, monkeypatch, name, bits, act_bits):
+    model = tiny(name, bits)
+    set_activation_bits(model, act_bits)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 80, (9,), generator=gen).tolist()
+    steps = torch.randint(0, 80, (12,), generator=gen).tolist()
+    ref, ref_cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=False)
+    assert spy.calls == 0
+    got, cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=True)
+    assert spy.calls == len(steps) * model.config.n_layer
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert cache.pos == ref_cache.pos == len(prompt) + len(steps)
+    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_decode_greedy_text_equals_the_reference(spy, monkeypatch):
+    from muse.generation import stream_generate
+
+    def tokens():
+        chunks = stream_generate(model, None, [5, 6, 7], max_new_tokens=24, temperature=0, prompt_lookup=0,
+                                 loop_guard=False)
+        return [c.token for c in chunks]
+
+    model = tiny("qwen2-bias", 4, seed=3)
+    monkeypatch.setenv("MUSE_NO_FUSED", "1")
+    ref = tokens()
+    monkeypatch.delenv("MUSE_NO_FUSED")
+    assert tokens() == ref and len(ref) == 24
+    assert spy.calls > 0
+
+
+def test_what_the_fused_path_does_not_take_runs_the_reference(spy):
+    model = tiny("llama-gqa", 4)
+    with torch.inference_mode():
+        cache = KVCache(model.config, 2, 8)  # batch 2
+        model(torch.tensor([[1], [2]]), cache=cache)
+        cache = KVCache(model.config, 1, 8)  # several new tokens (prefill, drafts)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        batch = BatchKVCache(model.config)  # the server's rows
+        assert not fused.applies(model, torch.tensor([[1]]), batch, type(batch) is KVCache)
+    with torch.no_grad():
+        exact = Transformer(model.config).init_weights(0).eval()  # fp32 weights: no QuantLinear
+        cache = KVCache(model.config, 1, 8)
+        exact(torch.tensor([[1]]), cache=cache)
+    cache = KVCache(model.config, 1, 8)
+    model(torch.tensor([[1]]), cache=cache)  # autograd on
+    assert spy.calls == 0
