@@ -85,9 +85,32 @@ def test_fused_decode_equals_the_reference_blocks(spy, monkeypatch, name, bits, 
     ref, ref_cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=False)
     assert spy.calls == 0
     got, cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=True)
-    assert spy.calls == len(steps) * model.config.n_layer
+    assert spy.calls == (1 + len(steps)) * model.config.n_layer  # the short prompt too
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert cache.pos == ref_cache.pos == len(prompt) + len(steps)
+    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, act_bits", [(4, 32), (4, 8)])
+def test_fused_chunks_equal_the_reference_blocks(spy, monkeypatch, bits, act_bits):
+    """Drafts being checked (several tokens after a prompt) and a short prompt from position 0."""
+    model = tiny("qwen2-bias", bits, seed=5)
+    set_activation_bits(model, act_bits)
+    gen = torch.Generator().manual_seed(2)
+    chunks = [torch.randint(0, 80, (n,), generator=gen).tolist() for n in (7, 1, 5, 9, 2)]
+
+    def run(fused_on: bool):
+        monkeypatch.setenv("MUSE_NO_FUSED", "0" if fused_on else "1")
+        cache = KVCache(model.config, 1, 32)
+        with torch.inference_mode():
+            return torch.cat([model(torch.tensor([c]), cache=cache)[0][0] for c in chunks]), cache
+
+    ref, ref_cache = run(False)
+    assert spy.calls == 0
+    got, cache = run(True)
+    assert spy.calls == len(chunks) * model.config.n_layer
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -113,8 +136,8 @@ def test_what_the_fused_path_does_not_take_runs_the_reference(spy):
     with torch.inference_mode():
         cache = KVCache(model.config, 2, 8)  # batch 2
         model(torch.tensor([[1], [2]]), cache=cache)
-        cache = KVCache(model.config, 1, 8)  # several new tokens (prefill, drafts)
-        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        cache = KVCache(model.config, 1, 40)  # a long prompt: the tile GEMM's
+        model(torch.tensor([list(range(fused.MAX_TOKENS + 1))]), cache=cache)
         batch = BatchKVCache(model.config)  # the server's rows
         assert not fused.applies(model, torch.tensor([[1]]), batch, type(batch) is KVCache)
     with torch.no_grad():

@@ -535,44 +535,16 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, const c10::
 }
 
 // ---------------------------------------------------------------------------------------
-// Fused decode layer: one token (batch 1) through a pre-norm Llama/Qwen2 block in one call,
-// where model.py's Block makes some 25 dispatches (norms, RoPE, cache writes, attention,
-// SiLU * up, residuals) around its four linears. muse/model.py stays the reference; the
-// Python side (muse/fused.py) decides when this applies and tests it equal.
+// Fused decode layer: one token, or a few (a draft being checked), of one sequence through a
+// pre-norm Llama/Qwen2 block in one call, where model.py's Block makes some 25 dispatches
+// (norms, RoPE, cache writes, attention, SiLU * up, residuals) around its four linears.
+// muse/model.py stays the reference; muse/fused.py decides when this applies and is tested
+// equal to it.
 // ---------------------------------------------------------------------------------------
 
 // (qweight, scales, mins, bias, bits, group_size, act_bits): a QuantLinear's buffers
 using Lin = std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
                        int64_t, int64_t>;
-
-at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {  // x (1, K) -> (1, N)
-  return linear(x, std::get<0>(l), std::get<1>(l), std::get<2>(l), std::get<3>(l), std::get<4>(l), std::get<5>(l),
-                int64_t(1) << 62, 0, std::get<6>(l));
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {  // (1, D), as F.rms_norm
-  const int64_t D = x.size(1);
-  const float* a = x.data_ptr<float>();
-  const float* g = w.data_ptr<float>();
-  double ss = 0.0;
-  for (int64_t i = 0; i < D; ++i) ss += (double)a[i] * a[i];
-  const float r = 1.f / std::sqrt((float)(ss / D) + (float)eps);
-  at::Tensor y = at::empty_like(x);
-  float* o = y.data_ptr<float>();
-  for (int64_t i = 0; i < D; ++i) o[i] = a[i] * r * g[i];
-  return y;
-}
-
-// "rotate half" RoPE of `heads` heads of hd at one position; cos/sin (hd,), halves duplicated
-void rope(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
-  const int64_t h = hd / 2;
-  for (int64_t n = 0; n < heads; ++n, x += hd)
-    for (int64_t i = 0; i < h; ++i) {
-      const float a = x[i], b = x[i + h];
-      x[i] = a * cos[i] - b * sin[i];
-      x[i + h] = b * cos[i + h] + a * sin[i + h];
-    }
-}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   VF acc = vzero();
@@ -590,66 +562,105 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
-// One query per head over cached keys 0..pos (the new one included); kc/vc (1, nkv, max_len, hd).
-at::Tensor attend(const float* q, const at::Tensor& kc, const at::Tensor& vc, int64_t pos, int64_t nh, int64_t nkv,
-                  int64_t hd) {
-  at::Tensor out = at::empty({1, nh * hd}, kc.options());
+at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {  // x (T, K) -> (T, N), T < 32: the fused kernel
+  return linear(x, std::get<0>(l), std::get<1>(l), std::get<2>(l), std::get<3>(l), std::get<4>(l), std::get<5>(l),
+                int64_t(1) << 62, 0, std::get<6>(l));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {  // (T, D) row by row, as F.rms_norm
+  const int64_t T = x.size(0), D = x.size(1);
+  const float* g = w.data_ptr<float>();
+  at::Tensor y = at::empty_like(x);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* a = x.data_ptr<float>() + t * D;
+    float* o = y.data_ptr<float>() + t * D;
+    const float r = 1.f / std::sqrt(dot(a, a, D) / (float)D + (float)eps);
+    for (int64_t i = 0; i < D; ++i) o[i] = a[i] * r * g[i];
+  }
+  return y;
+}
+
+// "rotate half" RoPE of `heads` heads of hd at one position; cos/sin (hd,), halves duplicated
+void rope(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t h = hd / 2;
+  for (int64_t n = 0; n < heads; ++n, x += hd)
+    for (int64_t i = 0; i < h; ++i) {
+      const float a = x[i], b = x[i + h];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+// Query row r (position pos + r) of each head over cached keys 0..pos+r; q (T, nh*hd) with
+// row stride q_stride; kc/vc (1, nkv, max_len, hd), already holding this chunk's keys.
+at::Tensor attend(const float* q, int64_t q_stride, int64_t T, const at::Tensor& kc, const at::Tensor& vc,
+                  int64_t pos, int64_t nh, int64_t nkv, int64_t hd) {
+  at::Tensor out = at::empty({T, nh * hd}, kc.options());
   float* o = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)hd);
   const int64_t group = nh / nkv, kv_stride = kc.stride(1), t_stride = kc.stride(2);
   const float* K = kc.data_ptr<float>();
   const float* V = vc.data_ptr<float>();
-  // heads in parallel only when there is enough to share: a parallel region costs microseconds
-  const int64_t grain = (pos + 1) * hd * nh < (1 << 16) ? nh : 1;
-  at::parallel_for(0, nh, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(pos + 1);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = q + h * hd;
+  // (row, head) pairs in parallel only when there is enough to share: a region costs microseconds
+  const int64_t grain = (pos + T) * hd * nh * T < (1 << 16) ? nh * T : 1;
+  at::parallel_for(0, nh * T, grain, [&](int64_t j0, int64_t j1) {
+    std::vector<float> p(pos + T);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t r = j / nh, h = j % nh, last = pos + r;
+      const float* qh = q + r * q_stride + h * hd;
       const float* kh = K + (h / group) * kv_stride;
       const float* vh = V + (h / group) * kv_stride;
       float mx = -INFINITY;
-      for (int64_t t = 0; t <= pos; ++t) {
+      for (int64_t t = 0; t <= last; ++t) {
         p[t] = dot(qh, kh + t * t_stride, hd) * scale;
         mx = std::max(mx, p[t]);
       }
       float sum = 0.f;
-      for (int64_t t = 0; t <= pos; ++t) sum += (p[t] = std::exp(p[t] - mx));
-      float* oh = o + h * hd;
-      for (int64_t i = 0; i < hd; ++i) oh[i] = 0.f;
-      for (int64_t t = 0; t <= pos; ++t) axpy(p[t] / sum, vh + t * t_stride, oh, hd);
+      for (int64_t t = 0; t <= last; ++t) sum += (p[t] = std::exp(p[t] - mx));
+      float* oh = o + r * nh * hd + h * hd;
+      std::fill_n(oh, hd, 0.f);
+      for (int64_t t = 0; t <= last; ++t) axpy(p[t] / sum, vh + t * t_stride, oh, hd);
     }
   });
   return out;
 }
 
-// x (1, D) after the block, for the token at `pos`; writes its k, v into the caches at pos.
+// x (T, D) after the block, for tokens at positions pos..pos+T-1 (a decode step, or a draft
+// being checked); writes their keys and values into the caches. cos/sin (T, hd).
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
                         const Lin& qkv, const Lin& proj, const Lin& gate_up, const Lin& down,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc, const at::Tensor& vc,
                         int64_t pos, int64_t nh, int64_t nkv) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "x must be a contiguous float32 (1, D) tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "x must be a contiguous float32 (T, D) tensor");
+  const int64_t T = x.size(0);
   TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.size(0) == 1 && kc.size(1) == nkv && kc.stride(3) == 1 &&
-                  vc.strides() == kc.strides() && pos < kc.size(2) && nkv > 0 && nh % nkv == 0,
-              "the KV cache must be float32 (1, nkv, max_len, hd) with room for pos");
-  const int64_t hd = kc.size(3);
-  at::Tensor q = apply_linear(rms_norm(x, norm1, eps), qkv);  // (1, (nh + 2 nkv) hd): [q heads, k heads, v heads]
-  TORCH_CHECK(q.size(1) == (nh + 2 * nkv) * hd, "qkv's output does not match the heads");
-  float* qp = q.data_ptr<float>();
-  rope(qp, nh + nkv, hd, cos.data_ptr<float>(), sin.data_ptr<float>());  // q and k heads, adjacent
+                  vc.strides() == kc.strides() && pos + T <= kc.size(2) && nkv > 0 && nh % nkv == 0,
+              "the KV cache must be float32 (1, nkv, max_len, hd) with room for the tokens");
+  const int64_t hd = kc.size(3), width = (nh + 2 * nkv) * hd;
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && cos.size(1) == hd,
+              "cos/sin must be contiguous (T, head_dim)");
+  at::Tensor q = apply_linear(rms_norm(x, norm1, eps), qkv);  // (T, (nh + 2 nkv) hd): [q heads, k heads, v heads]
+  TORCH_CHECK(q.size(1) == width, "qkv's output does not match the heads");
   float* K = kc.data_ptr<float>();
   float* V = vc.data_ptr<float>();
-  for (int64_t j = 0; j < nkv; ++j) {
-    std::copy_n(qp + (nh + j) * hd, hd, K + j * kc.stride(1) + pos * kc.stride(2));
-    std::copy_n(qp + (nh + nkv + j) * hd, hd, V + j * vc.stride(1) + pos * vc.stride(2));
+  for (int64_t r = 0; r < T; ++r) {
+    float* row = q.data_ptr<float>() + r * width;
+    rope(row, nh + nkv, hd, cos.data_ptr<float>() + r * hd, sin.data_ptr<float>() + r * hd);  // q, k heads
+    for (int64_t j = 0; j < nkv; ++j) {
+      std::copy_n(row + (nh + j) * hd, hd, K + j * kc.stride(1) + (pos + r) * kc.stride(2));
+      std::copy_n(row + (nh + nkv + j) * hd, hd, V + j * vc.stride(1) + (pos + r) * vc.stride(2));
+    }
   }
-  at::Tensor h = x + apply_linear(attend(qp, kc, vc, pos, nh, nkv, hd), proj);
-  at::Tensor gu = apply_linear(rms_norm(h, norm2, eps), gate_up);  // (1, 2F): [gate, up]
+  at::Tensor h = x + apply_linear(attend(q.data_ptr<float>(), width, T, kc, vc, pos, nh, nkv, hd), proj);
+  at::Tensor gu = apply_linear(rms_norm(h, norm2, eps), gate_up);  // (T, 2F): [gate, up]
   const int64_t F = gu.size(1) / 2;
-  at::Tensor a = at::empty({1, F}, gu.options());
-  const float* g = gu.data_ptr<float>();
-  float* ap = a.data_ptr<float>();
-  for (int64_t i = 0; i < F; ++i) ap[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
+  at::Tensor a = at::empty({T, F}, gu.options());
+  for (int64_t r = 0; r < T; ++r) {
+    const float* g = gu.data_ptr<float>() + r * 2 * F;
+    float* ap = a.data_ptr<float>() + r * F;
+    for (int64_t i = 0; i < F; ++i) ap[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
+  }
   return h + apply_linear(a, down);
 }
 
