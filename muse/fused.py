@@ -1,14 +1,15 @@
-"""The fused decode step: a token (or a short draft) through every block in one C++ call per layer.
+"""The fused decode step: the next tokens through every block in one C++ call per layer.
 
 A decode step of a small model is mostly overhead: SmolLM2's 30 blocks make some 25 torch
 dispatches each around their four matrix products (norms, RoPE, cache writes, attention,
 SiLU * up, residuals), and on a 2-core AVX2 CPU that was half of each token's time.
 `decode_layer` in muse/kernels/quant_cpu.cpp does the whole block, calling the quantized
-kernels directly. It applies to what decoding one sequence on the CPU looks like: batch 1,
-a new token, a prompt-lookup draft or a short prompt (under 32 tokens), a `KVCache`, a pre-norm Llama/Qwen2 block (RMSNorm, RoPE, SwiGLU) whose
-linears are all `QuantLinear`s the kernels take, fp32 activations, no autograd. Everything
-else — prefill, prompt-lookup drafts, the server's batches, GPT-2, fp32/bf16 weights,
-training — runs model.py's blocks, which stay the reference this path is tested equal to.
+kernels directly. It applies to what decoding looks like on the CPU: under 32 new tokens in
+all (a sequence's next token, a prompt-lookup draft being checked, the server's batch of
+next tokens, a short prompt), a KV cache, pre-norm Llama/Qwen2 blocks (RMSNorm, RoPE,
+SwiGLU) whose linears are all `QuantLinear`s the kernels take, fp32 activations, no
+autograd. Everything else — long prompts, GPT-2, fp32/bf16 weights, training — runs
+model.py's blocks, which stay the reference this path is tested equal to.
 
 MUSE_NO_FUSED=1 turns it off (to compare, or to rule it out).
 """
@@ -45,18 +46,18 @@ def _block_args(block) -> tuple | None:
     return (block.norm1.weight, block.norm2.weight, block.norm1.eps, *lins)
 
 
-# Most tokens one forward takes here: decode steps, prompt-lookup drafts and short prompts;
-# longer inputs go to the tile GEMM (quant.PREFILL_MIN_M rows and up), which serves them better.
+# Most tokens (rows x new tokens) one forward takes here: decode steps, prompt-lookup drafts,
+# a batch's next tokens, short prompts; longer inputs go to the tile GEMM (quant.PREFILL_MIN_M
+# rows and up), which serves them better.
 MAX_TOKENS = 31
 
 
-def applies(model, idx: torch.Tensor, cache, single: bool) -> bool:
-    """Whether `decode` can run this forward, `single` telling whether `cache` is a plain
-    (one-sequence) KVCache; cheap checks first: this runs every token."""
+def applies(model, idx: torch.Tensor, cache) -> bool:
+    """Whether `decode` can run this forward; cheap checks first: this runs every token."""
     c = model.config
     return (
-        idx.shape[0] == 1 and idx.shape[1] <= min(MAX_TOKENS, (quant.PREFILL_MIN_M or 1 << 30) - 1)
-        and single
+        cache is not None
+        and idx.numel() <= min(MAX_TOKENS, (quant.PREFILL_MIN_M or 1 << 30) - 1)
         and not model.training
         and not torch.is_grad_enabled()
         and c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
@@ -68,16 +69,21 @@ def applies(model, idx: torch.Tensor, cache, single: bool) -> bool:
     )
 
 
-def decode(model, x: torch.Tensor, cache) -> torch.Tensor | None:
-    """x (1, T, C) after every block for the tokens at cache.pos.., their keys and values
-    cached; None (nothing touched) when a block cannot take the fused path."""
+def decode(model, x: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor | None:
+    """x (B, T, C) after every block; `pos` the tokens' positions, (T,) for a KVCache (every
+    row at the same ones) or (B, T) for a BatchKVCache (row b at its own), as `cache.prepare`
+    gave them. Their keys and values are cached. None (nothing touched) when a block cannot
+    take the fused path."""
     blocks = [_block_args(b) for b in model.layers]
     if any(a is None for a in blocks):
         return None
-    T, pos, c = x.shape[1], cache.pos, model.config
-    cos, sin = model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T]  # (T, hd)
-    h = x.reshape(T, c.n_embd).contiguous()
+    B, T, C = x.shape
+    c = model.config
+    where = pos.expand(B, T).reshape(-1).contiguous()  # (B*T,): b-major, as x's rows
+    rows = torch.arange(B).repeat_interleave(T)
+    cos, sin = model.rope_cos[where], model.rope_sin[where]  # (B*T, hd)
+    h = x.reshape(B * T, C).contiguous()
     for i, args in enumerate(blocks):
         h = quant._ext.decode_layer(h, args[0], args[1], args[2], *args[3:], cos, sin,
-                                    cache.k[i], cache.v[i], pos, c.n_head, c.n_kv_head)
-    return h.view(1, T, c.n_embd)
+                                    cache.k[i], cache.v[i], rows, where, c.n_head, c.n_kv_head)
+    return h.view(B, T, C)

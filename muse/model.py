@@ -422,9 +422,8 @@ class Transformer(nn.Module):
                 self._grow_rope(end)
             # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, heads, hd)
             rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
-        single = type(cache) is KVCache
-        fused = _fused.decode(self, x, cache) if _fused.applies(self, idx, cache, single) else None
-        if fused is not None:  # one token, batch 1, quantized: the same blocks in C++ (muse/fused.py)
+        fused = _fused.decode(self, x, cache, pos) if _fused.applies(self, idx, cache) else None
+        if fused is not None:  # a few new tokens, quantized: the same blocks in C++ (muse/fused.py)
             x = fused
         else:
             for i, block in enumerate(self.layers):

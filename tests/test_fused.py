@@ -131,15 +131,46 @@ def test_fused_decode_greedy_text_equals_the_reference(spy, monkeypatch):
     assert spy.calls > 0
 
 
+def test_a_batch_of_rows_at_their_own_lengths_equals_the_reference(spy, monkeypatch):
+    """The server's BatchKVCache: rows joined from prompts of different lengths, decoded together
+    (one token each, then a two-token step), and a two-row KVCache (beams share positions)."""
+    model = tiny("qwen2-bias", 4, seed=7)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 80, (n,), generator=gen).tolist() for n in (5, 11, 2)]
+    steps = [torch.randint(0, 80, (3, t), generator=gen) for t in (1, 1, 2, 1)]
+
+    def run(fused_on: bool):
+        monkeypatch.setenv("MUSE_NO_FUSED", "0" if fused_on else "1")
+        batch = BatchKVCache(model.config)
+        out = []
+        with torch.inference_mode():
+            for p in prompts:
+                one = KVCache(model.config, 1, 16)
+                model(torch.tensor([p]), cache=one)
+                batch.add(one)
+            for ids in steps:
+                out.append(model(ids, cache=batch)[0].reshape(-1, 80))
+            beams = KVCache(model.config, 2, 8)
+            model(torch.tensor([[1, 2], [1, 2]]), cache=beams)
+            out.append(model(torch.tensor([[3], [4]]), cache=beams)[0].reshape(-1, 80))
+        return torch.cat(out), batch
+
+    ref, ref_batch = run(False)
+    calls = spy.calls  # the prompts (short) took the fused path in both runs
+    got, batch = run(True)
+    assert spy.calls - calls >= (len(steps) + 1) * model.config.n_layer
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert batch.lens == ref_batch.lens
+    for a, b in zip(batch.k + batch.v, ref_batch.k + ref_batch.v):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_what_the_fused_path_does_not_take_runs_the_reference(spy):
     model = tiny("llama-gqa", 4)
     with torch.inference_mode():
-        cache = KVCache(model.config, 2, 8)  # batch 2
-        model(torch.tensor([[1], [2]]), cache=cache)
         cache = KVCache(model.config, 1, 40)  # a long prompt: the tile GEMM's
         model(torch.tensor([list(range(fused.MAX_TOKENS + 1))]), cache=cache)
-        batch = BatchKVCache(model.config)  # the server's rows
-        assert not fused.applies(model, torch.tensor([[1]]), batch, type(batch) is KVCache)
+        model(torch.tensor([[1]]))  # no cache
     with torch.no_grad():
         exact = Transformer(model.config).init_weights(0).eval()  # fp32 weights: no QuantLinear
         cache = KVCache(model.config, 1, 8)

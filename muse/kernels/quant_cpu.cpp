@@ -535,9 +535,10 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, const c10::
 }
 
 // ---------------------------------------------------------------------------------------
-// Fused decode layer: one token, or a few (a draft being checked), of one sequence through a
-// pre-norm Llama/Qwen2 block in one call, where model.py's Block makes some 25 dispatches
-// (norms, RoPE, cache writes, attention, SiLU * up, residuals) around its four linears.
+// Fused decode layer: a few tokens (a decode step, a draft being checked, a batch's next
+// tokens) through a pre-norm Llama/Qwen2 block in one call, where model.py's Block makes
+// some 25 dispatches (norms, RoPE, cache writes, attention, SiLU * up, residuals) around
+// its four linears.
 // muse/model.py stays the reference; muse/fused.py decides when this applies and is tested
 // equal to it.
 // ---------------------------------------------------------------------------------------
@@ -591,76 +592,87 @@ void rope(float* x, int64_t heads, int64_t hd, const float* cos, const float* si
     }
 }
 
-// Query row r (position pos + r) of each head over cached keys 0..pos+r; q (T, nh*hd) with
-// row stride q_stride; kc/vc (1, nkv, max_len, hd), already holding this chunk's keys.
-at::Tensor attend(const float* q, int64_t q_stride, int64_t T, const at::Tensor& kc, const at::Tensor& vc,
-                  int64_t pos, int64_t nh, int64_t nkv, int64_t hd) {
-  at::Tensor out = at::empty({T, nh * hd}, kc.options());
+// Query row j of x, for each head: at position where[j] of cache row row[j], it sees that row's
+// keys 0..where[j]; q (R, nh*hd) with row stride q_stride; kc/vc (rows, nkv, len, hd), already
+// holding these queries' own keys.
+at::Tensor attend(const float* q, int64_t q_stride, const int64_t* row, const int64_t* where, int64_t R,
+                  const at::Tensor& kc, const at::Tensor& vc, int64_t nh, int64_t nkv, int64_t hd) {
+  at::Tensor out = at::empty({R, nh * hd}, kc.options());
   float* o = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)hd);
-  const int64_t group = nh / nkv, kv_stride = kc.stride(1), t_stride = kc.stride(2);
+  const int64_t group = nh / nkv, r_stride = kc.stride(0), kv_stride = kc.stride(1), t_stride = kc.stride(2);
   const float* K = kc.data_ptr<float>();
   const float* V = vc.data_ptr<float>();
-  // (row, head) pairs in parallel only when there is enough to share: a region costs microseconds
-  const int64_t grain = (pos + T) * hd * nh * T < (1 << 16) ? nh * T : 1;
-  at::parallel_for(0, nh * T, grain, [&](int64_t j0, int64_t j1) {
-    std::vector<float> p(pos + T);
+  const int64_t Lk = *std::max_element(where, where + R) + 1, pairs = R * nh;
+  // (query, head) pairs in parallel only when there is enough to share: a region costs microseconds
+  const int64_t grain = Lk * hd * pairs < (1 << 16) ? pairs : 1;
+  at::Tensor S = at::empty({pairs, Lk}, kc.options());  // scores, -inf past each query's last key
+  float* sp = S.data_ptr<float>();
+  at::parallel_for(0, pairs, grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t r = j / nh, h = j % nh, last = pos + r;
+      const int64_t r = j / nh, h = j % nh;
       const float* qh = q + r * q_stride + h * hd;
-      const float* kh = K + (h / group) * kv_stride;
-      const float* vh = V + (h / group) * kv_stride;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t <= last; ++t) {
-        p[t] = dot(qh, kh + t * t_stride, hd) * scale;
-        mx = std::max(mx, p[t]);
-      }
-      float sum = 0.f;
-      for (int64_t t = 0; t <= last; ++t) sum += (p[t] = std::exp(p[t] - mx));
+      const float* kh = K + row[r] * r_stride + (h / group) * kv_stride;
+      for (int64_t t = 0; t <= where[r]; ++t) sp[j * Lk + t] = dot(qh, kh + t * t_stride, hd) * scale;
+      std::fill(sp + j * Lk + where[r] + 1, sp + (j + 1) * Lk, -INFINITY);
+    }
+  });
+  const at::Tensor P = at::softmax(S, 1);  // one vectorized pass for every head
+  const float* pp = P.data_ptr<float>();
+  at::parallel_for(0, pairs, grain, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t r = j / nh, h = j % nh;
+      const float* vh = V + row[r] * r_stride + (h / group) * kv_stride;
       float* oh = o + r * nh * hd + h * hd;
       std::fill_n(oh, hd, 0.f);
-      for (int64_t t = 0; t <= last; ++t) axpy(p[t] / sum, vh + t * t_stride, oh, hd);
+      for (int64_t t = 0; t <= where[r]; ++t) axpy(pp[j * Lk + t], vh + t * t_stride, oh, hd);
     }
   });
   return out;
 }
 
-// x (T, D) after the block, for tokens at positions pos..pos+T-1 (a decode step, or a draft
-// being checked); writes their keys and values into the caches. cos/sin (T, hd).
+// x (R, D) after the block. Row j is a token at position where[j] of cache row row[j]: one
+// sequence's new token or draft (rows all 0, positions pos, pos+1, ...) or a batch's next
+// tokens (row b at its own length). Their keys and values are written into the caches first.
+// cos/sin (R, hd): the RoPE rows of those positions.
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
                         const Lin& qkv, const Lin& proj, const Lin& gate_up, const Lin& down,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc, const at::Tensor& vc,
-                        int64_t pos, int64_t nh, int64_t nkv) {
+                        const at::Tensor& rows, const at::Tensor& positions, int64_t nh, int64_t nkv) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "x must be a contiguous float32 (T, D) tensor");
-  const int64_t T = x.size(0);
-  TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.size(0) == 1 && kc.size(1) == nkv && kc.stride(3) == 1 &&
-                  vc.strides() == kc.strides() && pos + T <= kc.size(2) && nkv > 0 && nh % nkv == 0,
-              "the KV cache must be float32 (1, nkv, max_len, hd) with room for the tokens");
+              "x must be a contiguous float32 (R, D) tensor");
+  const int64_t R = x.size(0);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  positions.is_contiguous() && rows.numel() == R && positions.numel() == R,
+              "rows and positions must be contiguous int64 tensors of one entry per row of x");
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* where = positions.data_ptr<int64_t>();
+  TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.size(1) == nkv && kc.stride(3) == 1 &&
+                  vc.strides() == kc.strides() && vc.sizes() == kc.sizes() && nkv > 0 && nh % nkv == 0,
+              "the KV cache must be float32 (rows, nkv, len, hd)");
+  for (int64_t j = 0; j < R; ++j)
+    TORCH_CHECK(0 <= row[j] && row[j] < kc.size(0) && 0 <= where[j] && where[j] < kc.size(2),
+                "a token's cache row or position lies outside the KV cache");
   const int64_t hd = kc.size(3), width = (nh + 2 * nkv) * hd;
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && cos.size(1) == hd,
-              "cos/sin must be contiguous (T, head_dim)");
-  at::Tensor q = apply_linear(rms_norm(x, norm1, eps), qkv);  // (T, (nh + 2 nkv) hd): [q heads, k heads, v heads]
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == R && cos.size(1) == hd,
+              "cos/sin must be contiguous (R, head_dim)");
+  at::Tensor q = apply_linear(rms_norm(x, norm1, eps), qkv);  // (R, (nh + 2 nkv) hd): [q heads, k heads, v heads]
   TORCH_CHECK(q.size(1) == width, "qkv's output does not match the heads");
   float* K = kc.data_ptr<float>();
   float* V = vc.data_ptr<float>();
-  for (int64_t r = 0; r < T; ++r) {
-    float* row = q.data_ptr<float>() + r * width;
-    rope(row, nh + nkv, hd, cos.data_ptr<float>() + r * hd, sin.data_ptr<float>() + r * hd);  // q, k heads
-    for (int64_t j = 0; j < nkv; ++j) {
-      std::copy_n(row + (nh + j) * hd, hd, K + j * kc.stride(1) + (pos + r) * kc.stride(2));
-      std::copy_n(row + (nh + nkv + j) * hd, hd, V + j * vc.stride(1) + (pos + r) * vc.stride(2));
+  for (int64_t j = 0; j < R; ++j) {
+    float* qj = q.data_ptr<float>() + j * width;
+    rope(qj, nh + nkv, hd, cos.data_ptr<float>() + j * hd, sin.data_ptr<float>() + j * hd);  // q, k heads
+    const int64_t base = row[j] * kc.stride(0) + where[j] * kc.stride(2);
+    for (int64_t h = 0; h < nkv; ++h) {
+      std::copy_n(qj + (nh + h) * hd, hd, K + base + h * kc.stride(1));
+      std::copy_n(qj + (nh + nkv + h) * hd, hd, V + base + h * vc.stride(1));
     }
   }
-  at::Tensor h = x + apply_linear(attend(q.data_ptr<float>(), width, T, kc, vc, pos, nh, nkv, hd), proj);
-  at::Tensor gu = apply_linear(rms_norm(h, norm2, eps), gate_up);  // (T, 2F): [gate, up]
+  at::Tensor h = x + apply_linear(attend(q.data_ptr<float>(), width, row, where, R, kc, vc, nh, nkv, hd), proj);
+  at::Tensor gu = apply_linear(rms_norm(h, norm2, eps), gate_up);  // (R, 2F): [gate, up]
   const int64_t F = gu.size(1) / 2;
-  at::Tensor a = at::empty({T, F}, gu.options());
-  for (int64_t r = 0; r < T; ++r) {
-    const float* g = gu.data_ptr<float>() + r * 2 * F;
-    float* ap = a.data_ptr<float>() + r * F;
-    for (int64_t i = 0; i < F; ++i) ap[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
-  }
+  const at::Tensor a = at::silu(gu.narrow(1, 0, F)).mul_(gu.narrow(1, F, F)).contiguous();  // vectorized exp
   return h + apply_linear(a, down);
 }
 
