@@ -58,6 +58,15 @@ def tiny(name: str, bits: int, seed: int = 0) -> Transformer:
     return model.eval()
 
 
+def assert_close_after(got, ref, act_bits: int) -> None:
+    """fp32: equal up to summation order. int8 activations: a last-bit difference in a layer's
+    input can flip one element's rounding (a step of absmax/127 of its block), which the next
+    layers carry, so the outputs agree to about 1 % of their scale, not to the last bits
+    (test_quant checks the int8 kernel exactly against its reference, layer by layer)."""
+    tol = 1e-4 if act_bits == 32 else 2e-2
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 def decode_logits(model, prompt: list[int], steps: list[int], monkeypatch, fused_on: bool):
     """Prefill `prompt`, then feed `steps` one at a time; logits (len(steps), V) and the cache."""
     if fused_on:
@@ -86,10 +95,10 @@ def test_fused_decode_equals_the_reference_blocks(spy, monkeypatch, name, bits, 
     assert spy.calls == 0
     got, cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=True)
     assert spy.calls == (1 + len(steps)) * model.config.n_layer  # the short prompt too
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert_close_after(got, ref, act_bits)
     assert cache.pos == ref_cache.pos == len(prompt) + len(steps)
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_close_after(a, b, act_bits)
 
 
 @pytest.mark.parametrize("bits, act_bits", [(4, 32), (4, 8)])
@@ -110,9 +119,9 @@ def test_fused_chunks_equal_the_reference_blocks(spy, monkeypatch, bits, act_bit
     assert spy.calls == 0
     got, cache = run(True)
     assert spy.calls == len(chunks) * model.config.n_layer
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert_close_after(got, ref, act_bits)
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_close_after(a, b, act_bits)
 
 
 def test_fused_decode_greedy_text_equals_the_reference(spy, monkeypatch):
