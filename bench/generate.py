@@ -682,8 +682,10 @@ def main(argv=None) -> None:
                     help="before each engine, wait up to S seconds for other processes to use < 10%% CPU")
     ap.add_argument("--busy", action="store_true",
                     help="also run each engine with a busy loop on one CPU and report the decode speed kept")
-    ap.add_argument("--isa", default=None, help="force Muse's kernels onto this instruction set (MUSE_CPU: avx2, "
-                    "avx2-vnni, avx512, avx512-vnni, scalar); default: the CPU's best")
+    from muse.quant import ISAS
+
+    ap.add_argument("--isa", default=None, choices=ISAS,
+                    help="force Muse's kernels onto this instruction set (sets MUSE_CPU); default: the CPU's best")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: a WorkerSpec JSON
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -16,16 +16,10 @@ MUSE_NO_FUSED=1 turns it off (to compare, or to rule it out).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from muse import quant
 from muse.quant import QuantLinear
-
-
-def _disabled() -> bool:
-    return os.environ.get("MUSE_NO_FUSED", "").strip().lower() in ("1", "true", "yes")
 
 
 def _linear_args(layer) -> tuple | None:
@@ -37,19 +31,13 @@ def _linear_args(layer) -> tuple | None:
 
 
 def _block_args(block) -> tuple | None:
+    """(norm1, norm2, eps, qkv, proj, gate_up, down) of a block `applies` let through (RMSNorm,
+    SwiGLU by its config), or None if a linear cannot take the kernels."""
     attn, mlp = block.attn, block.mlp
-    if mlp.kind != "swiglu" or type(block.norm1).__name__ != "RMSNorm" or type(block.norm2).__name__ != "RMSNorm":
-        return None
     lins = [_linear_args(m) for m in (attn.qkv, attn.proj, mlp.gate_up, mlp.down)]
     if any(a is None for a in lins):
         return None
     return (block.norm1.weight, block.norm2.weight, block.norm1.eps, *lins)
-
-
-# Most tokens (rows x new tokens) one forward takes here: decode steps, prompt-lookup drafts,
-# a batch's next tokens, short prompts; longer inputs go to the tile GEMM (quant.PREFILL_MIN_M
-# rows and up), which serves them better.
-MAX_TOKENS = 31
 
 
 def applies(model, idx: torch.Tensor, cache) -> bool:
@@ -57,14 +45,16 @@ def applies(model, idx: torch.Tensor, cache) -> bool:
     c = model.config
     return (
         cache is not None
-        and idx.numel() <= min(MAX_TOKENS, (quant.PREFILL_MIN_M or 1 << 30) - 1)
+        # rows x new tokens: decode steps, drafts, a batch's next tokens, short prompts; from
+        # quant.PREFILL_MIN_M on the tile GEMM serves them better (or 32 if that path is off)
+        and idx.numel() < (quant.PREFILL_MIN_M or 32)
         and not model.training
         and not torch.is_grad_enabled()
         and c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
         and idx.device.type == "cpu"
         and model.dtype == torch.float32
         and cache.k[0].dtype == torch.float32
-        and not _disabled()
+        and not quant.env_flag("MUSE_NO_FUSED")
         and quant.kernels_available()
     )
 

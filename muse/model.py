@@ -416,16 +416,16 @@ class Transformer(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         x = self.drop(x)
-        rope = None
-        if self.config.pos == "rope":
-            if end > self.rope_cos.shape[0]:
-                self._grow_rope(end)
-            # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, heads, hd)
-            rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
+        if self.config.pos == "rope" and end > self.rope_cos.shape[0]:
+            self._grow_rope(end)
         fused = _fused.decode(self, x, cache, pos) if _fused.applies(self, idx, cache) else None
         if fused is not None:  # a few new tokens, quantized: the same blocks in C++ (muse/fused.py)
             x = fused
         else:
+            rope = None
+            if self.config.pos == "rope":
+                # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, heads, hd)
+                rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
             for i, block in enumerate(self.layers):
                 x = block(x, rope, cache, i, mask)
         if cache is not None:

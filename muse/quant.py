@@ -114,9 +114,13 @@ def kernel_isa() -> str:
     return want
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to 1, true or yes."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def _kernels_disabled() -> bool:
-    flag = os.environ.get("MUSE_NO_KERNELS")
-    return flag is not None and flag.strip().lower() in ("1", "true", "yes")
+    return env_flag("MUSE_NO_KERNELS")
 
 
 def _build_extension(isa: str | None = None):
@@ -438,8 +442,8 @@ class QuantLinear(nn.Module):
                 _prefill_min_m(self.in_features), PREFILL_TILE_N, act_bits,
             )  # fmt: skip
         else:
-            decode_sized = x2.shape[0] < _prefill_min_m(self.in_features)
-            x2 = quantize_activations(x2) if act_bits == 8 and decode_sized else x2
+            if act_bits == 8 and x2.shape[0] < _prefill_min_m(self.in_features):  # as the kernels do
+                x2 = quantize_activations(x2)
             y = F.linear(x2, self.dequantize(), buf["bias"])
         y = y.view(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -178,7 +178,7 @@ def test_what_the_fused_path_does_not_take_runs_the_reference(spy):
     model = tiny("llama-gqa", 4)
     with torch.inference_mode():
         cache = KVCache(model.config, 1, 40)  # a long prompt: the tile GEMM's
-        model(torch.tensor([list(range(fused.MAX_TOKENS + 1))]), cache=cache)
+        model(torch.tensor([list(range(quant.PREFILL_MIN_M))]), cache=cache)
         model(torch.tensor([[1]]))  # no cache
     with torch.no_grad():
         exact = Transformer(model.config).init_weights(0).eval()  # fp32 weights: no QuantLinear

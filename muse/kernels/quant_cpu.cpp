@@ -43,9 +43,21 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #define MUSE_SIMD_256 1  // AVX2 integer ops are there in both vector builds
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define MUSE_VNNI 1  // the int8-activation dots use dpbusd
+#endif
 #endif
 
 namespace {
+
+#ifdef MUSE_SIMD_256
+inline float hsum256(__m256 a) {  // the sum of 8 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------
 // A minimal vector type: VF holds L floats. Everything below is written against it.
@@ -89,12 +101,7 @@ inline void vstore(float* p, VF a) { _mm256_storeu_ps(p, a); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
-inline float vsum(VF a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline float vsum(VF a) { return hsum256(a); }
 inline VF vload_i8(const int8_t* p) {  // 8 int8 -> 8 floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
@@ -312,22 +319,15 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, bool q4, int
 #ifdef MUSE_SIMD_256
 // 8 int32 lanes, each the sum of 4 adjacent products u[i] * s[i] (u unsigned, s signed)
 inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
+#if defined(MUSE_VNNI) && defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#elif defined(MUSE_VNNI)
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #else
   // |u * s| <= 255 * 127 per product: a pair fits int16 for int4 (15 * 127 * 2) and for
   // int8 as |w| <= 128 (128 * 127 * 2 = 32512)
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
-}
-
-inline float hsum256(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // The 32 weight codes of block k.. of row n as unsigned bytes u, and for int8 their signs
@@ -692,7 +692,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
 
 int64_t vector_lanes() { return L; }
 
-#if defined(MUSE_SIMD_256) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+#ifdef MUSE_VNNI
 std::string isa() { return std::string(kIsa) + "-vnni"; }
 #else
 std::string isa() { return kIsa; }
@@ -705,7 +705,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &dequantize, "dequantize all rows of W to float32",
         py::call_guard<py::gil_scoped_release>());
-  m.def("decode_layer", &decode_layer, "one token through a pre-norm SwiGLU block (see muse/fused.py)",
+  m.def("decode_layer", &decode_layer, "a few tokens through a pre-norm SwiGLU block (see muse/fused.py)",
         py::call_guard<py::gil_scoped_release>());
   m.def("vector_lanes", &vector_lanes, "float lanes of the compiled SIMD path (16, 8 or 1)");
   m.def("isa", &isa, "the instruction set this module was built for (avx512-vnni, avx512, avx2-vnni, avx2, scalar)");
