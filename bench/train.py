@@ -28,6 +28,7 @@ configuration runs in its own process, so peak memory (max RSS) is its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -150,7 +151,8 @@ def run_reference(name: str, seed: int) -> dict:
             "full_val_loss": full_val_loss(wrapped, val_ids, ref.BLOCK)}
 
 
-def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed: int = 1337) -> dict:
+def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed: int = 1337,
+            dtype: str | None = None) -> dict:
     """Train one configuration in this process and return its figures."""
     from muse.config import ModelConfig
     from muse.model import Transformer
@@ -163,6 +165,8 @@ def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed
     if anchor:
         config = ModelConfig.from_name("shakespeare-char-cpu", dropout=0.0)
         cfg = anchor_config(name == "anchor-preset", compile_, seed)
+        if dtype and name == "anchor-preset":
+            cfg = dataclasses.replace(cfg, dtype=dtype)
         batch = 12
     else:
         overrides, batch = PRESETS[name]
@@ -198,15 +202,27 @@ def run_one(name: str, iters: int, compile_: bool, anchor: bool, out: Path, seed
 
 def child(args) -> None:
     out = Path(args.out)
-    print(json.dumps(run_one(args.child, args.iters, args.compile, args.child.startswith("anchor"), out, args.seed)))
+    print(json.dumps(run_one(args.child, args.iters, args.compile, args.child.startswith("anchor"), out, args.seed,
+                             args.dtype)))
 
 
-def spawn(name: str, iters: int, compile_: bool, out: Path, seed: int) -> dict:
+# What --isa avx2 sets for every run: torch's own vector kernels, MKL's and oneDNN's GEMMs limited
+# to AVX2 (+FMA), the instruction set of most laptops, on a CPU that has more.
+# Muse's own kernels (GELU, attention) take their AVX2 build.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MUSE_CPU": "avx2"}
+FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def spawn(name: str, iters: int, compile_: bool, out: Path, seed: int, dtype: str | None = None,
+          env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--iters", str(iters), "--out", str(out), "--seed", str(seed)]
     if compile_:
         cmd.append("--compile")
+    if dtype:
+        cmd += ["--dtype", dtype]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -221,6 +237,12 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=1337, help="model init and batch sampling seed")
     p.add_argument("--out", default=None, help="directory for the runs (default: a temp dir)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                   help="the preset run's dtype (default: the preset's \"auto\": bf16 where the CPU has it natively)")
+    p.add_argument("--isa", default=None, choices=("avx2",),
+                   help="limit torch, MKL and oneDNN to AVX2+FMA, as on most laptops (this CPU may have more)")
+    p.add_argument("--runs", nargs="*", choices=ANCHOR_RUNS, help="with --anchor: only these runs (default all four)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the runs, interleaved; the median wall is reported")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -228,21 +250,42 @@ def main() -> None:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="muse-bench-train-"))
     load = os.getloadavg()
-    peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
+    if args.isa:
+        os.environ.update(AVX2_ENV)  # before this process's first matmul, for the peak below
+    peaks = {"float32": matmul_peak()}
+    if args.dtype != "fp32":  # the preset run may train in bf16
+        peaks["bfloat16"] = matmul_peak(torch.bfloat16)
+    from muse import quant
+
+    quant.kernels_available()  # build Muse's kernels for this ISA now, not inside the first timed run
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    print(f"CPU flags: {' '.join(f for f in FLAGS if f in flags) or '?'} | torch kernels: "
+          f"{torch.backends.cpu.get_cpu_capability()} | Muse kernels: {quant.kernel_isa()}"
+          f"{' (forced with --isa ' + args.isa + ')' if args.isa else ''}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul peak fp32 {peaks['float32']:,.1f} "
-          f"/ bf16 {peaks['bfloat16']:,.1f} GFLOP/s, "
+          f"/ bf16 {peaks.get('bfloat16', 0):,.1f} GFLOP/s, "
           f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    names = list(ANCHOR_RUNS) if args.anchor else args.presets
-    rows = []
-    for name in names:
-        r = spawn(name, args.iters, args.compile, out / name, args.seed)
-        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peaks[r.get("dtype", "float32")] * 1e9)
-        rows.append(r)
-        print(f"  {ANCHOR_NAMES.get(name, name)}: val loss {r['final_val_loss']:.4f}, {r['process_wall_s']:.1f} s",
-              file=sys.stderr, flush=True)
+    names = (args.runs or list(ANCHOR_RUNS)) if args.anchor else args.presets
+    walls: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeat):  # rounds interleave the runs, so a slow spell hits each alike
+        for name in names:
+            r = spawn(name, args.iters, args.compile, out / f"{name}-{round_}", args.seed, args.dtype,
+                      AVX2_ENV if args.isa else None)
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peaks[r.get("dtype", "float32")] * 1e9)
+            walls[name].append(r)
+            print(f"  {ANCHOR_NAMES.get(name, name)}: val loss {r['final_val_loss']:.4f}, {r['process_wall_s']:.1f} s",
+                  file=sys.stderr, flush=True)
+    # Each configuration's run of median wall time stands for it.
+    rows = [sorted(runs, key=lambda r: r["process_wall_s"])[len(runs) // 2] for runs in walls.values()]
+    if args.repeat > 1:
+        for name, runs in walls.items():
+            per_round = ", ".join(f"{r['process_wall_s']:.1f}" for r in runs)
+            print(f"{ANCHOR_NAMES.get(name, name)}: wall per round {per_round} s")
     print_table(rows)
     if args.anchor:
         print_anchor(rows)
+        if args.repeat > 1:
+            print_round_ratios(walls)
     load = os.getloadavg()
     print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"loss curves: {', '.join(r['plot'] for r in rows if r['plot'] != '-')}")
@@ -265,18 +308,34 @@ def print_table(rows: list[dict]) -> None:
 
 def print_anchor(rows: list[dict]) -> None:
     by = {r["name"]: r for r in rows}
-    ref, twin, same, preset = (by[n] for n in ANCHOR_RUNS)
-    diff = np.abs(np.array(twin["train_losses"]) - np.array(same["train_losses"]))
-    print(f"\nparity: Muse's loop vs nanoGPT's on the same batches and initial weights: train losses differ by at most "
-          f"{diff.max():.2e} over {len(diff)} steps (mean {diff.mean():.1e}); final val loss "
-          f"{same['final_val_loss']:.4f} vs {twin['final_val_loss']:.4f}")
+    ref, twin, same, preset = (by.get(n) for n in ANCHOR_RUNS)
+    if twin and same:
+        diff = np.abs(np.array(twin["train_losses"]) - np.array(same["train_losses"]))
+        print(f"\nparity: Muse's loop vs nanoGPT's on the same batches and initial weights: train losses differ by at "
+              f"most {diff.max():.2e} over {len(diff)} steps (mean {diff.mean():.1e}); final val loss "
+              f"{same['final_val_loss']:.4f} vs {twin['final_val_loss']:.4f}")
+    if ref is None:
+        return
     print(f"nanogpt here: val loss {ref['final_val_loss']:.4f} (nanoGPT's own run: {NANOGPT_VAL}) in "
           f"{ref['process_wall_s']:.1f} s (nanoGPT's own run: {NANOGPT_WALL_S:.0f} s)")
-    for r in (same, preset):
+    for r, target in ((same, 1.88), (preset, 1.80)):
+        if r is None:
+            continue
         print(f"{ANCHOR_NAMES[r['name']]} (peak lr {r['lr']:g}, {r['dtype']}): val loss {r['final_val_loss']:.4f}, full val "
               f"{r['full_val_loss']:.4f}; wall {r['process_wall_s']:.1f} s = {r['process_wall_s'] / ref['process_wall_s']:.2f}"
               f" x the nanogpt run here, {r['process_wall_s'] / NANOGPT_WALL_S:.2f} x nanoGPT's {NANOGPT_WALL_S:.0f} s "
-              f"(target: val loss <= 1.88 in <= 0.80 x)")
+              f"(target: val loss <= {target} in <= 0.80 x)")
+
+
+def print_round_ratios(walls: dict[str, list[dict]]) -> None:
+    """Each Muse run's wall time over the nanogpt run of its own round, and the median."""
+    if "nanogpt" not in walls:
+        return
+    for name in ("anchor", "anchor-preset"):
+        if name in walls:
+            ratios = [r["process_wall_s"] / ref["process_wall_s"] for r, ref in zip(walls[name], walls["nanogpt"])]
+            print(f"{ANCHOR_NAMES[name]} / nanogpt, per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+                  f"median {float(np.median(ratios)):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse import fused as _fused
+from muse import ops
 from muse.config import ModelConfig
 
 
@@ -249,6 +250,11 @@ class Attention(nn.Module):
         qk, v = qkv[:, :, : nh + nkv], qkv[:, :, nh + nkv:]
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k heads rotated in one pass
+        if cache is None and mask is None and ops.attention_applies(qkv, self.dropout if self.training else 0.0):
+            # Training and scoring on the CPU: the heads as they are, no transposes (muse/ops.py).
+            qkv = qkv if rope is None else torch.cat([qk, v], dim=2)
+            y = ops.causal_attention(qkv, nh, nkv).reshape(B, T, nh * self.head_dim)
+            return self.resid_dropout(self.proj(y))
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
         v = v.transpose(1, 2)  # (B, nkv, T, hd)
@@ -294,7 +300,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.dropout(self.down(F.silu(gate) * up))
         # GPT-2 uses the tanh approximation of GELU ("gelu_new").
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(ops.gelu_tanh(self.fc(x))))
 
 
 class Block(nn.Module):

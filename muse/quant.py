@@ -27,6 +27,7 @@ per weight, which is what bounds decode on AVX2.
 from __future__ import annotations
 
 import os
+import hashlib
 import shutil
 import sys
 import threading
@@ -37,7 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SOURCE = Path(__file__).parent / "kernels" / "quant_cpu.cpp"
+_KERNELS = Path(__file__).parent / "kernels"
+# One module per instruction set from these sources (quantized linears and the fused decode
+# step; training's GELU and attention), which share the vector helpers of vec.h.
+_SOURCES = (_KERNELS / "quant_cpu.cpp", _KERNELS / "train_cpu.cpp")
+_HEADERS = (_KERNELS / "vec.h",)
 _CHUNK = 32  # int4 packing run, and the kernels' inner step: they need group_size % 32 == 0
 
 # Dispatch. The fused kernel streams W once and multiplies it with 4 rows of x at a time:
@@ -139,10 +144,12 @@ def _build_extension(isa: str | None = None):
     # build cache shared with another CPU (a home directory on NFS) cannot hand it code
     # it cannot run.
     isa = isa or kernel_isa()
+    # cpp_extension rebuilds when the sources or flags change, not a header: its digest is a flag.
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
     return load(
         name=f"muse_quant_cpu_{isa.replace('-', '_')}",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS[isa]],
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS[isa], f"-DMUSE_HEADERS={headers}"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

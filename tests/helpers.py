@@ -123,3 +123,42 @@ def shakespeare_text(chars: int) -> str:
         if size >= chars:
             break
     return "".join(out)[:chars]
+
+
+def isas_to_test() -> list[str]:
+    """Kernel builds worth testing here: the CPU's best (what users get), the plain AVX2 path
+    of laptops (8 lanes, maddubs) and the scalar path; between them every code path of the
+    kernel sources, each build ~20 s."""
+    from muse import quant
+
+    have = quant.cpu_isas()
+    return list(dict.fromkeys(isa for isa in (have[0], "avx2", "scalar") if isa in have))
+
+
+class KernelSpy:
+    """Stands in for `muse.quant._ext` (the C++ kernels) and counts each kernel's calls by name."""
+
+    def __init__(self, ext):
+        import collections
+
+        self.ext, self.counts = ext, collections.Counter()
+
+    def __getattr__(self, name):
+        fn = getattr(self.ext, name)
+
+        def counted(*args):
+            self.counts[name] += 1
+            return fn(*args)
+        return counted
+
+
+def spy_on_kernels(monkeypatch) -> KernelSpy:
+    """The kernels on (whatever the environment says) and counted, for a test's duration."""
+    from muse import quant
+
+    monkeypatch.delenv("MUSE_NO_FUSED", raising=False)
+    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
+    assert quant.kernels_available()
+    spy = KernelSpy(quant._ext)
+    monkeypatch.setattr(quant, "_ext", spy)
+    return spy

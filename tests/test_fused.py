@@ -11,6 +11,7 @@ from muse import fused, quant
 from muse.config import ModelConfig
 from muse.model import BatchKVCache, KVCache, Transformer
 from muse.quant import quantize_model, set_activation_bits
+from tests.helpers import spy_on_kernels
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the kernels cannot be built here")
@@ -23,26 +24,9 @@ CONFIGS = {
 }
 
 
-class Spy:
-    def __init__(self, ext):
-        self.ext, self.calls = ext, 0
-
-    def __getattr__(self, name):
-        return getattr(self.ext, name)
-
-    def decode_layer(self, *args):
-        self.calls += 1
-        return self.ext.decode_layer(*args)
-
-
 @pytest.fixture
 def spy(monkeypatch):
-    monkeypatch.delenv("MUSE_NO_FUSED", raising=False)
-    monkeypatch.delenv("MUSE_NO_KERNELS", raising=False)
-    assert quant.kernels_available()
-    s = Spy(quant._ext)
-    monkeypatch.setattr(quant, "_ext", s)
-    return s
+    return spy_on_kernels(monkeypatch)
 
 
 def tiny(name: str, bits: int, seed: int = 0) -> Transformer:
@@ -92,9 +76,9 @@ def test_fused_decode_equals_the_reference_blocks(spy, monkeypatch, name, bits, 
     prompt = torch.randint(0, 80, (9,), generator=gen).tolist()
     steps = torch.randint(0, 80, (12,), generator=gen).tolist()
     ref, ref_cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=False)
-    assert spy.calls == 0
+    assert spy.counts["decode_layer"] == 0
     got, cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=True)
-    assert spy.calls == (1 + len(steps)) * model.config.n_layer  # the short prompt too
+    assert spy.counts["decode_layer"] == (1 + len(steps)) * model.config.n_layer  # the short prompt too
     assert_close_after(got, ref, act_bits)
     assert cache.pos == ref_cache.pos == len(prompt) + len(steps)
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
@@ -116,9 +100,9 @@ def test_fused_chunks_equal_the_reference_blocks(spy, monkeypatch, bits, act_bit
             return torch.cat([model(torch.tensor([c]), cache=cache)[0][0] for c in chunks]), cache
 
     ref, ref_cache = run(False)
-    assert spy.calls == 0
+    assert spy.counts["decode_layer"] == 0
     got, cache = run(True)
-    assert spy.calls == len(chunks) * model.config.n_layer
+    assert spy.counts["decode_layer"] == len(chunks) * model.config.n_layer
     assert_close_after(got, ref, act_bits)
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
         assert_close_after(a, b, act_bits)
@@ -137,7 +121,7 @@ def test_fused_decode_greedy_text_equals_the_reference(spy, monkeypatch):
     ref = tokens()
     monkeypatch.delenv("MUSE_NO_FUSED")
     assert tokens() == ref and len(ref) == 24
-    assert spy.calls > 0
+    assert spy.counts["decode_layer"] > 0
 
 
 def test_a_batch_of_rows_at_their_own_lengths_equals_the_reference(spy, monkeypatch):
@@ -165,9 +149,9 @@ def test_a_batch_of_rows_at_their_own_lengths_equals_the_reference(spy, monkeypa
         return torch.cat(out), batch
 
     ref, ref_batch = run(False)
-    calls = spy.calls  # the prompts (short) took the fused path in both runs
+    calls = spy.counts["decode_layer"]  # the prompts (short) took the fused path in both runs
     got, batch = run(True)
-    assert spy.calls - calls >= (len(steps) + 1) * model.config.n_layer
+    assert spy.counts["decode_layer"] - calls >= (len(steps) + 1) * model.config.n_layer
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert batch.lens == ref_batch.lens
     for a, b in zip(batch.k + batch.v, ref_batch.k + ref_batch.v):
@@ -186,4 +170,4 @@ def test_what_the_fused_path_does_not_take_runs_the_reference(spy):
         exact(torch.tensor([[1]]), cache=cache)
     cache = KVCache(model.config, 1, 8)
     model(torch.tensor([[1]]), cache=cache)  # autograd on
-    assert spy.calls == 0
+    assert spy.counts["decode_layer"] == 0

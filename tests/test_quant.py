@@ -13,6 +13,7 @@ from torch import nn
 
 from muse import quant
 from muse.quant import QuantLinear, kernels_available, quantize_model
+from tests.helpers import isas_to_test
 
 GROUPS = [32, 64, 128, None]  # None: per-channel (group_size == in_features)
 
@@ -190,14 +191,7 @@ def test_prefill_tiles_match_fallback(kernels, monkeypatch, bits):
 # ----------------------------------------------------------------------------- instruction sets, int8 activations
 
 
-def _isas_to_test() -> list[str]:
-    # the CPU's best (what users get), the plain AVX2 path of laptops (maddubs, 8 lanes), and
-    # the scalar path: between them every code path of the source, each build ~20 s
-    have = quant.cpu_isas()
-    return list(dict.fromkeys(isa for isa in (have[0], "avx2", "scalar") if isa in have))
-
-
-@pytest.fixture(scope="module", params=_isas_to_test())
+@pytest.fixture(scope="module", params=isas_to_test())
 def isa_module(request):
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the kernels cannot be built here")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import signal
 import string
 import subprocess
@@ -147,6 +148,7 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
 def test_cpu_bf16_training_runs_attention_in_fp32_and_keeps_the_gradients(monkeypatch):
     """Under CPU bf16 autocast the matmuls run in bf16 but attention in fp32 (its bf16 backward is slow);
     the loss and gradients stay close to fp32 training's."""
+    monkeypatch.setenv("MUSE_NO_FUSED", "1")  # model.py's SDPA path; test_ops checks the kernels' under autocast
     model = tiny_model(seed=3)
     x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
@@ -271,6 +273,36 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64", "i686"), reason="FTZ/DAZ is x86's")
+def test_cpu_training_flushes_denormals_and_restores_the_setting(tmp_path):
+    def denormal_survives() -> bool:  # 1e-39 is below float32's smallest normal, 1.2e-38
+        return (torch.full((4096,), 1e-39) * 1.0).ne(0).all().item()
+
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(denormal_survives()))
+    try:
+        assert denormal_survives()
+        train(tiny_model(), FixedRows(), TrainConfig(max_iters=2, batch_size=4, eval_iters=0, **QUIET), tmp_path)
+    finally:
+        handle.remove()
+    assert seen == [False, False]  # flushed to 0 while training (x86 arithmetic on them is ~100x slower)
+    assert denormal_survives()  # and as it was afterwards
+
+
+@pytest.mark.parametrize("refresh_s, plots", [(1e9, 1), (0.0, 5)])
+def test_the_loss_plot_is_redrawn_at_evals_at_most_every_refresh_interval(tmp_path, monkeypatch, refresh_s, plots):
+    from muse.training import loop
+
+    drawn = []
+    draw = loop._Metrics.plot
+    monkeypatch.setattr(loop._Metrics, "plot", lambda self: drawn.append(1) or draw(self))
+    monkeypatch.setattr(loop, "PLOT_REFRESH_S", refresh_s)
+    result = train(tiny_model(), FixedRows(), TrainConfig(max_iters=4, batch_size=4, eval_interval=1, eval_iters=1,
+                                                          **QUIET), tmp_path / "run")
+    assert len(drawn) == plots  # 4 evals and the end, or the end alone
+    assert result.plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_loss_goes_down_and_the_checkpoint_loads_and_generates(tmp_path, shakespeare):

@@ -38,46 +38,17 @@
 #include <tuple>
 #include <vector>
 
-#include <cmath>
-
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
-#include <immintrin.h>
-#define MUSE_SIMD_256 1  // AVX2 integer ops are there in both vector builds
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-#define MUSE_VNNI 1  // the int8-activation dots use dpbusd
-#endif
-#endif
+#include "vec.h"
 
 namespace {
 
-#ifdef MUSE_SIMD_256
-inline float hsum256(__m256 a) {  // the sum of 8 lanes
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
+using namespace muse_vec;
 
-// ---------------------------------------------------------------------------------------
-// A minimal vector type: VF holds L floats. Everything below is written against it.
-// ---------------------------------------------------------------------------------------
+// What the quantized kernels add to vec.h: int8 and int4 codes into VF lanes.
 #if defined(__AVX512F__)
-constexpr int L = 16;
-using VF = __m512;
-inline VF vzero() { return _mm512_setzero_ps(); }
-inline VF vset1(float a) { return _mm512_set1_ps(a); }
-inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, VF a) { _mm512_storeu_ps(p, a); }
-inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
-inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
-inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
-inline float vsum(VF a) { return _mm512_reduce_add_ps(a); }
 inline VF vload_i8(const int8_t* p) {  // 16 int8 -> 16 floats
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-constexpr const char* kIsa = "avx512";
 // int4 group dequantizer: the 16 possible values scale * c + min live in one register, and
 // vpermps picks them by the low 4 bits of each lane, so no masking or int->float needed.
 struct Deq4 {
@@ -92,16 +63,6 @@ struct Deq4 {
   }
 };
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-constexpr int L = 8;
-using VF = __m256;
-inline VF vzero() { return _mm256_setzero_ps(); }
-inline VF vset1(float a) { return _mm256_set1_ps(a); }
-inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, VF a) { _mm256_storeu_ps(p, a); }
-inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
-inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
-inline float vsum(VF a) { return hsum256(a); }
 inline VF vload_i8(const int8_t* p) {  // 8 int8 -> 8 floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
@@ -115,20 +76,8 @@ inline void vunpack4(const uint8_t* p, VF* w) {  // 16 bytes -> codes 0..7, 8..1
   w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
 }
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-constexpr const char* kIsa = "avx2";
 #define MUSE_GENERIC_DEQ4
 #else
-constexpr int L = 1;
-using VF = float;
-inline VF vzero() { return 0.f; }
-inline VF vset1(float a) { return a; }
-inline VF vload(const float* p) { return *p; }
-inline void vstore(float* p, VF a) { *p = a; }
-inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
-inline VF vadd(VF a, VF b) { return a + b; }
-inline VF vmul(VF a, VF b) { return a * b; }
-inline float vsum(VF a) { return a; }
 inline VF vload_i8(const int8_t* p) { return (float)*p; }
 inline void vunpack4(const uint8_t* p, VF* w) {
   for (int j = 0; j < 16; ++j) {
@@ -136,8 +85,6 @@ inline void vunpack4(const uint8_t* p, VF* w) {
     w[j + 16] = (float)(p[j] >> 4);
   }
 }
-inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
-constexpr const char* kIsa = "scalar";
 #define MUSE_GENERIC_DEQ4
 #endif
 
@@ -700,6 +647,8 @@ std::string isa() { return kIsa; }
 
 }  // namespace
 
+void register_train_kernels(pybind11::module_& m);  // muse/kernels/train_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "quantized linear: y = x @ W.T + bias",
         py::call_guard<py::gil_scoped_release>());
@@ -707,6 +656,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_layer", &decode_layer, "a few tokens through a pre-norm SwiGLU block (see muse/fused.py)",
         py::call_guard<py::gil_scoped_release>());
+  register_train_kernels(m);
   m.def("vector_lanes", &vector_lanes, "float lanes of the compiled SIMD path (16, 8 or 1)");
   m.def("isa", &isa, "the instruction set this module was built for (avx512-vnni, avx512, avx2-vnni, avx2, scalar)");
 }
