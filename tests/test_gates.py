@@ -41,7 +41,10 @@ def test_a_number_the_output_lost_is_flagged_in_any_form():
     assert gate_names(p) == {"dropped"} and "1,350" in p[0].message
     assert check("rewrite", src, "Rent of $1350 is due on the 5th; from September 1 the price is $39.") == []
     assert "dropped" in gate_names(check("translate", "预算为30万元。", "The budget is large."))
-    assert "dropped" not in gate_names(check("shorten", src, "Rent is due on the 5th."))  # shortening may drop
+    # shortening drops words, not facts: a shortened text that loses its amounts failed
+    p = check("shorten", src, "Rent, 1,350, is due on the 5th.")
+    assert gate_names(p) == {"dropped"} and "39" in p[0].message
+    assert "dropped" not in gate_names(check("summarize", src, "Rent is due on the 5th."))  # a summary may drop
 
 
 def test_a_name_the_output_lost_is_flagged_in_the_same_language_only():
@@ -107,12 +110,28 @@ def test_a_leftover_label_is_flagged_anywhere():
 # -- length and shape ---------------------------------------------------------------------------
 
 def test_length_targets():
-    src = " ".join(f"word{i}" for i in range(40))
-    assert gate_names(check("shorten", src, " ".join(f"word{i}" for i in range(36)))) == {"length"}  # 10 % cut
-    assert check("shorten", src, " ".join(f"word{i}" for i in range(20))) == []
+    words = [f"w{a}{b}" for a in "abcdefgh" for b in "xyzuv"]  # 40 words, no numbers
+    src = " ".join(words)
+    assert gate_names(check("shorten", src, " ".join(words[:36]))) == {"length"}  # 10 % cut
+    assert check("shorten", src, " ".join(words[:20])) == []
+    assert gate_names(check("shorten", src, " ".join(words[:3]))) == {"length"}  # a headline, not the key points
     assert gate_names(check("expand", src, src)) == {"length"}
     assert gate_names(check("summarize", src, src, length=10)) == {"length"}
     assert gate_names(check("shorten", "今天下午三点在二楼会议室开会，请大家准时参加，不要迟到。", "今天下午三点在二楼会议室开会，请大家准时参加。")) == {"length"}
+
+
+def test_a_shortening_that_copied_the_text_loses_its_plain_sentences_not_its_facts():
+    src = ("The library is closed on Monday for repairs. We are sorry for the trouble. It reopens on Tuesday "
+           "at 9 am with Ms Lee at the desk. Thank you for your patience and understanding, as always.")
+    fixed = repair("shorten", src, src)
+    assert fixed == ("The library is closed on Monday for repairs. We are sorry for the trouble. It reopens on "
+                     "Tuesday at 9 am with Ms Lee at the desk.")  # the closing formula went first
+    assert check("shorten", src, fixed) == []
+    zh = "下周三下午两点开会。会议在二楼会议室。请准时参加。会后有茶点。"
+    assert repair("shorten", zh, zh) == "下周三下午两点开会。会议在二楼会议室。"
+    facts = "周三下午2点开会。地点在3楼301室。带上2份报告。"
+    assert repair("shorten", facts, facts) == facts  # every sentence holds a fact: left for the gates to flag
+    assert gate_names(check("shorten", facts, facts)) == {"length"}
 
 
 def test_titles_must_be_distinct_short_lines():

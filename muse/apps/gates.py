@@ -33,6 +33,7 @@ from muse.apps.cleaning import PREAMBLES
 from muse.text import has_number, language, numbers, sentence_spans, sentences, strip_list_marker
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
+SHORTEN_MIN = 0.2    # and at least this share: less is a headline, not the text's key points
 EXPAND_MIN = 1.10    # expand: at least this share
 SUMMARY_SLACK = 1.5  # summarize: at most this times the requested length (default: SUMMARY_MAX of the input)
 SUMMARY_MAX = 0.6
@@ -44,7 +45,8 @@ TITLES = 5           # what the titles prompt asks for
 GATES: dict[str, tuple[str, ...]] = {
     "rewrite": ("repetition", "preamble", "commentary", "unchanged", "invented", "dropped"),
     "polish": ("repetition", "preamble", "commentary", "invented", "dropped"),
-    "shorten": ("repetition", "preamble", "commentary", "invented", "length"),
+    # shorten keeps the facts (every number, date, amount and name) and drops the words around them
+    "shorten": ("repetition", "preamble", "commentary", "invented", "dropped", "length"),
     "expand": ("repetition", "preamble", "commentary", "numbers", "dropped", "length"),
     "summarize": ("repetition", "preamble", "commentary", "invented", "length"),
     "translate": ("repetition", "preamble", "commentary", "unchanged", "numbers", "dropped"),
@@ -125,6 +127,8 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
     out = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
     if out == re.sub(r"\n{3,}", "\n\n", "\n".join(output.splitlines())).strip():
         out = output  # nothing to fix: exactly as generated (its white space too)
+    if action == "shorten":
+        out = _trim_plain_sentences(source, out)
     if action == "titles":
         picked, seen_titles = [], []
         for line in out.splitlines():
@@ -134,6 +138,39 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
                 picked.append(line)
         out = "\n".join(strip_list_marker(line).strip() for line in picked[:titles])  # renumbered: plain lines
     return out
+
+
+def _trim_plain_sentences(source: str, output: str) -> str:
+    """A shortening that came back too long (the small models often copy the text) loses its
+    sentences that carry no number, date, amount or name, last first (closing formulas, asides),
+    until it is SHORTEN_MAX of the source's length; the facts and the opening sentence stay.
+    Unchanged if that is not enough."""
+    limit = SHORTEN_MAX * size(source)
+    if size(output) <= limit:
+        return output
+    lines = output.splitlines()
+    spans = [(i, a, b) for i, line in enumerate(lines) for a, b in sentence_spans(line)]
+    plain = [(i, a, b) for i, a, b in spans[1:]  # the first sentence stays: it usually says what the text is about
+             if not numbers(lines[i][a:b]) and not _new_names("", lines[i][a:b])]
+    drop: set[tuple[int, int, int]] = set()
+    left = size(output)
+    for i, a, b in reversed(plain):
+        if left <= limit:
+            break
+        drop.add((i, a, b))
+        left -= size(lines[i][a:b])
+    if left > limit:
+        return output
+    kept = []
+    for i, line in enumerate(lines):
+        mine = [(a, b) for j, a, b in spans if j == i]
+        if not mine:
+            kept.append(line)
+            continue
+        text = line[:mine[0][0]] + "".join(line[a:b] for a, b in mine if (i, a, b) not in drop)
+        if text.strip():
+            kept.append(text)
+    return "\n".join(kept).strip()
 
 
 # -- repetition -----------------------------------------------------------------------------
@@ -340,6 +377,9 @@ def length_target(action: str, source: str, output: str, length: int | None = No
     if action == "shorten" and n_out > SHORTEN_MAX * n_in:
         return [Problem("length", f"not clearly shorter: {n_out} of {n_in} {unit} "
                                   f"({100 * n_out // max(n_in, 1)} %; at most {int(100 * SHORTEN_MAX)} %)")]
+    if action == "shorten" and n_out < SHORTEN_MIN * n_in:
+        return [Problem("length", f"too short to keep the key points: {n_out} of {n_in} {unit} "
+                                  f"({100 * n_out // max(n_in, 1)} %; at least {int(100 * SHORTEN_MIN)} %)")]
     if action == "expand" and n_out < EXPAND_MIN * n_in:
         return [Problem("length", f"not longer: {n_out} {unit} from {n_in}")]
     if action == "summarize":

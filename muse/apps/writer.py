@@ -394,6 +394,7 @@ _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
     "dropped": ("Keep every name, number, date and amount of the text, including {x}.",
                 "保留原文中的所有名称、数字、日期和金额，包括{x}。"),
     "shorten": ("Use at most {x} words.", "不超过{x}个字。"),
+    "shorten-more": ("Keep every key point and fact, in at least {x} words.", "保留所有要点和事实，至少写{x}个字。"),
     "expand": ("Write at least {x} words.", "至少写{x}个字。"),
     "titles": ("Reply with exactly five different short titles, one per line, and nothing else.",
                "只输出五个不同的简短标题，每行一个，不要其他内容。"),
@@ -411,6 +412,8 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
         key = p.gate
         if p.gate == "length":
             key = act.name if act.name in ("shorten", "expand") else None
+            if key == "shorten" and p.message.startswith("too short"):
+                key = "shorten-more"
         elif p.gate == "shape":
             key = act.name if act.name in ("titles", "outline") else None
         if key is None or key not in _NOTES:
@@ -420,6 +423,8 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
             named.append(p.message.split(": ", 1)[-1].split(" (")[0])
         elif key == "shorten":
             named.append(str(max(1, int(0.6 * gates.size(text)))))
+        elif key == "shorten-more":
+            named.append(str(max(1, int(0.4 * gates.size(text)))))
         elif key == "expand":
             named.append(str(int(1.5 * gates.size(text)) + 1))
     notes = [_NOTES[key][zh].format(x=("、" if zh else ", ").join(named)) for key, named in items.items()]
