@@ -4,9 +4,10 @@ Training a small model on a CPU in fp32 spends a third of each step outside the 
 products, most of it in two PyTorch kernels that are slow at these sizes: the tanh GELU
 (a forward and backward pass of its 12 x 64 x 512 activations took 1.1 ms on an AVX2
 core pair, `gelu_forward`/`gelu_backward` in muse/kernels/train_cpu.cpp take 0.35) and
-causal attention over short sequences (flash attention, 1.1 ms forward + backward at
-B=12, T=64, 4 heads of 32; `attention_forward`/`attention_backward` 0.8, and they take
-the qkv projection as it is, so no transposes, slices or their backward copies).
+causal attention over short sequences (flash attention, 1.1-1.6 ms forward + backward at
+B=12, T=64, 4 heads of 32; `attention_forward`/`attention_backward` 0.55, and they take
+the qkv projection as it is, so no transposes, slices or their backward copies). Denormal
+floats are the third cost, and `flush_denormals` removes it while training.
 model.py calls `gelu_tanh` and `causal_attention` where `use_kernels` lets them; its
 PyTorch calls stay the reference these are tested equal to (values and gradients).
 
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 from muse import quant
 
 # Longest sequence the attention kernel takes: measured against PyTorch's flash attention
-# (2-core Xeon, AVX2 forced, forward + backward): T=64 0.82 vs 1.12 ms, T=128 3.2 vs 3.6,
-# T=256 43 vs 33 (its per-query loop over every key loses to flash's tiling there).
+# (2-core Xeon, AVX2 forced, forward + backward, ms): T=64 0.55 vs 1.2, T=128 2.2 vs 3.7,
+# T=256 (6 heads of 64) 22-28 vs 33-36, T=512 57-96 vs 87-93 (its whole-head score rows
+# outgrow L1 there, where flash tiles).
 ATTENTION_MAX_T = 256
 
 
