@@ -147,10 +147,14 @@ void matvec_rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t K = p.K, G = p.G, ng = p.ng;
   auto block = [&](int64_t n, auto rows) {
     constexpr int RR = decltype(rows)::value;
-    VF acc[MT][RR][kVecs];
+    // AVX2 has 16 vector registers: with 3-4 rows of x (the server's batches), kVecs = 4
+    // accumulators per row would spill to the stack, so pairs of vectors share one (still
+    // 6-8 independent FMA chains).
+    constexpr int KA = (kVecs == 4 && MT > 2) ? 2 : kVecs;
+    VF acc[MT][RR][KA];
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < RR; ++r)
-        for (int j = 0; j < kVecs; ++j) acc[m][r][j] = vzero();
+        for (int j = 0; j < KA; ++j) acc[m][r][j] = vzero();
     for (int64_t g = 0; g < ng; ++g) {
       const RowGroup<Q4> grp0(p, n, g);
       const RowGroup<Q4> grp1(p, RR > 1 ? n + 1 : n, g);
@@ -161,7 +165,7 @@ void matvec_rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
         for (int m = 0; m < MT; ++m)
           for (int j = 0; j < kVecs; ++j) {
             const VF xv = vload(x + m * K + k + j * L);
-            for (int r = 0; r < RR; ++r) acc[m][r][j] = vfma(w[r][j], xv, acc[m][r][j]);
+            for (int r = 0; r < RR; ++r) acc[m][r][j % KA] = vfma(w[r][j], xv, acc[m][r][j % KA]);
           }
       }
     }
@@ -169,7 +173,7 @@ void matvec_rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
       const float b = p.bias ? p.bias[n + r] : 0.f;
       for (int m = 0; m < MT; ++m) {
         VF a = acc[m][r][0];
-        for (int j = 1; j < kVecs; ++j) a = vadd(a, acc[m][r][j]);
+        for (int j = 1; j < KA; ++j) a = vadd(a, acc[m][r][j]);
         p.y[(m0 + m) * p.N + n + r] = vsum(a) + b;
       }
     }
