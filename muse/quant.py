@@ -26,8 +26,8 @@ per weight, which is what bounds decode on AVX2.
 
 from __future__ import annotations
 
-import os
 import hashlib
+import os
 import shutil
 import sys
 import threading

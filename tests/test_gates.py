@@ -67,6 +67,16 @@ def test_the_retry_note_names_the_lost_number():
         "Keep every name, number, date and amount of the text, including 1,350, Ana, Lopes."
 
 
+def test_a_shortening_too_long_or_too_short_gets_the_matching_retry_note():
+    from muse.apps.writer import _repair_note, get_action
+
+    src = " ".join(f"w{a}{b}" for a in "abcdefgh" for b in "xyzuv")  # 40 words, no numbers
+    shorten = get_action("shorten")
+    assert _repair_note(shorten, "en", src, check("shorten", src, src)) == "Use at most 24 words."
+    assert _repair_note(shorten, "en", src, check("shorten", src, "wax wby")) == \
+        "Keep every key point and fact, in at least 16 words."
+
+
 def test_an_invented_name_is_flagged_but_a_capitalised_day_is_not():
     src = "hey guys meeting moved to fri cuz boss is sick"
     assert check("rewrite", src, "The meeting has moved to Friday because the boss is sick.") == []

@@ -34,6 +34,7 @@ from muse.text import has_number, language, numbers, sentence_spans, sentences, 
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
 SHORTEN_MIN = 0.2    # and at least this share: less is a headline, not the text's key points
+TOO_SHORT = "too short to keep the key points"  # how that length problem's message starts
 EXPAND_MIN = 1.10    # expand: at least this share
 SUMMARY_SLACK = 1.5  # summarize: at most this times the requested length (default: SUMMARY_MAX of the input)
 SUMMARY_MAX = 0.6
@@ -149,8 +150,9 @@ def _trim_plain_sentences(source: str, output: str) -> str:
     if size(output) <= limit:
         return output
     lines = output.splitlines()
-    spans = [(i, a, b) for i, line in enumerate(lines) for a, b in sentence_spans(line)]
-    plain = [(i, a, b) for i, a, b in spans[1:]  # the first sentence stays: it usually says what the text is about
+    spans = {i: sentence_spans(line) for i, line in enumerate(lines)}
+    ordered = [(i, a, b) for i, line_spans in spans.items() for a, b in line_spans]
+    plain = [(i, a, b) for i, a, b in ordered[1:]  # the first sentence stays: it usually says what the text is about
              if not numbers(lines[i][a:b]) and not _new_names("", lines[i][a:b])]
     drop: set[tuple[int, int, int]] = set()
     left = size(output)
@@ -163,11 +165,10 @@ def _trim_plain_sentences(source: str, output: str) -> str:
         return output
     kept = []
     for i, line in enumerate(lines):
-        mine = [(a, b) for j, a, b in spans if j == i]
-        if not mine:
+        if not spans[i]:
             kept.append(line)
             continue
-        text = line[:mine[0][0]] + "".join(line[a:b] for a, b in mine if (i, a, b) not in drop)
+        text = line[:spans[i][0][0]] + "".join(line[a:b] for a, b in spans[i] if (i, a, b) not in drop)
         if text.strip():
             kept.append(text)
     return "\n".join(kept).strip()
@@ -378,7 +379,7 @@ def length_target(action: str, source: str, output: str, length: int | None = No
         return [Problem("length", f"not clearly shorter: {n_out} of {n_in} {unit} "
                                   f"({100 * n_out // max(n_in, 1)} %; at most {int(100 * SHORTEN_MAX)} %)")]
     if action == "shorten" and n_out < SHORTEN_MIN * n_in:
-        return [Problem("length", f"too short to keep the key points: {n_out} of {n_in} {unit} "
+        return [Problem("length", f"{TOO_SHORT}: {n_out} of {n_in} {unit} "
                                   f"({100 * n_out // max(n_in, 1)} %; at least {int(100 * SHORTEN_MIN)} %)")]
     if action == "expand" and n_out < EXPAND_MIN * n_in:
         return [Problem("length", f"not longer: {n_out} {unit} from {n_in}")]

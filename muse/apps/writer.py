@@ -412,7 +412,7 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
         key = p.gate
         if p.gate == "length":
             key = act.name if act.name in ("shorten", "expand") else None
-            if key == "shorten" and p.message.startswith("too short"):
+            if key == "shorten" and p.message.startswith(gates.TOO_SHORT):
                 key = "shorten-more"
         elif p.gate == "shape":
             key = act.name if act.name in ("titles", "outline") else None
