@@ -48,53 +48,37 @@ void map_elements(int64_t n, F f) {
   });
 }
 
-torch::Tensor gelu_forward(torch::Tensor x) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "gelu: x must be contiguous float32");
-  auto y = torch::empty_like(x);
-  const float* px = x.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  map_elements(x.numel(), [&](int64_t i, int64_t n) {
-    if (n == L) {
-      const VF a = vload(px + i);
-      vstore(py + i, vmul(a, sigmoid_2u(a)));
-      return;
-    }
-    float buf[L] = {};
-    std::copy(px + i, px + i + n, buf);
-    const VF a = vload(buf);
-    vstore(buf, vmul(a, sigmoid_2u(a)));
-    std::copy(buf, buf + n, py + i);
-  });
-  return y;
-}
-
 // d/dx [x s] with s = sigmoid(2u): s + x s (1 - s) 2 du/dx, du/dx = c (1 + 3 a x^2).
-inline VF gelu_grad(VF x, VF g) {
-  const VF s = sigmoid_2u(x);
+inline VF gelu_derivative(VF x, VF s) {
   const VF du = vmul(vset1(2.f * kGeluC), vfma(vmul(x, x), vset1(3.f * kGeluA), vset1(1.f)));
   const VF ds = vmul(vmul(s, vsub(vset1(1.f), s)), du);
-  return vmul(g, vfma(x, ds, s));
+  return vfma(x, ds, s);
 }
 
-torch::Tensor gelu_backward(torch::Tensor grad, torch::Tensor x) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && grad.scalar_type() == torch::kFloat32 &&
-                  grad.is_contiguous() && grad.numel() == x.numel(),
-              "gelu_backward: grad and x must be contiguous float32 of one size");
-  auto dx = torch::empty_like(x);
-  const float *px = x.data_ptr<float>(), *pg = grad.data_ptr<float>();
-  float* pd = dx.data_ptr<float>();
+// GELU of x, and with `derivative` also gelu'(x): training keeps that instead of x, so the
+// backward pass is one multiply (grad * gelu'(x)) where recomputing the sigmoid from x took
+// 2-3x as long as the forward (x has left the cache by then; the exp and divide run again).
+std::vector<torch::Tensor> gelu_forward(torch::Tensor x, bool derivative) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "gelu: x must be contiguous float32");
+  auto y = torch::empty_like(x);
+  auto d = derivative ? torch::empty_like(x) : torch::Tensor();
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  float* pd = derivative ? d.data_ptr<float>() : nullptr;
   map_elements(x.numel(), [&](int64_t i, int64_t n) {
-    if (n == L) {
-      vstore(pd + i, gelu_grad(vload(px + i), vload(pg + i)));
-      return;
-    }
-    float bx[L] = {}, bg[L] = {};
-    std::copy(px + i, px + i + n, bx);
-    std::copy(pg + i, pg + i + n, bg);
-    vstore(bx, gelu_grad(vload(bx), vload(bg)));
-    std::copy(bx, bx + n, pd + i);
+    float bx[L] = {}, by[L], bd[L];
+    const bool whole = n == L;
+    if (!whole) std::copy(px + i, px + i + n, bx);
+    const VF a = vload(whole ? px + i : bx);
+    const VF s = sigmoid_2u(a);
+    vstore(whole ? py + i : by, vmul(a, s));
+    if (pd) vstore(whole ? pd + i : bd, gelu_derivative(a, s));
+    if (whole) return;
+    std::copy(by, by + n, py + i);
+    if (pd) std::copy(bd, bd + n, pd + i);
   });
-  return dx;
+  if (derivative) return {y, d};
+  return {y};
 }
 
 // Row t of head h of sequence b in a (B, T, heads, D) tensor (any strides, last one 1).
@@ -340,9 +324,8 @@ bool flush_denormals(bool on) {
 
 void register_train_kernels(pybind11::module_& m) {
   m.def("flush_denormals", &flush_denormals, "FTZ/DAZ on or off in every pool thread; returns the previous state");
-  m.def("gelu_forward", &gelu_forward, "x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)): GELU, tanh form",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("gelu_backward", &gelu_backward, "the gradient of gelu_forward at x times grad",
+  m.def("gelu_forward", &gelu_forward, "[y] or with derivative [y, dy/dx] of y = x * sigmoid(2 sqrt(2/pi) "
+        "(x + 0.044715 x^3)): GELU, tanh form", py::arg("x"), py::arg("derivative") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward", &attention_forward, "causal attention of qkv (B, T, nh + 2 nkv, D): "
         "(o (B, T, nh, D), lse (B, nh, T))", py::call_guard<py::gil_scoped_release>());

@@ -547,6 +547,8 @@ class _Run:
             self.last_dir = find_checkpoint(self.out_dir)  # nothing left to do: max_iters already reached
         on_cpu = self.env.device.type == "cpu"
         flushed = ops.flush_denormals(True) if on_cpu else None  # denormal floats: ~100x slower on x86
+        if on_cpu:
+            ops.keep_freed_memory()  # reuse each step's activation buffers, not fresh zeroed pages
         try:
             for it in range(self.start_iter, cfg.max_iters):
                 self.step(it)
@@ -559,6 +561,7 @@ class _Run:
         finally:
             if on_cpu:
                 ops.flush_denormals(flushed)
+                ops.release_freed_memory()
             self.bar.close()
             if self.metrics is not None:
                 self.metrics.close()
