@@ -579,6 +579,30 @@ def test_a_chinese_answer_about_what_no_passage_mentions_is_refused(question, re
     assert (verdict.text is not None) == found, verdict
 
 
+ROBOT = ("小蜜蜂X3扫地机器人配有2600毫安时电池，充满电约需4小时。首次使用前，请先充电6小时。机器人有三种清扫模式。"
+         "尘盒容量为0.5升。滤网每2个月更换一次。")
+
+
+@pytest.mark.parametrize("question, reply, answer", [
+    # The manual copied out, none of it about the warranty the question asks for: no answer.
+    ("小蜜蜂X3扫地机器人的保修期是多久？", ROBOT[:-11] + " [1]。", None),
+    # Copied out with the answer inside: only the sentence about first use is kept.
+    ("小蜜蜂X3扫地机器人首次使用前要充电多久？", ROBOT[:-11], "首次使用前，请先充电6小时 [1]。"),
+    # Two sentences are no dump: kept whole.
+    ("小蜜蜂X3的滤网多久换一次？", "尘盒容量为0.5升。滤网每2个月更换一次 [1]。", "尘盒容量为0.5升。滤网每2个月更换一次 [1]。"),
+    ("How long is the kettle warranty?", KETTLE, "Our kettles come with a two-year warranty [1]."),
+    ("Who makes the kettles?", KETTLE, None),  # no sentence says who makes them
+])
+def test_a_reply_that_copies_a_passage_out_keeps_only_what_speaks_to_the_question(question, reply, answer):
+    from muse.apps.grounding import verify
+
+    passages = [passage(1, "小蜜蜂X3扫地机器人说明书", ROBOT) if "蜂" in question else passage(1, "kettles", KETTLE)]
+    verdict = verify(reply, question, passages)
+    assert verdict.text == answer, verdict
+    if answer is None:
+        assert verdict.reason == "dump"
+
+
 def test_the_subject_check_reads_the_passages_about_the_question_in_the_replys_language():
     from muse.apps.grounding import verify
 

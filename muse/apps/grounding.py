@@ -5,6 +5,8 @@ The model answers from numbered passages; `verify` then decides whether the repl
 * a refusal ("not in the documents", "文档中没有提到…") is not one;
 * nor is a reply that says nothing beyond citations, a bare passage number, a document title or
   heading, or only the question's own words;
+* a reply of several sentences (`DUMP_SENTENCES`) is a passage copied out: only its sentences that
+  speak to the question count, and with none it is no answer;
 * a reply is supported when every number it states beyond the question appears in one passage and,
   of the content words it adds, at least `SUPPORT` of them do too (a passage in the other language
   than the reply cannot share words, so numbers alone count there);
@@ -26,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from muse.text import HAN_RE, has_number, language, numbers, terms
+from muse.text import HAN_RE, has_number, language, numbers, sentences, terms
 
 SUPPORT = 0.5  # share of the reply's new content words that the supporting passage must contain
 
@@ -50,7 +52,7 @@ _TRIM = " \t\r\n.。,，:：;；!！?？-—–*\"'“”‘’()（）「」"
 class Verdict:
     text: str | None                     # the answer to show, None when the reply is no grounded answer
     cited: list[int] = field(default_factory=list)  # passage numbers the answer cites
-    reason: str = ""                     # why it is not an answer ("refusal", "bare", "title", "unsupported", "off")
+    reason: str = ""  # why it is not an answer ("refusal", "bare", "title", "dump", "unsupported", "off")
 
 
 def refuses(reply: str) -> bool:
@@ -152,6 +154,25 @@ _ASKS = [(re.compile(q, re.IGNORECASE), re.compile(a, re.IGNORECASE)) for q, a i
 )]
 
 
+# The model is asked for one sentence; a reply of this many or more is a passage copied out, not an answer.
+DUMP_SENTENCES = 3
+
+
+def answering_sentences(body: str, question: str, passages: list, reply_lang: str) -> list[str]:
+    """The sentences of a copied-out reply (`DUMP_SENTENCES` or more) that speak to the question:
+    those holding one of its terms that is no document title or heading ("保修期" of "小蜜蜂X3扫地机器人
+    的保修期是多久", not the product's name, which every sentence of its manual repeats). All of them
+    when the question names nothing beyond the titles; the reply as it is when it is short."""
+    said = sentences(body)
+    if len(said) < DUMP_SENTENCES:
+        return said
+    names = set().union(*(_subject_terms(f"{p.title}\n{getattr(p, 'section', '')}", reply_lang) for p in passages))
+    focus = _subject_terms(question, reply_lang) - names
+    if not focus:
+        return said
+    return [x for x in said if _subject_terms(x, reply_lang) & focus]
+
+
 def wrong_kind(body: str, question: str) -> bool:
     """Whether the question asks for a kind of answer (`_ASKS`: days, a price, a floor…) that the
     reply does not give."""
@@ -170,10 +191,16 @@ def verify(reply: str, question: str, passages: list) -> Verdict:
     names |= {_squash(h) for p in passages for h in getattr(p, "section", "").split(" › ") if h}
     if _squash(body) in names:
         return Verdict(None, reason="title")
+    reply_lang = language(body)
+    kept = answering_sentences(body, question, passages, reply_lang)
+    if not kept:
+        return Verdict(None, reason="dump")  # a passage copied out that never speaks to the question
+    if len(kept) < len(sentences(body)):
+        text = " ".join(kept) if reply_lang != "zh" else "".join(kept)
+        body = CITE.sub(" ", text).strip(_TRIM)
     nums, words = claims(text, question)
     if not nums and not words:
         return Verdict(None, reason="bare")  # only the question's own words
-    reply_lang = language(body)
     scores = {p.n: support(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}", nums, words, reply_lang)
               for p in passages}
     given = {p.n for p in passages}
