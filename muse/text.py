@@ -17,11 +17,15 @@ HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_RE = re.compile(f"[{HAN}]")
 _NOT_HAN = re.compile(f"[^{HAN}]+")
 # A sentence ends after Chinese end punctuation (plus closing quotes/brackets), after . ! ? followed by
-# whitespace, or at a blank line. The lookbehind keeps the punctuation with its sentence.
+# whitespace, or at a blank line. The lookbehind keeps the punctuation with its sentence. A full stop
+# followed by a lower-case word ("6 a.m. and 8 p.m. on weekdays"), or ending a title or an initial
+# ("Mr. Smith", "J. K. Rowling"), ends no sentence.
+_ABBREVIATION = "".join(rf"(?<!\b{a}\.)" for a in ("Mr", "Mrs", "Ms", "Dr", "St", "vs", "No", "Prof", "e\\.g",
+                                                   "i\\.e", "[A-Z]"))
 _END = re.compile(
-    r"(?<=[。！？；…!?])[”’」』）)\"']*\s*"      # Chinese / any ! ? ends, optional closing quotes
-    r"|(?<=[.])[”’\"')\]]*\s+(?=\S)"           # English full stop followed by whitespace
-    r"|\n\s*\n"                                # paragraph break
+    r"(?<=[。！？；…!?])[”’」』）)\"']*\s*"                     # Chinese / any ! ? ends, optional closing quotes
+    rf"|(?<=[.]){_ABBREVIATION}[”’\"')\]]*\s+(?=[^\sa-z])"   # English full stop, whitespace, no lower case
+    r"|\n\s*\n"                                               # paragraph break
 )
 
 

@@ -461,23 +461,54 @@ def test_unrelated_question_is_not_found_before_the_model_runs(monkeypatch, defa
         assert answer == kbm.Answer(NOT_FOUND["en"], [], False)
 
 
-def test_model_saying_not_found_maps_to_found_false(monkeypatch, default_model, lexical):
+def scripted_replies(monkeypatch, model, replies: list[str]) -> list[list[dict]]:
+    """The model answers `replies` in turn; returns the messages it was sent, call by call."""
     from muse.generation import GenerationChunk
 
-    lexical.add_text("festival", FESTIVAL)
-    replies = iter(["The answer is not in your documents.", "It is held in Quenby [1]."])
+    sent, left = [], iter(replies)
 
     def scripted(self, messages, params=None):
-        assert "<documents>" in messages[1]["content"]
-        yield GenerationChunk(text=next(replies), token=None, finish_reason="stop")
+        sent.append(messages)
+        yield GenerationChunk(text=next(left), token=None, finish_reason="stop")
 
-    monkeypatch.setattr(type(default_model), "stream_chat", scripted)
+    monkeypatch.setattr(type(model), "stream_chat", scripted)
+    return sent
+
+
+def test_model_saying_not_found_maps_to_found_false(monkeypatch, default_model, lexical):
+    lexical.add_text("festival", FESTIVAL)
+    # Declined, then on the second look (no way out offered) an answer the passage does not back.
+    sent = scripted_replies(monkeypatch, default_model, [
+        "The answer is not in your documents.", "The mayor of Quenby pays 500 dollars [1].",
+        "It is held in Quenby [1]."])
     stream = stream_ask(default_model, lexical, "Who pays for the Zorblat festival?")
     assert stream.found and [c.n for c in stream.citations] == [1]  # retrieval found a candidate
     assert "".join(c.text for c in stream) == NOT_FOUND["en"]
     assert stream.answer == kbm.Answer(NOT_FOUND["en"], [], False) and not stream.found
+    assert stream.reply == "The answer is not in your documents."  # the model's own first words
+    assert "<documents>" in sent[0][1]["content"] and NOT_FOUND["en"] in sent[0][0]["content"]
+    assert NOT_FOUND["en"] not in sent[1][0]["content"]  # the second look offers no way out
     cited = ask(default_model, lexical, "Where is the Zorblat festival held?")
     assert cited.found and cited.text == "It is held in Quenby [1]." and cited.citations[0].n == 1
+
+
+@pytest.mark.parametrize("replies, answer", [
+    # Declined beside the answer; the second look finds it.
+    (["The answer is not in your documents.", "It was founded in 1873 by a baker [1]."],
+     "It was founded in 1873 by a baker [1]."),
+    # A bare "1873" names nothing: asked for a full sentence, which names the festival's founding.
+    (["The answer is not in your documents.", "1873 [1]", "The festival was founded in 1873 [1]."],
+     "The festival was founded in 1873 [1]."),
+    # Still naming nothing after the full-sentence request: not in your documents.
+    (["The answer is not in your documents.", "1873 [1]", "In 1873 [1]."], None),
+])
+def test_a_declined_answer_gets_a_second_look_that_must_name_its_subject(monkeypatch, default_model, lexical,
+                                                                          replies, answer):
+    lexical.add_text("festival", FESTIVAL)
+    sent = scripted_replies(monkeypatch, default_model, replies)
+    got = ask(default_model, lexical, "When was the Zorblat festival founded?")
+    assert len(sent) == len(replies)
+    assert (got.text, got.found) == ((answer, True) if answer else (NOT_FOUND["en"], False))
 
 
 def passage(n, title, text, section=""):

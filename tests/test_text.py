@@ -161,3 +161,17 @@ def test_two_megabytes_without_a_sentence_break_are_chunked(unit):
 def test_han_count_counts_chinese_characters():
     for text in TEXTS + ["中文 English 混合，標點。", "\uf900\u3400\u4dbf\u9fff\u3000"]:
         assert text_mod.han_count(text) == len(text_mod.HAN_RE.findall(text))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Buses leave every 12 minutes between 6 a.m. and 8 p.m. on weekdays. Fares stay the same.",
+     ["Buses leave every 12 minutes between 6 a.m. and 8 p.m. on weekdays.", "Fares stay the same."]),
+    ("Mr. Smith met Dr. Lee, e.g. at lunch. J. K. Rowling spoke. It closes at 8 p.m. Doors open at 9.",
+     ["Mr. Smith met Dr. Lee, e.g. at lunch.", "J. K. Rowling spoke.", "It closes at 8 p.m.", "Doors open at 9."]),
+    ('He said "Fine." 3 people came.', ['He said "Fine."', "3 people came."]),
+    ("会议改到周三。请准时到场！Thanks.", ["会议改到周三。", "请准时到场！", "Thanks."]),
+])
+def test_sentences_end_where_a_sentence_ends_not_at_abbreviations(text, expected):
+    from muse.text import sentences
+
+    assert sentences(text) == expected

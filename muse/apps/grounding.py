@@ -158,6 +158,21 @@ _ASKS = [(re.compile(q, re.IGNORECASE), re.compile(a, re.IGNORECASE)) for q, a i
 DUMP_SENTENCES = 3
 
 
+def _focus(question: str, passages: list, lang: str) -> set[str]:
+    """The question's terms that are no title or heading of the passages: what it asks about beyond
+    the document ("保修期" of "小蜜蜂X3扫地机器人的保修期是多久", not the product's name)."""
+    names = set().union(*(_subject_terms(f"{p.title}\n{getattr(p, 'section', '')}", lang) for p in passages))
+    return _subject_terms(question, lang) - names
+
+
+def names_the_subject(reply: str, question: str, passages: list) -> bool:
+    """Whether the reply says what it is about: one of the question's `_focus` terms (any reply when
+    the question names nothing beyond the titles). "15天" names nothing; "婚假有15天" does."""
+    lang = language(CITE.sub(" ", reply))
+    focus = _focus(question, passages, lang)
+    return not focus or bool(_subject_terms(CITE.sub(" ", reply), lang) & focus)
+
+
 def answering_sentences(body: str, question: str, passages: list, reply_lang: str) -> list[str]:
     """The sentences of a copied-out reply (`DUMP_SENTENCES` or more) that speak to the question:
     those holding one of its terms that is no document title or heading ("保修期" of "小蜜蜂X3扫地机器人
@@ -166,8 +181,7 @@ def answering_sentences(body: str, question: str, passages: list, reply_lang: st
     said = sentences(body)
     if len(said) < DUMP_SENTENCES:
         return said
-    names = set().union(*(_subject_terms(f"{p.title}\n{getattr(p, 'section', '')}", reply_lang) for p in passages))
-    focus = _subject_terms(question, reply_lang) - names
+    focus = _focus(question, passages, reply_lang)
     if not focus:
         return said
     return [x for x in said if _subject_terms(x, reply_lang) & focus]
