@@ -187,6 +187,15 @@ def answering_sentences(body: str, question: str, passages: list, reply_lang: st
     return [x for x in said if _subject_terms(x, reply_lang) & focus]
 
 
+_YES_NO = re.compile(r"^\W*(?:can|could|does|do|did|is|are|was|were|will|would|should|has|have|may|must)\b"
+                     r"|吗\W*$|是否|能否|可否|有没有|是不是|能不能|可不可以|会不会", re.IGNORECASE)
+
+
+def asks_yes_or_no(question: str) -> bool:
+    """Whether the question asks yes or no ("Can staff claim a gym membership?", "酒店有没有停车场？")."""
+    return bool(_YES_NO.search(question.strip()))
+
+
 def wrong_kind(body: str, question: str) -> bool:
     """Whether the question asks for a kind of answer (`_ASKS`: days, a price, a floor…) that the
     reply does not give."""
