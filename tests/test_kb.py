@@ -784,28 +784,6 @@ def test_a_number_written_in_another_form_still_backs_the_answer():
     assert support("预算是30万元。", claims("It is $40,000 [1].", "What is the budget?")[0], set(), "en") == 0.0
 
 
-def test_passages_widen_a_hit_with_its_neighbours_in_document_order(lexical):
-    # Three sections of about 100 estimated tokens each: three chunks.
-    sections = [f"# Part {n}\n" + " ".join(f"Rule {n}.{i} says the {word} is fine." for i in range(12))
-                for n, word in ((1, "lamp"), (2, "kettle"), (3, "garden"))]
-    lexical.add_text("house rules", "\n\n".join(sections))
-    hits = lexical.search("kettle", k=1)
-    assert "kettle" in hits[0].text and "lamp" not in hits[0].text  # the middle chunk
-    [whole] = lexical.passages(hits)
-    assert [whole.text.index(w) < whole.text.index(v) for w, v in (("lamp", "kettle"), ("kettle", "garden"))] == [True, True]
-    assert whole.text.count("Rule 2.0 says") == 1 and whole.section == ""  # spans three sections
-    [alone] = lexical.passages(hits, budget=150)  # no room for a neighbour
-    assert alone.text == hits[0].text and alone.section == hits[0].section
-    # A second hit inside the first one's passage adds nothing.
-    assert len(lexical.passages(lexical.search("kettle garden lamp", k=3))) == 1
-
-
-def test_joined_chunks_repeat_no_overlap_sentence():
-    rows = [{"text": "A b. C d.", "start": 0, "end": 9}, {"text": "C d. E f.", "start": 5, "end": 14},
-            {"text": "G h.", "start": 20, "end": 24}]
-    assert kbm._joined(rows) == "A b. C d. E f.\n\nG h."
-
-
 @pytest.mark.parametrize("question, replies, answer", [
     # A yes/no question answered about something else: asked for a sentence, still naming nothing.
     ("Are Sungold tomato plants tall?", ["Their fruit is orange and sweet [1].", "It is orange [1]."], None),

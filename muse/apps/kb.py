@@ -38,7 +38,6 @@ before the first chunk, so a server can send the sources first.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -79,12 +78,6 @@ DENSE_MIN = 0.82
 LEXICAL_MIN = 0.5
 
 CANDIDATES = 2       # search k × CANDIDATES chunks, keep the k best after the gate and the rerank
-# A passage given to the model: its chunk and the chunks around it, up to this many estimated tokens,
-# as a reader sees a hit in context. kbqa dev + the older sets (qwen2.5-0.5b; their documents are
-# under 240 tokens, so whole ones): en answers 77.8 -> 81.5 % ("must be used by 31 March" was in the
-# next chunk), refusals 100 -> 88.9 % (parental leave answered with annual leave); zh 92.6 / 100 both.
-PASSAGE_TOKENS = 600
-CONTEXT_TOKENS = 1200  # all passages together, widened (each hit's own chunk is always given)
 
 
 # -- results -----------------------------------------------------------------------------
@@ -317,39 +310,6 @@ class KnowledgeBase:
                             overlap=overlap))
         return hits
 
-    def passages(self, hits: list[Hit], budget: int | None = None) -> list[Hit]:
-        """The hits widened for answering: each with the chunks around it in its document, in order,
-        up to `budget` (PASSAGE_TOKENS) estimated tokens, and all of them together up to
-        CONTEXT_TOKENS (the prompt's length is the answer's wait), so the sentence that answers is
-        there even when retrieval ranked its neighbour first. A hit inside an earlier one's passage
-        adds nothing. A passage that spans several sections has no section label."""
-        budget = budget or PASSAGE_TOKENS
-        left = max(CONTEXT_TOKENS, budget)
-        out: list[Hit] = []
-        given: dict[int, set[int]] = {}  # document id -> positions of its chunks already in a passage
-        for hit in hits:
-            rows = self.store.all("SELECT c.id, c.seq, c.text, c.start, c.end, d.meta FROM chunks c "
-                                  "JOIN documents d ON d.id = c.document_id WHERE c.document_id = ? ORDER BY c.seq",
-                                  (hit.document_id,))
-            used = given.setdefault(hit.document_id, set())
-            at = next((i for i, r in enumerate(rows) if r["id"] == hit.chunk_id), None)
-            if at is None or at in used:
-                continue
-            lo, hi, size = at, at, estimate_tokens(rows[at]["text"])
-            room = min(budget, left)
-            grown = True
-            while grown:  # one chunk after, one before, while they fit
-                grown = False
-                for j in (hi + 1, lo - 1):
-                    if 0 <= j < len(rows) and j not in used and size + estimate_tokens(rows[j]["text"]) <= room:
-                        lo, hi, size, grown = min(lo, j), max(hi, j), size + estimate_tokens(rows[j]["text"]), True
-            used.update(range(lo, hi + 1))
-            left -= size
-            one_section = all(_section(r["meta"], r["seq"]) == hit.section for r in rows[lo:hi + 1])
-            out.append(dataclasses.replace(hit, text=_joined(rows[lo:hi + 1]), start=rows[lo]["start"],
-                                           end=rows[hi]["end"], section=hit.section if one_section else ""))
-        return out
-
     def _current_index(self) -> _Index:
         """The in-memory index, rebuilt when chunks changed (here or in another process)."""
         row = self.store.one("SELECT COUNT(*) AS n, COALESCE(MAX(id), 0) AS top FROM chunks")
@@ -458,15 +418,6 @@ def passage_text(title: str, section: str, text: str) -> str:
     """What retrieval sees of a chunk: its document title and heading path, then its text."""
     head = " › ".join(x for x in (title, section) if x and x not in text[:200])
     return f"{head}\n{text}" if head else text
-
-
-def _joined(rows) -> str:
-    """Consecutive chunks of one document as one text, each overlap sentence once (by offsets)."""
-    text, end = rows[0]["text"], rows[0]["end"]
-    for r in rows[1:]:
-        text += r["text"][end - r["start"]:] if r["start"] < end else "\n\n" + r["text"]
-        end = max(end, r["end"])
-    return text
 
 
 def _section(meta: str | None, seq: int) -> str:
@@ -715,7 +666,7 @@ def stream_ask(model, kb: KnowledgeBase, question: str, params: SamplingParams |
         raise ValueError("question must be a non-empty string")
     lang = check_language(model, question)
     guard(question, "input", source="ask")  # the safety switch: a no-op unless safety is on
-    hits = kb.passages(rerank([h for h in kb.search(question, k=k * CANDIDATES) if relevant(h)])[:k])
+    hits = rerank([h for h in kb.search(question, k=k * CANDIDATES) if relevant(h)])[:k]
     citations = [Citation(n, h.title, h.path, h.chunk_id, h.text, h.section) for n, h in enumerate(hits, 1)]
     return AskStream(model, question, citations, lang, params or DEFAULT_PARAMS)
 
