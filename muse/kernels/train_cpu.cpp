@@ -57,7 +57,8 @@ inline VF gelu_derivative(VF x, VF s) {
 
 // GELU of x, and with `derivative` also gelu'(x): training keeps that instead of x, so the
 // backward pass is one multiply (grad * gelu'(x)) where recomputing the sigmoid from x took
-// 2-3x as long as the forward (x has left the cache by then; the exp and divide run again).
+// about twice as long as the forward inside a training step (x has left the cache by then, and
+// the exp and divide ran again).
 std::vector<torch::Tensor> gelu_forward(torch::Tensor x, bool derivative) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "gelu: x must be contiguous float32");
   auto y = torch::empty_like(x);
