@@ -173,12 +173,11 @@ def names_the_subject(reply: str, question: str, passages: list) -> bool:
     return not focus or bool(_subject_terms(CITE.sub(" ", reply), lang) & focus)
 
 
-def answering_sentences(body: str, question: str, passages: list, reply_lang: str) -> list[str]:
-    """The sentences of a copied-out reply (`DUMP_SENTENCES` or more) that speak to the question:
-    those holding one of its terms that is no document title or heading ("保修期" of "小蜜蜂X3扫地机器人
-    的保修期是多久", not the product's name, which every sentence of its manual repeats). All of them
-    when the question names nothing beyond the titles; the reply as it is when it is short."""
-    said = sentences(body)
+def answering_sentences(said: list[str], question: str, passages: list, reply_lang: str) -> list[str]:
+    """Of a reply's sentences `said`, when they are a passage copied out (`DUMP_SENTENCES` or more),
+    those that speak to the question: holding one of its terms that is no document title or heading
+    ("保修期" of "小蜜蜂X3扫地机器人的保修期是多久", not the product's name, which every sentence of its
+    manual repeats). All of them when the question names nothing beyond the titles, or the reply is short."""
     if len(said) < DUMP_SENTENCES:
         return said
     focus = _focus(question, passages, reply_lang)
@@ -215,10 +214,11 @@ def verify(reply: str, question: str, passages: list) -> Verdict:
     if _squash(body) in names:
         return Verdict(None, reason="title")
     reply_lang = language(body)
-    kept = answering_sentences(body, question, passages, reply_lang)
+    said = sentences(body)
+    kept = answering_sentences(said, question, passages, reply_lang)
     if not kept:
         return Verdict(None, reason="dump")  # a passage copied out that never speaks to the question
-    if len(kept) < len(sentences(body)):
+    if len(kept) < len(said):
         text = " ".join(kept) if reply_lang != "zh" else "".join(kept)
         body = CITE.sub(" ", text).strip(_TRIM)
     nums, words = claims(text, question)
