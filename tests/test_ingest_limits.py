@@ -298,11 +298,13 @@ def test_an_upload_is_extracted_once(server_app, monkeypatch):
 
 def test_a_client_that_leaves_stops_its_extraction(server_app, monkeypatch):
     """The worker is made to hang (its call waits until it is killed): only the server's cancel on
-    the client's disconnect can end it."""
-    busy = []
+    the client's disconnect can end it. The client leaves only once the worker is busy, so a slow
+    machine cannot make it leave before the extraction has started."""
+    busy, started = [], threading.Event()
 
     def hang(self, request, data):
         busy.append(self)
+        started.set()
         for _ in range(2400):  # 120 s at most, then the test fails below
             if self.proc.poll() is not None:
                 break
@@ -311,9 +313,14 @@ def test_a_client_that_leaves_stops_its_extraction(server_app, monkeypatch):
 
     monkeypatch.setattr(ex_mod._Worker, "call", hang)
     with ServerThread(server_app) as server:
-        with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
-            httpx.post(server.url + "/api/kb/documents", files=[("files", ("page.html", b"<p>Hi.</p>"))],
-                       timeout=httpx.Timeout(60, read=1.0))
-        worker = finishes(lambda: next(iter(busy)) if busy else None)
-        assert worker is not None and worker.proc.wait(timeout=150) is not None  # killed by the cancel
+        upload = httpx.Request("POST", server.url + "/api/kb/documents",
+                               files=[("files", ("page.html", b"<p>Hi.</p>"))])
+        body = upload.read()
+        head = "".join(f"{k}: {v}\r\n" for k, v in upload.headers.items())
+        host, port = upload.url.host, upload.url.port
+        with socket.create_connection((host, port)) as client:
+            client.sendall(f"POST {upload.url.raw_path.decode()} HTTP/1.1\r\n{head}\r\n".encode() + body)
+            assert started.wait(300), "the upload never reached the extraction worker"
+        worker = busy[0]  # the client has closed its connection: the server must cancel
+        assert worker.proc.wait(timeout=150) is not None  # killed by the cancel
         assert httpx.get(server.url + "/api/kb/documents").json()["data"] == []
