@@ -175,6 +175,11 @@ def test_kbqa_scores_by_hand():
                {"text": "Maria Okafor [1]", "found": True, "cited": ["Lib", "Kes"]},  # one citation of two right
                {"text": "not found", "found": False, "cited": []}, None]  # None: the method failed
     assert S.kbqa_scores(items, answers) == {"answer": 100.0, "refusal": 50.0, "citation_precision": pytest.approx(200 / 3)}
+    assert S.declined_why(items, answers) == {}  # the one declined question is unanswerable: right
+    declined = [{"text": "not found", "found": False, "cited": [], "why": why}
+                for why in ("refusal; unnamed", "no passage", "refusal; unnamed", "no passage")]
+    items3 = items[:2] + [{"answers": ["x"], "source": "Lib"}]
+    assert S.declined_why(items3, declined[:3]) == {"refusal; unnamed": 2, "no passage": 1}
     assert S.raw_answer("The documents do not mention it.", ["Lib"])["found"] is False
     assert S.raw_answer("文档中没有提到这一点。", ["Lib"])["found"] is False
     assert S.raw_answer("Lib says twelve.", ["Lib", "Kes"]) == {"text": "Lib says twelve.", "found": True,

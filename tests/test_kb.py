@@ -458,7 +458,7 @@ def test_unrelated_question_is_not_found_before_the_model_runs(monkeypatch, defa
     monkeypatch.setattr(type(default_model), "stream_chat", no_model)
     for kb in (hybrid, KnowledgeBase(hybrid.store, embeddings="none")):
         answer = ask(default_model, kb, "What is the boiling point of mercury?", greedy())
-        assert answer == kbm.Answer(NOT_FOUND["en"], [], False)
+        assert answer == kbm.Answer(NOT_FOUND["en"], [], False, why="no passage")
 
 
 def scripted_replies(monkeypatch, model, replies: list[str]) -> list[list[dict]]:
@@ -484,7 +484,9 @@ def test_model_saying_not_found_maps_to_found_false(monkeypatch, default_model, 
     stream = stream_ask(default_model, lexical, "Who pays for the Zorblat festival?")
     assert stream.found and [c.n for c in stream.citations] == [1]  # retrieval found a candidate
     assert "".join(c.text for c in stream) == NOT_FOUND["en"]
-    assert stream.answer == kbm.Answer(NOT_FOUND["en"], [], False) and not stream.found
+    # why: the model declined, and its second look named a sum the passage does not hold
+    assert stream.answer == kbm.Answer(NOT_FOUND["en"], [], False, why="refusal; unsupported")
+    assert not stream.found
     assert stream.reply == "The answer is not in your documents."  # the model's own first words
     assert "<documents>" in sent[0][1]["content"] and NOT_FOUND["en"] in sent[0][0]["content"]
     assert NOT_FOUND["en"] not in sent[1][0]["content"]  # the second look offers no way out
@@ -500,7 +502,7 @@ def test_model_saying_not_found_maps_to_found_false(monkeypatch, default_model, 
     (["The answer is not in your documents.", "1873 [1]", "The festival was founded in 1873 [1]."],
      "The festival was founded in 1873 [1]."),
     # Still naming nothing after the full-sentence request: not in your documents.
-    (["The answer is not in your documents.", "1873 [1]", "In 1873 [1]."], None),
+    (["The answer is not in your documents.", "1873 [1]", "In 1873 [1]."], "refusal; unnamed"),
 ])
 def test_a_declined_answer_gets_a_second_look_that_must_name_its_subject(monkeypatch, default_model, lexical,
                                                                           replies, answer):
@@ -508,7 +510,10 @@ def test_a_declined_answer_gets_a_second_look_that_must_name_its_subject(monkeyp
     sent = scripted_replies(monkeypatch, default_model, replies)
     got = ask(default_model, lexical, "When was the Zorblat festival founded?")
     assert len(sent) == len(replies)
-    assert (got.text, got.found) == ((answer, True) if answer else (NOT_FOUND["en"], False))
+    if answer.startswith("refusal"):
+        assert (got.text, got.found, got.why) == (NOT_FOUND["en"], False, answer)
+    else:
+        assert (got.text, got.found, got.why) == (answer, True, "")
 
 
 def passage(n, title, text, section=""):
@@ -684,7 +689,7 @@ def test_ask_end_to_end_on_a_bilingual_document(default_model, hybrid):
     cited = [int(n) for n in re.findall(r"\[(\d+)\]", answer.text)]  # inline, and only the hostel's passages
     assert cited and cited == [c.n for c in answer.citations] and {c.title for c in answer.citations} == {"hostel"}
     missing = ask(default_model, hybrid, "Does the hostel have free Wi-Fi?", greedy())
-    assert missing == kbm.Answer(NOT_FOUND["en"], [], False)
+    assert (missing.text, missing.citations, missing.found) == (NOT_FOUND["en"], [], False) and missing.why
 
 
 def test_document_text_cannot_hijack_the_prompt(default_model, hybrid):
@@ -719,7 +724,7 @@ def test_chinese_answers_with_the_bilingual_model(qwen, hybrid):
     assert answer.found and "杭州" in answer.text
     assert answer.citations[0].n == 1 and answer.citations[0].title == "tea"
     missing = ask(qwen, hybrid, "上海的人口有多少？", greedy())
-    assert missing == kbm.Answer(NOT_FOUND["zh"], [], False)
+    assert (missing.text, missing.citations, missing.found) == (NOT_FOUND["zh"], [], False) and missing.why
 
 
 # -- the CLI ------------------------------------------------------------------------------------------
@@ -786,7 +791,7 @@ def test_a_number_written_in_another_form_still_backs_the_answer():
 
 @pytest.mark.parametrize("question, replies, answer", [
     # A yes/no question answered about something else: asked for a sentence, still naming nothing.
-    ("Are Sungold tomato plants tall?", ["Their fruit is orange and sweet [1].", "It is orange [1]."], None),
+    ("Are Sungold tomato plants tall?", ["Their fruit is orange and sweet [1].", "It is orange [1]."], "unnamed"),
     ("Are Sungold tomato plants tall?", ["Their fruit is orange [1].", "Sungold plants grow tall [1]."],
      "Sungold plants grow tall [1]."),
     ("Are Sungold tomato plants tall?", ["Sungold plants grow tall [1]."], "Sungold plants grow tall [1]."),
@@ -800,4 +805,7 @@ def test_an_answer_to_a_yes_no_question_must_say_what_it_is_about(monkeypatch, d
     sent = scripted_replies(monkeypatch, default_model, replies)
     got = ask(default_model, lexical, question)
     assert len(sent) == len(replies)
-    assert (got.text, got.found) == ((answer, True) if answer else (NOT_FOUND["en"], False))
+    if answer == "unnamed":
+        assert (got.text, got.found, got.why) == (NOT_FOUND["en"], False, answer)
+    else:
+        assert (got.text, got.found, got.why) == (answer, True, "")

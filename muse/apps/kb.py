@@ -470,6 +470,10 @@ class Answer:
     text: str
     citations: list[Citation]
     found: bool     # False: the documents do not hold the answer (text is the not-found sentence)
+    # Why it is not found: "no passage" (retrieval found nothing about the question), or the reason the
+    # model's reply was no grounded answer (`grounding.Verdict.reason`: "refusal", "unsupported", …),
+    # with the second look's reason after a ";" when the model was asked again ("refusal; unnamed").
+    why: str = ""
 
 
 def relevant(hit: Hit) -> bool:
@@ -585,7 +589,7 @@ class AskStream:
                 verdict, finish, token = self._named(messages, verdict, finish, token)
             self.answer = _answer(verdict, self.citations, self.lang)
         else:
-            self.answer = Answer(NOT_FOUND[self.lang], [], False)
+            self.answer = Answer(NOT_FOUND[self.lang], [], False, why="no passage")
         self.found = self.answer.found
         yield GenerationChunk(text=self.answer.text, token=token, finish_reason=finish)
 
@@ -611,7 +615,7 @@ class AskStream:
                                                finish2, token2)
         if verdict.text is None:
             self.reply = first
-            return refusal, finish, token
+            return Verdict(None, reason=f"{refusal.reason}; {verdict.reason}"), finish, token
         return verdict, finish2, token2
 
     def _named(self, messages: list[dict], verdict, finish: str, token):
@@ -655,7 +659,7 @@ def _answer(verdict, passages: list[Citation], lang: str) -> Answer:
     """The Answer for the model's reply, given its `verify` verdict: the not-found sentence unless the
     reply is a grounded answer; then it cites (inline) the passages it rests on."""
     if verdict.text is None:
-        return Answer(NOT_FOUND[lang], [], False)
+        return Answer(NOT_FOUND[lang], [], False, why=verdict.reason)
     return Answer(verdict.text, [c for c in passages if c.n in verdict.cited], True)
 
 

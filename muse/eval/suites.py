@@ -40,6 +40,7 @@ import random
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -480,7 +481,7 @@ def _kbqa():
 
             def app(it):
                 a = ask(model, kb, it["question"], params)
-                return {"text": a.text, "found": a.found, "cited": [c.title for c in a.citations]}
+                return {"text": a.text, "found": a.found, "cited": [c.title for c in a.citations], "why": a.why}
 
             answers, errors = _each(items, {APP: app, RAW: raw}, result, tick)
         for key, got in answers.items():
@@ -489,12 +490,24 @@ def _kbqa():
         result.examples = [{"question": it["question"], "expected": it["answers"], "source": it["source"],
                             "cross_lingual": it.get("cross_lingual", False), "muse": a, "raw": r, **e}
                            for it, a, r, e in zip(items, answers[APP], answers[RAW], errors)]
+        missed = declined_why(items, answers[APP])
+        if missed:
+            result.notes.append("answerable questions the app declined, by why (`muse.apps.kb.Answer.why`): " +
+                                ", ".join(f"{why} {n}" for why, n in missed.items()))
         result.notes.append("answer accuracy: answerable questions answered with an expected string; refusal "
                             "accuracy: unanswerable ones declined; citation precision: cited documents that hold "
                             "the answer. The raw prompt has every document pasted in; it declines when its reply "
                             "says the documents do not hold the answer, and cites the document titles it names")
 
     return run
+
+
+def declined_why(items: list[dict], answers: list) -> dict[str, int]:
+    """How many answerable questions the app declined, per reason, most common first: where the
+    answers were lost (retrieval, the model's own refusal, a check) without reading the items."""
+    whys = Counter(a["why"] for it, a in zip(items, answers)
+                   if it["source"] is not None and a is not None and not a["found"])
+    return dict(whys.most_common())
 
 
 def raw_answer(text: str, titles: list[str]) -> dict:
