@@ -435,3 +435,22 @@ def test_checked_write_pools_distinct_titles_across_attempts(tok):
     result = writer.checked_write(model, "titles", "The town opens a new library with a rooftop garden.")
     assert not result.ok and result.attempts == writer.ATTEMPTS  # the same three titles every time
     assert "3 distinct titles, not 5" in str(result.problems)
+
+
+def test_checked_write_keeps_the_attempt_true_to_the_facts(tok, monkeypatch):
+    """Of three failing shortenings, the one that kept every fact is kept, though too long, over
+    shorter ones that lost a date (each has one problem)."""
+    from muse.generation import GenerationChunk
+
+    text = "The summer fair opens on 6 May at the old mill. Tickets cost 8 dollars at the gate."
+    lost_the_day = "The fair opens in May at the old mill; tickets 8 dollars."
+    replies = iter([lost_the_day, text, lost_the_day])
+
+    def scripted_write(model, action, source, **options):
+        yield GenerationChunk(text=next(replies), token=None, finish_reason="stop")
+
+    monkeypatch.setattr(writer, "stream_write", scripted_write)
+    result = writer.checked_write(scripted(tok, "unused"), "shorten", text)
+    assert result.attempts == writer.ATTEMPTS and not result.ok
+    assert result.output == text and [p.gate for p in result.problems] == ["length"]
+    assert [p.gate for p in result.first_problems] == ["dropped"]

@@ -376,11 +376,18 @@ def _checked(model, act, text, options, params, attempts, first, lang) -> Iterat
             pooled = gates.repair("titles", text, "\n".join(pool))
             if not gates.check("titles", text, pooled):
                 output, problems = pooled, []
-        if best is None or not problems or len(problems) < len(best.problems):
+        if best is None or _severity(problems) < _severity(best.problems):
             best = Checked(output, problems, k, first_problems, last)
         if not problems:
             break
     yield dataclasses.replace(best, attempts=k)
+
+
+def _severity(problems: list[Problem]) -> tuple[int, int]:
+    """How bad an attempt is, for keeping the best of several: a lost or invented fact before any
+    other problem (qwen2.5-0.5b's Chinese shortenings were a headline that lost every number, or the
+    text copied: the copy, too long but true to the facts, is the one to keep), then their number."""
+    return sum(p.gate in ("dropped", "invented") for p in problems), len(problems)
 
 
 _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
