@@ -449,6 +449,20 @@ def test_ask_answers_with_the_right_citation(default_model, hybrid):
     assert all(c.title in ("festival", "lanterns") for c in answer.citations)
 
 
+def hit(text, overlap, dense):
+    return kbm.Hit(chunk_id=1, document_id=1, title="t", path="p", text=text, score=0.1, overlap=overlap, dense=dense)
+
+
+def test_a_chunk_in_the_other_language_is_relevant_when_it_shares_two_terms():
+    manual = "厨乐AF-55空气炸锅：定时范围为1至60分钟。"
+    question = "What is the longest time I can set on the AF-55 air fryer's timer?"  # 8 content terms
+    assert kbm.relevant(hit(manual, 2 / 8, 0.797), question)       # af, 55: the embeddings alone say no
+    assert not kbm.relevant(hit(manual, 1 / 8, 0.797), question)   # one shared term is not enough
+    assert not kbm.relevant(hit(manual, 2 / 8, 0.797))             # without the question: the usual gates
+    same = "The AF-55 timer runs for up to 60 minutes."
+    assert not kbm.relevant(hit(same, 2 / 8, 0.797), question)     # same language: half the terms, as before
+
+
 def test_unrelated_question_is_not_found_before_the_model_runs(monkeypatch, default_model, hybrid):
     add_corpus(hybrid)
 
@@ -550,6 +564,32 @@ def test_verify_keeps_supported_answers_and_adds_the_citation():
     assert v.text == "Breakfast costs 6 dollars [1]."  # numbers carry a reply across languages
 
 
+@pytest.mark.parametrize("reply, shown", [
+    # Talk about the source is no claim the passage must hold, and is not shown: the citation says it.
+    ("The passage states that it was founded in 1873 by a baker.", "It was founded in 1873 by a baker [1]."),
+    ("According to the documents, the festival was founded in 1873.", "The festival was founded in 1873 [1]."),
+    ("Based on the passage [1], a baker founded it in 1873.", "A baker founded it in 1873 [1]."),
+])
+def test_an_answer_that_talks_about_its_source_is_kept_without_that_talk(reply, shown):
+    from muse.apps.grounding import verify
+
+    v = verify(reply, "When was the Zorblat festival founded?", [passage(1, "festival", FESTIVAL)])
+    assert (v.text, v.cited) == (shown, [1])
+
+
+def test_a_copied_out_passage_is_asked_for_one_sentence(monkeypatch, default_model, lexical):
+    lexical.add_text("festival", FESTIVAL)
+    copied = "It is held every year in the town of Quenby. Visitors bring lanterns. They are made of paper."
+    sent = scripted_replies(monkeypatch, default_model, [copied, "The festival was founded in 1873 [1]."])
+    got = ask(default_model, lexical, "When was the Zorblat festival founded?")
+    assert (got.text, got.found) == ("The festival was founded in 1873 [1].", True)
+    assert sent[1][-1]["content"] == kbm.FULL_SENTENCE["en"] and sent[1][-2]["content"] == copied
+    # copied out again: no answer, and why
+    scripted_replies(monkeypatch, default_model, [copied, copied])
+    got = ask(default_model, lexical, "When was the Zorblat festival founded?")
+    assert (got.found, got.why) == (False, "dump")
+
+
 def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
     from muse.generation import GenerationChunk
 
@@ -607,6 +647,9 @@ ZH_HOTEL = "春江酒店入住须知\n入住时间为下午3点起，退房时�
     ("春江酒店的机场班车多少钱？", "机场班车每人30元。", True),
     ("连续三次缺席会受到什么处理？", "连续三次无故缺席会受到暂停预订资格一个月的处理。", True),  # 受到, 处理 frame it
     ("入住可以提前几点办理？", "入住时间为下午3点起。", True),            # 以提: a pair across two words
+    # 场班 of 机场班车 straddles 机场 and 班车, both in the passage: no word, so nothing made up
+    ("我想坐机场班车，需要多少钱？", "机场班车每人30元。", True),
+    ("机场停车场的停车费多少钱？", "机场停车场的停车费每人30元。", False),  # 停车 and 车费 are words no passage holds
 ])
 def test_a_chinese_answer_about_what_no_passage_mentions_is_refused(question, reply, found):
     from muse.apps.grounding import verify
@@ -809,3 +852,38 @@ def test_an_answer_to_a_yes_no_question_must_say_what_it_is_about(monkeypatch, d
         assert (got.text, got.found, got.why) == (NOT_FOUND["en"], False, answer)
     else:
         assert (got.text, got.found, got.why) == (answer, True, "")
+
+
+STAR = "# 星辰科技员工手册\n## 请假\n正式员工每年享有带薪年假15天。火车票可提前15天购买。"
+VOYAGE = "# 远航文化传媒员工手册\n## 假期\n婚假为10天，须在领证后一年内休完。"
+
+
+@pytest.mark.parametrize("question, reply, found", [
+    # 婚假 is another company's: the question names 星辰科技, whose handbook has none
+    ("星辰科技员工的婚假有几天？", "星辰科技员工的婚假有10天。", False),
+    ("远航文化传媒的婚假有几天？", "婚假为10天。", True),
+    # the only 15 is a number of days: 15元 is made up
+    ("星辰科技的高铁票价会上涨多少？", "票价会上涨15元。", False),
+    ("星辰科技的年假有几天？", "正式员工每年享有带薪年假15天。", True),
+])
+def test_an_answer_from_another_document_or_in_another_unit_is_refused(question, reply, found):
+    from muse.apps.grounding import verify
+
+    passages = [passage(1, "星辰科技员工手册", STAR, "请假"), passage(2, "远航文化传媒员工手册", VOYAGE, "假期")]
+    verdict = verify(reply, question, passages)
+    assert (verdict.text is not None) == found, verdict
+    if found:
+        assert verdict.cited == [2 if "远航" in question else 1]
+
+
+@pytest.mark.parametrize("question, reply, off", [
+    ("坐船要多长时间？", "2月8日至2月17日期间，航线调整如下。", True),  # dates, not a length of time
+    ("坐船要多长时间？", "大约需要25分钟。", False),
+    ("坐船要多长时间？", "要半个小时。", False),
+    ("一件资料最多能续借几次？", "成人最多可借12件。", True),
+    ("一件资料最多能续借几次？", "每件资料可以续借两次。", False),
+])
+def test_an_answer_of_the_wrong_kind_is_off(question, reply, off):
+    from muse.apps.grounding import wrong_kind
+
+    assert wrong_kind(reply, question) == off

@@ -9,12 +9,16 @@ The model answers from numbered passages; `verify` then decides whether the repl
   speak to the question count, and with none it is no answer;
 * a reply is supported when every number it states beyond the question appears in one passage and,
   of the content words it adds, at least `SUPPORT` of them do too (a passage in the other language
-  than the reply cannot share words, so numbers alone count there);
+  than the reply cannot share words, so numbers alone count there; words about the source, "The
+  passage states that…", `SOURCE_TALK`, are no claim and are not shown);
+* that passage must hold what the question names of a document's title (`names_another`: "星辰科技
+  的婚假" is not answered from another company's handbook), and the reply's numbers must come in a
+  unit the passages use for them (`miscounted`: "15元" is not backed by "提前15天");
 * and when every term of the question that it repeats (its subject: "parental leave", "停车费") is
   in some passage, question-frame words aside (`GENERIC`, `_ZH_FRAME`): otherwise it answers about
   what the documents never mention;
 * and when it gives the kind of answer the question asks for (`wrong_kind`: "几个月" is not answered
-  in days, "how much does it cost" not without an amount).
+  in days, "多长时间" not with dates, "how much does it cost" not without an amount).
 
 A supported reply keeps its valid inline citations; one without any gets the supporting passage's
 number added, so every found answer cites where it comes from.
@@ -71,7 +75,7 @@ def claims(reply: str, question: str) -> tuple[set[float], set[str]]:
     body = CITE.sub(" ", reply)
     nums = set(numbers(body)) - set(numbers(question, generous=True))
     asked = set(terms(question)[1])
-    words = {t for t in terms(body)[1] if not _NUM.fullmatch(t)} - asked
+    words = {t for t in terms(body)[1] if not _NUM.fullmatch(t)} - asked - SOURCE_TALK
     return nums, words
 
 
@@ -94,7 +98,12 @@ def support(passage: str, nums: set[float], words: set[str], reply_lang: str) ->
 GENERIC = frozenset("many much long often soon late early time times date day days daily cost costs price need "
                     "needs get gets give given make made take can could may might must should would will please "
                     "tell know find use used way ways kind type number amount limit limits capacity maximum "
-                    "minimum offer offers".split())
+                    "minimum offer offers set still".split())
+# Words a reply uses to talk about its sources, not about the answer ("The passage states that…",
+# "根据文档…"): no claim a passage must back. On kbqa dev, "The passage states that receipts can be
+# submitted within 60 days" was refused for lack of "passage" and "state" in the passage.
+SOURCE_TALK = frozenset("passage passages document documents state says said according mention text information "
+                        "provided 根据 据文 文档 资料 文件 提到 说明".split())
 
 
 # Characters that frame a Chinese question or join its words ("会受到", "可以提前"): a pair holding one is
@@ -117,6 +126,13 @@ def _subject_terms(text: str, lang: str) -> set[str]:
             if run[i] not in _ZH_FRAME and run[i + 1] not in _ZH_FRAME}
 
 
+def _junctions(text: str, held: set[str]) -> set[str]:
+    """Chinese character pairs of `text` that straddle two held words: "区游" of "深水区游泳" when
+    "水区" and "游泳" are held. A pair is no word, so the passages need not hold it."""
+    return {run[i:i + 2] for run in _HAN_RUN.findall(text) for i in range(1, len(run) - 2)
+            if run[i - 1:i + 1] in held and run[i + 1:i + 3] in held}
+
+
 def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) -> list[str]:
     """The question's terms that the reply repeats but no passage about the question holds: the reply
     answers about something the documents never mention ("parental leave", "停车费") — made up.
@@ -133,7 +149,7 @@ def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) 
     held = set().union(*held_by)
     echoed = _subject_terms(CITE.sub(" ", body), reply_lang) & asked
     if reply_lang == "zh":
-        return sorted(echoed - held - _ZH_GENERIC)
+        return sorted(echoed - held - _ZH_GENERIC - _junctions(question, held))
     stems = {w[:5] for w in held if len(w) >= 5}  # "claim" is held by "claims", "carried" by "carry"…
     return sorted(w for w in echoed - held if w not in GENERIC and not _NUM.fullmatch(w)
                   and w.rstrip("s") not in held and w + "s" not in held and not (len(w) >= 5 and w[:5] in stems))
@@ -141,13 +157,18 @@ def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) 
 
 # What a question asks for, and what a reply must then say: a question about months is not answered by a
 # number of days ("年终奖发几个月" → "15天"). Only the unmistakable kinds; anything else asks for nothing.
-_TIME_UNIT = r"秒|分钟|小时|钟头|天|日|周|星期|礼拜|月|年|second|minute|hour|day|week|month|year|night"
+# A length of time, not a date: "2月8日至2月17日" is no answer to "要多长时间" (kbqa dev).
+_DURATION = (r"(?<![\d月])\d+(?:\.\d+)?\s*(?:个)?(?:秒|分钟|小时|钟头|天|周|星期|礼拜|个月|年)|"
+             r"[一二两三四五六七八九十百半几]+\s*(?:个)?(?:秒|分钟|小时|钟头|天|周|星期|礼拜|个月|年)|"
+             r"\b(?:\d+|an?|one|two|three|four|five|six|seven|eight|nine|ten|half an?)[\s-]*"
+             r"(?:seconds?|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|years?|nights?)\b")
 _ASKS = [(re.compile(q, re.IGNORECASE), re.compile(a, re.IGNORECASE)) for q, a in (
     (r"几个月|多少个月|how many months", r"月|month|year|年"),
     (r"几天|多少天|how many days", r"天|日|day|week|周|星期"),
     (r"几年|多少年|how many years", r"年|year"),
     (r"几楼|几层|which floor|what floor", r"楼|层|floor|storey"),
-    (r"多长时间|多久|几个?小时|how many hours", _TIME_UNIT),
+    (r"多长时间|多久|几个?小时|how many hours", _DURATION),
+    (r"几次|多少次|how many times", r"次|遍|回|once|twice|times"),
     (r"多少钱|收费多少|费用是多少|价格是多少|售价|票价|how much (?:does|do|is|are|will)\b.*\b(?:cost|charge|fee|price)",
      r"元|块|钱|免费|美元|欧元|英镑|dollar|yuan|euro|pound|cent|free|[$¥￥€£]"),
     (r"^what time\b|几点", r"\d|noon|midnight|o'clock|点|时"),
@@ -201,6 +222,51 @@ def wrong_kind(body: str, question: str) -> bool:
     return any(q.search(question) and not a.search(body) for q, a in _ASKS)
 
 
+# Units a number is counted in, by kind: "15元" is not backed by a passage that has only "提前15天".
+_UNITS = {u: kind for kind, units in {
+    "yuan": "元 块 yuan rmb ¥ ￥", "dollar": "美元 dollar dollars $", "pound": "英镑 pound pounds £",
+    "euro": "欧元 euro euros €", "day": "天 day days", "week": "周 星期 week weeks", "month": "个月 month months",
+    "year": "年 year years", "hour": "小时 钟头 hour hours", "minute": "分钟 minute minutes",
+    "times": "次 遍 time times", "floor": "楼 层 floor", "age": "岁", "percent": "% percent",
+}.items() for u in units.split()}
+_WITH_UNIT = re.compile(r"([$£€¥￥])\s*(\d+(?:\.\d+)?)|(\d+(?:\.\d+)?)\s*(" + "|".join(
+    sorted((re.escape(u) for u in _UNITS if u not in "$£€¥￥"), key=len, reverse=True)) + r")(?![a-z])", re.I)
+
+
+def _counted(text: str) -> dict[str, set]:
+    """Each number of `text` with the kinds of unit it is written with (None: none that `_UNITS` knows)."""
+    seen: dict[str, set] = {}
+    for m in _WITH_UNIT.finditer(text):
+        n, unit = (m.group(2), m.group(1)) if m.group(1) else (m.group(3), m.group(4))
+        seen.setdefault(n, set()).add(_UNITS[unit.lower()])
+    for m in _NUM.finditer(text):
+        seen.setdefault(m.group(), set())
+        if not any(m.group() in x.group() and x.start() <= m.start() < x.end() for x in _WITH_UNIT.finditer(text)):
+            seen[m.group()].add(None)
+    return seen
+
+
+def miscounted(body: str, passages: list) -> list[str]:
+    """Numbers the reply gives in a unit the passages never use for them: "上涨15元" where the only 15 is
+    "提前15天" (kbqa dev, an unanswerable question). A number written bare anywhere is not held to it."""
+    held = _counted("\n".join(p.text for p in passages))
+    wrong = []
+    for n, kinds in _counted(body).items():
+        there = held.get(n)
+        if there and None not in there and kinds - {None} and not (kinds & there):
+            wrong.append(n)
+    return wrong
+
+
+def names_another(question: str, passage, passages: list, lang: str) -> bool:
+    """Whether the question names a document (its title's terms) that `passage` does not hold: "星辰科技
+    员工的婚假" is not answered by another company's handbook, which has a 婚假 (kbqa dev)."""
+    titled = set().union(*(_subject_terms(p.title, lang) for p in passages)) if passages else set()
+    named = _subject_terms(question, lang) & titled
+    own = _subject_terms(f"{passage.title}\n{getattr(passage, 'section', '')}\n{passage.text}", lang)
+    return bool(named - own)
+
+
 def verify(reply: str, question: str, passages: list) -> Verdict:
     """The grounded answer in `reply`, or why there is none (see the module docstring)."""
     text = reply.strip()
@@ -224,19 +290,21 @@ def verify(reply: str, question: str, passages: list) -> Verdict:
     nums, words = claims(text, question)
     if not nums and not words:
         return Verdict(None, reason="bare")  # only the question's own words
-    scores = {p.n: support(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}", nums, words, reply_lang)
+    scores = {p.n: 0.0 if names_another(question, p, passages, language(question)) else
+              support(f"{p.title}\n{getattr(p, 'section', '')}\n{p.text}", nums, words, reply_lang)
               for p in passages}
     given = {p.n for p in passages}
     cited = [n for n in dict.fromkeys(int(x) for x in CITE.findall(text)) if n in given]
     best = max(scores, key=lambda n: scores[n]) if scores else None
-    if best is None or scores[best] < SUPPORT or unbacked_subject(body, question, passages, reply_lang):
+    if (best is None or scores[best] < SUPPORT or unbacked_subject(body, question, passages, reply_lang)
+            or miscounted(body, passages)):
         return Verdict(None, reason="unsupported")
     if wrong_kind(body, question):
         return Verdict(None, reason="off")
     if not any(scores[n] >= SUPPORT for n in cited):
         text = add_citation(CITE.sub("", text).rstrip(), best)  # wrong or missing citation: cite the support
         cited = [best]
-    return Verdict(text, cited)
+    return Verdict(without_source_talk(text), cited)
 
 
 def terse(reply: str, question: str, passages: list, verdict: Verdict | None = None) -> bool:
@@ -246,6 +314,25 @@ def terse(reply: str, question: str, passages: list, verdict: Verdict | None = N
         return True
     words = [t for t in terms(CITE.sub(" ", reply))[1] if not _NUM.fullmatch(t)]
     return bool(numbers(reply)) and not words
+
+
+_SOURCE_OPENING = re.compile(
+    r"^(?:(?:based on|according to) (?:the )?(?:passages?|documents?|text|information)(?: \[\d+\])?,\s*"
+    r"|the (?:passages?|documents?|text) (?:\[\d+\] )?(?:states?|says?|mentions?|shows?) that\s+"
+    r"|(?:根据|按照)(?:上述)?(?:文档|资料|文件)(?:\s*\[\d+\])?[，,:：]\s*)", re.IGNORECASE)
+
+
+def without_source_talk(text: str) -> str:
+    """The answer without an opening about its source ("The passage states that…", "根据文档，"): the
+    citation says where it comes from."""
+    opening = _SOURCE_OPENING.match(text)
+    if not opening or opening.end() == len(text):
+        return text
+    rest = text[opening.end()].upper() + text[opening.end() + 1:]
+    for n in CITE.findall(opening.group()):  # "Based on the passage [1], …": the citation moves to the end
+        if f"[{n}]" not in rest:
+            rest = add_citation(rest, int(n))
+    return rest
 
 
 def add_citation(text: str, n: int) -> str:
