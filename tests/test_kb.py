@@ -887,3 +887,31 @@ def test_an_answer_of_the_wrong_kind_is_off(question, reply, off):
     from muse.apps.grounding import wrong_kind
 
     assert wrong_kind(reply, question) == off
+
+
+@pytest.mark.parametrize("replies, answer, why", [
+    # a look-alike number, then the passage's own words: kept
+    (["It was founded in 1875 [1].", "The festival was founded in 1873 by a baker [1]."],
+     "The festival was founded in 1873 by a baker [1].", ""),
+    # the follow-up is backed but says nothing of the founding: not in your documents
+    (["It was founded in 1875 [1].", "Visitors bring lanterns made of paper [1]."], None, "unsupported; unnamed"),
+    # still made up
+    (["It was founded in 1875 [1].", "The festival was founded in 1901 [1]."], None, "unsupported; unsupported"),
+])
+def test_an_unbacked_answer_is_asked_for_the_passage_words_once(monkeypatch, default_model, lexical, replies,
+                                                                answer, why):
+    lexical.add_text("festival", FESTIVAL)
+    sent = scripted_replies(monkeypatch, default_model, replies)
+    got = ask(default_model, lexical, "When was the Zorblat festival founded?")
+    assert len(sent) == 2 and sent[1][-1]["content"] == kbm.FULL_SENTENCE["en"]
+    assert (got.text, got.found, got.why) == ((answer, True, "") if answer else (NOT_FOUND["en"], False, why))
+
+
+def test_a_number_is_held_to_the_unit_of_the_passage_it_comes_from():
+    from muse.apps.grounding import verify
+
+    clock = passage(1, "星辰科技员工手册", "# 请假\n病假需在当天上午10点前告知直属上级。", "请假")
+    other = passage(2, "远航文化传媒员工手册", "# 假期\n婚假为10天。", "假期")
+    # 10 is a time in the named handbook and a number of days only in the other one
+    assert verify("星辰科技员工的婚假有10天。", "星辰科技员工的婚假有几天？", [clock, other]).text is None
+    assert verify("病假需在上午10点前告知上级。", "星辰科技的病假要几点前告知？", [clock, other]).cited == [1]
