@@ -236,12 +236,14 @@ _WITH_UNIT = re.compile(r"([$£€¥￥])\s*(\d+(?:\.\d+)?)|(\d+(?:\.\d+)?)\s*("
 def _counted(text: str) -> dict[str, set]:
     """Each number of `text` with the kinds of unit it is written with (None: none that `_UNITS` knows)."""
     seen: dict[str, set] = {}
+    counted = set()  # start offsets of the numbers written with a unit
     for m in _WITH_UNIT.finditer(text):
-        n, unit = (m.group(2), m.group(1)) if m.group(1) else (m.group(3), m.group(4))
+        n, unit, at = (m.group(2), m.group(1), m.start(2)) if m.group(1) else (m.group(3), m.group(4), m.start(3))
         seen.setdefault(n, set()).add(_UNITS[unit.lower()])
+        counted.add(at)
     for m in _NUM.finditer(text):
         seen.setdefault(m.group(), set())
-        if not any(m.group() in x.group() and x.start() <= m.start() < x.end() for x in _WITH_UNIT.finditer(text)):
+        if m.start() not in counted:
             seen[m.group()].add(None)
     return seen
 
