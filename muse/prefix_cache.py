@@ -29,6 +29,13 @@ from muse.config import ModelConfig
 from muse.model import KVCache
 
 
+# Matching granularity in tokens. Requests that arrive together are prefilled together from the
+# prefix all of them have cached, so a coarse block throws away what they share: with blocks of 16,
+# 8 chat requests sharing a 30-token system prompt and opening reused 16 tokens each (bench/serve.py).
+# A block costs one hash and one index entry.
+BLOCK = 4
+
+
 @dataclass(eq=False)
 class Prefix:
     """The keys and values of one prompt's first len(ids) tokens: k[layer], v[layer] (nkv, len, hd)."""
@@ -51,7 +58,7 @@ class PrefixCache:
     values); 0 turns caching off. block: the matching granularity in tokens.
     """
 
-    def __init__(self, config: ModelConfig, max_tokens: int = 2048, block: int = 16):
+    def __init__(self, config: ModelConfig, max_tokens: int = 2048, block: int = BLOCK):
         for name, value, low in (("max_tokens", max_tokens, 0), ("block", block, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")

@@ -45,7 +45,7 @@ _SOURCES = (_KERNELS / "quant_cpu.cpp", _KERNELS / "train_cpu.cpp")
 _HEADERS = (_KERNELS / "vec.h",)
 _CHUNK = 32  # int4 packing run, and the kernels' inner step: they need group_size % 32 == 0
 
-# Dispatch. The fused kernel streams W once and multiplies it with 4 rows of x at a time:
+# Dispatch. The fused kernel streams W once and multiplies it with 4 rows of x at a time (AVX2: 8):
 # the path for decode and the server's batches. From PREFILL_MIN_M rows of x (prefill),
 # tiles of PREFILL_TILE_N rows of W are dequantized and multiplied with at::mm (oneDNN /
 # MKL GEMM), which reuses each weight across many rows from registers. Measured whole-model

@@ -7,7 +7,7 @@ import torch
 
 from muse.generation import SamplingParams
 from muse.model import KVCache
-from muse.prefix_cache import PrefixCache
+from muse.prefix_cache import BLOCK, PrefixCache
 from muse.scheduler import Scheduler
 
 
@@ -82,7 +82,7 @@ def test_the_scheduler_reuses_a_shared_prefix_and_generates_the_same_text(tiny):
         second = list(sched.submit(prompts[1], params))
         assert "".join(c.text for c in first) == want[0] and "".join(c.text for c in second) == want[1]
         assert first[-1].cached_tokens == 0
-        assert n_system - 16 < second[-1].cached_tokens <= n_system  # whole blocks of the shared system prompt
+        assert n_system - BLOCK < second[-1].cached_tokens <= n_system  # whole blocks of the shared system prompt
         # arriving together, both start after their shared cached prefix in one padded pass
         with sched._wake:
             streams = [sched.submit(p, params) for p in prompts]

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from muse.errors import MuseError
+from muse.prefix_cache import BLOCK
 from muse.server import Embedder, ServerThread, create_app
 from muse.fileio import UnsafePathError, safe_join
 from muse.server.security import Limits, api_key_from, check_bind, muse_home_path
@@ -99,7 +100,7 @@ def test_streamed_chat_joins_to_the_reply_and_ends_with_usage(client, tiny):
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
     # the same prompt again: its keys and values up to the last whole block come from the prefix cache
     n = whole["usage"]["prompt_tokens"]
-    assert usage["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    assert usage["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // BLOCK * BLOCK}
     assert usage["choices"] == [] and {**usage["usage"], "prompt_tokens_details": None} == {
         **whole["usage"], "prompt_tokens_details": None}
     # without stream_options there is no usage chunk (and no usage key at all)
