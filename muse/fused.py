@@ -59,13 +59,28 @@ def applies(model, idx: torch.Tensor, cache) -> bool:
     )
 
 
+def _stack(model, cache):
+    """The model's blocks as one `DecodeStack` (None if a block cannot take the kernels), kept on
+    the KV cache: a cache serves one generation (or one server's batch), so the blocks' buffers
+    are read from the modules once, not every token. A cache used with another model, or whose
+    `fused_stack` was reset (the scheduler does after running other work on its model), gets a
+    new one."""
+    held = getattr(cache, "fused_stack", None)
+    if held is not None and held[0] is model:
+        return held[1]
+    blocks = [_block_args(b) for b in model.layers]
+    stack = None if any(a is None for a in blocks) else quant._ext.DecodeStack(blocks)
+    cache.fused_stack = (model, stack)
+    return stack
+
+
 def decode(model, x: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor | None:
     """x (B, T, C) after every block; `pos` the tokens' positions, (T,) for a KVCache (every
     row at the same ones) or (B, T) for a BatchKVCache (row b at its own), as `cache.prepare`
     gave them. Their keys and values are cached. None (nothing touched) when a block cannot
     take the fused path."""
-    blocks = [_block_args(b) for b in model.layers]
-    if any(a is None for a in blocks):
+    stack = _stack(model, cache)
+    if stack is None:
         return None
     B, T, C = x.shape
     c = model.config
@@ -73,7 +88,5 @@ def decode(model, x: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor | N
     rows = torch.arange(B).repeat_interleave(T)
     cos, sin = model.rope_cos[where], model.rope_sin[where]  # (B*T, hd)
     h = x.reshape(B * T, C).contiguous()
-    for i, args in enumerate(blocks):
-        h = quant._ext.decode_layer(h, args[0], args[1], args[2], *args[3:], cos, sin,
-                                    cache.k[i], cache.v[i], rows, where, c.n_head, c.n_kv_head)
+    h = stack.run(h, cos, sin, cache.k, cache.v, rows, where, c.n_head, c.n_kv_head)
     return h.view(B, T, C)

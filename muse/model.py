@@ -82,6 +82,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.pos = 0
+        self.fused_stack = None  # (model, its blocks for the fused decode step): muse/fused.py
 
     @property
     def batch_size(self) -> int:
@@ -144,6 +145,7 @@ class BatchKVCache:
         self.lens: list[int] = []  # per row, in Python: no device sync to read them
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # (rows,)
         self._write: tuple[torch.Tensor, torch.Tensor] | None = None  # set by prepare()
+        self.fused_stack = None  # (model, its blocks for the fused decode step): muse/fused.py
 
     @property
     def rows(self) -> int:

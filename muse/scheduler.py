@@ -354,6 +354,8 @@ class Scheduler:
             future.set_exception(e)
         else:
             future.set_result(result)
+        finally:
+            self._cache.fused_stack = None  # the call may have changed the model's modules: read them again
 
     def _step(self) -> None:
         adapt_threads()  # this thread's OpenMP count, from the CPUs other programs leave free

@@ -145,11 +145,23 @@ class KernelSpy:
 
     def __getattr__(self, name):
         fn = getattr(self.ext, name)
+        if name == "DecodeStack":  # its run() calls decode_layer once per block, inside C++
+            return lambda blocks: _CountedStack(self, fn(blocks))
 
         def counted(*args):
             self.counts[name] += 1
             return fn(*args)
         return counted
+
+
+class _CountedStack:
+    def __init__(self, spy: KernelSpy, stack):
+        self.spy, self.stack = spy, stack
+        spy.counts["DecodeStack"] += 1
+
+    def run(self, *args):
+        self.spy.counts["decode_layer"] += len(self.stack)
+        return self.stack.run(*args)
 
 
 def spy_on_kernels(monkeypatch) -> KernelSpy:

@@ -79,6 +79,7 @@ def test_fused_decode_equals_the_reference_blocks(spy, monkeypatch, name, bits, 
     assert spy.counts["decode_layer"] == 0
     got, cache = decode_logits(model, prompt, steps, monkeypatch, fused_on=True)
     assert spy.counts["decode_layer"] == (1 + len(steps)) * model.config.n_layer  # the short prompt too
+    assert spy.counts["DecodeStack"] == 1  # the blocks' arguments were read once for the whole generation
     assert_close_after(got, ref, act_bits)
     assert cache.pos == ref_cache.pos == len(prompt) + len(steps)
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
@@ -171,3 +172,29 @@ def test_what_the_fused_path_does_not_take_runs_the_reference(spy):
     cache = KVCache(model.config, 1, 8)
     model(torch.tensor([[1]]), cache=cache)  # autograd on
     assert spy.counts["decode_layer"] == 0
+
+
+def test_a_cache_keeps_its_stack_until_the_model_or_the_reset_changes_it(spy, monkeypatch):
+    """The blocks' arguments live on the KV cache: a swapped-out linear is seen by a new cache, or
+    after `fused_stack` is reset (the scheduler resets it after running other work on its model)."""
+    model = tiny("llama-gqa", 4)
+    other = tiny("llama-gqa", 4, seed=1)
+    cache = KVCache(model.config, 1, 8)
+    with torch.inference_mode():
+        for tok in [1, 2, 3]:
+            model(torch.tensor([[tok]]), cache=cache, last_only=True)
+    assert spy.counts["DecodeStack"] == 1 and cache.fused_stack[0] is model
+    model.layers[0].mlp.down = other.layers[0].mlp.down  # a module replaced, as quantizing or pruning does
+    with torch.inference_mode():
+        stale, _ = model(torch.tensor([[6]]), cache=cache, last_only=True)
+        assert spy.counts["DecodeStack"] == 1  # the same cache: the stack it holds
+        cache.fused_stack = None
+        cache.truncate(cache.pos - 1)
+        fresh, _ = model(torch.tensor([[6]]), cache=cache, last_only=True)
+    assert spy.counts["DecodeStack"] == 2
+    monkeypatch.setenv("MUSE_NO_FUSED", "1")
+    with torch.inference_mode():
+        cache.truncate(cache.pos - 1)
+        ref, _ = model(torch.tensor([[6]]), cache=cache, last_only=True)
+    assert_close_after(fresh, ref, 32)
+    assert not torch.allclose(stale, ref, atol=1e-3)  # the held stack still ran the old linear
