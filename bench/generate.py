@@ -22,7 +22,8 @@ Columns
   prefill N tok/s   one forward of an N-token prompt into a fresh KV cache, median of runs
   decode tok/s      batch 1, greedy, --new-tokens single-token forwards after a 128-token
                     prompt (EOS ignored, argmax per step included), median of --runs runs
-  x tf fp32 / x llama.cpp   decode speed relative to those engines
+  x tf fp32 / x llama.cpp   decode speed relative to those engines (with --rounds, the median of
+                    the per-round ratios: engines measured back to back, round after round)
   MB/token          weight bytes a decode step reads: Muse auto its packed buffers (codes,
                     scales, mins) plus float params; fp32 4 B/param; bf16 2 B/param;
                     llama.cpp the GGUF's tensor data. KV-cache reads are not counted.
@@ -141,6 +142,8 @@ class EngineResult:
     greedy_vs_ref: str | None = None
     other_cpu_pct: float | None = None  # CPU used by other processes during this engine's run
     busy_decode_tps: float | None = None  # --busy: decode with a busy loop on one CPU
+    round_decode_tps: list[float] = field(default_factory=list)  # --rounds: each round's median decode
+    round_ratios: dict[str, list[float]] = field(default_factory=dict)  # --rounds: "llama.cpp" -> per-round x
 
 
 # ------------------------------------------------------------------------------------------
@@ -579,6 +582,26 @@ def run_engine(name: str, base: dict, workdir: Path, env: dict, timeout: float, 
     return r
 
 
+def median_rounds(rounds: list[dict[str, EngineResult]]) -> tuple[dict[str, EngineResult], dict]:
+    """Each engine's median round (by decode tok/s; its first-load figures from round 1), and per
+    engine the per-round decode ratios against tf-fp32 and llama.cpp measured in the same round."""
+    results, ratios = {}, {}
+    for name in rounds[0]:
+        ok = [r[name] for r in rounds if not r[name].error and r[name].decode_tps]
+        if not ok:
+            results[name] = rounds[0][name]
+            continue
+        pick = sorted(ok, key=lambda r: r.decode_tps)[(len(ok) - 1) // 2]
+        pick.first_load_s = pick.first_load_s or rounds[0][name].first_load_s
+        pick.first_load_peak_rss_mb = pick.first_load_peak_rss_mb or rounds[0][name].first_load_peak_rss_mb
+        pick.round_decode_tps = [r.decode_tps for r in ok]
+        results[name] = pick
+        ratios[name] = {ref: [r[name].decode_tps / r[ref].decode_tps for r in rounds
+                              if ref in r and r[name].decode_tps and r[ref].decode_tps]
+                        for ref in ("tf-fp32", "llama.cpp") if ref != name}
+    return results, ratios
+
+
 def compare(results: dict[str, EngineResult], workdir: Path) -> str | None:
     """Fill KL vs the fp32 reference and greedy agreement with transformers fp32."""
     import numpy as np
@@ -617,6 +640,14 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def versus(r: EngineResult, name: str, ref: EngineResult | None) -> str:
+    """r's decode speed relative to engine `name`: the median of the per-round ratios with --rounds."""
+    per_round = r.round_ratios.get(name)
+    if per_round and len(per_round) > 1:
+        return f"{statistics.median(per_round):.2f}x"
+    return ratio(r.decode_tps, ref and ref.decode_tps)
+
+
 def tables(results: dict[str, EngineResult], bandwidth: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tf = results.get("tf-fp32")
     lc = results.get("llama.cpp")
@@ -628,7 +659,7 @@ def tables(results: dict[str, EngineResult], bandwidth: dict) -> list[tuple[str,
         speed_rows.append([
             r.label, fmt(r.first_load_s, ".2f"), fmt(r.load_s, ".2f"),
             *(fmt(r.prefill_tps.get(str(n)), ",.0f") for n in PREFILL_LENGTHS),
-            fmt(r.decode_tps), ratio(r.decode_tps, tf and tf.decode_tps), ratio(r.decode_tps, lc and lc.decode_tps),
+            fmt(r.decode_tps), versus(r, "tf-fp32", tf), versus(r, "llama.cpp", lc),
             fmt(r.peak_rss_mb, ",.0f"), fmt(r.other_cpu_pct, ".0f"),
         ])
         bound = bandwidth["read_gbps"] * 1e9 / r.weight_bytes if r.weight_bytes else None
@@ -695,6 +726,9 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per engine subprocess")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before each engine, wait up to S seconds for other processes to use < 10%% CPU")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the engines round-robin this many times; each engine's row is its median round, "
+                         "and the ratios are medians of per-round ratios (a shared machine drifts between runs)")
     ap.add_argument("--busy", action="store_true",
                     help="also run each engine with a busy loop on one CPU and report the decode speed kept")
     from muse.quant import ISAS
@@ -713,8 +747,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.quick else 128)
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
-    if new_tokens < 1 or runs < 1:
-        raise SystemExit(f"--new-tokens and --runs must be >= 1, got {new_tokens} and {runs}")
+    if new_tokens < 1 or runs < 1 or args.rounds < 1:
+        raise SystemExit(f"--new-tokens, --runs and --rounds must be >= 1, got {new_tokens}, {runs}, {args.rounds}")
 
     if args.isa:
         os.environ["MUSE_CPU"] = args.isa  # the workers inherit it
@@ -727,26 +761,33 @@ def main(argv=None) -> None:
     base = dict(threads=args.threads, prompts=prompts, decode_prompt=decode_prompt, new_tokens=new_tokens,
                 runs=runs, prefill_runs=1 if args.quick else 3, kl_ids=kl_ids, gguf=str(gguf))
 
-    results: dict[str, EngineResult] = {}
+    rounds: list[dict[str, EngineResult]] = []
     with tempfile.TemporaryDirectory(prefix="muse-bench-") as tmp:
         workdir = Path(tmp)
         env = worker_env(args.threads, args.muse_home or workdir / "muse_home")
+        for k in range(args.rounds):
+            rounds.append({})
+            for name in args.engines:
+                if name == "llama.cpp" and machine["llama_cpp"] is None:
+                    rounds[k][name] = EngineResult(name, ENGINES[name], error="llama_cpp is not importable")
+                    continue
+                if args.wait_idle > 0:
+                    wait_idle(args.wait_idle)
+                print(f"  {ENGINES[name]}{f' (round {k + 1} of {args.rounds})' if args.rounds > 1 else ''} ...",
+                      flush=True)
+                # each Muse engine converts into its own fresh cache (w4a8 would find auto's), once
+                own = env if args.muse_home else {**env, "MUSE_HOME": str(workdir / f"home-{name}")}
+                rounds[k][name] = run_engine(name, base, workdir, own, args.timeout, convert=k == 0)
+        results, per_round = median_rounds(rounds)
         for name in args.engines:
-            if name == "llama.cpp" and machine["llama_cpp"] is None:
-                results[name] = EngineResult(name, ENGINES[name], error="llama_cpp is not importable")
-                continue
-            if args.wait_idle > 0:
-                wait_idle(args.wait_idle)
-            print(f"  {ENGINES[name]} ...", flush=True)
-            # each Muse engine converts into its own fresh cache (w4a8 would find auto's)
-            own = env if args.muse_home else {**env, "MUSE_HOME": str(workdir / f"home-{name}")}
-            results[name] = run_engine(name, base, workdir, own, args.timeout)
             if args.busy and not results[name].error:
                 print(f"  {ENGINES[name]}, with a busy loop on one CPU ...", flush=True)
                 with BusyLoop():
                     loaded = run_engine(name, base, workdir, own, args.timeout, convert=False)
                 results[name].busy_decode_tps = loaded.decode_tps
         ref = compare(results, workdir)
+        for name, ratios in per_round.items():
+            results[name].round_ratios = ratios
     machine["loadavg_end"] = list(os.getloadavg())
 
     header = (f"\n{gguf.name} | {machine['cpu']} ({machine['logical_cpus']} logical CPUs"
@@ -770,6 +811,11 @@ def main(argv=None) -> None:
     if contended:
         footer.append(f"Other processes used >= 10% of the CPUs during: {', '.join(contended)}; "
                       "those numbers are contended (see 'other CPU %').")
+    for r in results.values():
+        if len(r.round_decode_tps) > 1:
+            lc = r.round_ratios.get("llama.cpp")
+            footer.append(f"{r.label}: decode by round {', '.join(f'{x:.1f}' for x in r.round_decode_tps)} tok/s"
+                          + (f"; x llama.cpp by round {', '.join(f'{x:.2f}' for x in lc)}" if lc else ""))
     unstable = [r.label for r in results.values() if r.greedy_stable is False]
     if unstable:
         footer.append(f"Greedy tokens differed between decode runs for: {', '.join(unstable)}.")
