@@ -1,10 +1,11 @@
-"""The fused decode step: the next tokens through every block in one C++ call per layer.
+"""The fused decode step: the next tokens through every block in one C++ call.
 
 A decode step of a small model is mostly overhead: SmolLM2's 30 blocks make some 25 torch
 dispatches each around their four matrix products (norms, RoPE, cache writes, attention,
 SiLU * up, residuals), and on a 2-core AVX2 CPU that was half of each token's time.
 `decode_layer` in muse/kernels/quant_cpu.cpp does the whole block, calling the quantized
-kernels directly. It applies to what decoding looks like on the CPU: under 32 new tokens in
+kernels directly, and `DecodeStack` runs it over every block with their arguments converted
+once per KV cache (a generation, or the server's batch). It applies to what decoding looks like on the CPU: under 32 new tokens in
 all (a sequence's next token, a prompt-lookup draft being checked, the server's batch of
 next tokens, a short prompt), a KV cache, pre-norm Llama/Qwen2 blocks (RMSNorm, RoPE,
 SwiGLU) whose linears are all `QuantLinear`s the kernels take, fp32 activations, no
