@@ -65,7 +65,7 @@ ENGINES = {  # name -> label
     "muse-bf16": "Muse bf16",
     "tf-fp32": "transformers fp32",
     "tf-bf16": "transformers bf16",
-    "llama.cpp": "llama.cpp Q4_1",
+    "llama.cpp": "llama.cpp (the GGUF as is)",
 }
 REFERENCE_KL = ("muse-fp32", "tf-fp32")  # first one present is the KL reference
 REFERENCE_GREEDY = "tf-fp32"
