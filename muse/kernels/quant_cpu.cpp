@@ -15,8 +15,8 @@
 // Fused path (decode, and prefill unless told otherwise): threads take tasks of W rows,
 // stream them from DRAM once, turn codes into the exact fp32 weights in registers (int8:
 // cvt * scale; int4: AVX-512 looks the 16 values of a group up with one vpermps, AVX2
-// does cvt + fma) and FMA them with 4 rows of x at a time (AVX2: 8), all rows of x passing over a
-// task's rows of W while they sit in L1/L2: a register-blocked GEMM for any M.
+// does cvt + fma) and FMA them with 4 rows of x at a time (AVX2: 8), all rows of x passing
+// over a task's rows of W while they sit in L1/L2: a register-blocked GEMM for any M.
 // Int8-activation path (act_bits=8, precision "w4a8"): each row of x is quantized once
 // per call into blocks of 32 int8 codes a with an fp32 scale d (x ~ d * a, d = absmax/127)
 // and W's codes meet them in integer dot products (maddubs + madd, or one VNNI dpbusd),
@@ -210,7 +210,8 @@ void for_row_tasks(const Problem& p, RowsFn rows_fn) {
 // x rows 4 at a time, MT = min(4, rows left): Kernel<MT>::run(p, m0, n0, n1); on AVX2, 8 at
 // a time while 8 are left. Each pass dequantizes the task's rows of W again, and on AVX2 that
 // costs about 3/4 of the FMAs of 4 rows: one pass over 8 rows made the server's batch of 8
-// 1.05-1.16x faster per linear (int8 activations 1.11-1.25x); on AVX-512 it measured 0.92-1.13x.
+// 1.01-1.17x faster per linear, median 1.09x (int8 activations 1.06-1.25x); on AVX-512 it
+// measured 0.92-1.13x.
 constexpr int kWideRows = L == 8 ? 8 : 0;
 template <template <int> class Kernel>
 void over_x_rows(const Problem& p, int64_t n0, int64_t n1) {
