@@ -582,10 +582,10 @@ def run_engine(name: str, base: dict, workdir: Path, env: dict, timeout: float, 
     return r
 
 
-def median_rounds(rounds: list[dict[str, EngineResult]]) -> tuple[dict[str, EngineResult], dict]:
-    """Each engine's median round (by decode tok/s; its first-load figures from round 1), and per
-    engine the per-round decode ratios against tf-fp32 and llama.cpp measured in the same round."""
-    results, ratios = {}, {}
+def median_rounds(rounds: list[dict[str, EngineResult]]) -> dict[str, EngineResult]:
+    """Each engine's median round (by decode tok/s; its first-load figures from round 1), holding
+    the per-round decode ratios against tf-fp32 and llama.cpp measured in the same round."""
+    results = {}
     for name in rounds[0]:
         ok = [r[name] for r in rounds if not r[name].error and r[name].decode_tps]
         if not ok:
@@ -596,10 +596,10 @@ def median_rounds(rounds: list[dict[str, EngineResult]]) -> tuple[dict[str, Engi
         pick.first_load_peak_rss_mb = pick.first_load_peak_rss_mb or rounds[0][name].first_load_peak_rss_mb
         pick.round_decode_tps = [r.decode_tps for r in ok]
         results[name] = pick
-        ratios[name] = {ref: [r[name].decode_tps / r[ref].decode_tps for r in rounds
+        pick.round_ratios = {ref: [r[name].decode_tps / r[ref].decode_tps for r in rounds
                               if ref in r and r[name].decode_tps and r[ref].decode_tps]
                         for ref in ("tf-fp32", "llama.cpp") if ref != name}
-    return results, ratios
+    return results
 
 
 def compare(results: dict[str, EngineResult], workdir: Path) -> str | None:
@@ -778,7 +778,7 @@ def main(argv=None) -> None:
                 # each Muse engine converts into its own fresh cache (w4a8 would find auto's), once
                 own = env if args.muse_home else {**env, "MUSE_HOME": str(workdir / f"home-{name}")}
                 rounds[k][name] = run_engine(name, base, workdir, own, args.timeout, convert=k == 0)
-        results, per_round = median_rounds(rounds)
+        results = median_rounds(rounds)
         for name in args.engines:
             if args.busy and not results[name].error:
                 print(f"  {ENGINES[name]}, with a busy loop on one CPU ...", flush=True)
@@ -786,8 +786,6 @@ def main(argv=None) -> None:
                     loaded = run_engine(name, base, workdir, own, args.timeout, convert=False)
                 results[name].busy_decode_tps = loaded.decode_tps
         ref = compare(results, workdir)
-        for name, ratios in per_round.items():
-            results[name].round_ratios = ratios
     machine["loadavg_end"] = list(os.getloadavg())
 
     header = (f"\n{gguf.name} | {machine['cpu']} ({machine['logical_cpus']} logical CPUs"

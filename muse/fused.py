@@ -5,9 +5,9 @@ dispatches each around their four matrix products (norms, RoPE, cache writes, at
 SiLU * up, residuals), and on a 2-core AVX2 CPU that was half of each token's time.
 `decode_layer` in muse/kernels/quant_cpu.cpp does the whole block, calling the quantized
 kernels directly, and `DecodeStack` runs it over every block with their arguments converted
-once per KV cache (a generation, or the server's batch). It applies to what decoding looks like on the CPU: under 32 new tokens in
-all (a sequence's next token, a prompt-lookup draft being checked, the server's batch of
-next tokens, a short prompt), a KV cache, pre-norm Llama/Qwen2 blocks (RMSNorm, RoPE,
+once per KV cache (a generation, or the server's batch). It applies to what decoding looks
+like on the CPU: under 32 new tokens in all (a sequence's next token, a prompt-lookup draft
+being checked, the server's batch of next tokens, a short prompt), a KV cache, pre-norm Llama/Qwen2 blocks (RMSNorm, RoPE,
 SwiGLU) whose linears are all `QuantLinear`s the kernels take, fp32 activations, no
 autograd. Everything else — long prompts, GPT-2, fp32/bf16 weights, training — runs
 model.py's blocks, which stay the reference this path is tested equal to.

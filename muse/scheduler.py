@@ -347,15 +347,17 @@ class Scheduler:
     def _run_call(self, fn, args, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
             return  # cancelled while waiting
+        result = error = None
         try:
             with torch.inference_mode():
                 result = fn(*args)
         except BaseException as e:  # the caller's error, delivered to the caller
-            future.set_exception(e)
+            error = e
+        self._cache.fused_stack = None  # the call may have changed the model's modules: read them again
+        if error is not None:
+            future.set_exception(error)
         else:
             future.set_result(result)
-        finally:
-            self._cache.fused_stack = None  # the call may have changed the model's modules: read them again
 
     def _step(self) -> None:
         adapt_threads()  # this thread's OpenMP count, from the CPUs other programs leave free

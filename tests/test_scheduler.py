@@ -389,3 +389,17 @@ def test_prompt_lookup_drafts_in_the_batch_keep_each_streams_text(default_model)
                 assert last.accepted_tokens > (10 if batch == [0] else 0) and last.drafted_tokens >= last.accepted_tokens
     finally:
         sched.close()
+
+
+def test_work_run_between_steps_makes_the_next_decode_step_read_the_model_again(default_model):
+    """The fused decode step keeps the model's blocks on the batch cache; `call` may change the
+    model (a module swapped), so after one the blocks are read again."""
+    sched = Scheduler(default_model)
+    try:
+        list(sched.submit("Hello", SamplingParams(max_new_tokens=4, temperature=0)))
+        held = sched._cache.fused_stack
+        assert held is not None and held[0] is default_model.model  # the decode steps took the fused path
+        assert sched.call(lambda: sched._cache.fused_stack).result() is held  # still held while the call runs
+        assert sched._cache.fused_stack is None
+    finally:
+        sched.close()

@@ -207,17 +207,16 @@ void for_row_tasks(const Problem& p, RowsFn rows_fn) {
   else at::parallel_for(0, threads, 1, work);
 }
 
-// x rows 4 at a time, MT = min(4, rows left): Kernel<MT>::run(p, m0, n0, n1); on AVX2, 8 at
-// a time while 8 are left. Each pass dequantizes the task's rows of W again, and on AVX2 that
+// x rows kWideRows at a time while that many are left (AVX2: 8, else 4), then MT = min(4,
+// rows left): Kernel<MT>::run(p, m0, n0, n1). Each pass dequantizes the task's rows of W again, and on AVX2 that
 // costs about 3/4 of the FMAs of 4 rows: one pass over 8 rows made the server's batch of 8
 // 1.01-1.17x faster per linear, median 1.09x (int8 activations 1.06-1.25x); on AVX-512 it
 // measured 0.92-1.13x.
-constexpr int kWideRows = L == 8 ? 8 : 0;
+constexpr int kWideRows = L == 8 ? 8 : 4;
 template <template <int> class Kernel>
 void over_x_rows(const Problem& p, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
-  if constexpr (kWideRows > 0)
-    for (; p.M - m0 >= kWideRows; m0 += kWideRows) Kernel<(kWideRows > 0 ? kWideRows : 4)>::run(p, m0, n0, n1);
+  for (; p.M - m0 >= kWideRows; m0 += kWideRows) Kernel<kWideRows>::run(p, m0, n0, n1);
   for (; m0 < p.M; m0 += 4) {
     switch (std::min<int64_t>(4, p.M - m0)) {
       case 1: Kernel<1>::run(p, m0, n0, n1); break;
