@@ -4,7 +4,8 @@
     .venv/bin/python bench/prompt_lookup.py --model qwen2.5-0.5b --runs 3
 
 Greedy generation drafts up to `SamplingParams.prompt_lookup` tokens from the text so far and the
-model checks a draft in one forward pass (`muse.generation.PromptLookup`). Each task runs as the app
+model checks a draft in one forward pass (`muse.generation.PromptLookup`), drafting only as far as
+pays for the wider pass (`PassCost`: the pass costs the run measured are printed last). Each task runs as the app
 runs it (writer rewrite / polish / summarize, and ask over one document), alternating lookup off
 and on `--runs` times; the table gives median wall seconds, the speed-up, whether the text is the
 same, and the share of drafted tokens the model accepted. The text is about 400 words, two
@@ -95,6 +96,9 @@ def main() -> None:
         for name, run in tasks(model, lang, Path(folder)).items():
             if not args.task or name in args.task:
                 measure(name, run, args.runs)
+    cost = generation.pass_cost(model.model)  # what the drafts were sized by
+    print(f"pass cost as measured, in passes of one token: width 2 {cost.ratio(2):.2f}, 5 {cost.ratio(5):.2f}, "
+          f"9 {cost.ratio(9):.2f} (median {cost.slope:.3f} a token more)")
 
 
 def measure(name: str, run, runs: int) -> None:

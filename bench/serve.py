@@ -40,18 +40,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from muse.quant import ISAS  # noqa: E402  (after the path is set)
+
 TOPICS = ["the sea", "a lighthouse keeper", "a robot who learns to paint", "the first snow of winter",
           "a library at night", "a lost umbrella", "two rival bakers", "a comet", "an old map", "a quiet village",
           "the last train home", "a garden on the moon", "a clockmaker", "a storm at sea", "a friendly dragon",
           "a city of bridges"]
 
 
-def serve_worker(max_batch: int, prefix_cache: int) -> None:
+def serve_worker(max_batch: int, prefix_cache: int, precision: str) -> None:
     """In the server subprocess: serve the default model until stdin closes; print the port first."""
     import muse
     from muse.server import ServerThread, create_app
 
-    model = muse.load()
+    model = muse.load(precision=precision)
     with ServerThread(create_app({"default": model}, embedder=None, max_batch=max_batch,
                                    prefix_cache_tokens=prefix_cache)) as server:
         print(server.port, flush=True)
@@ -112,9 +114,9 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def start_server(max_batch: int, prefix_cache: int = 2048) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, prefix_cache: int = 2048, precision: str = "auto") -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, __file__, "--serve-worker", "--max-batch", str(max_batch),
-                             "--prefix-cache", str(prefix_cache)],
+                             "--prefix-cache", str(prefix_cache), "--precision", precision],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline().strip()
     if not line.isdigit():
@@ -153,12 +155,18 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each level this many times and report the fastest (the least disturbed on a shared "
                          "machine)")
+    ap.add_argument("--precision", default="auto",
+                    help="the server's --precision (auto, w4a8, int8, ...)")
+    ap.add_argument("--isa", default=None, choices=ISAS,
+                    help="force Muse's kernels onto this instruction set (sets MUSE_CPU); default: the CPU's best")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args(argv)
+    if args.isa:
+        os.environ["MUSE_CPU"] = args.isa  # the server subprocess inherits it
     if args.serve_worker:
-        return serve_worker(args.max_batch, args.prefix_cache)
-    proc, url = start_server(args.max_batch, args.prefix_cache)
+        return serve_worker(args.max_batch, args.prefix_cache, args.precision)
+    proc, url = start_server(args.max_batch, args.prefix_cache, args.precision)
     try:
         asyncio.run(run_level(url, 2, 1, 8, args.temperature))  # warm-up: kernels, allocator, first requests
         rows = []
@@ -178,7 +186,9 @@ def main(argv=None) -> None:
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
-    print_table(rows, f"muse serve, SmolLM2-135M-Instruct (default model), {os.cpu_count()} CPUs, max_tokens "
+    isa = args.isa or os.environ.get("MUSE_CPU") or "the CPU's best"
+    print_table(rows, f"muse serve, SmolLM2-135M-Instruct (default model), precision {args.precision}, kernels {isa}, "
+                      f"{os.cpu_count()} CPUs, max_tokens "
                       f"{args.tokens}, temperature {args.temperature}, {args.rounds} requests per stream, prefix "
                       f"cache {args.prefix_cache or 'off'}")
     if args.json:

@@ -8,7 +8,10 @@ once from `SamplingParams`; `temperature == 0` means greedy.
 
 from __future__ import annotations
 
+import collections
+import statistics
 import time
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
@@ -358,6 +361,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
     lookup = prompt_lookup(p, ids)
+    cost = pass_cost(model)
 
     adapt_threads()
     t0 = time.perf_counter()
@@ -391,11 +395,15 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
             cache.truncate(cache.pos - (len(draft) - j))  # the rejected rest of the draft
             lookup.checked(len(draft), j)
             lookup.extend(draft[:j] + [tok])
-            draft = lookup.draft(min(p.prompt_lookup, max_new - n - 1, cache.max_len - cache.pos - 1))
+            room = min(p.prompt_lookup, max_new - n - 1, cache.max_len - cache.pos - 1)
+            draft = lookup.draft(lookup.size(room, cost) if room > 0 else 0)
             drafted += len(draft)
             feed += draft
         adapt_threads()  # a clock read, and every half second a look at the machine's load
+        t = time.perf_counter()
         rows, j = _forward(model, feed, cache), 0
+        if lookup is not None:
+            cost.timed(len(feed), time.perf_counter() - t)
 
 
 def _forward(model: Transformer, tokens: list[int], cache: KVCache) -> torch.Tensor:
@@ -407,7 +415,15 @@ def _forward(model: Transformer, tokens: list[int], cache: KVCache) -> torch.Ten
 # -- prompt lookup ------------------------------------------------------------------
 
 LOOKUP_NGRAM = (3, 2)  # the longest and shortest tail n-gram looked up
-LOOKUP_START = 4       # the first draft's length
+# What a draft is worth is learned as a generation goes (`PromptLookup.size`): before any draft was
+# checked, its first token is taken to be accepted with probability PRIOR_ACCEPT, an evidence worth
+# PRIOR_WEIGHT drafts; the counts fade by ACCEPT_DECAY a pass.
+PRIOR_ACCEPT, PRIOR_WEIGHT, ACCEPT_DECAY = 0.5, 2.0, 0.97
+# A pass of w tokens is taken to cost 1 + PRIOR_SLOPE × (w - 1) passes of one until `PassCost` has
+# timed some: about what SmolLM2 costs on a CPU (1.36× at w = 9); Qwen2.5-0.5B's int8 weights cost
+# 0.38 a token more (4.0× at w = 9), and a GPU next to nothing.
+PRIOR_SLOPE = 0.05
+COST_SAMPLES = 15  # the passes of each kind a cost is the median of: one slow pass changes nothing
 
 
 def prompt_lookup(p: SamplingParams, ids: list[int]) -> "PromptLookup | None":
@@ -417,25 +433,103 @@ def prompt_lookup(p: SamplingParams, ids: list[int]) -> "PromptLookup | None":
     return PromptLookup(ids) if p.prompt_lookup and p.constraint is None and p.logprobs is None else None
 
 
+class PassCost:
+    """What a forward pass over w new tokens costs, in passes of one token, measured on this model
+    (`timed`): the median of the last COST_SAMPLES passes of that width against those of one, so that
+    a pass another program slowed does not decide. A width not timed yet costs what the widest timed
+    one below it does plus `slope` (the median cost of a token more) for each token more. On a CPU the
+    weights are read once a pass whatever w is, so a small model checks 9 tokens for about 1.4 passes;
+    a larger one whose products are compute-bound from two rows on pays far more, and its drafts must
+    be shorter to pay."""
+
+    def __init__(self, slope: float = PRIOR_SLOPE):
+        self.prior = slope
+        self._seconds: dict[int, collections.deque] = {}  # width → the seconds of its last passes
+        self._slopes: collections.deque = collections.deque(maxlen=COST_SAMPLES)  # per token more, in passes
+
+    def timed(self, width: int, seconds: float) -> None:
+        """Record a pass of `width` tokens that took `seconds`."""
+        self._seconds.setdefault(width, collections.deque(maxlen=COST_SAMPLES)).append(seconds)
+        if width > 1 and 1 in self._seconds:
+            self._slopes.append(max(0.0, seconds / statistics.median(self._seconds[1]) - 1) / (width - 1))
+
+    @property
+    def slope(self) -> float:
+        return statistics.median(self._slopes) if self._slopes else self.prior
+
+    def ratio(self, width: int) -> float:
+        """The cost of a pass of `width` tokens, in passes of one."""
+        one = self._seconds.get(1)
+        if width <= 1 or not one:
+            return 1 + self.slope * (width - 1)
+        below = max(w for w in self._seconds if w <= width)
+        measured = statistics.median(self._seconds[below]) / statistics.median(one)
+        return measured + self.slope * (width - below)
+
+
+_costs: "weakref.WeakKeyDictionary[torch.nn.Module, PassCost]" = weakref.WeakKeyDictionary()
+
+
+def pass_cost(model: torch.nn.Module) -> PassCost:
+    """The model's `PassCost`, shared by its generations (and the server's) for as long as it lives."""
+    cost = _costs.get(model)
+    if cost is None:
+        cost = _costs[model] = PassCost()
+    return cost
+
+
 class PromptLookup:
     """Drafts from the text so far (prompt lookup decoding): the tokens that followed the latest
     earlier occurrence of the text's last n-gram, longest n first. Rewrites,
     summaries, answers from documents and translations copy much of their prompt; the model checks
-    a whole draft in one forward pass, which on a CPU costs little more than one token's."""
+    a whole draft in one forward pass, which on a CPU costs little more than one token's
+    (`PassCost` says how little; `size` drafts only as far as that pays)."""
 
     def __init__(self, ids: list[int], ngram: tuple[int, int] = LOOKUP_NGRAM):
         self.longest, self.shortest = ngram
         self.ids: list[int] = []
         self.seen: dict[tuple[int, ...], int] = {}  # n-gram → index of its last token, latest occurrence
-        self.size = LOOKUP_START  # the next draft's length, as the last drafts fared (`checked`)
+        # Fading counts, by position in a draft, of the tokens accepted and of those tried (every
+        # position up to the first wrong one): a copied passage is accepted whole or not at all, so
+        # a token is likelier right when the ones before it were.
+        self.hits: list[float] = []
+        self.tries: list[float] = []
         self.extend(ids)
 
+    def accept(self, i: int) -> float:
+        """The chance that draft token i (0-based) is accepted when the ones before it were: its own
+        counts, shrunk towards the chance of the position before (PRIOR_ACCEPT for the first)."""
+        prior = self.accept(i - 1) if i else PRIOR_ACCEPT
+        if i >= len(self.hits):
+            return prior
+        return (self.hits[i] + PRIOR_WEIGHT * prior) / (self.tries[i] + PRIOR_WEIGHT)
+
     def checked(self, drafted: int, accepted: int) -> None:
-        """Size the next draft by how the last one fared: twice as long after a wholly accepted one,
-        one past what was accepted otherwise. A text that copies little then costs a pass of two or
-        three positions, barely more than one; a copied passage soon drafts the most asked."""
-        if drafted:
-            self.size = 2 * self.size if accepted == drafted else accepted + 1
+        """Count how the last draft fared: `accepted` of its `drafted` tokens were right."""
+        tried = min(drafted, accepted + 1)
+        while len(self.tries) < tried:
+            self.hits.append(0.0)
+            self.tries.append(0.0)
+        for i in range(tried):
+            self.tries[i] += 1
+            self.hits[i] += i < accepted
+
+    def size(self, most: int, cost: PassCost) -> int:
+        """The draft length, up to `most`, that gives the most tokens per unit of time: k drafted tokens
+        yield on average 1 + P(the first is right) + P(the first two are) + … tokens for a pass that
+        costs cost.ratio(k + 1); 0 where no draft beats a plain pass. The counts fade a little with
+        every call, so a text that stops copying soon drafts short, and one that drafted nothing for
+        a while tries again."""
+        self.hits = [h * ACCEPT_DECAY for h in self.hits]
+        self.tries = [t * ACCEPT_DECAY for t in self.tries]
+        best, size, gain, chance = 1.0, 0, 1.0, 1.0
+        for k in range(1, most + 1):
+            chance *= self.accept(k - 1)
+            gain += chance
+            value = gain / cost.ratio(k + 1)
+            if value > best:
+                best, size = value, k
+        return size
 
     def extend(self, tokens: list[int]) -> None:
         ids, seen = self.ids, self.seen
@@ -446,9 +540,7 @@ class PromptLookup:
             ids.append(tok)
 
     def draft(self, k: int) -> list[int]:
-        """Up to `k` tokens (and the size `checked` set) that followed the latest earlier occurrence of
-        the tail ([] when none)."""
-        k = min(k, self.size)
+        """Up to `k` tokens that followed the latest earlier occurrence of the tail ([] when none)."""
         if k <= 0:
             return []
         ids = self.ids

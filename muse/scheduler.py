@@ -46,7 +46,7 @@ from muse.cpu import adapt_threads
 from muse.errors import MuseError
 from muse.generation import (
     GenerationChunk, LogitsProcessors, PromptLookup, SamplingParams, TokenText, fit_prompt, is_greedy,
-    make_sampler, per_second, prompt_lookup, token_logprobs,
+    make_sampler, pass_cost, per_second, prompt_lookup, token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
@@ -234,6 +234,7 @@ class Scheduler:
         self._prefilling: list[_Request] = []
         self._rows: list[_Request] = []  # _rows[b] owns row b of the batch cache
         self._cache = BatchKVCache(model.config, model.model.dtype, model.model.device)
+        self._cost = pass_cost(model.model)  # what a prompt lookup draft costs to check (`_drafts`)
         self.prefix_cache = PrefixCache(model.config, prefix_cache_tokens)
         self._outbox = _Outbox()
         self._wake = threading.Condition()
@@ -495,7 +496,10 @@ class Scheduler:
         width = 1 + max(map(len, drafts))
         feed = [[r.last] + d + [r.last] * (width - 1 - len(d)) for r, d in zip(self._rows, drafts)]  # padded
         idx = torch.tensor(feed, dtype=torch.long, device=model.device)  # (rows, width)
+        t = time.perf_counter()
         logits, _ = model(idx, cache=self._cache, last_only=width == 1)  # (rows, width, V); failing fails the batch
+        if len(feed) == 1 and self._rows[0].lookup is not None:  # what a draft costs, for `_drafts`
+            self._cost.timed(width, time.perf_counter() - t)
         greedy = [b for b, r in enumerate(self._rows)
                   if is_greedy(r.params) and not r.procs.active and r.params.logprobs is None]
         every = len(greedy) == len(self._rows)  # every row greedy: one argmax, no copy
@@ -535,7 +539,8 @@ class Scheduler:
         if len(self._rows) > LOOKUP_MAX_ROWS:
             return [[] for _ in self._rows]
         room = self.model.config.block_size - self._cache.seq_len - 1
-        return [r.lookup.draft(min(room, r.params.prompt_lookup, r.text.max_new - r.text.n - 1))
+        return [r.lookup.draft(r.lookup.size(min(room, r.params.prompt_lookup, r.text.max_new - r.text.n - 1),
+                                             self._cost))
                 if r.lookup is not None and room > 0 else [] for r in self._rows]
 
     # -- sampling and output ----------------------------------------------------------

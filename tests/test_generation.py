@@ -207,7 +207,53 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert look.draft(0) == []
 
 
-def test_greedy_with_prompt_lookup_emits_the_same_tokens_in_fewer_passes(tok):
+def test_a_pass_costs_the_median_of_its_widths_timings_and_untimed_widths_extend_the_nearest():
+    from muse.generation import PassCost
+
+    cost = PassCost(slope=0.05)
+    assert cost.ratio(9) == pytest.approx(1.4)           # nothing timed: the prior slope
+    for _ in range(5):
+        cost.timed(1, 0.010)
+        cost.timed(5, 0.030)                              # 4 tokens more cost 2 passes: 0.5 a token
+    cost.timed(5, 1.0)                                    # another program held the CPU: outvoted
+    assert cost.slope == pytest.approx(0.5)
+    assert cost.ratio(5) == pytest.approx(3.0)            # timed: its own median
+    assert cost.ratio(3) == pytest.approx(2.0)            # 1 + 0.5 × 2 (width 1 is the nearest timed below)
+    assert cost.ratio(9) == pytest.approx(5.0)            # 3.0 + 0.5 × 4
+
+
+def test_a_draft_is_as_long_as_it_pays_for_its_wider_pass():
+    from muse.generation import PassCost, PromptLookup
+
+    cheap, dear, prohibitive = PassCost(slope=0.05), PassCost(slope=0.4), PassCost(slope=1.0)
+    fresh = PromptLookup([1, 2, 3])
+    assert fresh.size(8, cheap) > 0 and fresh.size(8, prohibitive) == 0   # a first guess of 1 in 2 right
+
+    copying = PromptLookup([1, 2, 3])
+    for _ in range(10):
+        copying.checked(8, 8)                             # whole drafts accepted
+    assert copying.size(8, PassCost(slope=0.2)) == 8
+    assert copying.size(3, PassCost(slope=0.2)) == 3      # never beyond what was asked
+
+    paraphrasing = PromptLookup([1, 2, 3])
+    for _ in range(10):
+        paraphrasing.checked(4, 0)                        # every draft wrong from its first token
+    assert paraphrasing.size(8, dear) == 0
+    for _ in range(100):                                  # nothing drafted for a while: the counts fade,
+        paraphrasing.size(8, dear)
+    assert paraphrasing.size(8, dear) > 0                 # and it tries again
+
+
+def free_passes(monkeypatch):
+    """Every pass costs one token's, whatever its width: drafts are always worth their full length."""
+    from muse import generation
+
+    monkeypatch.setattr(generation, "pass_cost", lambda model: generation.PassCost(slope=0.0))
+    monkeypatch.setattr(generation.PassCost, "timed", lambda self, width, seconds: None)
+
+
+def test_greedy_with_prompt_lookup_emits_the_same_tokens_in_fewer_passes(tok, monkeypatch):
+    free_passes(monkeypatch)
     text = "The quick brown fox jumps over the lazy dog near the river bank at noon."
     prompt = "Copy: " + text + "\nAgain: "
     script = tok.encode(text + " Then a new sentence follows here. " + text, add_special_tokens=False)
