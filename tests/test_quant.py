@@ -203,7 +203,8 @@ def isa_module(request):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act_bits", [32, 8])
 @pytest.mark.parametrize("shape", [(1, 7, 96, 32), (2, 33, 128, 64), (3, 9, 256, 256), (5, 50, 320, 32),
-                                   (13, 18, 64, 32)])  # (M, N, K, G): odd rows of W; x rows 8 + 4 + 1
+                                   (7, 11, 96, 32), (13, 18, 64, 32), (14, 5, 64, 32)])
+# (M, N, K, G): odd rows of W; x rows in one pass of 5-7 on AVX2, 8 + 4 + 1 and 8 + 6
 def test_every_instruction_set_matches_the_pytorch_reference(isa_module, bits, act_bits, shape):
     M, N, K, G = shape
     gen = torch.Generator().manual_seed(M * 100 + N + bits)

@@ -211,12 +211,22 @@ void for_row_tasks(const Problem& p, RowsFn rows_fn) {
 // rows left): Kernel<MT>::run(p, m0, n0, n1). Each pass dequantizes the task's rows of W again, and on AVX2 that
 // costs about 3/4 of the FMAs of 4 rows: one pass over 8 rows made the server's batch of 8
 // 1.01-1.17x faster per linear, median 1.09x (int8 activations 1.06-1.25x); on AVX-512 it
-// measured 0.92-1.13x.
+// measured 0.92-1.13x. On AVX2 a rest of 5-7 rows (a prompt lookup draft being checked) goes in
+// one pass too, not 4 + 1-3: a whole SmolLM2 step of 6-7 tokens (AVX2, 150 cached) went from
+// 1.72-2.12x one token's time to 1.66-1.98x (w4a8 2.06-2.46x to 1.83-2.16x); 5 rows, no clear change.
 constexpr int kWideRows = L == 8 ? 8 : 4;
 template <template <int> class Kernel>
 void over_x_rows(const Problem& p, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
   for (; p.M - m0 >= kWideRows; m0 += kWideRows) Kernel<kWideRows>::run(p, m0, n0, n1);
+  if constexpr (kWideRows == 8) {
+    switch (p.M - m0) {
+      case 5: Kernel<5>::run(p, m0, n0, n1); return;
+      case 6: Kernel<6>::run(p, m0, n0, n1); return;
+      case 7: Kernel<7>::run(p, m0, n0, n1); return;
+      default: break;
+    }
+  }
   for (; m0 < p.M; m0 += 4) {
     switch (std::min<int64_t>(4, p.M - m0)) {
       case 1: Kernel<1>::run(p, m0, n0, n1); break;
