@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import statistics
+import threading
 import time
 import weakref
 from contextlib import contextmanager
@@ -446,36 +447,45 @@ class PassCost:
         self.prior = slope
         self._seconds: dict[int, collections.deque] = {}  # width → the seconds of its last passes
         self._slopes: collections.deque = collections.deque(maxlen=COST_SAMPLES)  # per token more, in passes
+        self._lock = threading.Lock()  # one model may generate in several threads (the server's, the API's)
 
     def timed(self, width: int, seconds: float) -> None:
         """Record a pass of `width` tokens that took `seconds`."""
-        self._seconds.setdefault(width, collections.deque(maxlen=COST_SAMPLES)).append(seconds)
-        if width > 1 and 1 in self._seconds:
-            self._slopes.append(max(0.0, seconds / statistics.median(self._seconds[1]) - 1) / (width - 1))
+        with self._lock:
+            self._seconds.setdefault(width, collections.deque(maxlen=COST_SAMPLES)).append(seconds)
+            if width > 1 and 1 in self._seconds:
+                self._slopes.append(max(0.0, seconds / statistics.median(self._seconds[1]) - 1) / (width - 1))
 
     @property
     def slope(self) -> float:
-        return statistics.median(self._slopes) if self._slopes else self.prior
+        with self._lock:
+            return statistics.median(self._slopes) if self._slopes else self.prior
 
     def ratio(self, width: int) -> float:
         """The cost of a pass of `width` tokens, in passes of one."""
-        one = self._seconds.get(1)
-        if width <= 1 or not one:
-            return 1 + self.slope * (width - 1)
-        below = max(w for w in self._seconds if w <= width)
-        measured = statistics.median(self._seconds[below]) / statistics.median(one)
-        return measured + self.slope * (width - below)
+        slope = self.slope
+        with self._lock:
+            one = self._seconds.get(1)
+            if width <= 1 or not one:
+                return 1 + slope * (width - 1)
+            below = max(w for w in self._seconds if w <= width)
+            measured = statistics.median(self._seconds[below]) / statistics.median(one)
+        return measured + slope * (width - below)
 
 
 _costs: "weakref.WeakKeyDictionary[torch.nn.Module, PassCost]" = weakref.WeakKeyDictionary()
 
 
+_costs_lock = threading.Lock()
+
+
 def pass_cost(model: torch.nn.Module) -> PassCost:
     """The model's `PassCost`, shared by its generations (and the server's) for as long as it lives."""
-    cost = _costs.get(model)
-    if cost is None:
-        cost = _costs[model] = PassCost()
-    return cost
+    with _costs_lock:
+        cost = _costs.get(model)
+        if cost is None:
+            cost = _costs[model] = PassCost()
+        return cost
 
 
 class PromptLookup:

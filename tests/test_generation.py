@@ -222,6 +222,32 @@ def test_a_pass_costs_the_median_of_its_widths_timings_and_untimed_widths_extend
     assert cost.ratio(9) == pytest.approx(5.0)            # 3.0 + 0.5 × 4
 
 
+def test_a_pass_cost_is_timed_and_read_from_several_threads_at_once():
+    """One model may generate in several threads: reading the costs while another thread records a
+    new width must not fail ("dictionary changed size during iteration")."""
+    import threading
+
+    from muse.generation import PassCost
+
+    cost, errors, done = PassCost(), [], threading.Event()
+
+    def record():
+        for width in [1] * 5 + list(range(2, 6000)):  # every pass a width not timed before
+            cost.timed(width, 0.01 * (1 + 0.1 * (width - 1)))
+        done.set()
+
+    writer = threading.Thread(target=record)
+    writer.start()
+    try:
+        while not done.is_set():
+            cost.ratio(9)
+    except RuntimeError as e:
+        errors.append(e)
+    writer.join()
+    assert not errors
+    assert cost.ratio(9) == pytest.approx(1.8)
+
+
 def test_a_draft_is_as_long_as_it_pays_for_its_wider_pass():
     from muse.generation import PassCost, PromptLookup
 
