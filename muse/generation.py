@@ -361,8 +361,8 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard and procs.output is None)
     sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
-    lookup = prompt_lookup(p, ids)
-    cost = pass_cost(model)
+    cost, history = _drafting(model)
+    lookup = prompt_lookup(p, ids, history)
 
     adapt_threads()
     t0 = time.perf_counter()
@@ -420,6 +420,7 @@ LOOKUP_NGRAM = (3, 2)  # the longest and shortest tail n-gram looked up
 # checked, its first token is taken to be accepted with probability PRIOR_ACCEPT, an evidence worth
 # PRIOR_WEIGHT drafts; the counts fade by ACCEPT_DECAY a pass.
 PRIOR_ACCEPT, PRIOR_WEIGHT, ACCEPT_DECAY = 0.5, 2.0, 0.97
+HISTORY_DECAY = 0.98  # the model's earlier drafts (`DraftHistory`): about the last 50 count
 # A pass of w tokens is taken to cost 1 + PRIOR_SLOPE × (w - 1) passes of one until `PassCost` has
 # timed some: about what SmolLM2 costs on a CPU (1.36× at w = 9); Qwen2.5-0.5B's int8 weights cost
 # 0.38 a token more (4.0× at w = 9), and a GPU next to nothing.
@@ -427,11 +428,13 @@ PRIOR_SLOPE = 0.05
 COST_SAMPLES = 15  # the passes of each kind a cost is the median of: one slow pass changes nothing
 
 
-def prompt_lookup(p: SamplingParams, ids: list[int]) -> "PromptLookup | None":
+def prompt_lookup(p: SamplingParams, ids: list[int], history: "DraftHistory | None" = None) -> "PromptLookup | None":
     """The drafter for a request with prompt `ids`, or None where drafts are off: `p.prompt_lookup` 0, or
     a constraint or logprobs, which want every step's own logits. A drafted token is kept only when the
     sampler picks it anyway (`Sampler`), so the text is the one without drafts, greedy or seeded."""
-    return PromptLookup(ids) if p.prompt_lookup and p.constraint is None and p.logprobs is None else None
+    if p.prompt_lookup and p.constraint is None and p.logprobs is None:
+        return PromptLookup(ids, history=history)
+    return None
 
 
 class PassCost:
@@ -473,19 +476,49 @@ class PassCost:
         return measured + slope * (width - below)
 
 
-_costs: "weakref.WeakKeyDictionary[torch.nn.Module, PassCost]" = weakref.WeakKeyDictionary()
+class DraftHistory:
+    """How often the first token of a draft was right in this model's recent generations (fading
+    counts): what a new generation's drafts start from. The apps call a model many times in a row
+    on the same kind of work (a summary's sentences, a rewrite's paragraphs), and a short generation
+    whose passes are dear would never try a draft on a guess of 1 in 2; its own drafts soon outweigh
+    this."""
+
+    def __init__(self):
+        self.hits = self.tries = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            with self._lock:
+                self.hits = HISTORY_DECAY * self.hits + (accepted > 0)
+                self.tries = HISTORY_DECAY * self.tries + 1
+
+    @property
+    def prior(self) -> float:
+        with self._lock:
+            return (self.hits + PRIOR_WEIGHT * PRIOR_ACCEPT) / (self.tries + PRIOR_WEIGHT)
 
 
-_costs_lock = threading.Lock()
+_per_model: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[PassCost, DraftHistory]]" = weakref.WeakKeyDictionary()
+_per_model_lock = threading.Lock()
+
+
+def _drafting(model: torch.nn.Module) -> "tuple[PassCost, DraftHistory]":
+    with _per_model_lock:
+        held = _per_model.get(model)
+        if held is None:
+            held = _per_model[model] = (PassCost(), DraftHistory())
+        return held
 
 
 def pass_cost(model: torch.nn.Module) -> PassCost:
     """The model's `PassCost`, shared by its generations (and the server's) for as long as it lives."""
-    with _costs_lock:
-        cost = _costs.get(model)
-        if cost is None:
-            cost = _costs[model] = PassCost()
-        return cost
+    return _drafting(model)[0]
+
+
+def draft_history(model: torch.nn.Module) -> DraftHistory:
+    """The model's `DraftHistory`, shared like its `PassCost`."""
+    return _drafting(model)[1]
 
 
 class PromptLookup:
@@ -495,8 +528,10 @@ class PromptLookup:
     a whole draft in one forward pass, which on a CPU costs little more than one token's
     (`PassCost` says how little; `size` drafts only as far as that pays)."""
 
-    def __init__(self, ids: list[int], ngram: tuple[int, int] = LOOKUP_NGRAM):
+    def __init__(self, ids: list[int], ngram: tuple[int, int] = LOOKUP_NGRAM, history: DraftHistory | None = None):
         self.longest, self.shortest = ngram
+        self.history = history  # the model's earlier drafts: where this one's first guess comes from
+        self.first = history.prior if history is not None else PRIOR_ACCEPT
         self.ids: list[int] = []
         self.seen: dict[tuple[int, ...], int] = {}  # n-gram → index of its last token, latest occurrence
         # Fading counts, by position in a draft, of the tokens accepted and of those tried (every
@@ -508,14 +543,17 @@ class PromptLookup:
 
     def accept(self, i: int) -> float:
         """The chance that draft token i (0-based) is accepted when the ones before it were: its own
-        counts, shrunk towards the chance of the position before (PRIOR_ACCEPT for the first)."""
-        prior = self.accept(i - 1) if i else PRIOR_ACCEPT
+        counts, shrunk towards the chance of the position before (for the first: the model's recent
+        drafts', or PRIOR_ACCEPT)."""
+        prior = self.accept(i - 1) if i else self.first
         if i >= len(self.hits):
             return prior
         return (self.hits[i] + PRIOR_WEIGHT * prior) / (self.tries[i] + PRIOR_WEIGHT)
 
     def checked(self, drafted: int, accepted: int) -> None:
         """Count how the last draft fared: `accepted` of its `drafted` tokens were right."""
+        if self.history is not None:
+            self.history.record(drafted, accepted)
         tried = min(drafted, accepted + 1)
         while len(self.tries) < tried:
             self.hits.append(0.0)

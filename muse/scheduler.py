@@ -46,7 +46,7 @@ from muse.cpu import adapt_threads
 from muse.errors import MuseError
 from muse.generation import (
     GenerationChunk, LogitsProcessors, PromptLookup, SamplingParams, TokenText, fit_prompt, is_greedy,
-    make_sampler, pass_cost, per_second, prompt_lookup, token_logprobs,
+    draft_history, make_sampler, pass_cost, per_second, prompt_lookup, token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
@@ -234,7 +234,8 @@ class Scheduler:
         self._prefilling: list[_Request] = []
         self._rows: list[_Request] = []  # _rows[b] owns row b of the batch cache
         self._cache = BatchKVCache(model.config, model.model.dtype, model.model.device)
-        self._cost = pass_cost(model.model)  # what a prompt lookup draft costs to check (`_drafts`)
+        # what a prompt lookup draft costs to check, and how the model's drafts fared (`_drafts`)
+        self._cost, self._history = pass_cost(model.model), draft_history(model.model)
         self.prefix_cache = PrefixCache(model.config, prefix_cache_tokens)
         self._outbox = _Outbox()
         self._wake = threading.Condition()
@@ -275,7 +276,7 @@ class Scheduler:
         ids, max_new = fit_prompt(ids, self.model.config.block_size, p)
         procs = LogitsProcessors(p, tok, self.model.config.vocab_size, ids, self.model.model.device)
         text = TokenText(tok, p.stop, max_new, p.loop_guard and procs.output is None)  # as stream_generate
-        req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs, lookup=prompt_lookup(p, ids))
+        req = _Request(ids, p, Stream(loop), text, make_sampler(p), procs, lookup=prompt_lookup(p, ids, self._history))
         self._enqueue(self._waiting, req, "requests")
         return req.stream
 

@@ -270,11 +270,28 @@ def test_a_draft_is_as_long_as_it_pays_for_its_wider_pass():
     assert paraphrasing.size(8, dear) > 0                 # and it tries again
 
 
+def test_a_new_generation_starts_from_how_the_models_recent_drafts_fared():
+    from muse.generation import DraftHistory, PassCost, PromptLookup
+
+    dear = PassCost(slope=0.6)  # a pass of 2 costs 1.6: a first guess of 1 in 2 right does not pay
+    history = DraftHistory()
+    assert PromptLookup([1, 2, 3], history=history).size(8, dear) == 0
+    earlier = PromptLookup([1, 2, 3], history=history)
+    for _ in range(20):
+        earlier.checked(4, 4)                             # the model's drafts were right
+    assert history.prior > 0.9
+    assert PromptLookup([1, 2, 3], history=history).size(8, dear) > 0
+    for _ in range(200):
+        earlier.checked(4, 0)                             # then they went wrong from their first token
+    assert PromptLookup([1, 2, 3], history=history).size(8, dear) == 0
+
+
 def free_passes(monkeypatch):
     """Every pass costs one token's, whatever its width: drafts are always worth their full length."""
     from muse import generation
 
-    monkeypatch.setattr(generation, "pass_cost", lambda model: generation.PassCost(slope=0.0))
+    monkeypatch.setattr(generation, "_drafting", lambda model: (generation.PassCost(slope=0.0),
+                                                                generation.DraftHistory()))
     monkeypatch.setattr(generation.PassCost, "timed", lambda self, width, seconds: None)
 
 
