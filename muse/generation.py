@@ -422,8 +422,9 @@ LOOKUP_NGRAM = (3, 2)  # the longest and shortest tail n-gram looked up
 PRIOR_ACCEPT, PRIOR_WEIGHT, ACCEPT_DECAY = 0.5, 2.0, 0.97
 HISTORY_DECAY = 0.98  # the model's earlier drafts (`DraftHistory`): about the last 50 count
 # A pass of w tokens is taken to cost 1 + PRIOR_SLOPE × (w - 1) passes of one until `PassCost` has
-# timed some: about what SmolLM2 costs on a CPU (1.36× at w = 9); Qwen2.5-0.5B's int8 weights cost
-# 0.38 a token more (4.0× at w = 9), and a GPU next to nothing.
+# timed some: optimistic on purpose, so that the first drafts are tried, and timed. Measured inside
+# the apps (2-core Zen 4, AVX2 kernels, contexts of a few hundred tokens), w = 9 cost 2.8-3.1 passes
+# on SmolLM2 and 3.7-4.3 on Qwen2.5-0.5B; on a GPU next to nothing.
 PRIOR_SLOPE = 0.05
 COST_SAMPLES = 15  # the passes of each kind a cost is the median of: one slow pass changes nothing
 
@@ -442,9 +443,8 @@ class PassCost:
     (`timed`): the median of the last COST_SAMPLES passes of that width against those of one, so that
     a pass another program slowed does not decide. A width not timed yet costs what the widest timed
     one below it does plus `slope` (the median cost of a token more) for each token more. On a CPU the
-    weights are read once a pass whatever w is, so a small model checks 9 tokens for about 1.4 passes;
-    a larger one whose products are compute-bound from two rows on pays far more, and its drafts must
-    be shorter to pay."""
+    weights are read once a pass whatever w is, so checking 9 tokens costs 3-4 passes of one, not 9;
+    how much depends on the model, its precision and the machine, hence the timing."""
 
     def __init__(self, slope: float = PRIOR_SLOPE):
         self.prior = slope
@@ -525,8 +525,8 @@ class PromptLookup:
     """Drafts from the text so far (prompt lookup decoding): the tokens that followed the latest
     earlier occurrence of the text's last n-gram, longest n first. Rewrites,
     summaries, answers from documents and translations copy much of their prompt; the model checks
-    a whole draft in one forward pass, which on a CPU costs little more than one token's
-    (`PassCost` says how little; `size` drafts only as far as that pays)."""
+    a whole draft in one forward pass, which on a CPU costs far less than a pass a token
+    (`PassCost` says how much; `size` drafts only as far as that pays)."""
 
     def __init__(self, ids: list[int], ngram: tuple[int, int] = LOOKUP_NGRAM, history: DraftHistory | None = None):
         self.longest, self.shortest = ngram
