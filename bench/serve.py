@@ -40,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from muse.quant import ISAS  # noqa: E402  (after the path is set)
+from muse.checkpoints.weights import PRECISIONS  # noqa: E402  (after the path is set)
+from muse.quant import ISAS  # noqa: E402
 
 TOPICS = ["the sea", "a lighthouse keeper", "a robot who learns to paint", "the first snow of winter",
           "a library at night", "a lost umbrella", "two rival bakers", "a comet", "an old map", "a quiet village",
@@ -155,8 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each level this many times and report the fastest (the least disturbed on a shared "
                          "machine)")
-    ap.add_argument("--precision", default="auto",
-                    help="the server's --precision (auto, w4a8, int8, ...)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="the server's --precision")
     ap.add_argument("--isa", default=None, choices=ISAS,
                     help="force Muse's kernels onto this instruction set (sets MUSE_CPU); default: the CPU's best")
     ap.add_argument("--json", type=Path, help="also write the results here")

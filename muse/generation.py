@@ -466,14 +466,21 @@ class PassCost:
 
     def ratio(self, width: int) -> float:
         """The cost of a pass of `width` tokens, in passes of one."""
+        return self.ratios(width)[-1]
+
+    def ratios(self, widest: int) -> list[float]:
+        """ratio(w) for w = 1 .. widest, reading the timings once."""
         slope = self.slope
         with self._lock:
             one = self._seconds.get(1)
-            if width <= 1 or not one:
-                return 1 + slope * (width - 1)
-            below = max(w for w in self._seconds if w <= width)
-            measured = statistics.median(self._seconds[below]) / statistics.median(one)
-        return measured + slope * (width - below)
+            base = statistics.median(one) if one else None
+            timed = {w: statistics.median(d) / base for w, d in self._seconds.items() if base and w <= widest}
+        out, last_w, last = [], 1, 1.0
+        for w in range(1, widest + 1):
+            if w in timed:
+                last_w, last = w, timed[w]
+            out.append(last + slope * (w - last_w))
+        return out
 
 
 class DraftHistory:
@@ -541,14 +548,16 @@ class PromptLookup:
         self.tries: list[float] = []
         self.extend(ids)
 
-    def accept(self, i: int) -> float:
-        """The chance that draft token i (0-based) is accepted when the ones before it were: its own
-        counts, shrunk towards the chance of the position before (for the first: the model's recent
-        drafts', or PRIOR_ACCEPT)."""
-        prior = self.accept(i - 1) if i else self.first
-        if i >= len(self.hits):
-            return prior
-        return (self.hits[i] + PRIOR_WEIGHT * prior) / (self.tries[i] + PRIOR_WEIGHT)
+    def chances(self, n: int) -> list[float]:
+        """For draft tokens 0 .. n-1, the chance that each is accepted when the ones before it were: its
+        own counts, shrunk towards the chance of the position before (for the first: the model's
+        recent drafts', or PRIOR_ACCEPT)."""
+        out, prior = [], self.first
+        for i in range(n):
+            if i < len(self.hits):
+                prior = (self.hits[i] + PRIOR_WEIGHT * prior) / (self.tries[i] + PRIOR_WEIGHT)
+            out.append(prior)
+        return out
 
     def checked(self, drafted: int, accepted: int) -> None:
         """Count how the last draft fared: `accepted` of its `drafted` tokens were right."""
@@ -570,11 +579,14 @@ class PromptLookup:
         a while tries again."""
         self.hits = [h * ACCEPT_DECAY for h in self.hits]
         self.tries = [t * ACCEPT_DECAY for t in self.tries]
+        if most <= 0:
+            return 0
+        ratios = cost.ratios(most + 1)  # ratios[k]: a pass of k + 1 tokens
         best, size, gain, chance = 1.0, 0, 1.0, 1.0
-        for k in range(1, most + 1):
-            chance *= self.accept(k - 1)
+        for k, a in enumerate(self.chances(most), 1):
+            chance *= a
             gain += chance
-            value = gain / cost.ratio(k + 1)
+            value = gain / ratios[k]
             if value > best:
                 best, size = value, k
         return size
