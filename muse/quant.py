@@ -26,6 +26,7 @@ per weight, which is what bounds decode on AVX2.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -33,6 +34,11 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX; Windows builds without the stale-lock guard
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -146,13 +152,40 @@ def _build_extension(isa: str | None = None):
     isa = isa or kernel_isa()
     # cpp_extension rebuilds when the sources or flags change, not a header: its digest is a flag.
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
-    return load(
-        name=f"muse_quant_cpu_{isa.replace('-', '_')}",
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS[isa], f"-DMUSE_HEADERS={headers}"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    name = f"muse_quant_cpu_{isa.replace('-', '_')}"
+    with build_lock(name) as stale:
+        stale.unlink(missing_ok=True)
+        return load(
+            name=name,
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS[isa], f"-DMUSE_HEADERS={headers}"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def build_lock(name: str):
+    """Hold Muse's lock on the build directory of extension `name`; yields the path of
+    cpp_extension's own lock file there, which is stale while this lock is held.
+
+    cpp_extension marks a build in progress with a plain file (`lock`) that the builder deletes
+    when done. A build that is killed (Ctrl-C during the first run's minute of compiling, an
+    out-of-memory kill) leaves it behind, and every later `load` waits for it forever: Muse
+    hung at start-up. Every Muse build takes this lock (flock: the OS releases it when its holder
+    dies, however it dies) before touching the build, so whoever holds it may delete that file."""
+    from torch.utils import cpp_extension
+
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))  # where `load` builds
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "muse.lock", "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another Muse process builds
+        try:
+            yield folder / "lock"
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def kernels(isa: str):
