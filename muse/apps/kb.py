@@ -512,6 +512,9 @@ _SYSTEM = {
 # (answers 10 → 8 of 14 with the plain form), so it keeps the numbered passages.
 _PLAIN = {"zh": ("下面是一些文档：\n\n{docs}\n\n请只根据这些文档，用一句话回答问题。{hatch}\n\n"
                  "问题：{q}", "文档：{title}\n{text}")}
+# Passages are given whole. Giving only the 4 sentences of them nearest the question (e5 cosine; they hold the
+# answer for 27 of 28 answerable kbqa dev questions per language, the top one for 19–20) measured no better:
+# en answers 53.6 → 60.7 %, refusals 75 → 66.7 %, citation precision 84 → 78 %; zh unchanged (57.1 %, 100 %).
 # The way out of answering, which the second look (`AskStream._second_look`) leaves out.
 _HATCH = {"en": " If the passages do not state the answer, reply exactly: {nf}", "zh": "如果文档里没有答案，请回答：{nf}"}
 _QUESTION = {"en": "Question: {q}", "zh": "问题：{q}"}
