@@ -273,10 +273,12 @@ def test_english_only_model_skips_chinese_suites_with_a_note(fake_apps, tmp_path
 def test_the_report_marks_where_the_app_is_below_raw():
     rep = C.EvalReport(["a", "b"], details={m: {"info": {}, "suites": {}, "perplexity": {}, "kl": {}} for m in "ab"},
                        versus=[C.Versus("kbqa-en", "answer", "answer accuracy", [60.0, 80.0], [70.0, 80.0]),
-                               C.Versus("writer-en", "must_keep", "must_keep preserved %", [90.0, None], [50.0, None])])
+                               C.Versus("writer-en", "must_keep", "must_keep preserved %", [90.0, None], [50.0, None]),
+                               C.Versus("translate-en-zh", "chrf", "chrF", [22.3571, None], [21.7484, None])])
     table = R.versus_table(rep)
     assert "| kbqa-en | answer accuracy | 60.00 | 70.00 | −10.00 **app below raw** | 80.00 | 80.00 | ±0 |" in table
     assert "| writer-en | must_keep preserved % | 90.00 | 50.00 | +40.00 | — | — | — |" in table
+    assert "| translate-en-zh | chrF | 22.36 | 21.75 | +0.61 | — | — | — |" in table  # as precise as the scores
     assert R.below_raw(rep) == ["kbqa-en answer accuracy (a)"]
     assert R.versus_table(rep, short=True).startswith("| suite | metric | A app | A raw | A app − raw | B app |")
 

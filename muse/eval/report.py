@@ -110,9 +110,9 @@ def app_vs_raw(v: Versus, i: int) -> str:
     if a is None or r is None:
         return "—"
     d = a - r
-    if abs(d) < 5e-5:
+    if abs(d) < 5e-3:  # task scores are 0-100, shown to 2 decimals (`fmt`'s 4 are for small KL values)
         return "±0"
-    return f"{'+' if d > 0 else '−'}{fmt(abs(d))}" + (f" {BELOW}" if v.below(i) else "")
+    return f"{'+' if d > 0 else '−'}{abs(d):.2f}" + (f" {BELOW}" if v.below(i) else "")
 
 
 def versus_table(report: EvalReport, short: bool = False) -> str:
