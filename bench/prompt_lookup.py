@@ -6,10 +6,10 @@
 Greedy generation drafts up to `SamplingParams.prompt_lookup` tokens from the text so far and the
 model checks a draft in one forward pass (`muse.generation.PromptLookup`), drafting only as far as
 pays for the wider pass (`PassCost`: the pass costs the run measured are printed last). Each task
-runs as the app runs it (writer rewrite / polish / summarize, and ask over one document), alternating lookup off
-and on `--runs` times; the table gives median wall seconds, the speed-up, whether the text is the
-same, and the share of drafted tokens the model accepted. The text is about 400 words, two
-summarize dev items (muse/eval/data/heldout/summarize_en_dev.jsonl, or the zh file for Chinese).
+runs as the app runs it (writer rewrite / polish / summarize, and ask over one document), alternating
+lookup off and on `--runs` times; the table gives median wall seconds, the speed-up, whether the
+text is the same, and the share of drafted tokens the model accepted. The text is about 400 words,
+two summarize dev items (muse/eval/data/heldout/summarize_en_dev.jsonl, or the zh file for Chinese).
 """
 
 from __future__ import annotations

@@ -361,7 +361,7 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
     text_of = TokenText(tokenizer, p.stop, max_new, p.loop_guard and procs.output is None)
     sampler = make_sampler(p)
     cache = KVCache(model.config, 1, len(ids) + max_new, model.dtype, model.device)
-    cost, history = _drafting(model)
+    cost, history = drafting(model)
     lookup = prompt_lookup(p, ids, history)
 
     adapt_threads()
@@ -510,7 +510,9 @@ _per_model: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[PassCost, DraftHis
 _per_model_lock = threading.Lock()
 
 
-def _drafting(model: torch.nn.Module) -> "tuple[PassCost, DraftHistory]":
+def drafting(model: torch.nn.Module) -> "tuple[PassCost, DraftHistory]":
+    """The model's `PassCost` and `DraftHistory`, shared by its generations (and the server's) for as
+    long as it lives."""
     with _per_model_lock:
         held = _per_model.get(model)
         if held is None:
@@ -519,13 +521,8 @@ def _drafting(model: torch.nn.Module) -> "tuple[PassCost, DraftHistory]":
 
 
 def pass_cost(model: torch.nn.Module) -> PassCost:
-    """The model's `PassCost`, shared by its generations (and the server's) for as long as it lives."""
-    return _drafting(model)[0]
-
-
-def draft_history(model: torch.nn.Module) -> DraftHistory:
-    """The model's `DraftHistory`, shared like its `PassCost`."""
-    return _drafting(model)[1]
+    """The model's `PassCost` (`drafting`)."""
+    return drafting(model)[0]
 
 
 class PromptLookup:

@@ -152,7 +152,7 @@ def _build_extension(isa: str | None = None):
     isa = isa or kernel_isa()
     # cpp_extension rebuilds when the sources or flags change, not a header: its digest is a flag.
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
-    name = f"muse_quant_cpu_{isa.replace('-', '_')}"
+    name = extension_name(isa)
     with build_lock(name) as stale:
         stale.unlink(missing_ok=True)
         return load(
@@ -162,6 +162,11 @@ def _build_extension(isa: str | None = None):
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
+
+
+def extension_name(isa: str) -> str:
+    """The name of the kernels' module built for `isa`: one per instruction set."""
+    return f"muse_quant_cpu_{isa.replace('-', '_')}"
 
 
 @contextlib.contextmanager
@@ -178,14 +183,10 @@ def build_lock(name: str):
 
     folder = Path(cpp_extension._get_build_directory(name, verbose=False))  # where `load` builds
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "muse.lock", "a+b") as handle:
+    with open(folder / "muse.lock", "a+b") as handle:  # closing it releases the lock
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another Muse process builds
-        try:
-            yield folder / "lock"
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        yield folder / "lock"
 
 
 def kernels(isa: str):

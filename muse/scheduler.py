@@ -46,7 +46,7 @@ from muse.cpu import adapt_threads
 from muse.errors import MuseError
 from muse.generation import (
     GenerationChunk, LogitsProcessors, PromptLookup, SamplingParams, TokenText, fit_prompt, is_greedy,
-    draft_history, make_sampler, pass_cost, per_second, prompt_lookup, token_logprobs,
+    drafting, make_sampler, per_second, prompt_lookup, token_logprobs,
 )
 from muse.model import BatchKVCache, KVCache
 from muse.prefix_cache import PrefixCache
@@ -235,7 +235,7 @@ class Scheduler:
         self._rows: list[_Request] = []  # _rows[b] owns row b of the batch cache
         self._cache = BatchKVCache(model.config, model.model.dtype, model.model.device)
         # what a prompt lookup draft costs to check, and how the model's drafts fared (`_drafts`)
-        self._cost, self._history = pass_cost(model.model), draft_history(model.model)
+        self._cost, self._history = drafting(model.model)
         self.prefix_cache = PrefixCache(model.config, prefix_cache_tokens)
         self._outbox = _Outbox()
         self._wake = threading.Condition()

@@ -290,7 +290,7 @@ def free_passes(monkeypatch):
     """Every pass costs one token's, whatever its width: drafts are always worth their full length."""
     from muse import generation
 
-    monkeypatch.setattr(generation, "_drafting", lambda model: (generation.PassCost(slope=0.0),
+    monkeypatch.setattr(generation, "drafting", lambda model: (generation.PassCost(slope=0.0),
                                                                 generation.DraftHistory()))
     monkeypatch.setattr(generation.PassCost, "timed", lambda self, width, seconds: None)
 
