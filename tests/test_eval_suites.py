@@ -201,6 +201,10 @@ def test_writer_must_keep_and_shape(monkeypatch):
     assert r.metrics["must_keep"] == 100 and r.metrics["must_keep_raw"] == 0
     assert r.metrics["gates_raw"] < 100 and "gates" in r.metrics  # muse.apps.gates.check on each output
     assert all(t is None for a, t in tones if a not in ("rewrite", "expand"))  # polish takes no tone
+    by_action = next(n for n in r.notes if n.startswith("by action: "))
+    for action in ("polish", "shorten", "titles"):  # the app kept every fact, raw none
+        facts = sum(len(row["must_keep"]) for row in rows if row["action"] == action)
+        assert f"{action} app {facts}/{facts} facts" in by_action and f"raw 0/{facts} facts" in by_action
     first = rows[0]
     assert model.prompts[0] == S.writer_prompt(first["action"], first["text"], first["tone"], "en")
     assert model.prompts[0].startswith("Polish this text in a formal tone:\n\n")

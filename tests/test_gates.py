@@ -67,6 +67,19 @@ def test_the_retry_note_names_the_lost_number():
         "Keep every name, number, date and amount of the text, including 1,350, Ana, Lopes."
 
 
+def test_of_two_failing_attempts_the_one_that_lost_fewer_facts_is_kept():
+    from muse.apps.writer import _severity
+
+    src = "On 3 May, 40 staff met in Leeds; 12 left early and 7 stayed until 9 p.m."
+    lost_four = check("shorten", src, "On 3 May, staff met in Leeds.")
+    lost_one = check("shorten", src, "On 3 May, 40 staff met in Leeds; 12 left early and 7 stayed.")
+    # both fail with one "dropped" problem each, so only the facts inside them tell them apart
+    assert [p.gate for p in lost_four if p.gate == "dropped"] == ["dropped"]
+    assert [p.gate for p in lost_one if p.gate == "dropped"] == ["dropped"]
+    assert len(lost_four[0].items) > len(lost_one[0].items) == 1
+    assert _severity(lost_one) < _severity(lost_four)
+
+
 def test_a_shortening_too_long_or_too_short_gets_the_matching_retry_note():
     from muse.apps.writer import _repair_note, get_action
 

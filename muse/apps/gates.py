@@ -2,7 +2,7 @@
 output is shown as done or saved (issue #15).
 
     >>> check("translate", "预算是30万元。", "The budget is $30,000.")
-    [Problem(gate='invented', message='not in the text: 30,000 (numbers, dates, amounts)')]
+    [Problem(gate='invented', message='not in the text: 30,000 (numbers, dates, amounts)', items=('30,000',))]
 
 Each gate returns `Problem`s a user can read; an empty list means the output passed:
 - `repetition`: a line or sentence repeated (or nearly: ≥ 90 % alike), or a phrase looping, more
@@ -61,6 +61,7 @@ GATES: dict[str, tuple[str, ...]] = {
 class Problem:
     gate: str     # repetition | preamble | commentary | unchanged | invented | dropped | length | shape
     message: str  # what is wrong, for the user
+    items: tuple[str, ...] = ()  # invented / dropped: every number or name at fault (the message shows 6)
 
     def __str__(self) -> str:
         return f"{self.gate}: {self.message}"
@@ -299,11 +300,12 @@ def invented(source: str, output: str, names: bool = True) -> list[Problem]:
            if value != 0 and not has_number(value, have)]
     problems = []
     if new:
-        problems.append(Problem("invented", f"not in the text: {', '.join(new[:6])} (numbers, dates, amounts)"))
+        problems.append(Problem("invented", f"not in the text: {', '.join(new[:6])} (numbers, dates, amounts)",
+                                tuple(new)))
     if names:
         extra = _new_names(source, output)
         if extra:
-            problems.append(Problem("invented", f"names not in the text: {', '.join(extra[:6])}"))
+            problems.append(Problem("invented", f"names not in the text: {', '.join(extra[:6])}", tuple(extra)))
     return problems
 
 
@@ -319,10 +321,11 @@ def dropped(source: str, output: str) -> list[Problem]:
         other = [v for v, r in readings.items() if re.match(re.escape(raw) + r"(?!\d)", r)]  # same written number
         if value != 0 and not any(has_number(v, have) for v in [value, *other]):
             lost.append(raw)
-    problems = [Problem("dropped", f"lost from the text: {', '.join(lost[:6])} (numbers, dates, amounts)")] if lost else []
+    problems = [Problem("dropped", f"lost from the text: {', '.join(lost[:6])} (numbers, dates, amounts)", tuple(lost))
+                ] if lost else []
     names = [] if _crosses_scripts(source, output) else _new_names(output, source)  # the source's, not in the output
     if names:
-        problems.append(Problem("dropped", f"names lost from the text: {', '.join(names[:6])}"))
+        problems.append(Problem("dropped", f"names lost from the text: {', '.join(names[:6])}", tuple(names)))
     return problems
 
 

@@ -68,6 +68,7 @@ class Action:
     help: str
     ratio: float = 1.5  # expected output tokens per input token (sizes the pieces)
     tone: bool = False  # whether --tone applies
+    label: bool = True  # the text follows a "Text:" / "原文:" line (else it follows the instruction directly)
 
 
 ACTIONS: dict[str, Action] = {a.name: a for a in (
@@ -81,10 +82,17 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
            "smoothly, without changing its meaning. Reply with the corrected text only.",
            "校对并润色下面的文字：改正错别字、语法和标点，让它读起来更通顺，不改变原意。只输出修改后的文字。",
            "Fix spelling, grammar and punctuation; make it read smoothly.", ratio=1.3),
+    # qwen2.5-0.5b gave most notes back unchanged (8 dev items per language, greedy) when asked to
+    # "Expand the text below with more detail, keeping its meaning. Reply with the expanded text only."
+    # after a "Text:" line: 6 of 8 en, 8 of 8 zh; with a word count and no label, 0 of 8 en, 2 of 8 zh
+    # (without the label but without the count, or with the count after a label: 2–5 of 8 copied). On the
+    # whole writer dev sets (50 items) shape ok went 80 → 88 % (zh) and 92 → 98 % (en), gates passed 70 → 72
+    # and 78 → 76 %; an expansion that rewrites keeps fewer of the facts than a copy: 32 of 34 (zh), 33 of 38.
+    # Capping its tokens at 4× the text's cut some loops (gates +1 item a language) but ends mid-sentence.
     Action("expand", "pieces",
-           "Expand the text below with more detail{tone}, keeping its meaning. Reply with the expanded text only.",
-           "{tone}扩写下面的文字，补充更多细节，保持原意。只输出扩写后的文字。",
-           "Add detail and explanation.", ratio=2.5, tone=True),
+           "Expand the following text{tone} to at least {n} words, adding more detail:",
+           "把下面的文字{tone}扩写成至少{n}字，补充更多细节：",
+           "Add detail and explanation.", ratio=2.5, tone=True, label=False),
     Action("shorten", "pieces",
            "Shorten the text below, keeping only its key points. Reply with the shortened text only.",
            "缩写下面的文字，只保留要点。只输出缩写后的文字。",
@@ -211,19 +219,20 @@ def _check_target(model, to: str) -> None:
 
 # -- prompts ------------------------------------------------------------------------------
 
-def instruction(act: Action, lang: str, opts: _Options) -> str:
-    """The instruction for `act` in `lang` ("en" | "zh")."""
+def instruction(act: Action, lang: str, opts: _Options, text: str = "") -> str:
+    """The instruction for `act` in `lang` ("en" | "zh") on `text` (expand asks for twice its length)."""
+    n = max(1, 2 * gates.size(text))
     if lang == "zh":
         tone = f"用{TONES[opts.tone][1]}的语气" if opts.tone else ""
-        return act.zh.format(tone=tone, to=LANGUAGES[opts.to][1] if opts.to else "")
+        return act.zh.format(tone=tone, to=LANGUAGES[opts.to][1] if opts.to else "", n=n)
     tone = f" in a {TONES[opts.tone][0]} tone" if opts.tone else ""
-    return act.en.format(tone=tone, to=LANGUAGES[opts.to][0] if opts.to else "")
+    return act.en.format(tone=tone, to=LANGUAGES[opts.to][0] if opts.to else "", n=n)
 
 
 def messages(act: Action, lang: str, opts: _Options, text: str) -> list[dict]:
-    label = "原文" if lang == "zh" else "Text"
+    label = ("原文" if lang == "zh" else "Text") + ":\n" if act.label else ""
     note = f" {opts.note}" if opts.note else ""
-    return [{"role": "user", "content": f"{instruction(act, lang, opts)}{note}\n\n{label}:\n{text}"}]
+    return [{"role": "user", "content": f"{instruction(act, lang, opts, text)}{note}\n\n{label}{text}"}]
 
 
 def _prompt_lang(act: Action, text_lang: str, opts: _Options) -> str:
@@ -389,10 +398,11 @@ def _checked(model, act, text, options, params, attempts, first, lang) -> Iterat
 
 
 def _severity(problems: list[Problem]) -> tuple[int, int]:
-    """How bad an attempt is, for keeping the best of several: a lost or invented fact before any
-    other problem (qwen2.5-0.5b's Chinese shortenings were a headline that lost every number, or the
-    text copied: the copy, too long but true to the facts, is the one to keep), then their number."""
-    return sum(p.gate in ("dropped", "invented") for p in problems), len(problems)
+    """How bad an attempt is, for keeping the best of several: the facts it lost or invented come
+    before any other problem (qwen2.5-0.5b's Chinese shortenings were a headline that lost every
+    number, or the text copied: the copy, too long but true to the facts, is the one to keep), each
+    fact counted (an attempt that lost one date beats one that lost four numbers), then the problems."""
+    return sum(len(p.items) or 1 for p in problems if p.gate in ("dropped", "invented")), len(problems)
 
 
 _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
@@ -432,13 +442,13 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
             continue
         named = items.setdefault(key, [])
         if key in ("invented", "dropped"):
-            named.append(p.message.split(": ", 1)[-1].split(" (")[0])
+            named += p.items[:6]
         elif key == "shorten":
             named.append(str(max(1, int(0.6 * gates.size(text)))))
         elif key == "shorten-more":
             named.append(str(max(1, int(0.4 * gates.size(text)))))
         elif key == "expand":
-            named.append(str(int(1.5 * gates.size(text)) + 1))
+            named.append(str(max(1, 2 * gates.size(text))))  # as the instruction asks
     notes = [_NOTES[key][zh].format(x=("、" if zh else ", ").join(named)) for key, named in items.items()]
     return "".join(notes) if zh else " ".join(notes)
 

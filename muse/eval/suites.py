@@ -622,6 +622,7 @@ def _writer():
                                f"gates{key}": _share(gates)}
         result.metrics = {k: v for k, v in result.metrics.items() if v is not None}
         result.primary, result.n = "must_keep", len(items)
+        result.notes.append(_facts_by_action(items, outs, lang))
         result.notes.append("must_keep: share of the listed facts (numbers, dates, names) found verbatim in the "
                             "output, ignoring case; shape: titles 2-10 short lines, outline 2+ bullets, shorten "
                             "shorter, expand longer, rewrite/polish 0.5-2× the length; gates: no problem found by "
@@ -633,6 +634,23 @@ def _writer():
                            for it, a, r, e in zip(items, outs[APP], outs[RAW], errors)]
 
     return run
+
+
+def _facts_by_action(items: list[dict], outs: dict[str, list], lang: str) -> str:
+    """Where the app keeps fewer facts than raw: per action, the must_keep facts each method kept of
+    all, and its outputs of the right shape (`shape_ok`; a "shortening" that copies the text keeps
+    every fact but is not one)."""
+    parts = []
+    for action in dict.fromkeys(it["action"] for it in items):
+        rows = [(i, it) for i, it in enumerate(items) if it["action"] == action]
+        facts = sum(len(it["must_keep"]) for _, it in rows)
+        said = []
+        for key in (APP, RAW):
+            kept = sum(sum(kept_facts(outs[key][i], it["must_keep"])) for i, it in rows)
+            shaped = sum(shape_ok(action, it["text"], outs[key][i], lang) for i, it in rows)
+            said.append(f"{kept}/{facts} facts, {shaped}/{len(rows)} shaped")
+        parts.append(f"{action} app {said[0]}, raw {said[1]}")
+    return "by action: " + "; ".join(parts)
 
 
 # -- a user's own items (feedback) ------------------------------------------------------------
