@@ -199,6 +199,11 @@ def test_writer_must_keep_and_shape(monkeypatch):
     model = FakeModel(reply=lambda prompt: "Sure! Here you go.")
     r = S.run_suite(model, "writer-en", split="dev")
     assert r.metrics["must_keep"] == 100 and r.metrics["must_keep_raw"] == 0
+    # the upper-cased text keeps every fact, but as titles and an outline it has the wrong shape
+    shaped = [row for row in rows if S.shape_ok(row["action"], row["text"], row["text"].upper(), "en")]
+    assert len(shaped) < len(rows)
+    assert r.metrics["kept_shaped"] == pytest.approx(100 * sum(len(row["must_keep"]) for row in shaped)
+                                                     / sum(len(row["must_keep"]) for row in rows), abs=0.01)
     assert r.metrics["gates_raw"] < 100 and "gates" in r.metrics  # muse.apps.gates.check on each output
     assert all(t is None for a, t in tones if a not in ("rewrite", "expand"))  # polish takes no tone
     by_action = next(n for n in r.notes if n.startswith("by action: "))

