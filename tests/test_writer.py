@@ -456,21 +456,24 @@ def test_checked_write_keeps_the_attempt_true_to_the_facts(tok, monkeypatch):
     assert [p.gate for p in result.first_problems] == ["dropped"]
 
 
-@pytest.mark.parametrize("text, asks", [
-    ("Notes: meeting moved to Thursday, 3 p.m., Room 4B. Bring laptops.", "to at least {n} words"),
-    ("寻猫启事要点：猫叫饼干，4岁，灰色白爪子，5月12日在滨江公园走失。", "扩写成至少{n}字"),
+NOTES_EN = "Notes: meeting moved to Thursday, 3 p.m., Room 4B. Bring laptops; coffee is provided."
+NOTES_ZH = "寻猫启事要点：猫叫饼干，4岁，灰色白爪子，5月12日在滨江公园走失。"
+
+
+@pytest.mark.parametrize("action, text, asks, share", [
+    ("expand", NOTES_EN, "to at least {} words", 2), ("expand", NOTES_ZH, "扩写成至少{}字", 2),
+    ("shorten", NOTES_EN, "to at most {} words", 0.6), ("shorten", NOTES_ZH, "缩写到{}字以内", 0.6),
 ])
-def test_expand_asks_for_twice_the_length_with_the_text_right_after(tok, monkeypatch, text, asks):
-    """Asked to "expand the text below" after a "Text:" line, qwen2.5-0.5b gave most notes back
-    unchanged; a word count, with the text right after the instruction, made it write."""
+def test_expand_and_shorten_ask_for_a_length_with_the_text_right_after(tok, monkeypatch, action, text, asks, share):
+    """Asked to "expand / shorten the text below" after a "Text:" line, qwen2.5-0.5b gave most notes
+    back unchanged or as a headline; a length, with the text right after the instruction, made it write."""
     from muse.apps import language
     from muse.apps.gates import size
 
     monkeypatch.setattr(language, "supports_chinese", lambda model: True)
-
-    model = scripted(tok, "A longer text.", block_size=4096)  # room for the text in one piece
-    write(model, "expand", text)
+    model = scripted(tok, "A text.", block_size=4096)  # room for the text in one piece
+    write(model, action, text)
     prompt = tok.decode(model.model.prompts[0])
-    assert asks.format(n=2 * size(text)) in prompt
+    asked = asks.format(int(share * size(text)))
+    assert asked in prompt and prompt.index(asked) < prompt.index(text)
     assert "Text:" not in prompt and "原文" not in prompt
-    assert prompt.index(asks.format(n=2 * size(text))) < prompt.index(text)
