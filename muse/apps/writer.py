@@ -17,6 +17,8 @@ How each action treats a long text (never cut silently):
   it writes next.
 
 Prompts exist in English and Chinese; the input's language picks one (translate: the target's).
+expand and shorten name the length they want, per piece: at least twice its words (Chinese:
+characters), at most SHORTEN_TO of them.
 The model's output is cleaned of "Sure, here is…" preambles, wrapping quotes or code fences and
 "I hope this helps" epilogues, while it streams (`muse.apps.cleaning.OutputCleaner`).
 
