@@ -628,11 +628,11 @@ def _writer():
         result.notes.append("must_keep: share of the listed facts (numbers, dates, names) found verbatim in the "
                             "output, ignoring case; must_keep preserved, shape ok: the same, counting the facts of "
                             "an output without the action's shape as lost (a 'shortening' that copies the text "
-                            "keeps every fact and is no shortening); shape: titles 2-10 short lines, outline 2+ bullets, shorten "
-                            "shorter, expand longer, rewrite/polish 0.5-2× the length; gates: no problem found by "
-                            "muse.apps.gates.check (repetition, preamble, invented facts, length, shape). "
-                            "The app takes a tone only "
-                            "for rewrite and expand; the raw prompt says it for every action")
+                            "keeps every fact and is no shortening); shape: titles 2-10 short lines, outline 2+ "
+                            "bullets, shorten shorter, expand longer, rewrite/polish 0.5-2× the length; gates: no "
+                            "problem found by muse.apps.gates.check (repetition, preamble, invented facts, length, "
+                            "shape). The app takes a tone only for rewrite and expand; the raw prompt says it for "
+                            "every action")
         result.examples = [{"action": it["action"], "tone": it.get("tone"), "text": it["text"],
                             "must_keep": it["must_keep"], "muse": a, "raw": r, **e}
                            for it, a, r, e in zip(items, outs[APP], outs[RAW], errors)]
