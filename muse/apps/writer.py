@@ -227,11 +227,16 @@ def _check_target(model, to: str) -> None:
 
 # -- prompts ------------------------------------------------------------------------------
 
-def instruction(act: Action, lang: str, opts: _Options, text: str = "") -> str:
-    """The instruction for `act` in `lang` ("en" | "zh") on `text`: expand asks for at least twice
-    its length (n), shorten for at most SHORTEN_TO of it (most)."""
+def _lengths(text: str) -> dict[str, int]:
+    """The lengths the expand (n: at least twice the text's) and shorten (most: at most SHORTEN_TO
+    of it) instructions and their repair notes ask for, in words (Chinese: characters)."""
     size = gates.size(text)
-    lengths = dict(n=max(1, 2 * size), most=max(1, int(SHORTEN_TO * size)))
+    return dict(n=max(1, 2 * size), most=max(1, int(SHORTEN_TO * size)))
+
+
+def instruction(act: Action, lang: str, opts: _Options, text: str = "") -> str:
+    """The instruction for `act` in `lang` ("en" | "zh") on `text` (`_lengths`)."""
+    lengths = _lengths(text)
     if lang == "zh":
         tone = f"用{TONES[opts.tone][1]}的语气" if opts.tone else ""
         return act.zh.format(tone=tone, to=LANGUAGES[opts.to][1] if opts.to else "", **lengths)
@@ -454,11 +459,11 @@ def _repair_note(act: Action, lang: str, text: str, problems: list[Problem]) -> 
         if key in ("invented", "dropped"):
             named += p.items[:6]
         elif key == "shorten":
-            named.append(str(max(1, int(SHORTEN_TO * gates.size(text)))))
+            named.append(str(_lengths(text)["most"]))
         elif key == "shorten-more":
             named.append(str(max(1, int(0.4 * gates.size(text)))))
         elif key == "expand":
-            named.append(str(max(1, 2 * gates.size(text))))  # as the instruction asks
+            named.append(str(_lengths(text)["n"]))
     notes = [_NOTES[key][zh].format(x=("、" if zh else ", ").join(named)) for key, named in items.items()]
     return "".join(notes) if zh else " ".join(notes)
 

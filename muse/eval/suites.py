@@ -615,16 +615,18 @@ def _writer():
             return raw_chat(model, writer_prompt(it["action"], it["text"], it.get("tone"), lang), room, params)
 
         outs, errors = _each(items, {APP: app, RAW: raw}, result, tick)
+        facts, shapes = {}, {}  # method key → per item: its must_keep facts kept; whether it has the shape
         for key, texts in outs.items():
-            facts = [kept_facts(t, it["must_keep"]) for it, t in zip(items, texts)]
-            shapes = [shape_ok(it["action"], it["text"], t, lang) for it, t in zip(items, texts)]
+            facts[key] = [kept_facts(t, it["must_keep"]) for it, t in zip(items, texts)]
+            shapes[key] = [shape_ok(it["action"], it["text"], t, lang) for it, t in zip(items, texts)]
             gates = [t is not None and not check(it["action"], it["text"], t) for it, t in zip(items, texts)]
-            result.metrics |= {f"must_keep{key}": _share([k for f in facts for k in f]),
-                               f"kept_shaped{key}": _share([k and ok for f, ok in zip(facts, shapes) for k in f]),
-                               f"shape{key}": _share(shapes), f"gates{key}": _share(gates)}
+            result.metrics |= {
+                f"must_keep{key}": _share([k for f in facts[key] for k in f]),
+                f"kept_shaped{key}": _share([k and ok for f, ok in zip(facts[key], shapes[key]) for k in f]),
+                f"shape{key}": _share(shapes[key]), f"gates{key}": _share(gates)}
         result.metrics = {k: v for k, v in result.metrics.items() if v is not None}
         result.primary, result.n = "must_keep", len(items)
-        result.notes.append(_facts_by_action(items, outs, lang))
+        result.notes.append(_facts_by_action(items, facts, shapes))
         result.notes.append("must_keep: share of the listed facts (numbers, dates, names) found verbatim in the "
                             "output, ignoring case; must_keep preserved, shape ok: the same, counting the facts of "
                             "an output without the action's shape as lost (a 'shortening' that copies the text "
@@ -640,19 +642,16 @@ def _writer():
     return run
 
 
-def _facts_by_action(items: list[dict], outs: dict[str, list], lang: str) -> str:
+def _facts_by_action(items: list[dict], facts: dict[str, list[list[bool]]], shapes: dict[str, list[bool]]) -> str:
     """Where the app keeps fewer facts than raw: per action, the must_keep facts each method kept of
     all, and its outputs of the right shape (`shape_ok`; a "shortening" that copies the text keeps
-    every fact but is not one)."""
+    every fact but is not one). `facts` and `shapes` are per method key, per item."""
     parts = []
     for action in dict.fromkeys(it["action"] for it in items):
-        rows = [(i, it) for i, it in enumerate(items) if it["action"] == action]
-        facts = sum(len(it["must_keep"]) for _, it in rows)
-        said = []
-        for key in (APP, RAW):
-            kept = sum(sum(kept_facts(outs[key][i], it["must_keep"])) for i, it in rows)
-            shaped = sum(shape_ok(action, it["text"], outs[key][i], lang) for i, it in rows)
-            said.append(f"{kept}/{facts} facts, {shaped}/{len(rows)} shaped")
+        rows = [i for i, it in enumerate(items) if it["action"] == action]
+        total = sum(len(items[i]["must_keep"]) for i in rows)
+        said = [f"{sum(sum(facts[key][i]) for i in rows)}/{total} facts, "
+                f"{sum(shapes[key][i] for i in rows)}/{len(rows)} shaped" for key in (APP, RAW)]
         parts.append(f"{action} app {said[0]}, raw {said[1]}")
     return "by action: " + "; ".join(parts)
 
