@@ -180,6 +180,11 @@ def test_kbqa_scores_by_hand():
                 for why in ("refusal; unnamed", "no passage", "refusal; unnamed", "no passage")]
     items3 = items[:2] + [{"answers": ["x"], "source": "Lib"}]
     assert S.declined_why(items3, declined[:3]) == {"refusal; unnamed": 2, "no passage": 1}
+    quotes = [{"text": "Lend up to 12 [1].", "found": True, "cited": ["Lib"], "quoted": True},
+              {"text": "Kes opens at 9 [1].", "found": True, "cited": ["Kes"], "quoted": True},
+              {"text": "Kes closes at 5 [1].", "found": True, "cited": ["Kes"], "quoted": True}, answers[3]]
+    assert S.quoted_answers(items, quotes) == {"quoted": 3, "answerable": 2, "right": 1, "unanswerable": 1}
+    assert S.quoted_answers(items, answers)["quoted"] == 0  # answers from before quoting carry no flag
     assert S.raw_answer("The documents do not mention it.", ["Lib"])["found"] is False
     assert S.raw_answer("文档中没有提到这一点。", ["Lib"])["found"] is False
     assert S.raw_answer("Lib says twelve.", ["Lib", "Kes"]) == {"text": "Lib says twelve.", "found": True,

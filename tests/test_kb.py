@@ -594,7 +594,7 @@ def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
     from muse.generation import GenerationChunk
 
     lexical.add_text("festival", FESTIVAL)
-    # a title is no answer; a bare "[1]" gets one more turn asking for a sentence (twice bare: not found)
+    # a title is no answer; a bare "[1]" gets one more turn asking for a sentence (twice bare: no answer)
     replies = iter(["festival", "[1]", "1", "[1]", "It is held in Quenby."])
     turns = []
 
@@ -605,9 +605,11 @@ def test_ask_verifies_the_reply(monkeypatch, default_model, lexical):
 
     monkeypatch.setattr(type(default_model), "stream_chat", scripted)
     q = "Where is the Zorblat festival held?"
-    for _ in range(2):
+    quoted = "The Zorblat festival is held every year in the town of Quenby on the 14th of March [1]."
+    for why in ("title", "bare"):  # no answer from the model: the sentence that says where is quoted
         stream = stream_ask(default_model, lexical, q)
-        assert "".join(c.text for c in stream) == NOT_FOUND["en"] and not stream.found
+        assert "".join(c.text for c in stream) == quoted and stream.found
+        assert (stream.answer.quoted, stream.answer.why) == (True, why)
     answer = ask(default_model, lexical, q)
     assert answer.found and answer.text == "It is held in Quenby [1]." and [c.n for c in answer.citations] == [1]
     assert turns == [2, 2, 4, 2, 4]  # the retry is a second turn after the bare reply
@@ -915,3 +917,56 @@ def test_a_number_is_held_to_the_unit_of_the_passage_it_comes_from():
     # 10 is a time in the named handbook and a number of days only in the other one
     assert verify("星辰科技员工的婚假有10天。", "星辰科技员工的婚假有几天？", [clock, other]).text is None
     assert verify("病假需在上午10点前告知上级。", "星辰科技的病假要几点前告知？", [clock, other]).cited == [1]
+
+
+# -- quoting the nearest sentence when the model gives no grounded answer -------------------------
+
+def test_a_declined_answer_quotes_the_sentence_that_speaks_to_the_question(monkeypatch, default_model, lexical):
+    lexical.add_text("kettle", KETTLE)
+    # declined, and declined again on the second look: the documents still hold the answer
+    sent = scripted_replies(monkeypatch, default_model, [NOT_FOUND["en"], NOT_FOUND["en"]])
+    stream = stream_ask(default_model, lexical, "How long do repairs take?")
+    text = "".join(c.text for c in stream)
+    assert len(sent) == 2 and text == "Repairs take about ten working days [1]."
+    assert stream.answer == kbm.Answer(text, stream.citations[:1], True, why="refusal; refusal", quoted=True)
+    assert stream.found and stream.reply == NOT_FOUND["en"]  # the model's own words stay readable
+
+
+@pytest.mark.parametrize("question", [
+    "Do repairs take long?",              # yes/no: the nearest sentence says neither
+    "Who pays for the Zorblat festival?",  # only the festival's name is shared
+    "How much does a repair cost?",       # a price asked, none in the sentence
+    "Where do the Quenby lantern makers live?",  # what is asked ("makers", "live") is in no sentence
+])
+def test_no_sentence_is_quoted_that_does_not_answer(question):
+    festival = passage(1, "festival", FESTIVAL)
+    kettle = passage(2, "kettle", KETTLE)
+    assert kbm.quote(question, [festival, kettle], dense=False) is None
+    # the same passages quote a sentence that does speak to the question
+    assert kbm.quote("How long do repairs take?", [festival, kettle], dense=False).cited == [2]
+
+
+def test_quote_picks_the_nearest_sentence_of_the_named_document_without_list_markers():
+    north = passage(1, "Northwind handbook", "# Leave\n- Staff get 25 days of paid leave a year.", "Leave")
+    copper = passage(2, "Copperleaf handbook", "# Leave\n2. Staff get 20 days of paid leave a year.", "Leave")
+    assert kbm.passage_sentences(north) == ["Staff get 25 days of paid leave a year."]  # heading and marker gone
+    question = "How many days of paid leave do Copperleaf staff get?"
+    got = kbm.quote(question, [north, copper], dense=False)
+    assert (got.text, got.cited) == ("Staff get 20 days of paid leave a year [2].", [2])
+    tea = passage(1, "龙井茶", "一、产地：" + TEA)
+    got = kbm.quote("明前茶什么时候采摘？", [tea], dense=False)
+    assert got.text == "每年清明节前采摘的明前茶品质最好 [1]。"
+
+
+def test_quote_ranks_sentences_by_meaning_with_embeddings(hybrid):
+    support = passage(1, "Support", "Repair requests are logged at the support desk. "
+                                    "A fixed kettle is back with you in about ten working days.")
+    question = "How long does a kettle repair take?"
+    # by words the sentences tie ("repair" / "kettle") and the first, no length of time, is no answer;
+    # e5 finds the sentence that gives one
+    assert kbm.quote(question, [support], dense=False) is None
+    got = kbm.quote(question, [support], dense=True)
+    assert got.text == "A fixed kettle is back with you in about ten working days [1]."
+    # sharing only an everyday word ("come") is no answer
+    kettle = passage(1, "kettle", KETTLE)
+    assert kbm.quote("How long until my kettle comes back from repair?", [kettle], dense=True) is None

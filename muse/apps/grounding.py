@@ -160,14 +160,15 @@ def unbacked_subject(body: str, question: str, passages: list, reply_lang: str) 
 # A length of time, not a date: "2月8日至2月17日" is no answer to "要多长时间" (kbqa dev).
 _DURATION = (r"(?<![\d月])\d+(?:\.\d+)?\s*(?:个)?(?:秒|分钟|小时|钟头|天|周|星期|礼拜|个月|年)|"
              r"[一二两三四五六七八九十百半几]+\s*(?:个)?(?:秒|分钟|小时|钟头|天|周|星期|礼拜|个月|年)|"
-             r"\b(?:\d+|an?|one|two|three|four|five|six|seven|eight|nine|ten|half an?)[\s-]*"
+             r"\b(?:\d+|an?|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|"
+             r"half an?|a few|several)(?:[\s-]+(?:working|business|full|calendar|whole|more))?[\s-]*"
              r"(?:seconds?|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|years?|nights?)\b")
 _ASKS = [(re.compile(q, re.IGNORECASE), re.compile(a, re.IGNORECASE)) for q, a in (
     (r"几个月|多少个月|how many months", r"月|month|year|年"),
     (r"几天|多少天|how many days", r"天|日|day|week|周|星期"),
     (r"几年|多少年|how many years", r"年|year"),
     (r"几楼|几层|which floor|what floor", r"楼|层|floor|storey"),
-    (r"多长时间|多久|几个?小时|how many hours", _DURATION),
+    (r"多长时间|多久|几个?小时|how many hours|\bhow long (?:do|does|did|will|would|can|is|are|was|should)\b", _DURATION),
     (r"几次|多少次|how many times", r"次|遍|回|once|twice|times"),
     (r"多少钱|收费多少|费用是多少|价格是多少|售价|票价|how much (?:does|do|is|are|will)\b.*\b(?:cost|charge|fee|price)",
      r"元|块|钱|免费|美元|欧元|英镑|dollar|yuan|euro|pound|cent|free|[$¥￥€£]"),
@@ -192,6 +193,43 @@ def names_the_subject(reply: str, question: str, passages: list) -> bool:
     lang = language(CITE.sub(" ", reply))
     focus = _focus(question, passages, lang)
     return not focus or bool(_subject_terms(CITE.sub(" ", reply), lang) & focus)
+
+
+def speaks_to(sentence: str, question: str, passages: list) -> bool:
+    """Whether `sentence` holds one of the question's `_focus` terms that frames nothing (`GENERIC`,
+    `_ZH_GENERIC` left out): it is about what the question asks ("notice" of "How much notice do I have
+    to give?", "恢复出厂" of "怎样恢复出厂设置"), not only about the document both name. Unlike
+    `names_the_subject`, a question that names nothing beyond the titles and names gets no sentence."""
+    lang = language(sentence)
+    focus = _focus(question, passages, lang) - GENERIC - _ZH_GENERIC - _LIGHT - _names(question)
+    said = _subject_terms(sentence, lang) - _LIGHT
+    if lang == "zh":
+        return bool(said & focus)
+    return bool(set().union(*map(_forms, said)) & set().union(*map(_forms, focus)))
+
+
+def _forms(word: str) -> set[str]:
+    """An English word and what it may be without an inflection: "repairs" and "repair" meet in
+    "repair", "beeped" and "beeps" in "beep"."""
+    out = {word}
+    for end in ("s", "es", "ed", "ing"):
+        if word.endswith(end) and len(word) - len(end) >= 3:
+            out.add(word[:-len(end)])
+    return out
+
+
+# Everyday words that say little of what a question asks ("…until my kettle comes back?"): a sentence
+# sharing only these ("Our kettles come with a warranty") does not speak to it.
+_LIGHT = frozenset("come comes came go goes went back want wants like keep put see look say think good new old "
+                   "also just only really more most first last next any anything something thing things "
+                   "happen happens one two get got".split())
+
+
+def _names(question: str) -> set[str]:
+    """The capitalised words of an English question, each sentence's first left out (lower-cased):
+    names ("Zorblat"), which say what the question is about, never what it asks of it."""
+    return {w.lower() for part in re.split(r"[.?!]\s+", question) for w in re.findall(r"[A-Za-z][\w'-]*", part)[1:]
+            if w[0].isupper() and w.isalpha()}
 
 
 def answering_sentences(said: list[str], question: str, passages: list, reply_lang: str) -> list[str]:

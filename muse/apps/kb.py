@@ -27,7 +27,9 @@ Answering decides "not in your documents" from the retrieval scores before the m
 tells the model to reply with exactly that sentence when the passages do not hold the answer. A reply
 is shown only once `muse.apps.grounding.verify` finds it grounded in the passages; when the model
 declines beside passages about the question, it is asked once more without that way out, and the
-new reply must pass the same checks and name what it is about.
+new reply must pass the same checks and name what it is about. When the model gives no grounded answer
+at all, the sentence of the passages nearest the question is quoted as the answer (`quote`,
+`Answer.quoted`) if it speaks to what the question asks; otherwise the answer is the not-found sentence.
 Document text is data, never instructions: passages go inside a delimited block, the model is told to
 ignore instructions found there, and chat-template special tokens and role markers are stripped out.
 
@@ -50,12 +52,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from muse.apps import embed as embedding
-from muse.apps.grounding import NOT_FOUND, Verdict, asks_yes_or_no, names_the_subject, terse, verify
+from muse.apps.grounding import (NOT_FOUND, Verdict, add_citation, asks_yes_or_no, names_another, names_the_subject,
+                                 speaks_to, terse, verify, wrong_kind)
 from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_regular, os_problem, read_file,
                                supported)
 from muse.apps.language import check_language
 from muse.apps.chunking import CHUNK_OVERLAP, CHUNK_TOKENS, SEP, Chunk, chunk_text, estimate_tokens  # noqa: F401 (re-exported)
-from muse.text import language, terms
+from muse.text import language, sentences, terms
 from muse.errors import MuseError
 from muse.safety import guard, guard_stream
 from muse.sampling import SamplingParams
@@ -477,6 +480,9 @@ class Answer:
     # model's reply was no grounded answer (`grounding.Verdict.reason`: "refusal", "unsupported", …),
     # with the second look's reason after a ";" when the model was asked again ("refusal; unnamed").
     why: str = ""
+    # True: the model gave no grounded answer (`why` says why), so the answer is the sentence of the
+    # passages nearest the question, quoted (`quote`).
+    quoted: bool = False
 
 
 def relevant(hit: Hit, question: str = "") -> bool:
@@ -575,8 +581,10 @@ class AskStream:
     citations.
     """
 
-    def __init__(self, model, question: str, citations: list[Citation], lang: str, params: SamplingParams):
+    def __init__(self, model, question: str, citations: list[Citation], lang: str, params: SamplingParams,
+                 dense: bool = False):
         self.model, self.question, self.lang, self.params = model, question, lang, params
+        self.dense = dense  # rank sentences for `quote` by embeddings (else by shared words)
         self.citations = citations
         self.found = bool(citations)
         self.answer: Answer | None = None
@@ -602,7 +610,10 @@ class AskStream:
                 verdict, finish, token = self._quote(messages, verdict, finish, token)
             elif asks_yes_or_no(self.question):  # an answer to a yes/no question must say what it is about
                 verdict, finish, token = self._named(messages, verdict, finish, token)
-            self.answer = _answer(verdict, self.citations, self.lang)
+            quoted = quote(self.question, self.citations, self.dense) if verdict.text is None else None
+            self.answer = _answer(quoted or verdict, self.citations, self.lang)
+            if quoted:
+                self.answer.quoted, self.answer.why = True, verdict.reason
         else:
             self.answer = Answer(NOT_FOUND[self.lang], [], False, why="no passage")
         self.found = self.answer.found
@@ -681,6 +692,54 @@ class AskStream:
         return messages
 
 
+# A list item's marker ("- ", "• ", "3. ", "2、"): no part of a quoted sentence.
+_ITEM = re.compile(r"^\s*(?:[-*•·]\s+|\d{1,2}[.)]\s+|\d{1,2}、\s*|[一二三四五六七八九十]{1,3}、\s*)")
+
+
+def passage_sentences(passage: Citation) -> list[str]:
+    """The sentences of a passage, each line on its own (list items, table rows) without its list
+    marker; headings and lines that only name the document or its section are left out."""
+    names = {x.strip().casefold() for x in (passage.title, *passage.section.split(SEP)) if x.strip()}
+    out = []
+    for sentence in sentences(passage.text):
+        for line in sentence.splitlines():
+            line = _ITEM.sub("", line).strip()
+            if line and not line.startswith("#") and line.strip(" .。:：").casefold() not in names:
+                out.append(line)
+    return list(dict.fromkeys(out))
+
+
+def quote(question: str, passages: list[Citation], dense: bool) -> Verdict | None:
+    """When the model gave no grounded answer: the sentence of the passages nearest the question, as
+    the answer with its citation, if it speaks to what the question asks (`grounding.speaks_to`), gives
+    the kind of answer asked for (`grounding.wrong_kind`) and comes from the document the question names
+    (`grounding.names_another`); else None. Nearest by multilingual-e5 cosine when `dense`, else by the
+    share of the question's content words a sentence holds.
+
+    Why: the sentence nearest by e5 held the answer for 19 of 28 answerable kbqa dev questions in each
+    language, where qwen2.5-0.5b answered 15 (en) and 16 (zh); the model still decides what is there
+    (its refusal stands unless a sentence speaks to the question); no yes/no question is answered this
+    way, and of the 24 unanswerable dev questions none then gets a sentence."""
+    if asks_yes_or_no(question):
+        # Its answer hinges on the very thing asked ("free Wi-Fi"): the nearest sentence, about something
+        # else ("Lockers are free"), says neither yes nor no (kbqa dev: 3 of 3 unanswerable ones quoted).
+        return None
+    lang = language(question)
+    lines = [(line, p) for p in passages if not names_another(question, p, passages, lang)
+             for line in passage_sentences(p)]
+    if not lines:
+        return None
+    if dense:
+        near = embedding.embed([line for line, _ in lines]) @ embedding.embed([question], "query")[0]
+    else:
+        asked = set(terms(question)[1])
+        near = [len(asked & set(terms(line)[1])) for line, _ in lines]
+    line, p = lines[max(range(len(lines)), key=lambda i: near[i])]  # the first of equals: the higher passage
+    if not speaks_to(line, question, passages) or wrong_kind(line, question):
+        return None
+    return Verdict(add_citation(line, p.n), [p.n])
+
+
 def _answer(verdict, passages: list[Citation], lang: str) -> Answer:
     """The Answer for the model's reply, given its `verify` verdict: the not-found sentence unless the
     reply is a grounded answer; then it cites (inline) the passages it rests on."""
@@ -698,7 +757,7 @@ def stream_ask(model, kb: KnowledgeBase, question: str, params: SamplingParams |
     guard(question, "input", source="ask")  # the safety switch: a no-op unless safety is on
     hits = rerank([h for h in kb.search(question, k=k * CANDIDATES) if relevant(h, question)])[:k]
     citations = [Citation(n, h.title, h.path, h.chunk_id, h.text, h.section) for n, h in enumerate(hits, 1)]
-    return AskStream(model, question, citations, lang, params or DEFAULT_PARAMS)
+    return AskStream(model, question, citations, lang, params or DEFAULT_PARAMS, kb.dense)
 
 
 def ask(model, kb: KnowledgeBase, question: str, params: SamplingParams | None = None, k: int = 4) -> Answer:

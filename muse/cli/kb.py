@@ -135,6 +135,9 @@ def ask(
         activity.step(f"Reading {n} passage{'s' if n != 1 else ''}" if n else "Answering")
         _stream_to_stdout(until_first(stream, activity))
     answer = stream.answer
+    if answer.quoted:
+        console.print("[dim](quoted: the model gave no answer it could back, so this is the sentence of your "
+                      "documents nearest the question)[/]")
     if answer.citations:
         console.print("\n[bold]Sources[/]")
     for c in answer.citations:

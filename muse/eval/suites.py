@@ -482,7 +482,8 @@ def _kbqa():
 
             def app(it):
                 a = ask(model, kb, it["question"], params)
-                return {"text": a.text, "found": a.found, "cited": [c.title for c in a.citations], "why": a.why}
+                return {"text": a.text, "found": a.found, "cited": [c.title for c in a.citations], "why": a.why,
+                        "quoted": a.quoted}
 
             answers, errors = _each(items, {APP: app, RAW: raw}, result, tick)
         for key, got in answers.items():
@@ -495,6 +496,11 @@ def _kbqa():
         if missed:
             result.notes.append("answerable questions the app declined, by why (`muse.apps.kb.Answer.why`): " +
                                 ", ".join(f"{why} {n}" for why, n in missed.items()))
+        quoted = quoted_answers(items, answers[APP])
+        if quoted["quoted"]:
+            result.notes.append("answers quoted from the sentence nearest the question, the model having given none "
+                                f"(`muse.apps.kb.quote`): {quoted['quoted']}, to {quoted['answerable']} answerable "
+                                f"questions ({quoted['right']} right) and {quoted['unanswerable']} unanswerable ones")
         result.notes.append("answer accuracy: answerable questions answered with an expected string; refusal "
                             "accuracy: unanswerable ones declined; citation precision: cited documents that hold "
                             "the answer. The raw prompt has every document pasted in; it declines when its reply "
@@ -509,6 +515,22 @@ def declined_why(items: list[dict], answers: list) -> dict[str, int]:
     whys = Counter(a["why"] for it, a in zip(items, answers)
                    if it["source"] is not None and a is not None and not a["found"])
     return dict(whys.most_common())
+
+
+def quoted_answers(items: list[dict], answers: list) -> dict[str, int]:
+    """How many of the app's answers are quoted sentences (`muse.apps.kb.Answer.quoted`), to answerable
+    questions (and how many of those hold an expected answer) and to unanswerable ones."""
+    out = {"quoted": 0, "answerable": 0, "right": 0, "unanswerable": 0}
+    for it, a in zip(items, answers):
+        if a is None or not a.get("quoted"):
+            continue
+        out["quoted"] += 1
+        if it["source"] is None:
+            out["unanswerable"] += 1
+        else:
+            out["answerable"] += 1
+            out["right"] += any(_normal(x) in _normal(a["text"]) for x in it["answers"])
+    return out
 
 
 def raw_answer(text: str, titles: list[str]) -> dict:

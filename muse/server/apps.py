@@ -659,7 +659,8 @@ def _ask_events(answer) -> Iterator[dict]:
         if chunk.text:
             yield {"type": "delta", "text": chunk.text}
     a = answer.answer
-    yield {"type": "done", "text": a.text, "found": a.found, "citations": [dataclasses.asdict(c) for c in a.citations]}
+    yield {"type": "done", "text": a.text, "found": a.found, "quoted": a.quoted,
+           "citations": [dataclasses.asdict(c) for c in a.citations]}
 
 
 # -- writing desk ---------------------------------------------------------------------------
