@@ -970,3 +970,14 @@ def test_quote_ranks_sentences_by_meaning_with_embeddings(hybrid):
     # sharing only an everyday word ("come") is no answer
     kettle = passage(1, "kettle", KETTLE)
     assert kbm.quote("How long until my kettle comes back from repair?", [kettle], dense=True) is None
+
+
+@pytest.mark.parametrize("question, quoted", [
+    ("How long does the Zorblax warranty last?", "The Zorblax warranty lasts exactly seven years [1]."),
+    ("Who won the Zorblax prize last year?", None),  # "last year" says when, and no sentence says who won
+])
+def test_last_as_a_verb_is_asked_and_last_year_is_not(question, quoted):
+    warranty = passage(1, "warranty", "The Zorblax warranty lasts exactly seven years. The last repair desk "
+                                      "closes at 5 p.m. and opens again next year.")
+    got = kbm.quote(question, [warranty], dense=False)
+    assert (got.text if got else None) == quoted

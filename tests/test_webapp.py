@@ -175,9 +175,13 @@ def test_documents_upload_and_a_cited_answer(browser, server, tmp_path):
     assert [d["title"] for d in api(server, "/api/kb/documents")["data"]] == ["warranty"]
 
     page.fill("#ask-input", "How long does the Zorblax warranty last?")
-    page.click("#ask-button")
+    with page.expect_response(lambda r: r.url.endswith("/api/kb/ask"), timeout=SLOW_MS) as asked:
+        page.click("#ask-button")
     page.wait_for_selector("#ask-button", state="visible", timeout=SLOW_MS)
     assert page.inner_text("#answer").strip()
+    # a quoted answer (the tiny model's reply is no answer it can back) says so under the answer
+    quoted = bool(re.search(r'"quoted":\s*true', asked.value.text()))
+    assert ("Quoted: the model gave no answer" in page.inner_text("#answer")) == quoted
     cited = page.inner_text("#citations li .passage")
     assert "seven years" in cited and page.inner_text("#citations li .cite-title") == "[1] warranty"
     shot(page, "docs.png")

@@ -201,6 +201,7 @@ def speaks_to(sentence: str, question: str, passages: list) -> bool:
     to give?", "恢复出厂" of "怎样恢复出厂设置"), not only about the document both name. Unlike
     `names_the_subject`, a question that names nothing beyond the titles and names gets no sentence."""
     lang = language(sentence)
+    question = _WHEN.sub(" ", question)
     focus = _focus(question, passages, lang) - GENERIC - _ZH_GENERIC - _LIGHT - _names(question)
     said = _subject_terms(sentence, lang) - _LIGHT
     if lang == "zh":
@@ -221,8 +222,12 @@ def _forms(word: str) -> set[str]:
 # Everyday words that say little of what a question asks ("…until my kettle comes back?"): a sentence
 # sharing only these ("Our kettles come with a warranty") does not speak to it.
 _LIGHT = frozenset("come comes came go goes went back want wants like keep put see look say think good new old "
-                   "also just only really more most first last next any anything something thing things "
+                   "also just only really more most first next any anything something thing things "
                    "happen happens one two get got".split())
+
+
+# "last year's", "next week": when, not what is asked ("How long does the warranty last?" asks of "last").
+_WHEN = re.compile(r"\b(?:last|next|this) (?:year|week|month|time|night|weekend)(?:'s)?\b", re.IGNORECASE)
 
 
 def _names(question: str) -> set[str]:

@@ -636,7 +636,11 @@ async function askDocuments(question) {
     await streamEvents("/api/kb/ask", Object.assign({ question }, sampling(route.model)), docs.controller.signal, (event) => {
       if (event.type === "citations") renderCitations(event.citations);
       else if (event.type === "delta") { text += event.text; renderMarkdown(reply, text); }
-      else if (event.type === "done") { renderMarkdown(reply, linkCitations(event.text)); renderCitations(event.citations); }
+      else if (event.type === "done") {
+        renderMarkdown(reply, linkCitations(event.text));
+        renderCitations(event.citations);
+        if (event.quoted) answer.append(tel("p", "docs.quoted", null, { className: "notice" }));
+      }
     });
   } catch (err) {
     if (!isAbort(err)) answer.append(el("p", { className: "error-text", textContent: err.message }));

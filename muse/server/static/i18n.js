@@ -75,6 +75,7 @@ window.MUSE_I18N = {
     "docs.askTitle": "Ask your documents",
     "docs.askPlaceholder": "Ask a question about your documents",
     "docs.sources": "Sources",
+    "docs.quoted": "Quoted: the model gave no answer it could back, so this is the sentence of your documents nearest the question.",
     "docs.noSources": "No passage in your documents answers this.",
     "docs.passage": "Passage",
 
@@ -195,6 +196,7 @@ window.MUSE_I18N = {
     "docs.askTitle": "向文档提问",
     "docs.askPlaceholder": "就你的文档提一个问题",
     "docs.sources": "来源",
+    "docs.quoted": "引用原文：模型没有给出有依据的回答，这是文档中与问题最接近的一句。",
     "docs.noSources": "你的文档中没有能回答这个问题的段落。",
     "docs.passage": "段落",
 
