@@ -981,3 +981,22 @@ def test_last_as_a_verb_is_asked_and_last_year_is_not(question, quoted):
                                       "closes at 5 p.m. and opens again next year.")
     got = kbm.quote(question, [warranty], dense=False)
     assert (got.text if got else None) == quoted
+
+
+NOTICE = ("Replacement buses leave from Bay C of the bus station in Westerby. Buses run every 30 minutes. "
+          "Bikes are not allowed on the buses. Trains between Corran and Halsey run as normal.")
+
+
+@pytest.mark.parametrize("reply, answer, quoted", [
+    # backed by the sentence furthest from the question: the nearest one, which speaks to it, replaces it
+    ("Trains between Corran and Halsey run as normal [1].",
+     "Replacement buses leave from Bay C of the bus station in Westerby [1].", True),
+    # backed by a sentence near the question: the model's answer stands
+    ("Buses run every 30 minutes [1].", "Buses run every 30 minutes [1].", False),
+])
+def test_an_answer_resting_far_from_the_question_gives_way_to_the_nearest_sentence(
+        monkeypatch, default_model, lexical, reply, answer, quoted):
+    lexical.add_text("notice", NOTICE)
+    scripted_replies(monkeypatch, default_model, [reply])
+    got = ask(default_model, lexical, "Where do I catch the replacement bus in Westerby?")
+    assert (got.text, got.found, got.quoted, got.why) == (answer, True, quoted, "far" if quoted else "")

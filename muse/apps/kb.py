@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from muse.apps import embed as embedding
-from muse.apps.grounding import (NOT_FOUND, Verdict, add_citation, asks_yes_or_no, names_another, names_the_subject,
-                                 speaks_to, terse, verify, wrong_kind)
+from muse.apps.grounding import (CITE, NOT_FOUND, SUPPORT, Verdict, add_citation, asks_yes_or_no, claims,
+                                 names_another, names_the_subject, speaks_to, support, terse, verify, wrong_kind)
 from muse.apps.extract import (Extracted, ExtractError, Extractor, kind_of, not_regular, os_problem, read_file,
                                supported)
 from muse.apps.language import check_language
@@ -610,14 +610,24 @@ class AskStream:
                 verdict, finish, token = self._quote(messages, verdict, finish, token)
             elif asks_yes_or_no(self.question):  # an answer to a yes/no question must say what it is about
                 verdict, finish, token = self._named(messages, verdict, finish, token)
-            quoted = quote(self.question, self.citations, self.dense) if verdict.text is None else None
+            quoted, why = self._quoted(verdict)
             self.answer = _answer(quoted or verdict, self.citations, self.lang)
             if quoted:
-                self.answer.quoted, self.answer.why = True, verdict.reason
+                self.answer.quoted, self.answer.why = True, why
         else:
             self.answer = Answer(NOT_FOUND[self.lang], [], False, why="no passage")
         self.found = self.answer.found
         yield GenerationChunk(text=self.answer.text, token=token, finish_reason=finish)
+
+    def _quoted(self, verdict) -> tuple[Verdict | None, str]:
+        """(the quoted sentence that replaces the model's reply, why) or (None, ""): when the reply is
+        no grounded answer (why: its reason), or rests far from the question (`rests_far`; why "far")."""
+        ranked = nearest_sentences(self.question, self.citations, self.dense)
+        if verdict.text is None:
+            return quote(self.question, self.citations, self.dense, ranked), verdict.reason
+        if rests_far(verdict.text, self.question, ranked):
+            return quote(self.question, self.citations, self.dense, ranked), "far"
+        return None, ""
 
     def _sentence(self, messages: list[dict], verdict, finish: str, token):
         """Ask for the last reply again as a full sentence; (verdict, finish, token) of the new reply."""
@@ -709,12 +719,29 @@ def passage_sentences(passage: Citation) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def quote(question: str, passages: list[Citation], dense: bool) -> Verdict | None:
-    """When the model gave no grounded answer: the sentence of the passages nearest the question, as
-    the answer with its citation, if it speaks to what the question asks (`grounding.speaks_to`), gives
-    the kind of answer asked for (`grounding.wrong_kind`) and comes from the document the question names
-    (`grounding.names_another`); else None. Nearest by multilingual-e5 cosine when `dense`, else by the
-    share of the question's content words a sentence holds.
+def nearest_sentences(question: str, passages: list[Citation], dense: bool) -> list[tuple[str, Citation]]:
+    """(sentence, passage) of the passages from documents the question may be about (not
+    `grounding.names_another`), nearest the question first: by multilingual-e5 cosine when `dense`, else
+    by how many of the question's content words a sentence holds (equals keep the passages' order)."""
+    lang = language(question)
+    lines = [(line, p) for p in passages if not names_another(question, p, passages, lang)
+             for line in passage_sentences(p)]
+    if not lines:
+        return []
+    if dense:
+        near = embedding.embed([line for line, _ in lines]) @ embedding.embed([question], "query")[0]
+    else:
+        asked = set(terms(question)[1])
+        near = [len(asked & set(terms(line)[1])) for line, _ in lines]
+    return [lines[i] for i in sorted(range(len(lines)), key=lambda i: -near[i])]
+
+
+def quote(question: str, passages: list[Citation], dense: bool,
+          ranked: list[tuple[str, Citation]] | None = None) -> Verdict | None:
+    """When the model gave no grounded answer: the sentence of the passages nearest the question
+    (`nearest_sentences`, or `ranked` when already known), as the answer with its citation, if it speaks
+    to what the question asks (`grounding.speaks_to`) and gives the kind of answer asked for
+    (`grounding.wrong_kind`); else None.
 
     Why: the sentence nearest by e5 held the answer for 19 of 28 answerable kbqa dev questions in each
     language, where qwen2.5-0.5b answered 15 (en) and 16 (zh); the model still decides what is there
@@ -724,20 +751,29 @@ def quote(question: str, passages: list[Citation], dense: bool) -> Verdict | Non
         # Its answer hinges on the very thing asked ("free Wi-Fi"): the nearest sentence, about something
         # else ("Lockers are free"), says neither yes nor no (kbqa dev: 3 of 3 unanswerable ones quoted).
         return None
-    lang = language(question)
-    lines = [(line, p) for p in passages if not names_another(question, p, passages, lang)
-             for line in passage_sentences(p)]
-    if not lines:
+    ranked = nearest_sentences(question, passages, dense) if ranked is None else ranked
+    if not ranked:
         return None
-    if dense:
-        near = embedding.embed([line for line, _ in lines]) @ embedding.embed([question], "query")[0]
-    else:
-        asked = set(terms(question)[1])
-        near = [len(asked & set(terms(line)[1])) for line, _ in lines]
-    line, p = lines[max(range(len(lines)), key=lambda i: near[i])]  # the first of equals: the higher passage
+    line, p = ranked[0]
     if not speaks_to(line, question, passages) or wrong_kind(line, question):
         return None
     return Verdict(add_citation(line, p.n), [p.n])
+
+
+FAR = 3  # a found answer resting on the sentence ranked this far from the question (0: the nearest) or further
+
+
+def rests_far(answer: str, question: str, ranked: list[tuple[str, Citation]]) -> bool:
+    """Whether the sentence that backs `answer` best (`grounding.support`) is `FAR` or further down
+    `ranked`: the model answered from a sentence about something else than the question ("Requests of up
+    to 3 days…" where it asks about 10 days is near; "Trains run every 30 minutes" for "Where do I catch
+    the replacement bus?" is not)."""
+    body = CITE.sub(" ", answer)
+    nums, words = claims(body, question)
+    backing = [support(line, nums, words, language(body)) for line, _ in ranked]
+    if not backing or max(backing) < SUPPORT:
+        return False
+    return backing.index(max(backing)) >= FAR
 
 
 def _answer(verdict, passages: list[Citation], lang: str) -> Answer:
