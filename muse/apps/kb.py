@@ -28,8 +28,9 @@ tells the model to reply with exactly that sentence when the passages do not hol
 is shown only once `muse.apps.grounding.verify` finds it grounded in the passages; when the model
 declines beside passages about the question, it is asked once more without that way out, and the
 new reply must pass the same checks and name what it is about. When the model gives no grounded answer
-at all, the sentence of the passages nearest the question is quoted as the answer (`quote`,
-`Answer.quoted`) if it speaks to what the question asks; otherwise the answer is the not-found sentence.
+at all, or one that rests on a sentence far from the question (`rests_far`), the sentence of the
+passages nearest the question is quoted as the answer (`quote`, `Answer.quoted`) if it speaks to what
+the question asks; otherwise the model's answer, or the not-found sentence, stands.
 Document text is data, never instructions: passages go inside a delimited block, the model is told to
 ignore instructions found there, and chat-template special tokens and role markers are stripped out.
 
@@ -480,8 +481,8 @@ class Answer:
     # model's reply was no grounded answer (`grounding.Verdict.reason`: "refusal", "unsupported", …),
     # with the second look's reason after a ";" when the model was asked again ("refusal; unnamed").
     why: str = ""
-    # True: the model gave no grounded answer (`why` says why), so the answer is the sentence of the
-    # passages nearest the question, quoted (`quote`).
+    # True: the model gave no grounded answer (`why` says why), or one resting far from the question (why
+    # "far", `rests_far`), so the answer is the sentence of the passages nearest the question (`quote`).
     quoted: bool = False
 
 
@@ -607,7 +608,7 @@ class AskStream:
             if verdict.reason == "refusal":
                 verdict, finish, token = self._second_look(verdict, finish, token)
             elif verdict.reason in ("unsupported", "off"):
-                verdict, finish, token = self._quote(messages, verdict, finish, token)
+                verdict, finish, token = self._own_words(messages, verdict, finish, token)
             elif asks_yes_or_no(self.question):  # an answer to a yes/no question must say what it is about
                 verdict, finish, token = self._named(messages, verdict, finish, token)
             quoted, why = self._quoted(verdict)
@@ -654,7 +655,7 @@ class AskStream:
             return Verdict(None, reason=f"{refusal.reason}; {verdict.reason}"), finish, token
         return verdict, finish2, token2
 
-    def _quote(self, messages: list[dict], rejected, finish: str, token):
+    def _own_words(self, messages: list[dict], rejected, finish: str, token):
         """The reply was not backed by the passages (a look-alike fact: "65元" for a ticket the passage
         prices at 25元 for over-60s, kbqa dev). Ask once for a sentence in the passage's own words, and
         keep it only if it passes `verify` and names the question's subject, as the second look does."""
@@ -738,7 +739,8 @@ def nearest_sentences(question: str, passages: list[Citation], dense: bool) -> l
 
 def quote(question: str, passages: list[Citation], dense: bool,
           ranked: list[tuple[str, Citation]] | None = None) -> Verdict | None:
-    """When the model gave no grounded answer: the sentence of the passages nearest the question
+    """When the model gave no grounded answer, or one resting far from the question (`rests_far`): the
+    sentence of the passages nearest the question
     (`nearest_sentences`, or `ranked` when already known), as the answer with its citation, if it speaks
     to what the question asks (`grounding.speaks_to`) and gives the kind of answer asked for
     (`grounding.wrong_kind`); else None.

@@ -499,7 +499,8 @@ def _kbqa():
         quoted = quoted_answers(items, answers[APP])
         if quoted["quoted"]:
             result.notes.append("answers quoted from the sentence nearest the question, the model having given none "
-                                f"(`muse.apps.kb.quote`): {quoted['quoted']}, to {quoted['answerable']} answerable "
+                                "it could back or one resting far from the question (`muse.apps.kb.quote`): "
+                                f"{quoted['quoted']}, to {quoted['answerable']} answerable "
                                 f"questions ({quoted['right']} right) and {quoted['unanswerable']} unanswerable ones")
         result.notes.append("answer accuracy: answerable questions answered with an expected string; refusal "
                             "accuracy: unanswerable ones declined; citation precision: cited documents that hold "
