@@ -884,6 +884,10 @@ def test_an_answer_from_another_document_or_in_another_unit_is_refused(question,
     ("坐船要多长时间？", "要半个小时。", False),
     ("一件资料最多能续借几次？", "成人最多可借12件。", True),
     ("一件资料最多能续借几次？", "每件资料可以续借两次。", False),
+    ("How long do repairs take?", "Repair requests are logged at the support desk.", True),
+    ("How long do repairs take?", "Repairs take about ten working days.", False),
+    ("How long does the warranty last?", "It lasts two years.", False),
+    ("How long after the trip can I hand in receipts?", "Receipts are due by the end of the month.", False),
 ])
 def test_an_answer_of_the_wrong_kind_is_off(question, reply, off):
     from muse.apps.grounding import wrong_kind

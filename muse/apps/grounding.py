@@ -18,10 +18,13 @@ The model answers from numbered passages; `verify` then decides whether the repl
   in some passage, question-frame words aside (`GENERIC`, `_ZH_FRAME`): otherwise it answers about
   what the documents never mention;
 * and when it gives the kind of answer the question asks for (`wrong_kind`: "几个月" is not answered
-  in days, "多长时间" not with dates, "how much does it cost" not without an amount).
+  in days, "多长时间" and "how long does…" not with dates, "how much does it cost" not without an amount).
 
 A supported reply keeps its valid inline citations; one without any gets the supporting passage's
 number added, so every found answer cites where it comes from.
+
+`speaks_to` tells whether a sentence of the passages is about what a question asks, for
+`muse.apps.kb.quote`, which quotes such a sentence when the model's own reply is no grounded answer.
 
     verdict = verify(reply, question, passages)    # passages: objects with .n, .title, .section, .text
     verdict.text, verdict.cited                    # None, [] when the reply is no grounded answer
@@ -197,8 +200,9 @@ def names_the_subject(reply: str, question: str, passages: list) -> bool:
 
 def speaks_to(sentence: str, question: str, passages: list) -> bool:
     """Whether `sentence` holds one of the question's `_focus` terms that frames nothing (`GENERIC`,
-    `_ZH_GENERIC` left out): it is about what the question asks ("notice" of "How much notice do I have
-    to give?", "恢复出厂" of "怎样恢复出厂设置"), not only about the document both name. Unlike
+    `_ZH_GENERIC`, everyday `_LIGHT` words and "last year" left out) and is no name (`_names`), in any
+    inflection (`_forms`): it is about what the question asks ("notice" of "How much notice do I have
+    to give?", "恢复出厂" of "怎样恢复出厂设置"), not only about what both name. Unlike
     `names_the_subject`, a question that names nothing beyond the titles and names gets no sentence."""
     lang = language(sentence)
     question = _WHEN.sub(" ", question)
