@@ -623,9 +623,9 @@ class AskStream:
     def _quoted(self, verdict) -> tuple[Verdict | None, str]:
         """(the quoted sentence that replaces the model's reply, why) or (None, ""): when the reply is
         no grounded answer (why: its reason), or rests far from the question (`rests_far`; why "far")."""
+        if verdict.text is None:  # quote ranks the sentences itself, and not for a yes/no question
+            return quote(self.question, self.citations, self.dense), verdict.reason
         ranked = nearest_sentences(self.question, self.citations, self.dense)
-        if verdict.text is None:
-            return quote(self.question, self.citations, self.dense, ranked), verdict.reason
         if rests_far(verdict.text, self.question, ranked):
             return quote(self.question, self.citations, self.dense, ranked), "far"
         return None, ""

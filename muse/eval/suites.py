@@ -530,7 +530,7 @@ def quoted_answers(items: list[dict], answers: list) -> dict[str, int]:
             out["unanswerable"] += 1
         else:
             out["answerable"] += 1
-            out["right"] += any(_normal(x) in _normal(a["text"]) for x in it["answers"])
+            out["right"] += _holds_answer(it, a)
     return out
 
 
@@ -545,6 +545,11 @@ def _normal(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
+def _holds_answer(item: dict, answer: dict) -> bool:
+    """Whether an answer's text holds one of the item's expected answers (case and spacing aside)."""
+    return any(_normal(x) in _normal(answer["text"]) for x in item["answers"])
+
+
 def kbqa_scores(items: list[dict], answers: list) -> dict[str, float]:
     """Answer accuracy over the answerable questions, refusal accuracy over the unanswerable ones, and
     citation precision over every cited document. An answer is {"text", "found", "cited": [titles]}
@@ -555,7 +560,7 @@ def kbqa_scores(items: list[dict], answers: list) -> dict[str, float]:
         if it["source"] is None:
             refusal.append(a is not None and not found)
         else:
-            answer.append(found and any(_normal(x) in _normal(a["text"]) for x in it["answers"]))
+            answer.append(found and _holds_answer(it, a))
         if found:
             cited += len(a["cited"])
             right += sum(title == it["source"] for title in a["cited"])
