@@ -174,3 +174,15 @@ def spy_on_kernels(monkeypatch) -> KernelSpy:
     spy = KernelSpy(quant._ext)
     monkeypatch.setattr(quant, "_ext", spy)
     return spy
+
+
+def free_passes(monkeypatch) -> None:
+    """Every pass costs one token's, whatever its width, and no timing changes that: prompt-lookup
+    drafts are always worth their full length. For tests of what drafting does, which a busy machine's
+    timings must not decide (a pass slowed by another process made drafts look dear, and they stopped)."""
+    from muse import generation, scheduler
+
+    fresh = lambda model: (generation.PassCost(slope=0.0), generation.DraftHistory())  # noqa: E731
+    monkeypatch.setattr(generation, "drafting", fresh)
+    monkeypatch.setattr(scheduler, "drafting", fresh)  # imported by name there
+    monkeypatch.setattr(generation.PassCost, "timed", lambda self, width, seconds: None)

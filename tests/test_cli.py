@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from muse.cli import app
-from tests.helpers import shakespeare_text
+from tests.helpers import free_passes, shakespeare_text
 
 runner = CliRunner()
 
@@ -36,7 +36,8 @@ def test_generate_reads_stdin_and_reports_speed():
     assert r.exit_code == 0 and "generated at" in r.output
 
 
-def test_verbose_generation_reports_the_prompt_lookup_drafts():
+def test_verbose_generation_reports_the_prompt_lookup_drafts(monkeypatch):
+    free_passes(monkeypatch)
     text = "Alice and Bob walked to the old mill by the river. " * 3
     r = run("generate", text, "-n", "30", "-t", "0", "-v")
     assert r.exit_code == 0

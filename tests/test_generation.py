@@ -7,7 +7,7 @@ import torch
 
 import muse
 from muse.generation import SamplingParams, StopMatcher, beam_search, make_sampler, stream_generate
-from tests.helpers import ScriptedLM
+from tests.helpers import ScriptedLM, free_passes
 
 
 @pytest.fixture(scope="module")
@@ -286,15 +286,6 @@ def test_a_new_generation_starts_from_how_the_models_recent_drafts_fared():
     assert PromptLookup([1, 2, 3], history=history).size(8, dear) == 0
 
 
-def free_passes(monkeypatch):
-    """Every pass costs one token's, whatever its width: drafts are always worth their full length."""
-    from muse import generation
-
-    monkeypatch.setattr(generation, "drafting", lambda model: (generation.PassCost(slope=0.0),
-                                                                generation.DraftHistory()))
-    monkeypatch.setattr(generation.PassCost, "timed", lambda self, width, seconds: None)
-
-
 def test_greedy_with_prompt_lookup_emits_the_same_tokens_in_fewer_passes(tok, monkeypatch):
     free_passes(monkeypatch)
     text = "The quick brown fox jumps over the lazy dog near the river bank at noon."
@@ -323,8 +314,9 @@ def test_prompt_lookup_is_off_under_a_constraint_or_with_logprobs(tok, options):
     assert last.drafted_tokens == 0
 
 
-def test_prompt_lookup_keeps_the_default_models_greedy_text(default_model):
+def test_prompt_lookup_keeps_the_default_models_greedy_text(default_model, monkeypatch):
     """A real model checks drafts in one multi-token pass: the text must be the plain greedy one."""
+    free_passes(monkeypatch)
     text = ("Muse runs on your own computer. It reads your documents, answers with citations, and never "
             "sends a word to the internet. Every model it runs is a file on your disk.")
     messages = [{"role": "user", "content": "Repeat this text word for word:\n\n" + text}]

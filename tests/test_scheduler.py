@@ -12,7 +12,7 @@ from muse.errors import ContextLengthError
 from muse.generation import SamplingParams, stream_generate, top_p_filter
 from muse.model import BatchKVCache, KVCache
 from muse.scheduler import Scheduler, SchedulerBusy, SchedulerClosed, _openmp_runtime, release_openmp_pool
-from tests.helpers import ScriptLM
+from tests.helpers import ScriptLM, free_passes
 
 
 def run_all(sched: Scheduler, prompts, params) -> list[str]:
@@ -366,9 +366,10 @@ def test_the_openmp_pool_of_the_loading_thread_can_be_released_and_torch_still_w
     release_openmp_pool()  # twice, and with no pool: harmless
 
 
-def test_prompt_lookup_drafts_in_the_batch_keep_each_streams_text(default_model):
+def test_prompt_lookup_drafts_in_the_batch_keep_each_streams_text(default_model, monkeypatch):
     """A lone stream drafts from its own text and keeps the tokens it agrees with; in a batch, rows draft
     while they run alone (LOOKUP_MAX_ROWS). Every stream's text is stream_generate's, greedy or seeded."""
+    free_passes(monkeypatch)
     text = ("Muse keeps every conversation in one SQLite file on your disk. Muse answers from your own "
             "documents and cites them. Muse never sends a word to the internet.")
     prompts = [default_model.chat_prompt([{"role": "user", "content": f"Repeat exactly:\n\n{text}"}]),
