@@ -6,8 +6,9 @@
 
 Data: muse/eval/data/heldout/translate_{en_zh,zh_en}_{dev,test}.jsonl ({"source", "reference"}).
 Rows: `raw` ("Translate into Chinese: <text>" as one chat message, greedy), `muse` (writer.translate as
-shipped: the translate prompt of writer.ACTIONS), the candidate prompts below put in its place (the
-app path, pieces and cleaning included), and `+beam4` (the shipped prompt with num_beams=4).
+shipped: writer.checked_write with the translate prompt of writer.ACTIONS, its default beams, its
+repairs and retries), `muse greedy` and `+beam4` (num_beams 1 and 4), and the candidate prompts
+below put in its place.
 chrF (sacrebleu, Chinese output scored per character) and numbers kept: of the numbers written in
 digits in the reference (30万 counted as 300000, 3,500 as 3500), the share the output has too.
 """
@@ -83,6 +84,7 @@ def run(direction: str, split: str, limit: int | None, show: bool, rows: list[st
     refs = [it["reference"] for it in items]
     shipped = writer.ACTIONS["translate"]
     beam = writer.default_params(model).replace(num_beams=4)
+    greedy = writer.default_params(model).replace(num_beams=1)
     raw_params = SamplingParams(temperature=0.0, max_new_tokens=256)
 
     def app(prompt=None, params=None):
@@ -91,13 +93,13 @@ def run(direction: str, split: str, limit: int | None, show: bool, rows: list[st
                 en, zh = prompt
                 writer.ACTIONS["translate"] = dataclasses.replace(shipped, en=en, zh=zh)
             try:
-                return writer.translate(model, src, target, params=params)
+                return writer.checked_write(model, "translate", src, to=target, params=params).output
             finally:
                 writer.ACTIONS["translate"] = shipped
         return go
 
     methods = {"raw": lambda src: model.chat([{"role": "user", "content": RAW[target].format(text=src)}], raw_params),
-               "muse": app(), "muse +beam4": app(params=beam)}
+               "muse": app(), "muse greedy": app(params=greedy), "muse +beam4": app(params=beam)}
     for name, prompt in CANDIDATES.items():
         methods[name] = app(prompt)
         methods[f"{name} +beam4"] = app(prompt, beam)

@@ -108,13 +108,8 @@ def _candidate_label(tokenizer, context: list[int], token_id: int) -> str:
         added = added[len(broken):]
     if added and "\ufffd" not in added:
         return added.translate(VISIBLE)
-    raw = tokenizer.id_to_token(token_id) or ""
-    from muse.tokenizer import _byte_alphabet
-
-    to_byte = {c: b for b, c in _byte_alphabet().items()}
-    if raw and all(c in to_byte for c in raw):  # byte-level BPE spelling -> the bytes
-        return "‹" + bytes(to_byte[c] for c in raw).hex(" ") + "›"
-    return raw
+    piece = tokenizer.piece_bytes(token_id)
+    return "‹" + piece.hex(" ") + "›" if piece else (tokenizer.id_to_token(token_id) or "")
 
 
 # ----------------------------------------------------------------------------- capture

@@ -353,8 +353,8 @@ def stream_generate(model: Transformer, tokenizer, prompt: "str | list[int]",
         ids = list(prompt)
     ids, max_new = fit_prompt(ids, model.config.block_size, p)
     if p.num_beams > 1:
-        if p.constraint is not None or p.logit_bias or p.logprobs is not None:
-            raise ValueError("constraint, logit_bias and logprobs need num_beams=1 (beam search does not take them)")
+        if p.constraint is not None or p.logprobs is not None:
+            raise ValueError("constraint and logprobs need num_beams=1 (beam search does not take them)")
         yield from _stream_beams(model, tokenizer, ids, p, max_new)
         return
     procs = LogitsProcessors(p, tokenizer, model.config.vocab_size, ids, model.device)
@@ -687,8 +687,10 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
     finished: list[tuple[float, list[int]]] = []
     improvable = True
     watch = _beam_watch.get()
+    bias = _bias_vector(p.logit_bias, logits.size(-1))  # (V,) or None
     for n in range(1, max_new + 1):
-        logp = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (nb, V)
+        last = logits[:, -1, :].float()  # (nb, V)
+        logp = F.log_softmax(last + bias if bias is not None else last, dim=-1)
         if p.repetition_penalty != 1.0:
             ctx = torch.cat([torch.tensor([ids] * nb), seqs], dim=1)
             logp = apply_penalties(logp, ctx, seqs, p)
@@ -718,6 +720,17 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
         cache.reorder(beam[sel])
         logits, _ = model(seqs[:, -1:], cache=cache, last_only=True)
     return finished[0][1] if finished else seqs[0].tolist()
+
+
+def _bias_vector(logit_bias: dict[int, float] | None, vocab_size: int) -> torch.Tensor | None:
+    """`logit_bias` as a (V,) tensor to add to every beam's logits; ValueError for an id past the vocabulary."""
+    if not logit_bias:
+        return None
+    if max(logit_bias) >= vocab_size:
+        raise ValueError(f"logit_bias names token id {max(logit_bias)}, but the vocabulary has {vocab_size} tokens")
+    bias = torch.zeros(vocab_size)
+    bias[torch.tensor(list(logit_bias))] = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+    return bias
 
 
 def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Iterator[GenerationChunk]:

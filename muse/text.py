@@ -33,6 +33,36 @@ def han_count(text: str) -> int:
     return len(_NOT_HAN.sub("", text))  # several times faster on Chinese text than len(HAN_RE.findall(text))
 
 
+# Chinese punctuation as Latin-script text writes it.
+_LATIN_PUNCT = {"，": ", ", "。": ". ", "！": "! ", "？": "? ", "：": ": ", "；": "; ", "、": ", ", "（": " (", "）": ") "}
+_ROMANIZABLE = re.compile(f"[{HAN}]{{1,4}}(?![{HAN}])|[{''.join(_LATIN_PUNCT)}]")
+ROMANIZE_MAX = 4  # Han characters: a name or a word; a longer run is a clause left untranslated
+
+
+def romanize(text: str) -> str:
+    """Latin-script text with the Chinese a translation left in it written in Latin letters: runs of up
+    to ROMANIZE_MAX Han characters as pinyin, one capitalized word a run ("from杭州 to Beijing" → "from
+    Hangzhou to Beijing": mostly the names a small model cannot translate), and Chinese punctuation as
+    Latin. Longer runs are left as they are."""
+    if not _ROMANIZABLE.search(text):
+        return text
+    from pypinyin import lazy_pinyin  # its dictionaries take ~0.2 s to load
+
+    def latin(m: re.Match) -> str:
+        run = m.group(0)
+        if run in _LATIN_PUNCT:
+            return _LATIN_PUNCT[run]
+        if m.start() > 0 and HAN_RE.match(text[m.start() - 1]):
+            return run  # the tail of a longer run
+        before = " " if m.start() > 0 and text[m.start() - 1].isalnum() else ""
+        after = " " if m.end() < len(text) and text[m.end()].isalnum() else ""
+        return before + "".join(lazy_pinyin(run)).capitalize() + after
+
+    out = re.sub(r"(?<=\S) {2,}", " ", _ROMANIZABLE.sub(latin, text))  # "，last" → ", last", not ",  last"
+    out = re.sub(r" +([,.!?:;)])", r"\1", out)
+    return out if text.endswith(" ") else out.rstrip(" ")
+
+
 def language(text: str) -> str:
     """'zh' when Chinese characters make up at least a fifth of the letters, else 'en'."""
     han = han_count(text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -354,6 +355,17 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
 
+    def piece_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for, read from its spelling: a byte-level vocabulary's (GPT-2's byte
+        alphabet) or SentencePiece's byte fallback (`<0xE4>`); b"" for any other spelling. Meant for
+        tokens that hold part of a character (they decode to U+FFFD), whose text cannot say it."""
+        raw = self.backend.id_to_token(i) or ""
+        hexed = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", raw)
+        if hexed:
+            return bytes([int(hexed.group(1), 16)])
+        to_byte = _byte_values()
+        return bytes(to_byte[c] for c in raw) if raw and all(c in to_byte for c in raw) else b""
+
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
@@ -628,6 +640,12 @@ def _byte_alphabet() -> dict[int, str]:
             mapping[b] = chr(256 + extra)
             extra += 1
     return mapping
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_values() -> dict[str, int]:
+    """GPT-2's byte alphabet read backwards: printable character -> byte."""
+    return {c: b for b, c in _byte_alphabet().items()}
 
 
 def _byte_level_backend(tokens: list[str], types: list[int], merges: list[str] | None, pre: str | None):

@@ -184,3 +184,16 @@ def test_commentary_and_unchanged_outputs_fail_their_gates():
     assert [p.gate for p in check("translate", "今天天气很好。", "今天天气很好。")] == ["unchanged"]
     assert check("rewrite", text, "Hi all, the meeting has moved to Friday because the room is booked.") == []
     assert "commentary" in [p.gate for p in check("polish", "我觉得这个方案可以", "我对原文做了以下修改：把“可以”改成了“可行”。")]
+
+
+def test_chinese_names_a_translation_into_english_left_are_written_in_pinyin():
+    source = "她在广州住了十年，去年搬到厦门，今年又搬到深圳。"
+    out = repair("translate", source, "She lived in Guangzhou for ten years，moved to厦门 last year and to 深圳 this year。",
+                 to="en")
+    assert out == "She lived in Guangzhou for ten years, moved to Xiamen last year and to Shenzhen this year."
+    # a clause left untranslated is not turned into one long pinyin word
+    assert repair("translate", source, "She said 只能现场排队了吧 then.", to="fr") == "She said 只能现场排队了吧 then."
+    # into a language written in Chinese characters, or when the output is still Chinese: as it was
+    assert repair("translate", source, "彼女は厦门に引っ越した。", to="ja") == "彼女は厦门に引っ越した。"
+    assert repair("translate", "She moved to Xiamen.", "她搬到了厦门。", to="zh") == "她搬到了厦门。"
+    assert repair("rewrite", source, "She moved to厦门.") == "She moved to厦门."

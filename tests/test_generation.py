@@ -133,6 +133,18 @@ def test_beam_search_matches_transformers_on_tiny_model(tmp_path):
             ref.pop()
         assert ours == ref, f"prompt={prompt} length_penalty={lp}"
     assert beam_search(model, [7, 7, 7], SamplingParams(num_beams=5), 12, {5})[-1] == 5
+    # logit_bias on the beams, as transformers bans words and renormalizes: the plain beam's tokens are out
+    prompt = [1, 9, 17, 33, 2]
+    plain = beam_search(model, prompt, SamplingParams(num_beams=5, max_new_tokens=12), 12, {5})
+    banned = sorted(set(plain[:3]) - {5})
+    ours = beam_search(model, prompt, SamplingParams(num_beams=5, max_new_tokens=12,
+                                                     logit_bias={t: -100.0 for t in banned}), 12, {5})
+    ref = hf.generate(torch.tensor([prompt]), num_beams=5, do_sample=False, max_new_tokens=12, eos_token_id=5,
+                      pad_token_id=0, bad_words_ids=[[t] for t in banned], renormalize_logits=True)[0, len(prompt):]
+    ref = ref.tolist()
+    while ref and ref[-1] == 0 and 0 not in ours:
+        ref.pop()
+    assert ours == ref and not set(ours) & set(banned)
 
 
 def test_generation_config_sampling_applies_when_the_user_sets_nothing(tmp_path, monkeypatch):

@@ -175,3 +175,13 @@ def test_sentences_end_where_a_sentence_ends_not_at_abbreviations(text, expected
     from muse.text import sentences
 
     assert sentences(text) == expected
+
+
+def test_romanize_writes_short_han_runs_as_pinyin_and_chinese_punctuation_as_latin():
+    from muse.text import romanize
+
+    assert romanize("The train from杭州 to 北京（by rail）。") == "The train from Hangzhou to Beijing (by rail)."
+    assert romanize("乌鲁木齐 is far") == "Wulumuqi is far"  # four characters: still a name
+    assert romanize("Left 只能现场排队了吧 here") == "Left 只能现场排队了吧 here"  # longer: a clause, left alone
+    clean = "Nothing to do here.  Two spaces stay. "
+    assert romanize(clean) is clean

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import gguf
+import tokenizers
 import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import Regex, models, pre_tokenizers
@@ -129,6 +130,16 @@ def test_stream_decoder_is_utf8_safe(tok, text):
     assert not any("\ufffd" in c for c in chunks)
     # The test only means something if characters really were split across tokens.
     assert "" in chunks[:-1]
+
+
+def test_piece_bytes_spell_the_parts_of_a_character(tok):
+    text = "你好👍"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # characters really were split across tokens
+    assert b"".join(tok.piece_bytes(i) for i in ids) == text.encode("utf-8")
+    sp = Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel({"<0xE4>": 0, "▁hi": 1}, unk_token="▁hi")),
+                   bos_token=None, eos_tokens=[], pad_token=None, add_bos=False, chat_template=None)
+    assert sp.piece_bytes(0) == b"\xe4" and sp.piece_bytes(1) == b""  # SentencePiece byte fallback; not a byte
 
 
 def test_stream_decoder_specials_and_flush(tok):

@@ -200,6 +200,23 @@ def test_translate_prompt_is_in_the_target_language(tok, monkeypatch):
     assert "Translate this into 简体中文:" in prompt  # the measured en→zh prompt: the raw prompt's few words
 
 
+def test_translation_into_english_searches_beams_unless_it_samples(tok, monkeypatch):
+    import muse.generation as generation
+
+    widths, real = [], generation.beam_search
+    monkeypatch.setattr(generation, "beam_search", lambda model, ids, p, *rest: widths.append(p.num_beams)
+                        or real(model, ids, p, *rest))
+    model = scripted(tok, "The weather is nice today.")
+    assert writer.default_params(model, "translate", "English").num_beams == writer.TRANSLATE_BEAMS
+    assert writer.default_params(model, "translate", "zh").num_beams == 1  # into Chinese greedy measured better
+    assert writer.default_params(model, "rewrite").num_beams == 1
+    assert writer.translate(model, "Il fait beau aujourd'hui.", to="en") == "The weather is nice today."
+    assert widths == [writer.TRANSLATE_BEAMS]
+    sampled = writer.default_params(model, "translate", "en").replace(temperature=0.7, seed=1)
+    assert writer.translate(model, "Il fait beau aujourd'hui.", to="en", params=sampled) == "The weather is nice today."
+    assert widths == [writer.TRANSLATE_BEAMS]  # beams do not sample: that one was decoded token by token
+
+
 # -- files and versions -------------------------------------------------------------------
 
 def test_write_file_keeps_the_original_and_each_result(tmp_path):
@@ -289,6 +306,15 @@ def test_translate_between_chinese_and_english(qwen):
     assert language(en) == "en" and "tea" in en.lower()
     zh = writer.translate(qwen, "I drink a cup of tea every morning.", to="zh", params=params)
     assert language(zh) == "zh" and "茶" in zh
+
+
+@pytest.mark.slow
+def test_names_the_model_leaves_in_chinese_come_out_in_pinyin(qwen):
+    from muse.text import HAN_RE
+
+    source = "我的朋友上个月从厦门搬到了深圳。"  # qwen2.5-0.5b's English keeps both cities in characters
+    out = writer.checked_write(qwen, "translate", source, to="en").output
+    assert "Xiamen" in out and "Shenzhen" in out and not HAN_RE.search(out)
 
 
 # -- the CLI ------------------------------------------------------------------------------

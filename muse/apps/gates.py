@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 from muse.apps.cleaning import PREAMBLES
-from muse.text import has_number, language, numbers, sentence_spans, sentences, strip_list_marker
+from muse.apps.language import writes_cjk
+from muse.text import has_number, language, numbers, romanize, sentence_spans, sentences, strip_list_marker
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
 SHORTEN_MIN = 0.2    # and at least this share: less is a headline, not the text's key points
@@ -100,10 +101,12 @@ def summary(problems: list[Problem]) -> str:
     return "; ".join(str(p) for p in problems)
 
 
-def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
+def repair(action: str, source: str, output: str, titles: int = TITLES, to: str | None = None) -> str:
     """`output` with what can be fixed without the model fixed: a line or sentence repeated word for
     word is kept once (unless the source repeats it too), a leftover label line ("The short answer
-    is:") is dropped, and titles keep the first `titles` distinct ones. What is left is for `check`."""
+    is:") is dropped, titles keep the first `titles` distinct ones, and a translation into a language
+    not written in CJK characters (`to`) writes the Chinese words it left in pinyin (`romanize`). What
+    is left is for `check`."""
     twice = {u for u in _units(source) if _units(source).count(u) > 1}
     src = _norm(source)
     seen: set[str] = set()
@@ -139,6 +142,8 @@ def repair(action: str, source: str, output: str, titles: int = TITLES) -> str:
                 seen_titles.append(t)
                 picked.append(line)
         out = "\n".join(strip_list_marker(line).strip() for line in picked[:titles])  # renumbered: plain lines
+    if action == "translate" and to and not writes_cjk(to) and language(out) != "zh":
+        out = romanize(out)
     return out
 
 

@@ -55,3 +55,8 @@ def family(model) -> str | None:
     """The model family the method tables know `model` by (FAMILIES, else ARCH_FAMILIES), or None."""
     config = getattr(model, "config", None)
     return FAMILIES.get(model.info.get("name", "")) or ARCH_FAMILIES.get(getattr(config, "arch", None))
+
+
+def writes_cjk(code: str) -> bool:
+    """Whether a language (writer.LANGUAGES code) is written in CJK characters: zh, zh-tw, ja, ko."""
+    return code.split("-")[0] in ("zh", "ja", "ko")

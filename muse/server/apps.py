@@ -705,9 +705,9 @@ async def write(body: WriteBody, request: Request):
     _check_chars(request, len(body.text), "text")
     work = Work(request)
     model = work.model(body.model, body.text, chinese=into_chinese(body.to))
+    params = body.params(default_params(model, body.action, body.to))
     items = await work.call(stream_checked, model, body.action, body.text, tone=body.tone,
-                            to=body.to, length=body.length, params=body.params(default_params(model)),
-                            attempts=ATTEMPTS if body.check else 1)
+                            to=body.to, length=body.length, params=params, attempts=ATTEMPTS if body.check else 1)
     return await work.respond(_write_events(_state(request).store, body, items), body.stream)
 
 
