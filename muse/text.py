@@ -310,6 +310,22 @@ def numbers(text: str, generous: bool = False) -> dict[float, str]:
     return out
 
 
+# An amount written with a Chinese scale: digits with 万/亿 (30万, 1.5亿), or a Chinese numeral holding
+# 千/万/亿 before a counter (一万二千元, 三十万人): not 千万 in 千万不要 ("by all means do not").
+_SCALED = re.compile(r"(\d+(?:\.\d+)?)\s*(万亿|亿|万)|([零〇一二两三四五六七八九十百千万亿]*[千万亿][零〇一二两三四五六七八九十百千万亿]*)"
+                     r"(?=[元块人位个张台辆次家名户件套间吨斤米])")
+
+
+def arabic_amounts(text: str) -> str:
+    """`text` with its amounts in Chinese scales written in digits: 30万元 → 300,000元, 一万二千元 →
+    12,000元, 1.5亿 → 150,000,000. A small model translating into English reads 万 (ten thousand)
+    wrongly: 30万元 came out as "30 million" and "$30,000"; digits it copies."""
+    def digits(m: re.Match) -> str:
+        value = float(m.group(1)) * _SCALE[m.group(2)] if m.group(1) else _cn_value(m.group(3))
+        return f"{value:,.0f}" if value == int(value) else f"{value:,}"
+    return _SCALED.sub(digits, text)
+
+
 def has_number(value: float, values) -> bool:
     """Whether `value` is among `values` (from `numbers`), up to float rounding: 3.5 million = 350万."""
     return any(abs(value - v) <= 1e-6 * max(1.0, abs(value)) for v in values)

@@ -185,3 +185,15 @@ def test_romanize_writes_short_han_runs_as_pinyin_and_chinese_punctuation_as_lat
     assert romanize("Left 只能现场排队了吧 here") == "Left 只能现场排队了吧 here"  # longer: a clause, left alone
     clean = "Nothing to do here.  Two spaces stay. "
     assert romanize(clean) is clean
+
+
+def test_arabic_amounts_writes_chinese_scales_in_digits_and_keeps_their_value():
+    from muse.text import arabic_amounts, has_number, numbers
+
+    cases = {"投资了30万元。": "投资了300,000元。", "一共花了一万二千元": "一共花了12,000元",
+             "预算1.5亿元": "预算150,000,000元", "三十万人参加": "300,000人参加", "共2.35万元": "共23,500元"}
+    for text, want in cases.items():
+        assert arabic_amounts(text) == want
+        assert all(has_number(v, numbers(want)) for v in numbers(text))  # the same amounts, by value
+    for words in ("千万不要迟到", "三百元", "十五公里", "一起去"):  # an idiom, and numbers read fine as they are
+        assert arabic_amounts(words) == words

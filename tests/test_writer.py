@@ -217,6 +217,18 @@ def test_translation_into_english_searches_beams_unless_it_samples(tok, monkeypa
     assert widths == [writer.TRANSLATE_BEAMS]  # beams do not sample: that one was decoded token by token
 
 
+def test_translation_from_chinese_gives_the_model_amounts_in_digits(tok, monkeypatch):
+    from muse.apps import language
+
+    monkeypatch.setattr(writer, "supports_chinese", lambda model: True)
+    monkeypatch.setattr(language, "supports_chinese", lambda model: True)
+    model = scripted(tok, "They invested 300,000 yuan.")
+    assert writer.translate(model, "他们投资了30万元。", to="en") == "They invested 300,000 yuan."
+    assert "300,000元" in tok.decode(model.model.prompts[0])  # 30万 is misread as "30 million"
+    writer.translate(model, "他们投资了30万元。", to="ja")
+    assert "30万元" in tok.decode(model.model.prompts[-1])  # Japanese writes 万 too
+
+
 # -- files and versions -------------------------------------------------------------------
 
 def test_write_file_keeps_the_original_and_each_result(tmp_path):

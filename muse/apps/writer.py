@@ -44,7 +44,7 @@ from muse.apps import gates
 from muse.apps.cleaning import OutputCleaner
 from muse.apps.gates import Problem
 from muse.apps.language import LanguageError, check_language, supports_chinese, writes_cjk
-from muse.text import pack_spans
+from muse.text import arabic_amounts, pack_spans
 from muse.errors import MuseError
 from muse.fileio import replacing
 from muse.sampling import GenerationChunk, SamplingParams
@@ -306,6 +306,8 @@ def stream_write(model, action: str, text: str, *, tone: str | None = None, to: 
     if act.name == "translate":
         _check_target(model, opts.to)
         params = _translation_params(params)
+        if text_lang == "zh" and not writes_cjk(opts.to):
+            text = arabic_amounts(text)  # 30万元 → 300,000元: small models misread 万
     lang = _prompt_lang(act, text_lang, opts)
     if act.kind == "summary":
         return _stream_summary(model, text, opts, params)
