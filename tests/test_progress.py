@@ -143,6 +143,16 @@ def test_cli_beam_search_says_so_on_stderr_and_keeps_stdout_clean(default_model,
     assert r.stdout == expected + "\n"  # the text and the newline after it, nothing else
 
 
+def test_cli_translation_into_english_shows_its_beams_on_stderr(default_model, monkeypatch):
+    from muse.apps.writer import TRANSLATE_BEAMS
+
+    monkeypatch.setenv("MUSE_PROGRESS", "1")
+    r = runner.invoke(app, ["write", "translate", "--to", "en", "Bonjour tout le monde.", "-n", "8", "--no-check"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0 and f"Beam search, {TRANSLATE_BEAMS} beams…" in r.stderr
+    assert r.stdout.strip() and "Beam search" not in r.stdout
+
+
 def test_commands_that_load_a_model_say_so_first(default_model, monkeypatch):
     """write, create and chat load a model before their first word: stderr says so, stdout stays the answer."""
     monkeypatch.setenv("MUSE_PROGRESS", "1")

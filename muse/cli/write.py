@@ -163,7 +163,7 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
     attempts = ATTEMPTS if check else 1
     live = sys.stdout.isatty()
     result = None
-    for item in stream_checked(m, action, source, params=params, attempts=attempts, **options):
+    for item in _beams_shown(m, params, stream_checked(m, action, source, params=params, attempts=attempts, **options)):
         if isinstance(item, Retry):
             err.print(f"\n[yellow]✗ failed its checks[/] ({summary(item.problems)}); trying again "
                       f"({item.attempt}/{attempts})…", highlight=False)
@@ -188,6 +188,19 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
         err.print(f"[yellow]Warning (--no-check):[/] {summary(result.problems)}", highlight=False)
     if target is not None:
         _save(target, result_text(action, source, result.output, str(target)), action)  # refuses an empty output
+
+
+def _beams_shown(m, params, items):
+    """`items`, with beam search's steps shown on stderr until the first arrives (a translation into
+    English searches beams, and a beam's text arrives whole when its piece is done)."""
+    if params.num_beams == 1:
+        yield from items
+        return
+    from muse.cli.progress import Activity, showing_beams, until_first
+
+    with Activity() as activity, showing_beams(activity, m.tokenizer, f"Beam search, {params.num_beams} beams",
+                                               params.max_new_tokens):
+        yield from until_first(items, activity)
 
 
 def _chinese(source: str, to: str | None) -> bool:
