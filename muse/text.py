@@ -35,8 +35,8 @@ def han_count(text: str) -> int:
 
 # Chinese punctuation as Latin-script text writes it.
 _LATIN_PUNCT = {"，": ", ", "。": ". ", "！": "! ", "？": "? ", "：": ": ", "；": "; ", "、": ", ", "（": " (", "）": ") "}
-_ROMANIZABLE = re.compile(f"[{HAN}]{{1,4}}(?![{HAN}])|[{''.join(_LATIN_PUNCT)}]")
 ROMANIZE_MAX = 4  # Han characters: a name or a word; a longer run is a clause left untranslated
+_ROMANIZABLE = re.compile(f"[{HAN}]{{1,{ROMANIZE_MAX}}}(?![{HAN}])|[{''.join(_LATIN_PUNCT)}]")
 
 
 def romanize(text: str) -> str:
@@ -312,7 +312,8 @@ def numbers(text: str, generous: bool = False) -> dict[float, str]:
 
 # An amount written with a Chinese scale: digits with 万/亿 (30万, 1.5亿), or a Chinese numeral holding
 # 千/万/亿 before a counter (一万二千元, 三十万人): not 千万 in 千万不要 ("by all means do not").
-_SCALED = re.compile(r"(\d+(?:\.\d+)?)\s*(万亿|亿|万)|([零〇一二两三四五六七八九十百千万亿]*[千万亿][零〇一二两三四五六七八九十百千万亿]*)"
+_SCALED = re.compile(r"(?<![\d.,])(\d+(?:,\d{3})*(?:\.\d+)?)\s*(万亿|亿|万)"
+                     r"|([零〇一二两三四五六七八九十百千万亿]*[千万亿][零〇一二两三四五六七八九十百千万亿]*)"
                      r"(?=[元块人位个张台辆次家名户件套间吨斤米])")
 
 
@@ -321,7 +322,12 @@ def arabic_amounts(text: str) -> str:
     12,000元, 1.5亿 → 150,000,000. A small model translating into English reads 万 (ten thousand)
     wrongly: 30万元 came out as "30 million" and "$30,000"; digits it copies."""
     def digits(m: re.Match) -> str:
-        value = float(m.group(1)) * _SCALE[m.group(2)] if m.group(1) else _cn_value(m.group(3))
+        if m.group(1):
+            value = float(m.group(1).replace(",", "")) * _SCALE[m.group(2)]
+        elif len(m.group(3)) > 1:
+            value = _cn_value(m.group(3))
+        else:
+            return m.group(0)  # 万 alone (万人空巷): a word
         return f"{value:,.0f}" if value == int(value) else f"{value:,}"
     return _SCALED.sub(digits, text)
 

@@ -191,9 +191,10 @@ def test_arabic_amounts_writes_chinese_scales_in_digits_and_keeps_their_value():
     from muse.text import arabic_amounts, has_number, numbers
 
     cases = {"投资了30万元。": "投资了300,000元。", "一共花了一万二千元": "一共花了12,000元",
-             "预算1.5亿元": "预算150,000,000元", "三十万人参加": "300,000人参加", "共2.35万元": "共23,500元"}
+             "预算1.5亿元": "预算150,000,000元", "三十万人参加": "300,000人参加", "共2.35万元": "共23,500元",
+             "3,000万元": "30,000,000元", "千万元": "10,000,000元"}
     for text, want in cases.items():
         assert arabic_amounts(text) == want
         assert all(has_number(v, numbers(want)) for v in numbers(text))  # the same amounts, by value
-    for words in ("千万不要迟到", "三百元", "十五公里", "一起去"):  # an idiom, and numbers read fine as they are
+    for words in ("千万不要迟到", "万人空巷", "三百元", "十五公里", "一起去"):  # an idiom, and numbers read fine as they are
         assert arabic_amounts(words) == words
