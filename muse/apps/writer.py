@@ -17,6 +17,9 @@ How each action treats a long text (never cut silently):
   it writes next.
 
 Prompts exist in English and Chinese; the input's language picks one (translate: the target's).
+A translation into a language not written in CJK characters searches TRANSLATE_BEAMS beams, is
+given Chinese amounts in digits (30万元 as 300,000元: `muse.text.arabic_amounts`), and has the
+Chinese names it leaves written in pinyin (`muse.text.romanize`, among the repairs below).
 expand and shorten name the length they want, per piece: at least twice its words (Chinese:
 characters), at most SHORTEN_TO of them.
 The model's output is cleaned of "Sure, here is…" preambles, wrapping quotes or code fences and

@@ -159,7 +159,7 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
     source = _read_input(text, input)
     target = _target(input, output, in_place)
     m = load_for(model, precision, _chinese(source, options.get("to")))
-    params = over(default_params(m, action, options.get("to")), given)  # the writer's defaults (model, action) + what was given
+    params = over(default_params(m, action, options.get("to")), given)  # the writer's defaults + what was given
     attempts = ATTEMPTS if check else 1
     live = sys.stdout.isatty()
     result = None
