@@ -371,6 +371,24 @@ def test_cli_file_in_file_out_history_and_restore(cli_model, tmp_path):
     assert "restore 1" in r.stdout
 
 
+def test_cli_on_a_terminal_prints_the_repaired_text_after_the_draft(tok, monkeypatch, tmp_path):
+    from muse.apps import language
+    from muse.cli import app, write as write_cli
+
+    model = scripted(tok, "The train from杭州 to Beijing.")
+    monkeypatch.setattr(muse, "load", lambda *args, **kwargs: model)
+    for module in (writer, language):
+        monkeypatch.setattr(module, "supports_chinese", lambda model: True)
+    monkeypatch.setattr(write_cli, "_terminal", lambda: True)
+    out = tmp_path / "en.txt"
+    r = CliRunner().invoke(app, ["write", "translate", "--to", "en", "高铁从杭州开往北京。", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    # the draft as it streamed, then (after "repaired:" on stderr, which ends the draft's line) the final text
+    assert r.stdout.rstrip("\n") == "The train from杭州 to Beijing." + "The train from Hangzhou to Beijing."
+    assert "repaired:" in r.stderr
+    assert out.read_text(encoding="utf-8") == "The train from Hangzhou to Beijing."  # what is saved, repaired
+
+
 def test_cli_reads_stdin_and_continue_appends(tok, monkeypatch, tmp_path):
     from muse.cli import app
 

@@ -161,8 +161,8 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
     m = load_for(model, precision, _chinese(source, options.get("to")))
     params = over(default_params(m, action, options.get("to")), given)  # the writer's defaults + what was given
     attempts = ATTEMPTS if check else 1
-    live = sys.stdout.isatty()
-    result = None
+    live = _terminal()
+    result, draft = None, []
     for item in _beams_shown(m, params, stream_checked(m, action, source, params=params, attempts=attempts, **options)):
         if isinstance(item, Retry):
             err.print(f"\n[yellow]✗ failed its checks[/] ({summary(item.problems)}); trying again "
@@ -170,11 +170,15 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
         elif isinstance(item, Checked):
             result = item
         elif live:
+            draft.append(item.text)
             sys.stdout.write(item.text)
             sys.stdout.flush()
-    if live and result.attempts > 1:
-        err.print(f"[dim]attempt {result.attempts}:[/]", highlight=False)
-    if not live or result.attempts > 1:
+    # The checks' repairs (a repeated line dropped, a name left in Chinese written in pinyin) change
+    # the streamed draft: then the final text is printed too, as after a retry.
+    repaired = live and result.attempts == 1 and result.output.strip() != "".join(draft).strip()
+    if live and (result.attempts > 1 or repaired):
+        err.print("\n[dim]repaired:[/]" if repaired else f"[dim]attempt {result.attempts}:[/]", highlight=False)
+    if not live or result.attempts > 1 or repaired:
         sys.stdout.write(result.output)
     sys.stdout.write("\n")
     _stats(result.last, verbose)
@@ -188,6 +192,11 @@ def _run(action, text, input, output, in_place, given, model, precision, verbose
         err.print(f"[yellow]Warning (--no-check):[/] {summary(result.problems)}", highlight=False)
     if target is not None:
         _save(target, result_text(action, source, result.output, str(target)), action)  # refuses an empty output
+
+
+def _terminal() -> bool:
+    """Whether stdout is a terminal: the first attempt streams there as a draft."""
+    return sys.stdout.isatty()
 
 
 def _beams_shown(m, params, items):
