@@ -197,3 +197,20 @@ def test_chinese_names_a_translation_into_english_left_are_written_in_pinyin():
     assert repair("translate", source, "彼女は厦门に引っ越した。", to="ja") == "彼女は厦门に引っ越した。"
     assert repair("translate", "She moved to Xiamen.", "她搬到了厦门。", to="zh") == "她搬到了厦门。"
     assert repair("rewrite", source, "She moved to厦门.") == "She moved to厦门."
+
+
+def test_a_translation_in_the_wrong_script_is_flagged():
+    def language_problems(source, output, to):
+        return [p for p in check("translate", source, output, to=to) if p.gate == "language"]
+
+    en, zh = "The train to Beijing leaves at eight tomorrow.", "明天早上八点的高铁从杭州开往北京。"
+    assert language_problems(en, "The train to Beijing leaves at 8 tomorrow.", "zh")  # into Chinese, no Chinese
+    assert not language_problems(en, "开往北京的火车明天八点出发。", "zh")
+    assert not language_problems(en, "北京行きの電車は明日8時に出発します。", "ja")
+    assert language_problems(en, "开往北京的火车明天八点出发。", "ko")  # Chinese is no Korean
+    assert not language_problems(en, "베이징행 기차는 내일 8시에 출발합니다.", "ko")
+    assert language_problems(zh, "明天早上八点的高铁从杭州开往北京，很快。", "en")  # still Chinese
+    assert not language_problems(zh, "The high-speed train from Hangzhou to Beijing leaves at 8.", "en")
+    # Latin-script languages are not told apart: English "into French" passes this gate
+    assert not language_problems(en, "The train to Beijing leaves at 8 tomorrow.", "fr")
+    assert not language_problems(en, "The train to Beijing leaves at 8 tomorrow.", None)

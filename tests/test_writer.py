@@ -217,6 +217,13 @@ def test_translation_into_english_searches_beams_unless_it_samples(tok, monkeypa
     assert widths == [writer.TRANSLATE_BEAMS]  # beams do not sample: that one was decoded token by token
 
 
+def test_a_translation_into_chinese_without_chinese_fails_its_checks(tok, monkeypatch):
+    monkeypatch.setattr(writer, "supports_chinese", lambda model: True)
+    result = writer.checked_write(scripted(tok, "The weather is very nice today."), "translate",
+                                  "The weather is nice today.", to="zh")
+    assert not result.ok and "language" in [p.gate for p in result.problems] and result.attempts == writer.ATTEMPTS
+
+
 def test_translation_from_chinese_gives_the_model_amounts_in_digits(tok, monkeypatch):
     from muse.apps import language
 

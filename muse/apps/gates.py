@@ -31,7 +31,7 @@ from difflib import SequenceMatcher
 
 from muse.apps.cleaning import PREAMBLES
 from muse.apps.language import writes_cjk
-from muse.text import has_number, language, numbers, romanize, sentence_spans, sentences, strip_list_marker
+from muse.text import HAN, has_number, language, numbers, romanize, sentence_spans, sentences, strip_list_marker
 
 SHORTEN_MAX = 0.75   # shorten: at most this share of the input's length
 SHORTEN_MIN = 0.2    # and at least this share: less is a headline, not the text's key points
@@ -51,7 +51,7 @@ GATES: dict[str, tuple[str, ...]] = {
     "shorten": ("repetition", "preamble", "commentary", "invented", "dropped", "length"),
     "expand": ("repetition", "preamble", "commentary", "numbers", "dropped", "length"),
     "summarize": ("repetition", "preamble", "commentary", "invented", "length"),
-    "translate": ("repetition", "preamble", "commentary", "unchanged", "numbers", "dropped"),
+    "translate": ("repetition", "preamble", "commentary", "unchanged", "numbers", "dropped", "language"),
     "titles": ("preamble", "shape"),
     "outline": ("repetition", "preamble", "numbers", "shape"),
     "continue": ("repetition",),
@@ -60,7 +60,7 @@ GATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Problem:
-    gate: str     # repetition | preamble | commentary | unchanged | invented | dropped | length | shape
+    gate: str     # repetition | preamble | commentary | unchanged | invented | dropped | length | shape | language
     message: str  # what is wrong, for the user
     items: tuple[str, ...] = ()  # invented / dropped: every number or name at fault (the message shows 6)
 
@@ -68,9 +68,11 @@ class Problem:
         return f"{self.gate}: {self.message}"
 
 
-def check(action: str, source: str, output: str, *, length: int | None = None, titles: int = TITLES) -> list[Problem]:
+def check(action: str, source: str, output: str, *, length: int | None = None, titles: int = TITLES,
+          to: str | None = None) -> list[Problem]:
     """The problems of `output`, what `action` made of `source` (empty: it passed). `length` is
-    summarize's requested length; `titles` how many titles were asked for."""
+    summarize's requested length; `titles` how many titles were asked for; `to` a translation's
+    target (a writer.LANGUAGES code)."""
     gates = GATES.get(action, ("repetition", "preamble"))
     problems: list[Problem] = []
     if not output.strip():
@@ -89,6 +91,8 @@ def check(action: str, source: str, output: str, *, length: int | None = None, t
         problems += dropped(source, output)
     if "length" in gates:
         problems += length_target(action, source, output, length)
+    if "language" in gates and to:
+        problems += wrong_script(source, output, to)
     if action == "titles":
         problems += titles_shape(source, output, titles)
     elif action == "outline":
@@ -332,6 +336,22 @@ def dropped(source: str, output: str) -> list[Problem]:
     if names:
         problems.append(Problem("dropped", f"names lost from the text: {', '.join(names[:6])}", tuple(names)))
     return problems
+
+
+# The characters a text in these languages cannot do without: Chinese characters; kana or kanji; hangul.
+_SCRIPTS = {"zh": f"[{HAN}]", "ja": f"[\u3040-\u30ff{HAN}]", "ko": "[\uac00-\ud7af]"}
+
+
+def wrong_script(source: str, output: str, to: str) -> list[Problem]:
+    """A translation whose script shows it is not in the language `to`: into Chinese, Japanese or
+    Korean without a character of that script, or from Chinese into any other language still
+    mostly Chinese. (Latin-script languages are not told apart: a word test would refuse good ones.)"""
+    script = _SCRIPTS.get(to.split("-")[0])
+    if script is not None:
+        return [] if re.search(script, output) else [Problem("language", f"the translation has no {to} text in it")]
+    if language(source) == "zh" and language(output) == "zh":
+        return [Problem("language", "the translation is still mostly Chinese")]
+    return []
 
 
 _SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesday", "thu": "thursday",

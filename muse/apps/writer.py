@@ -420,10 +420,11 @@ def _checked(model, act, text, options, params, attempts, first, lang) -> Iterat
             parts.append(chunk.text)
             last = chunk
         raw = "".join(parts)
+        to = options["to"] and language_code(options["to"])
         if k == 1:
-            first_problems = gates.check(act.name, text, raw, length=options["length"])
-        output = gates.repair(act.name, text, raw, to=options["to"] and language_code(options["to"]))
-        problems = gates.check(act.name, text, output, length=options["length"])
+            first_problems = gates.check(act.name, text, raw, length=options["length"], to=to)
+        output = gates.repair(act.name, text, raw, to=to)
+        problems = gates.check(act.name, text, output, length=options["length"], to=to)
         if problems and act.name == "titles":
             pool += [t for t in gates.title_lines(output) if not gates.titles_shape(text, t, 1)]
             pooled = gates.repair("titles", text, "\n".join(pool))
@@ -450,6 +451,7 @@ _NOTES = {  # gate → (English, Chinese) repair instruction; {x} is filled in
                  "直接输出正文，不要开场白、标签或说明。"),
     "commentary": ("Reply with the rewritten text only, not with remarks about it.", "只输出改写后的正文，不要评论或说明。"),
     "unchanged": ("Do not copy the text: write it anew as asked.", "不要照抄原文，请按要求重新写。"),
+    "language": ("Write the whole translation in the language asked for.", "整篇译文都用要求的语言写。"),
     "invented": ("Use only the numbers, dates, amounts and names that are in the text; do not add {x}.",
                  "只使用原文中的数字、日期、金额和名称，不要添加{x}。"),
     "dropped": ("Keep every name, number, date and amount of the text, including {x}.",
