@@ -17,7 +17,11 @@ Each gate returns `Problem`s a user can read; an empty list means the output pas
 - `dropped`: the input's numbers, dates and amounts (and, in the same language, names) that the
   output lost;
 - `length`: shorten ≤ 75 % of the input, expand ≥ 110 %, summarize within its requested length;
-- `shape`: titles = N distinct short lines, not prose; outline = bulleted or numbered lines.
+- `shape`: titles = N distinct short lines, not prose; outline = bulleted or numbered lines;
+- `language`: a translation whose script shows it is not in the target language (`wrong_script`).
+
+`repair` fixes what needs no model first: repeated lines, leftover labels, surplus titles, and the
+Chinese names a translation into English left in characters (in pinyin: `muse.text.romanize`).
 
 Which gates apply depends on the action (`GATES`). Lengths are words for English and Han
 characters for Chinese. The checks are plain string work: no model, no torch.
