@@ -59,7 +59,7 @@ app.add_typer(write_app, name="write")
 TEXT_HELP = "The text to work on ('-' reads standard input). Or use -i FILE."
 CHECKS_HELP = ("Check the output before it counts as done: no repeated lines, no leftover \"Here is…\", no "
                "numbers or names the text does not have, shorten/expand/summarize lengths met, titles and "
-               "outlines as lists. A failing output is retried (up to 3 attempts, with a repair note); if it "
+               "outlines as lists, a translation into Chinese, Japanese or Korean in that script. A failing output is retried (up to 3 attempts, with a repair note); if it "
                "still fails, the problems are printed, the exit code is 1 and no file is written. On a "
                "terminal the first attempt streams as a draft. --no-check: one attempt, saved with a warning.")
 
