@@ -50,6 +50,18 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, generated: torc
     return logits
 
 
+def bias_of(logit_bias: dict[int, float] | None, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`logit_bias` as (token ids, values) to `index_add` to logits, or None; ValueError for an id past
+    the vocabulary. Sampling (`LogitsProcessors`) and beam search share it."""
+    if not logit_bias:
+        return None
+    bad = [t for t in logit_bias if t >= vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias names token id {bad[0]}, but the vocabulary has {vocab_size} tokens")
+    return (torch.tensor(list(logit_bias), dtype=torch.long),
+            torch.tensor(list(logit_bias.values()), dtype=torch.float32))
+
+
 class LogitsProcessors:
     """One request's logits processors, run on the logits (1, V) before sampling, in this order:
     repetition / presence / frequency penalties → `logit_bias` → the constraint's token mask.
@@ -65,13 +77,7 @@ class LogitsProcessors:
         self.prompt_len = len(prompt)
         self.device = device
         self.history = torch.tensor([prompt], dtype=torch.long, device=device) if self.penalized else None  # (1, T)
-        self.bias = None
-        if p.logit_bias:
-            bad = [t for t in p.logit_bias if t >= vocab_size]
-            if bad:
-                raise ValueError(f"logit_bias names token id {bad[0]}, but the vocabulary has {vocab_size} tokens")
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
-            self.bias = (ids, torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
+        self.bias = bias_of(p.logit_bias, vocab_size)
         self.mask = None
         if p.constraint is not None:
             from muse.constrain import TokenMask
@@ -687,10 +693,12 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
     finished: list[tuple[float, list[int]]] = []
     improvable = True
     watch = _beam_watch.get()
-    bias = _bias_vector(p.logit_bias, logits.size(-1))  # (V,) or None
+    bias = bias_of(p.logit_bias, logits.size(-1))
     for n in range(1, max_new + 1):
         last = logits[:, -1, :].float()  # (nb, V)
-        logp = F.log_softmax(last + bias if bias is not None else last, dim=-1)
+        if bias is not None:
+            last = last.index_add(1, bias[0], bias[1].expand(nb, -1))
+        logp = F.log_softmax(last, dim=-1)
         if p.repetition_penalty != 1.0:
             ctx = torch.cat([torch.tensor([ids] * nb), seqs], dim=1)
             logp = apply_penalties(logp, ctx, seqs, p)
@@ -720,17 +728,6 @@ def beam_search(model: Transformer, ids: list[int], p: SamplingParams, max_new: 
         cache.reorder(beam[sel])
         logits, _ = model(seqs[:, -1:], cache=cache, last_only=True)
     return finished[0][1] if finished else seqs[0].tolist()
-
-
-def _bias_vector(logit_bias: dict[int, float] | None, vocab_size: int) -> torch.Tensor | None:
-    """`logit_bias` as a (V,) tensor to add to every beam's logits; ValueError for an id past the vocabulary."""
-    if not logit_bias:
-        return None
-    if max(logit_bias) >= vocab_size:
-        raise ValueError(f"logit_bias names token id {max(logit_bias)}, but the vocabulary has {vocab_size} tokens")
-    bias = torch.zeros(vocab_size)
-    bias[torch.tensor(list(logit_bias))] = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
-    return bias
 
 
 def _stream_beams(model, tokenizer, ids, p: SamplingParams, max_new: int) -> Iterator[GenerationChunk]:

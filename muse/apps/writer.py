@@ -405,6 +405,7 @@ def checked_write(model, action: str, text: str, **options) -> Checked:
 
 def _checked(model, act, text, options, params, attempts, first, lang) -> Iterator:
     problems, first_problems, pool, best = [], [], [], None
+    to = options["to"] and language_code(options["to"])
     for k in range(1, max(1, attempts) + 1):
         if k == 1:
             chunks = first
@@ -420,7 +421,6 @@ def _checked(model, act, text, options, params, attempts, first, lang) -> Iterat
             parts.append(chunk.text)
             last = chunk
         raw = "".join(parts)
-        to = options["to"] and language_code(options["to"])
         if k == 1:
             first_problems = gates.check(act.name, text, raw, length=options["length"], to=to)
         output = gates.repair(act.name, text, raw, to=to)
