@@ -11,7 +11,8 @@ muse.apps.analysis.DEFAULT_METHODS records the best dev row of each column ("aut
 
 Candidates: likelihood on the plain or chat prompt, zero-shot (0) or with the fixed worked examples
 (shots; sentiment only, the topic labels are the user's), ± contextual calibration (cal); constrained
-choice in the chat (zero-shot or with shots); raw prompting, the same chat answered freely.
+choice in the chat (zero-shot or with shots); raw prompting, the same chat answered freely; the label
+nearest the text in the embedding model (embedding); the sentiment probe over that embedding (probe).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def candidates(task: str) -> dict[str, tuple]:
         out[f"likelihood chat {tag} total"] = ("likelihood", "chat", False, shots, True)
         out[f"constrained {tag}"] = ("constrained", "chat", False, shots)
         out[f"raw {tag}"] = ("raw", "chat", False, shots)
+    out["embedding"] = ("embedding", "plain", False, False)  # no language model runs
+    if task == "sentiment":
+        out["probe"] = ("probe", "plain", False, False)  # nor here: muse.apps.sentiment_probe
     return out
 
 

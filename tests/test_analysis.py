@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -211,8 +212,8 @@ def test_embedding_picks_the_label_nearest_the_text_and_runs_no_language_model()
     assert list(zh)[0] == "财经"
     cross = classify(m, "主队在下半场连进两球，以三比一获胜。", ["business", "sports", "health"])
     assert list(cross)[0] == "sports"  # Chinese text, English labels: one multilingual space
-    assert sentiment(m, "这家餐厅太棒了")["label"] == "positive"  # the README's example
-    bad = sentiment(m, "质量太差了，用了两天就坏了，客服也不理人，非常失望。")
+    assert sentiment(m, "这家餐厅太棒了", method="embedding")["label"] == "positive"  # the README's example
+    bad = sentiment(m, "质量太差了，用了两天就坏了，客服也不理人，非常失望。", method="embedding")
     assert bad["label"] == "negative" and set(bad["scores"]) == {"positive", "negative", "neutral"}
     asked = classify(m, "The striker scored twice in the cup final.", ["business", "sports"], method="embedding")
     assert analysis.top_label(asked, "embedding") == "sports"
@@ -234,8 +235,11 @@ def test_a_file_of_both_languages_asks_for_the_model_of_each_records_language(tm
 
 def test_without_an_embedding_model_auto_falls_back_to_likelihood(monkeypatch):
     monkeypatch.setattr(analysis, "embedding_model", lambda: None)
-    for task in analysis.TASKS:
-        assert analysis.resolve(_Bilingual(), task, "zh") == analysis.FALLBACK[task]
+    assert analysis.resolve(_Bilingual(), "classify", "zh") == analysis.LM_FALLBACK["classify"]
+    assert analysis.resolve(_Bilingual(), "sentiment", "zh") == replace(
+        analysis.DEFAULT_METHODS["qwen2.5", "sentiment", "zh"], probe=0.0)  # the likelihood part alone
+    for task in analysis.TASKS:  # a model the table does not know
+        assert analysis.resolve(_Unknown(), task, "en") == analysis.LM_FALLBACK[task]
 
 
 # -- files --------------------------------------------------------------------------
