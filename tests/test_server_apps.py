@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from muse.apps import writer
 from muse.apps.analysis import classify, sentiment
+from muse.apps.embed import embedding_model
 from muse.apps.assistant import Assistant
 from muse.apps.diff import word_diff
 from muse.apps.creative import create, default_params as creative_defaults
@@ -423,6 +424,10 @@ def test_classify_and_sentiment_equal_the_python_api(client, tiny):
     assert r["label"] == next(iter(expected)) and r["scores"] == pytest.approx(expected)
     r = client.post("/api/sentiment", json={"text": "I love it.", "method": "constrained"}).json()
     assert r["label"] == sentiment(tiny, "I love it.", method="constrained")["label"]
+    if embedding_model():  # the probe alone: no language model runs
+        r = client.post("/api/sentiment", json={"text": "I love it.", "method": "probe"}).json()
+        assert r["scores"] == pytest.approx(sentiment(tiny, "I love it.", method="probe")["scores"])
+        error(client.post("/api/classify", json={"text": text, "labels": labels, "method": "probe"}), 400, "method")
     error(client.post("/api/classify", json={"text": text, "labels": labels, "method": "vote"}), 400, "method")
     error(client.post("/api/classify", json={"text": text, "labels": ["only"]}), 400, "labels")
     error(client.post("/api/classify", json={"text": "", "labels": labels}), 400, "text")

@@ -127,7 +127,9 @@ MethodOpt = typer.Option("auto", "--method",
                               "dev sets; likelihood: score each label as the answer; constrained: the model "
                               "answers in a chat, allowed to write only one of the labels (probabilities: "
                               "each label's likelihood as that reply); embedding: the label whose name is "
-                              "nearest the text in the multilingual embedding model (no language model runs).")
+                              "nearest the text in the multilingual embedding model (no language model runs); "
+                              "probe (sentiment only): a classifier over that embedding, trained on reviews "
+                              "bundled with Muse (auto mixes it into the model's likelihood).")
 
 
 @app.command()

@@ -799,7 +799,10 @@ class ClassifyBody(_Body):
 class SentimentBody(_Body):
     model: Optional[str] = None
     text: str = Field(min_length=1)
-    method: Literal["auto", "likelihood", "constrained", "embedding"] = "auto"
+    method: Literal["auto", "likelihood", "constrained", "embedding", "probe"] = Field(
+        "auto", description="auto: the model's likelihood mixed with the sentiment probe (the method measured "
+                            "best); likelihood, constrained, embedding as for /api/classify; probe: the classifier "
+                            "over the text's embedding alone, trained on reviews bundled with Muse.")
 
 
 @router.post("/api/create", tags=["Creative"], summary="Write a poem, story, slogan or product copy, form-checked")
