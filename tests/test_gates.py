@@ -100,6 +100,16 @@ def test_an_invented_name_is_flagged_but_a_capitalised_day_is_not():
     assert check("polish", "请联系王经理，地点在人民路。", "请您联系王经理，地点在人民路。") == []
 
 
+def test_a_corrected_spelling_or_a_code_is_not_a_new_name():
+    src = "its deducted from ur salary in Feburary. ur order ref is BK-5531, ask Hanover st"
+    out = "It is deducted from your salary in February. Your order reference is BK-5531; ask Hanover St."
+    assert check("polish", src, out) == []  # before: February invented, Feburary dropped, BK both
+    p = check("polish", src, out.replace("Hanover", "Hannibal"))  # a different name still counts
+    assert "Hannibal" in gates.summary(p) and "Hanover" in gates.summary(p)
+    assert gates._misspelt("febuary", {"february"}) and gates._misspelt("recieve", {"receive"})
+    assert not gates._misspelt("hannibal", {"hanover"}) and not gates._misspelt("mary", {"mark"})
+
+
 def test_translation_across_scripts_checks_numbers_not_names():
     assert check("translate", "王经理3点到。", "Manager Wang arrives at 3.") == []
 

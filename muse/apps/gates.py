@@ -365,8 +365,24 @@ _SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesda
           "dec": "december"}
 
 
+def _misspelt(word: str, words: set[str]) -> bool:
+    """Whether `word` (5+ letters) is one of `words` but for one letter added, dropped, changed or two
+    swapped (optimal string alignment distance 1): a polish that corrects "Feburary" keeps the name."""
+    if len(word) < 5:
+        return False
+    for w in words:
+        if abs(len(w) - len(word)) > 1 or len(w) < 5:
+            continue
+        i = next((k for k, (a, b) in enumerate(zip(w, word)) if a != b), min(len(w), len(word)))
+        a, b = w[i:], word[i:]  # the rest after the first difference must match after one edit
+        if a[1:] == b[1:] or a[1:] == b or a == b[1:] or (a[:2] == b[1::-1] and a[2:] == b[2:]):
+            return True
+    return False
+
+
 def _new_names(source: str, output: str) -> list[str]:
-    words = {w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'’\-]*", source)}
+    # a code's letters are a word without their hyphen: BK-5531 holds "bk"
+    words = {w.lower().rstrip("'’-") for w in re.findall(r"[A-Za-z][A-Za-z'’\-]*", source)}
     words |= {_SHORT[w] for w in words if w in _SHORT}
     stems = {w[:5] for w in words if len(w) >= 5}
     extra: list[str] = []
@@ -380,7 +396,7 @@ def _new_names(source: str, output: str) -> list[str]:
                     continue  # the first word of a sentence, or after a colon or quote
                 key = w.lower().rstrip("'’s")
                 if (w in _HONORIFIC or key in words or w.lower() in words or (len(key) >= 5 and key[:5] in stems)
-                        or w in extra):
+                        or w in extra or _misspelt(key, words)):
                     continue
                 extra.append(w)
     for m in _CN_NAME.finditer(output):
