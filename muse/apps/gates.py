@@ -365,7 +365,7 @@ _SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesda
           "dec": "december"}
 
 
-_ATTACHED = r"(?:[A-Za-z%$°]|[0-9年月日号点时分秒元块角万亿千百个人岁天周次层楼米斤克%])*"  # 4B, 8%, 6月14日, 30元
+_ATTACHED = r"(?:[A-Za-z%$°]|[0-9年月日号点时分秒元块角万亿千百个人岁天周次层楼米斤克])*"  # 4B, 8%, 6月14日, 30元
 
 
 def facts(text: str, most: int = 12) -> list[str]:

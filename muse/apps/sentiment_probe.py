@@ -39,7 +39,7 @@ DATA_DIR = Path(__file__).parent / "data"
 TRAIN_FILES = ("sentiment_train_en.jsonl", "sentiment_train_zh.jsonl")
 WEIGHTS = DATA_DIR / "sentiment_probe.safetensors"
 EMBED_KIND = "query"  # e5's side for a text to judge, as the embedding method embeds it
-L2 = 1e-2  # on the standardised weights; chosen on the dev sets (bench/analysis_methods.py)
+L2 = 1e-2  # on the standardised weights; dev accuracy (en/zh) was 90/95 from 1e-3 to 3e-2, 85/85 at 0.1
 STEPS, LEARNING_RATE = 3000, 0.5
 
 
