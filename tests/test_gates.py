@@ -110,14 +110,6 @@ def test_a_corrected_spelling_or_a_code_is_not_a_new_name():
     assert not gates._misspelt("hannibal", {"hanover"}) and not gates._misspelt("mary", {"mark"})
 
 
-def test_the_facts_of_a_text_as_written_there():
-    en = ("Meeting moved from Tuesday to Thursday, 3 p.m., Room 4B. Sales up 8%. Welcome Maria Santos. "
-          "Call Tom on 12 May about the 100 dollars.")
-    assert gates.facts(en) == ["Tuesday", "Thursday", "3", "Room 4B", "8%", "Maria Santos", "Tom", "12 May", "100"]
-    assert gates.facts("活动定于6月14日上午9点集合，费用每人30元，由李经理负责报名。") == ["6月14日", "9点", "30元", "李经理"]
-    assert gates.facts(en, most=2) == ["Tuesday", "Thursday"] and gates.facts("just words here") == []
-
-
 def test_translation_across_scripts_checks_numbers_not_names():
     assert check("translate", "王经理3点到。", "Manager Wang arrives at 3.") == []
 

@@ -200,22 +200,6 @@ def test_translate_prompt_is_in_the_target_language(tok, monkeypatch):
     assert "Translate this into 简体中文:" in prompt  # the measured en→zh prompt: the raw prompt's few words
 
 
-def test_expand_names_the_facts_to_keep_and_a_retry_names_its_problems(tok):
-    text = "Reward 100 dollars for Biscuit, lost 12 May near Elm Park. Call Tom."
-    model = scripted(tok, "Our cat Biscuit is lost.")  # loses the rest, every time
-    checked = writer.checked_write(model, "expand", text)
-    first, second = (tok.decode(p) for p in model.model.prompts[:2])
-    assert "Keep these as written: 100, Biscuit, 12 May, Elm Park, Tom. Expand the following text" in first
-    assert "Keep these as written" not in second and "including 100, 12, May, Elm, Park, Tom" in second
-    assert not checked.ok and checked.attempts == writer.ATTEMPTS
-    rewrite = scripted(tok, "x")
-    writer.write(rewrite, "rewrite", text)
-    assert "Keep these as written" not in tok.decode(rewrite.model.prompts[0])  # only where it was measured
-    a = writer.get_action("expand")
-    zh = writer.messages(a, "zh", writer._check_options(a, None, None, None), "费用每人30元，由李经理负责报名。")
-    assert zh[0]["content"].startswith("把下面的文字扩写成至少")  # not in Chinese: it measured no better
-
-
 def test_translation_into_english_searches_beams_unless_it_samples(tok, monkeypatch):
     import muse.generation as generation
 

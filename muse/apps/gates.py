@@ -365,27 +365,6 @@ _SHORT = {"mon": "monday", "tue": "tuesday", "tues": "tuesday", "wed": "wednesda
           "dec": "december"}
 
 
-_ATTACHED = r"(?:[A-Za-z%$°]|[0-9年月日号点时分秒元块角万亿千百个人岁天周次层楼米斤克])*"  # 4B, 8%, 6月14日, 30元
-
-
-def facts(text: str, most: int = 12) -> list[str]:
-    """The names, numbers, dates and amounts of `text` as written there, for an instruction to keep them:
-    a number with what is attached to it ("4B", "8%", "6月14日", "30元"), neighbours only a space apart
-    joined ("12 May", "Maria Santos"). At most `most`, in the text's order."""
-    spans = set()
-    for raw in dict.fromkeys(numbers(text).values()):
-        spans |= {m.span() for m in re.finditer(r"(?<![0-9A-Za-z.])" + re.escape(raw) + _ATTACHED, text)}
-    for name in _new_names("", text):
-        spans |= {m.span() for m in re.finditer((r"\b" if name.isascii() else "") + re.escape(name), text)}
-    merged: list[list[int]] = []
-    for a, b in sorted(spans):
-        if merged and (a <= merged[-1][1] or text[merged[-1][1]:a] == " "):
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return list(dict.fromkeys(text[a:b] for a, b in merged))[:most]
-
-
 def _misspelt(word: str, words: set[str]) -> bool:
     """Whether `word` (5+ letters) is one of `words` but for one letter added, dropped, changed or two
     swapped (optimal string alignment distance 1): a polish that corrects "Feburary" keeps the name."""

@@ -21,8 +21,7 @@ A translation into a language not written in CJK characters searches TRANSLATE_B
 given Chinese amounts in digits (30万元 as 300,000元: `muse.text.arabic_amounts`), and has the
 Chinese names it leaves written in pinyin (`muse.text.romanize`, among the repairs below).
 expand and shorten name the length they want, per piece: at least twice its words (Chinese:
-characters), at most SHORTEN_TO of them; an English expand also names the piece's facts to keep ("Keep
-these as written: 12 May, Elm Park, 100.", `gates.facts`), as its retries name the ones an attempt lost.
+characters), at most SHORTEN_TO of them.
 The model's output is cleaned of "Sure, here is…" preambles, wrapping quotes or code fences and
 "I hope this helps" epilogues, while it streams (`muse.apps.cleaning.OutputCleaner`).
 
@@ -80,7 +79,6 @@ class Action:
     ratio: float = 1.5  # expected output tokens per input token (sizes the pieces)
     tone: bool = False  # whether --tone applies
     label: bool = True  # the text follows a "Text:" / "原文:" line (else it follows the instruction directly)
-    keep: bool = False  # the instruction names the piece's facts to keep (`gates.facts`)
 
 
 ACTIONS: dict[str, Action] = {a.name: a for a in (
@@ -101,12 +99,13 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
     # whole writer dev sets (50 items) shape ok went 80 → 88 % (zh) and 92 → 98 % (en), gates passed 70 → 72
     # and 78 → 76 %; an expansion that rewrites keeps fewer of the facts than a copy: 32 of 34 (zh), 33 of 38.
     # Capping its tokens at 4× the text's cut some loops (gates +1 item a language) but ends mid-sentence.
-    # Naming the piece's facts before the instruction (keep: "Keep these as written: 12 May, Elm Park, …"),
-    # checked_write on the 8 English dev items: gates passed 2 → 4, facts kept 33 → 35 of 38 (Chinese: _KEEP).
+    # Tried and dropped: naming the piece's facts before the instruction ("Keep these as written: 12 May,
+    # Elm Park, …"). English dev (8 items, checked_write): gates passed 2 → 4, facts kept 33 → 35 of 38;
+    # Chinese dev no better (3 → 3 and 2 of 8 with two wordings); English test: facts 17 → 13 of 19.
     Action("expand", "pieces",
            "Expand the following text{tone} to at least {n} words, adding more detail:",
            "把下面的文字{tone}扩写成至少{n}字，补充更多细节：",
-           "Add detail and explanation.", ratio=2.5, tone=True, label=False, keep=True),
+           "Add detail and explanation.", ratio=2.5, tone=True, label=False),
     # As expand's: under a "原文:" line qwen2.5-0.5b's first Chinese shortening was a headline (3–8 % of the
     # text, 9 of 28 facts kept on 8 dev items) and its retries copied the text; with a length and the text
     # right after the instruction: 22 of 28 kept, 3 of 8 passed the gates (was 0). English: 21 vs 20 kept.
@@ -258,15 +257,7 @@ def instruction(act: Action, lang: str, opts: _Options, text: str = "") -> str:
 def messages(act: Action, lang: str, opts: _Options, text: str) -> list[dict]:
     label = ("原文" if lang == "zh" else "Text") + ":\n" if act.label else ""
     note = f" {opts.note}" if opts.note else ""
-    keep = ""  # before the instruction, whose colon the text follows
-    if act.keep and lang == "en" and not opts.note and (kept := gates.facts(text)):
-        keep = _KEEP.format(x=", ".join(kept))
-    return [{"role": "user", "content": f"{keep}{instruction(act, lang, opts, text)}{note}\n\n{label}{text}"}]
-
-
-# English only: the Chinese prompt with such a note ("保留原文中的这些内容：…" or "照原样保留这些内容：…")
-# passed the gates on 3 and 2 of the 8 dev items, against 3 without it.
-_KEEP = "Keep these as written: {x}. "
+    return [{"role": "user", "content": f"{instruction(act, lang, opts, text)}{note}\n\n{label}{text}"}]
 
 
 def _prompt_lang(act: Action, text_lang: str, opts: _Options) -> str:
