@@ -236,8 +236,9 @@ def test_a_file_of_both_languages_asks_for_the_model_of_each_records_language(tm
 def test_without_an_embedding_model_auto_falls_back_to_likelihood(monkeypatch):
     monkeypatch.setattr(analysis, "embedding_model", lambda: None)
     assert analysis.resolve(_Bilingual(), "classify", "zh") == analysis.LM_FALLBACK["classify"]
-    assert analysis.resolve(_Bilingual(), "sentiment", "zh") == replace(
-        analysis.DEFAULT_METHODS["qwen2.5", "sentiment", "zh"], probe=0.0)  # the likelihood part alone
+    assert analysis.resolve(_Bilingual(), "sentiment", "zh") == analysis.LM_FALLBACK["sentiment"]
+    assert analysis.resolve(_Bilingual(), "sentiment", "en") == replace(
+        analysis.DEFAULT_METHODS["qwen2.5", "sentiment", "en"], probe=0.0)  # the likelihood part alone
     for task in analysis.TASKS:  # a model the table does not know
         assert analysis.resolve(_Unknown(), task, "en") == analysis.LM_FALLBACK[task]
 

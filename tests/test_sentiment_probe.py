@@ -140,8 +140,22 @@ def test_auto_mixes_the_probe_into_the_models_likelihood(default_model, monkeypa
     assert sentiment(default_model, text)["scores"] == pytest.approx(alone, abs=1e-6)
 
 
-def test_a_probe_weight_outside_likelihood_is_refused():
+@needs_embedding
+def test_chinese_auto_mixes_the_probe_into_the_embedding_without_the_language_model():
+    m, text = _NoLanguageModel(), "酒店位置很方便，就是早餐一般。"
+    method = analysis.resolve(m, "sentiment", "zh")
+    assert method.kind == "embedding" and 0 < method.probe < 1
+    near = sentiment(m, text, method="embedding")["scores"]
+    probe = sentiment(m, text, method="probe")["scores"]
+    expected = {k: near[k] ** (1 - method.probe) * probe[k] ** method.probe for k in near}
+    total = sum(expected.values())
+    assert sentiment(m, text)["scores"] == pytest.approx({k: v / total for k, v in expected.items()}, abs=1e-5)
+
+
+def test_a_probe_weight_outside_likelihood_and_embedding_is_refused():
     with pytest.raises(ValueError, match="Method.probe"):
-        analysis.Method("embedding", probe=0.3)
+        analysis.Method("constrained", "chat", probe=0.3)
+    with pytest.raises(ValueError, match="Method.probe"):
+        analysis.Method("probe", probe=0.3)
     with pytest.raises(ValueError, match="Method.probe"):
         analysis.Method("likelihood", probe=1.5)
