@@ -438,8 +438,9 @@ def sentiment(model, text: str, calibrate: bool | None = None, style: str | None
 
     Chinese text is scored with the labels 积极/消极/中性 (bilingual model) and reported under the
     English names. method "auto" (default) runs the method measured best for the model and language
-    (DEFAULT_METHODS); "likelihood" (uncalibrated unless `calibrate`), "constrained" or "embedding" as
-    in `classify`.
+    (DEFAULT_METHODS: for the bundled models, the English likelihood or the Chinese embedding method
+    mixed with the sentiment probe); "likelihood" (uncalibrated unless `calibrate`), "constrained",
+    "embedding" or "probe" (the probe alone, no language model) as in `classify`.
     """
     lang = check_language(model, text) if isinstance(text, str) else "en"
     local = SENTIMENT_LABELS[lang]

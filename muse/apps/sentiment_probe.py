@@ -8,8 +8,9 @@ neutral), none taken from the eval sets. One probe serves Chinese and English an
 no language model runs, so it answers in milliseconds and gives real probabilities.
 
 Why a probe: the language models' own methods (likelihood, constrained choice, label similarity) did
-not tell neutral facts and concessive reviews apart on the dev sets; see `muse.apps.analysis`'s
-DEFAULT_METHODS for the figures.
+not tell neutral facts and concessive reviews apart on the dev sets. `muse.apps.analysis` mixes the
+probe into each model's method ("auto"; DEFAULT_METHODS has the figures) or runs it alone
+(method "probe").
 
 The fitted weights ship as `data/sentiment_probe.safetensors` with the sha256 of the training files in
 its metadata (a test refuses weights older than their data). Refit after changing the data:
