@@ -129,7 +129,8 @@ MethodOpt = typer.Option("auto", "--method",
                               "each label's likelihood as that reply); embedding: the label whose name is "
                               "nearest the text in the multilingual embedding model (no language model runs); "
                               "probe (sentiment only): a classifier over that embedding, trained on reviews "
-                              "bundled with Muse (auto mixes it into the model's likelihood).")
+                              "bundled with Muse (auto mixes it in: English into the model's likelihood, Chinese "
+                              "into the embedding method).")
 
 
 @app.command()

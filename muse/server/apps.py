@@ -800,8 +800,8 @@ class SentimentBody(_Body):
     model: Optional[str] = None
     text: str = Field(min_length=1)
     method: Literal["auto", "likelihood", "constrained", "embedding", "probe"] = Field(
-        "auto", description="auto: the model's likelihood mixed with the sentiment probe (the method measured "
-                            "best); likelihood, constrained, embedding as for /api/classify; probe: the classifier "
+        "auto", description="auto: the sentiment probe mixed into the model's likelihood (English) or the "
+                            "embedding method (Chinese), as measured best; likelihood, constrained, embedding as for /api/classify; probe: the classifier "
                             "over the text's embedding alone, trained on reviews bundled with Muse.")
 
 
