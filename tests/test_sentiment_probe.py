@@ -12,7 +12,7 @@ import torch
 from muse.apps import analysis, sentiment_probe as sp
 from muse.apps.analysis import classify, sentiment
 
-needs_embedding = pytest.mark.skipif(not sp.available(), reason="no embedding model on this platform")
+needs_embedding = pytest.mark.skipif(analysis.embedding_model() is None, reason="no embedding model on this platform")
 
 
 def _objective_grad(X, y, W, b, l2):
@@ -78,17 +78,16 @@ def test_no_training_example_is_an_eval_item():
 
 
 @needs_embedding
-def test_refitting_gives_the_shipped_probe(tmp_path):
+def test_refitting_gives_the_shipped_probe(tmp_path, monkeypatch):
     texts = [it["text"] for it in sp.training_items()]
     shipped = sp.predict(texts)
     report = sp.refit(tmp_path / "probe.safetensors")
+    monkeypatch.setattr(sp, "WEIGHTS", tmp_path / "probe.safetensors")
+    sp._weights.cache_clear()
     try:
-        sp.WEIGHTS, saved = tmp_path / "probe.safetensors", sp.WEIGHTS
-        sp._weights.cache_clear()
         again = sp.predict(texts)
     finally:
-        sp.WEIGHTS = saved
-        sp._weights.cache_clear()
+        sp._weights.cache_clear()  # the next reader loads the shipped file again
     assert report["examples"] == len(texts) and report["train_accuracy"] > 0.95
     assert np.abs(again - shipped).max() < 0.02 and (again.argmax(1) == shipped.argmax(1)).all()
 
@@ -134,6 +133,10 @@ def test_auto_mixes_the_probe_into_the_models_likelihood(default_model, monkeypa
     total = sum(expected.values())
     assert mixed == pytest.approx({k: v / total for k, v in expected.items()}, abs=1e-5)
     assert next(iter(mixed)) == max(mixed, key=mixed.get)  # the answer first
+    # labels the probe does not know: the table's mix falls back to the likelihood alone, no error
+    own = classify(default_model, text, ["happy", "annoyed"], task="sentiment")
+    assert own == pytest.approx(classify(default_model, text, ["happy", "annoyed"], task="sentiment",
+                                         method="likelihood"), abs=1e-6)
     # without the embedding model, auto is the language model alone
     monkeypatch.setattr(analysis, "embedding_model", lambda: None)
     assert analysis.resolve(default_model, "sentiment", "en").probe == 0

